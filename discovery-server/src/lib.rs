@@ -1,0 +1,20 @@
+//! openspan's discovery server: a self-hostable, wire-compatible implementation of the
+//! `sidero.discovery.server.Cluster` API.
+//!
+//! Layers, innermost first: [`store`] (pure rules, takes the time as an argument), [`backend`]
+//! (the storage seam and the embedded in-memory backend with shared fan-out), [`persist`]
+//! (snapshot files), [`ratelimit`] (pure per-IP limiter), [`grpc`] (the service), [`http`],
+//! [`tls`] and [`server`] (wiring).
+
+pub mod backend;
+pub mod clock;
+pub mod duration;
+pub mod grpc;
+pub mod http;
+pub mod limits;
+pub mod metrics;
+pub mod persist;
+pub mod ratelimit;
+pub mod server;
+pub mod store;
+pub mod tls;

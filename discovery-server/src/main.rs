@@ -1,1 +1,297 @@
-fn main(){}
+//! `discovery-server`: flags compatible with the reference server's, plus openspan's own.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use discovery_server::duration::parse_go_duration;
+use discovery_server::grpc::AdmissionConfig;
+use discovery_server::limits::Limits;
+use discovery_server::ratelimit::RateLimit;
+use discovery_server::server::{self, Config, SnapshotConfig};
+use discovery_server::tls::TlsFiles;
+
+/// Discovery service for KubeSpan-style WireGuard meshes.
+///
+/// Stores client-encrypted member records ("affiliates") per cluster and streams changes to
+/// watchers over the `sidero.discovery.server.Cluster` gRPC API, so Talos nodes and openspan
+/// agents can use it. Flags follow the reference server's (Go-style single-dash spellings such as
+/// `-addr=:3000` work too); each can also be set through the environment variable shown.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Args {
+    /// gRPC listen address (`:3000` = every interface); empty disables the API.
+    #[arg(long, env = "DISCOVERY_ADDR", default_value = ":3000")]
+    addr: String,
+
+    /// HTTP landing page and cluster inspector; empty disables it.
+    #[arg(long, env = "DISCOVERY_LANDING_ADDR", default_value = ":3001")]
+    landing_addr: String,
+
+    /// Prometheus metrics (`/metrics`) and probes (`/healthz`, `/readyz`); empty disables it.
+    #[arg(long, env = "DISCOVERY_METRICS_ADDR", default_value = ":2122")]
+    metrics_addr: String,
+
+    /// Persist state to --snapshot-path on a timer and at shutdown, and load it at start.
+    #[arg(long, env = "DISCOVERY_SNAPSHOTS_ENABLED", default_value_t = true, num_args = 0..=1,
+          require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    snapshots_enabled: bool,
+
+    /// Snapshot file. Written atomically; a corrupt one is moved aside, never overwritten.
+    #[arg(long, env = "DISCOVERY_SNAPSHOT_PATH", default_value = "/var/lib/discovery-server/state.snapshot")]
+    snapshot_path: PathBuf,
+
+    /// How often to write a snapshot (Go duration: 30s, 10m, 1h30m).
+    #[arg(long, env = "DISCOVERY_SNAPSHOT_INTERVAL", default_value = "10m", value_parser = parse_go_duration)]
+    snapshot_interval: Duration,
+
+    /// How often expired affiliates and endpoints are collected.
+    #[arg(long, env = "DISCOVERY_GC_INTERVAL", default_value = "1m", value_parser = parse_go_duration)]
+    gc_interval: Duration,
+
+    /// Tell every client to reconnect to this host:port instead (moving clients between servers).
+    #[arg(long, env = "DISCOVERY_REDIRECT_ENDPOINT", default_value = "")]
+    redirect_endpoint: String,
+
+    /// Take the client IP from the X-Real-IP header (only behind a proxy that sets it).
+    #[arg(long, env = "DISCOVERY_TRUST_X_REAL_IP", default_value_t = false, num_args = 0..=1,
+          require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    trust_x_real_ip: bool,
+
+    /// Take the client IP from the first X-Forwarded-For entry (only behind a proxy that sets it).
+    #[arg(long, env = "DISCOVERY_TRUST_FIRST_X_FORWARDED_FOR", default_value_t = false, num_args = 0..=1,
+          require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    trust_first_x_forwarded_for: bool,
+
+    /// TLS certificate chain (PEM). With --key-path, gRPC is served over TLS; files are
+    /// re-read when they change.
+    #[arg(long, env = "DISCOVERY_CERTIFICATE_PATH", default_value = "")]
+    certificate_path: String,
+
+    /// TLS private key (PEM).
+    #[arg(long, env = "DISCOVERY_KEY_PATH", default_value = "")]
+    key_path: String,
+
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    #[arg(long, env = "DISCOVERY_CLIENT_CA_PATH", default_value = "")]
+    client_ca_path: String,
+
+    /// How often the TLS files are checked for changes.
+    #[arg(long, env = "DISCOVERY_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_go_duration)]
+    tls_reload_interval: Duration,
+
+    /// Requests per second allowed per client IP (0 disables rate limiting).
+    #[arg(long, env = "DISCOVERY_IP_RATE_LIMIT", default_value_t = 15.0)]
+    ip_rate_limit: f64,
+
+    /// Requests a client IP may make at once above the sustained rate.
+    #[arg(long, env = "DISCOVERY_IP_RATE_BURST", default_value_t = 60)]
+    ip_rate_burst: u32,
+
+    /// Client IPs the rate limiter tracks at once; beyond it newcomers share one bucket.
+    #[arg(long, env = "DISCOVERY_IP_RATE_MAX_CLIENTS", default_value_t = 100_000)]
+    ip_rate_max_clients: usize,
+
+    /// Messages a watcher may fall behind before its stream ends with Aborted (it then re-syncs).
+    #[arg(long, env = "DISCOVERY_WATCH_BUFFER", default_value_t = 32)]
+    watch_buffer: usize,
+
+    /// Longest cluster id, in bytes.
+    #[arg(long, env = "DISCOVERY_MAX_CLUSTER_ID_LEN", default_value_t = 256)]
+    max_cluster_id_len: usize,
+
+    /// Longest affiliate id, in bytes.
+    #[arg(long, env = "DISCOVERY_MAX_AFFILIATE_ID_LEN", default_value_t = 256)]
+    max_affiliate_id_len: usize,
+
+    /// Largest affiliate data, in bytes.
+    #[arg(long, env = "DISCOVERY_MAX_AFFILIATE_DATA", default_value_t = 2048)]
+    max_affiliate_data: usize,
+
+    /// Largest single encrypted endpoint, in bytes.
+    #[arg(long, env = "DISCOVERY_MAX_ENDPOINT_SIZE", default_value_t = 32)]
+    max_endpoint_size: usize,
+
+    /// Longest TTL a client may ask for.
+    #[arg(long, env = "DISCOVERY_MAX_TTL", default_value = "30m", value_parser = parse_go_duration)]
+    max_ttl: Duration,
+
+    /// Most affiliates in one cluster.
+    #[arg(long, env = "DISCOVERY_MAX_AFFILIATES", default_value_t = 1024)]
+    max_affiliates: usize,
+
+    /// Most endpoints of one affiliate.
+    #[arg(long, env = "DISCOVERY_MAX_ENDPOINTS", default_value_t = 64)]
+    max_endpoints: usize,
+
+    /// How long shutdown waits for open calls before closing them.
+    #[arg(long, env = "DISCOVERY_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_go_duration)]
+    shutdown_grace: Duration,
+
+    /// Debug logging (RUST_LOG, when set, takes precedence).
+    #[arg(long, env = "DISCOVERY_DEBUG", default_value_t = false, num_args = 0..=1,
+          require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    debug: bool,
+
+    /// Log format.
+    #[arg(long, env = "DISCOVERY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    (!s.trim().is_empty()).then(|| s.trim().to_owned())
+}
+
+impl Args {
+    fn into_config(self) -> anyhow::Result<Config> {
+        let tls = match (non_empty(&self.certificate_path).map(PathBuf::from), non_empty(&self.key_path).map(PathBuf::from)) {
+            (Some(certificate), Some(key)) => Some(TlsFiles {
+                certificate,
+                key,
+                client_ca: non_empty(&self.client_ca_path).map(PathBuf::from),
+            }),
+            (None, None) if non_empty(&self.client_ca_path).map(PathBuf::from).is_some() => {
+                anyhow::bail!("--client-ca-path needs --certificate-path and --key-path (mTLS is TLS first)")
+            }
+            (None, None) => None,
+            _ => anyhow::bail!("--certificate-path and --key-path must be given together"),
+        };
+        if !(self.ip_rate_limit >= 0.0 && self.ip_rate_limit.is_finite()) {
+            anyhow::bail!("--ip-rate-limit must be a non-negative number of requests per second (0 disables)");
+        }
+        Ok(Config {
+            grpc_addr: non_empty(&self.addr),
+            landing_addr: non_empty(&self.landing_addr),
+            metrics_addr: non_empty(&self.metrics_addr),
+            snapshot: self.snapshots_enabled.then(|| SnapshotConfig {
+                path: self.snapshot_path.clone(),
+                interval: self.snapshot_interval,
+            }),
+            gc_interval: self.gc_interval,
+            redirect_endpoint: non_empty(&self.redirect_endpoint),
+            admission: AdmissionConfig {
+                trust_x_real_ip: self.trust_x_real_ip,
+                trust_first_x_forwarded_for: self.trust_first_x_forwarded_for,
+                rate_limit: RateLimit {
+                    per_second: self.ip_rate_limit,
+                    burst: self.ip_rate_burst,
+                },
+                max_tracked_clients: self.ip_rate_max_clients,
+            },
+            tls,
+            tls_reload_interval: self.tls_reload_interval,
+            limits: Limits {
+                max_cluster_id_len: self.max_cluster_id_len,
+                max_affiliate_id_len: self.max_affiliate_id_len,
+                max_data_len: self.max_affiliate_data,
+                max_endpoint_len: self.max_endpoint_size,
+                max_ttl: self.max_ttl,
+                max_affiliates_per_cluster: self.max_affiliates,
+                max_endpoints_per_affiliate: self.max_endpoints,
+            },
+            watch_buffer: self.watch_buffer,
+            shutdown_grace: self.shutdown_grace,
+        })
+    }
+}
+
+/// Go's flag package accepts `-name` as well as `--name`; existing deployments use both.
+fn go_style_flags(args: impl Iterator<Item = String>) -> Vec<String> {
+    args.enumerate()
+        .map(|(i, arg)| {
+            let single_dash_long = i > 0
+                && arg.starts_with('-')
+                && !arg.starts_with("--")
+                && arg.len() > 2
+                && arg.as_bytes()[1].is_ascii_alphabetic();
+            if single_dash_long { format!("-{arg}") } else { arg }
+        })
+        .collect()
+}
+
+fn init_logging(debug: bool, format: &str) {
+    let default = if debug { "debug,h2=info,hyper=info,tower=info" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse_from(go_style_flags(std::env::args()));
+    init_logging(args.debug, &args.log_format);
+    let config = args.into_config()?;
+    server::validate(&config)?;
+    let running = server::start(config).await?;
+    let stop = running.stop_token();
+    tokio::select! {
+        signal = shutdown_signal() => {
+            tracing::info!(signal = signal?, "shutting down");
+            running.shutdown().await?;
+        }
+        result = async { stop.cancelled().await; } => {
+            let _ = result;
+            running.wait().await?;
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_dash_go_flags_become_long_flags() {
+        let argv = ["discovery-server", "-addr=:4000", "--debug", "-h", "-snapshots-enabled=false"];
+        let converted = go_style_flags(argv.iter().map(|s| s.to_string()));
+        assert_eq!(converted, ["discovery-server", "--addr=:4000", "--debug", "-h", "--snapshots-enabled=false"]);
+    }
+
+    #[test]
+    fn reference_flags_parse() {
+        let args = Args::try_parse_from([
+            "discovery-server",
+            "--addr=:4000",
+            "--landing-addr=",
+            "--snapshots-enabled=false",
+            "--snapshot-interval=1h30m",
+            "--gc-interval",
+            "30s",
+            "--trust-x-real-ip",
+            "--redirect-endpoint=other:3000",
+        ])
+        .unwrap();
+        let config = args.into_config().unwrap();
+        assert_eq!(config.grpc_addr.as_deref(), Some(":4000"));
+        assert_eq!(config.landing_addr, None);
+        assert!(config.snapshot.is_none());
+        assert_eq!(config.gc_interval, Duration::from_secs(30));
+        assert!(config.admission.trust_x_real_ip);
+        assert_eq!(config.redirect_endpoint.as_deref(), Some("other:3000"));
+    }
+
+    #[test]
+    fn half_a_tls_pair_is_an_error() {
+        let args = Args::try_parse_from(["discovery-server", "--certificate-path=/tmp/c.pem"]).unwrap();
+        let error = args.into_config().unwrap_err().to_string();
+        assert!(error.contains("--key-path"), "{error}");
+    }
+}

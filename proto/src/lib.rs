@@ -1,8 +1,7 @@
 //! Protocol types shared by openspan's discovery server, agent and tools.
 //!
-//! - [`discovery::server`]: the `sidero.discovery.server.Cluster` wire API (messages and client).
+//! - [`discovery::server`]: the `sidero.discovery.server.Cluster` wire API (messages, client, server).
 //! - [`discovery::client`]: the plaintext affiliate record nodes encrypt into `Affiliate.data`.
-//! - [`cluster_server`]: the server stubs, whose Watch stream carries [`shared::EncodedWatchResponse`].
 //! - [`openspan`]: openspan's own formats (the discovery server's snapshot file).
 
 pub mod discovery {
@@ -23,13 +22,6 @@ pub mod openspan {
         }
     }
 }
-
-/// Server stubs for `sidero.discovery.server.Cluster`.
-pub mod cluster_server {
-    include!(concat!(env!("OUT_DIR"), "/server-stubs/sidero.discovery.server.rs"));
-}
-
-pub mod shared;
 
 /// The encoded `FileDescriptorSet` of every protocol file, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));

@@ -1,0 +1,425 @@
+//! The `sidero.discovery.server.Cluster` gRPC service: request admission (client IP, rate
+//! limit), status codes and metrics around a [`Backend`].
+//!
+//! Unary methods go through tonic's generated server. `Watch` is served by a small handler of
+//! its own ([`ClusterRoutes`]) that writes the backend's pre-framed messages straight into the
+//! HTTP/2 body: every watcher of a cluster sends the very same bytes, so fan-out costs no
+//! per-watcher encoding or copying.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes};
+use futures::Stream;
+use http_body::Frame;
+use http_body_util::BodyExt;
+use openspan_proto::discovery::server::{
+    AffiliateDeleteRequest, AffiliateDeleteResponse, AffiliateUpdateRequest, AffiliateUpdateResponse,
+    HelloRequest, HelloResponse, ListRequest, ListResponse, RedirectMessage, WatchRequest, WatchResponse,
+    cluster_server::{Cluster, ClusterServer},
+};
+use prost::Message;
+use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
+use tonic::body::Body;
+use tonic::codegen::{BoxFuture, Service};
+use tonic::server::NamedService;
+use tonic::transport::server::TcpConnectInfo;
+use tonic::{Code, Request, Response, Status};
+
+use crate::backend::{Backend, WatchSubscription};
+use crate::limits::{StoreError, Update};
+use crate::metrics::{Metrics, OutcomeLabels};
+use crate::ratelimit::{Admission, RateLimit, RateLimiter};
+
+/// How requests are let in: where the client IP comes from and how fast one IP may go.
+#[derive(Clone, Debug, Default)]
+pub struct AdmissionConfig {
+    pub trust_x_real_ip: bool,
+    pub trust_first_x_forwarded_for: bool,
+    pub rate_limit: RateLimit,
+    /// Bound on the number of client IPs the limiter tracks at once.
+    pub max_tracked_clients: usize,
+}
+
+/// Client IP resolution and per-IP rate limiting, shared by every RPC.
+pub struct Gate {
+    config: AdmissionConfig,
+    limiter: Mutex<RateLimiter>,
+    metrics: Arc<Metrics>,
+}
+
+impl Gate {
+    pub fn new(config: AdmissionConfig, metrics: Arc<Metrics>) -> Self {
+        let limiter = RateLimiter::new(config.rate_limit, config.max_tracked_clients.max(1024));
+        Self {
+            config,
+            limiter: Mutex::new(limiter),
+            metrics,
+        }
+    }
+
+    /// The caller's IP: a trusted proxy header when enabled and present, else the TCP peer.
+    pub fn client_ip(&self, headers: &http::HeaderMap, remote: Option<SocketAddr>) -> Option<IpAddr> {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let from_header = if self.config.trust_x_real_ip {
+            header("x-real-ip").and_then(parse_ip)
+        } else {
+            None
+        };
+        let from_header = from_header.or_else(|| {
+            if self.config.trust_first_x_forwarded_for {
+                header("x-forwarded-for").and_then(|v| v.split(',').next()).and_then(parse_ip)
+            } else {
+                None
+            }
+        });
+        from_header.or(remote.map(|a| a.ip())).map(canonical_ip)
+    }
+
+    /// Waits for the client's token, or refuses at once when it would come after the deadline.
+    pub async fn admit(&self, ip: Option<IpAddr>, deadline: Option<Duration>) -> Result<(), Status> {
+        let Some(ip) = ip else { return Ok(()) };
+        let verdict = self
+            .limiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(ip, Instant::now(), deadline);
+        match verdict {
+            Admission::After(wait) if wait.is_zero() => Ok(()),
+            Admission::After(wait) => {
+                self.metrics.rate_limited.get_or_create(&OutcomeLabels { outcome: "delayed" }).inc();
+                tokio::time::sleep(wait).await;
+                Ok(())
+            }
+            Admission::Refused { retry_after } => {
+                self.metrics.rate_limited.get_or_create(&OutcomeLabels { outcome: "refused" }).inc();
+                Err(Status::resource_exhausted(format!(
+                    "rate limit exceeded for {ip}: the next request can be served in {retry_after:.1?}, after this call's deadline"
+                )))
+            }
+        }
+    }
+
+    /// Drops limiter entries of clients that have gone quiet.
+    pub fn forget_idle_clients(&self) {
+        self.limiter.lock().unwrap_or_else(|p| p.into_inner()).forget_idle(Instant::now());
+    }
+}
+
+fn parse_ip(text: &str) -> Option<IpAddr> {
+    let text = text.trim();
+    text.parse::<IpAddr>()
+        .ok()
+        .or_else(|| text.parse::<SocketAddr>().ok().map(|a| a.ip()))
+}
+
+/// IPv4 clients reaching a dual-stack socket appear as `::ffff:a.b.c.d`; report them as IPv4.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The wire form of an IP in `HelloResponse.client_ip`: 4 bytes for IPv4, 16 for IPv6.
+pub fn ip_bytes(ip: IpAddr) -> Bytes {
+    match ip {
+        IpAddr::V4(v4) => Bytes::copy_from_slice(&v4.octets()),
+        IpAddr::V6(v6) => Bytes::copy_from_slice(&v6.octets()),
+    }
+}
+
+/// The `grpc-timeout` a client sent, if any.
+pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+fn store_status(error: StoreError) -> Status {
+    match error {
+        StoreError::InvalidArgument(m) => Status::invalid_argument(m),
+        StoreError::ResourceExhausted(m) => Status::resource_exhausted(m),
+        StoreError::Unavailable(m) => Status::unavailable(m),
+    }
+}
+
+/// The unary half of the Cluster service.
+pub struct ClusterService<B> {
+    backend: Arc<B>,
+    gate: Arc<Gate>,
+    metrics: Arc<Metrics>,
+    redirect_endpoint: Option<String>,
+}
+
+impl<B: Backend> ClusterService<B> {
+    async fn observe<T>(
+        &self,
+        method: &'static str,
+        call: impl Future<Output = Result<T, Status>>,
+    ) -> Result<Response<T>, Status> {
+        let result = call.await;
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        self.metrics.rpc(method, code);
+        if code != Code::Ok {
+            tracing::debug!(method, ?code, "request refused");
+        }
+        result.map(Response::new)
+    }
+
+    async fn admit<T>(&self, request: &Request<T>) -> Result<Option<IpAddr>, Status> {
+        let ip = self.gate.client_ip(request.metadata().as_ref(), request.remote_addr());
+        self.gate.admit(ip, grpc_timeout(request.metadata().as_ref())).await?;
+        Ok(ip)
+    }
+}
+
+#[tonic::async_trait]
+impl<B: Backend> Cluster for ClusterService<B> {
+    async fn hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
+        self.observe("Hello", async {
+            let ip = self.admit(&request).await?;
+            let hello = request.get_ref();
+            self.backend.limits().check_cluster_id(&hello.cluster_id).map_err(store_status)?;
+            tracing::debug!(cluster = %hello.cluster_id, client_version = %hello.client_version, ?ip, "hello");
+            Ok(HelloResponse {
+                redirect: self.redirect_endpoint.clone().map(|endpoint| RedirectMessage { endpoint }),
+                client_ip: ip.map(ip_bytes).unwrap_or_default(),
+            })
+        })
+        .await
+    }
+
+    async fn affiliate_update(
+        &self,
+        request: Request<AffiliateUpdateRequest>,
+    ) -> Result<Response<AffiliateUpdateResponse>, Status> {
+        self.observe("AffiliateUpdate", async {
+            self.admit(&request).await?;
+            let request = request.into_inner();
+            let ttl = match request.ttl {
+                None => Duration::ZERO,
+                Some(ttl) => Duration::try_from(ttl)
+                    .map_err(|_| Status::invalid_argument("ttl must be a non-negative duration"))?,
+            };
+            // Copy out of the request buffer so a stored record never pins a larger allocation.
+            let update = Update {
+                cluster_id: request.cluster_id,
+                affiliate_id: request.affiliate_id,
+                data: request.affiliate_data.map(|d| Bytes::copy_from_slice(&d)),
+                endpoints: request
+                    .affiliate_endpoints
+                    .iter()
+                    .map(|e| Bytes::copy_from_slice(e))
+                    .collect(),
+                ttl,
+            };
+            self.backend.update(update).await.map_err(store_status)?;
+            Ok(AffiliateUpdateResponse {})
+        })
+        .await
+    }
+
+    async fn affiliate_delete(
+        &self,
+        request: Request<AffiliateDeleteRequest>,
+    ) -> Result<Response<AffiliateDeleteResponse>, Status> {
+        self.observe("AffiliateDelete", async {
+            self.admit(&request).await?;
+            let request = request.get_ref();
+            self.backend
+                .delete(&request.cluster_id, &request.affiliate_id)
+                .await
+                .map_err(store_status)?;
+            Ok(AffiliateDeleteResponse {})
+        })
+        .await
+    }
+
+    async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        self.observe("List", async {
+            self.admit(&request).await?;
+            let affiliates = self.backend.list(&request.get_ref().cluster_id).await.map_err(store_status)?;
+            Ok(ListResponse { affiliates })
+        })
+        .await
+    }
+
+    type WatchStream = futures::stream::Empty<Result<WatchResponse, Status>>;
+
+    async fn watch(&self, _request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        // ClusterRoutes answers Watch before a request can get here.
+        Err(Status::internal("Watch is served by the fan-out handler"))
+    }
+}
+
+/// The whole Cluster service as one tonic route: Watch handled here, the rest by tonic.
+pub struct ClusterRoutes<B> {
+    unary: ClusterServer<ClusterService<B>>,
+    backend: Arc<B>,
+    gate: Arc<Gate>,
+    metrics: Arc<Metrics>,
+}
+
+impl<B> Clone for ClusterRoutes<B> {
+    fn clone(&self) -> Self {
+        Self {
+            unary: self.unary.clone(),
+            backend: self.backend.clone(),
+            gate: self.gate.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+impl<B: Backend> ClusterRoutes<B> {
+    pub fn new(backend: Arc<B>, gate: Arc<Gate>, metrics: Arc<Metrics>, redirect_endpoint: Option<String>) -> Self {
+        let service = ClusterService {
+            backend: backend.clone(),
+            gate: gate.clone(),
+            metrics: metrics.clone(),
+            redirect_endpoint,
+        };
+        Self {
+            unary: ClusterServer::new(service).max_decoding_message_size(256 * 1024),
+            backend,
+            gate,
+            metrics,
+        }
+    }
+}
+
+impl<B> NamedService for ClusterRoutes<B> {
+    const NAME: &'static str = "sidero.discovery.server.Cluster";
+}
+
+const WATCH_PATH: &str = "/sidero.discovery.server.Cluster/Watch";
+
+impl<B: Backend> Service<http::Request<Body>> for ClusterRoutes<B> {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if request.uri().path() != WATCH_PATH {
+            return self.unary.call(request);
+        }
+        let this = self.clone();
+        Box::pin(async move {
+            let result = this.open_watch(request).await;
+            this.metrics.rpc("Watch", result.as_ref().map_or_else(Status::code, |_| Code::Ok));
+            Ok(match result {
+                Ok(response) => response,
+                Err(status) => status.into_http(),
+            })
+        })
+    }
+}
+
+impl<B: Backend> ClusterRoutes<B> {
+    async fn open_watch(&self, request: http::Request<Body>) -> Result<http::Response<Body>, Status> {
+        let remote = request.extensions().get::<TcpConnectInfo>().and_then(|i| i.remote_addr);
+        let ip = self.gate.client_ip(request.headers(), remote);
+        self.gate.admit(ip, grpc_timeout(request.headers())).await?;
+        if request.headers().get("grpc-encoding").is_some_and(|v| v != "identity") {
+            return Err(Status::unimplemented("compressed Watch requests are not supported"));
+        }
+        let body = http_body_util::Limited::new(request.into_body(), 64 * 1024)
+            .collect()
+            .await
+            .map_err(|e| Status::invalid_argument(format!("cannot read Watch request: {e}")))?
+            .to_bytes();
+        let watch = decode_unary_frame::<WatchRequest>(body)?;
+        let subscription = self.backend.watch(&watch.cluster_id).await.map_err(store_status)?;
+        tracing::debug!(cluster = %watch.cluster_id, ?ip, "watch opened");
+        let body = WatchBody::new(subscription, self.metrics.clone());
+        Ok(http::Response::builder()
+            .header("content-type", "application/grpc")
+            .body(Body::new(body))
+            .unwrap_or_else(|_| Status::internal("cannot build response").into_http()))
+    }
+}
+
+fn decode_unary_frame<M: Message + Default>(mut body: Bytes) -> Result<M, Status> {
+    if body.len() < 5 {
+        return Err(Status::invalid_argument("request has no gRPC message"));
+    }
+    let compressed = body.get_u8();
+    let len = body.get_u32() as usize;
+    if compressed != 0 {
+        return Err(Status::unimplemented("compressed requests are not supported"));
+    }
+    if body.len() != len {
+        return Err(Status::invalid_argument("request is not exactly one gRPC message"));
+    }
+    M::decode(body).map_err(|e| Status::invalid_argument(format!("cannot decode request: {e}")))
+}
+
+/// A Watch response body: the shared snapshot frame, then each shared change frame.
+struct WatchBody {
+    snapshot: Option<Bytes>,
+    changes: BroadcastStream<Bytes>,
+    finished: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl WatchBody {
+    fn new(subscription: WatchSubscription, metrics: Arc<Metrics>) -> Self {
+        Self {
+            snapshot: Some(subscription.snapshot),
+            changes: BroadcastStream::new(subscription.changes),
+            finished: false,
+            metrics,
+        }
+    }
+
+    fn end_with(&mut self, status: Status) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.finished = true;
+        let mut trailers = http::HeaderMap::new();
+        let _ = status.add_header(&mut trailers);
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+}
+
+impl http_body::Body for WatchBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.finished {
+            return Poll::Ready(None);
+        }
+        if let Some(snapshot) = self.snapshot.take() {
+            return Poll::Ready(Some(Ok(Frame::data(snapshot))));
+        }
+        match Pin::new(&mut self.changes).poll_next(cx) {
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(Frame::data(frame)))),
+            Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(missed)))) => {
+                self.metrics.watch_aborted.inc();
+                tracing::info!(missed, "watcher fell behind; ending its stream so it re-syncs");
+                self.end_with(Status::aborted(format!(
+                    "subscription canceled: the watcher fell {missed} messages behind; reconnect to get a fresh snapshot"
+                )))
+            }
+            Poll::Ready(None) => self.end_with(Status::unavailable("the server is shutting down; reconnect")),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! Prometheus metrics of the discovery server (OpenMetrics text on `--metrics-addr`).
+
+use prometheus_client::encoding::{EncodeLabelSet, text::encode};
+use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::store::Totals;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    pub method: &'static str,
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub clusters: Gauge,
+    pub affiliates: Gauge,
+    pub endpoints: Gauge,
+    pub payload_bytes: Gauge,
+    pub watchers: Gauge,
+    pub rpcs: Family<RpcLabels, Counter>,
+    pub rate_limited: Family<OutcomeLabels, Counter>,
+    pub watch_aborted: Counter,
+    pub snapshot_duration: Histogram,
+    pub snapshot_size_bytes: Gauge,
+    pub snapshot_failures: Counter,
+    pub gc_removed: Family<KindLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("discovery");
+        let metrics = Self {
+            clusters: Gauge::default(),
+            affiliates: Gauge::default(),
+            endpoints: Gauge::default(),
+            payload_bytes: Gauge::default(),
+            watchers: Gauge::default(),
+            rpcs: Family::default(),
+            rate_limited: Family::default(),
+            watch_aborted: Counter::default(),
+            snapshot_duration: Histogram::new([0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            snapshot_size_bytes: Gauge::default(),
+            snapshot_failures: Counter::default(),
+            gc_removed: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("clusters", "Clusters with at least one affiliate", metrics.clusters.clone());
+        registry.register("affiliates", "Stored affiliates", metrics.affiliates.clone());
+        registry.register("endpoints", "Stored affiliate endpoints", metrics.endpoints.clone());
+        registry.register(
+            "payload_bytes",
+            "Bytes of stored affiliate data and endpoints",
+            metrics.payload_bytes.clone(),
+        );
+        registry.register("watchers", "Open Watch streams", metrics.watchers.clone());
+        registry.register("rpcs", "Finished RPCs by method and gRPC status code", metrics.rpcs.clone());
+        registry.register(
+            "rate_limited_requests",
+            "Requests over their client's rate: delayed, or refused with ResourceExhausted",
+            metrics.rate_limited.clone(),
+        );
+        registry.register(
+            "watch_aborted",
+            "Watch streams ended because the watcher fell behind",
+            metrics.watch_aborted.clone(),
+        );
+        registry.register(
+            "snapshot_duration_seconds",
+            "Time to take and write one snapshot",
+            metrics.snapshot_duration.clone(),
+        );
+        registry.register(
+            "snapshot_size_bytes",
+            "Size of the last snapshot written",
+            metrics.snapshot_size_bytes.clone(),
+        );
+        registry.register("snapshot_failures", "Snapshots that could not be written", metrics.snapshot_failures.clone());
+        registry.register(
+            "gc_removed",
+            "Affiliates and endpoints removed because they expired",
+            metrics.gc_removed.clone(),
+        );
+        Self { registry, ..metrics }
+    }
+}
+
+impl Metrics {
+    pub fn rpc(&self, method: &'static str, code: tonic::Code) {
+        self.rpcs
+            .get_or_create(&RpcLabels { method, code: code_name(code) })
+            .inc();
+    }
+
+    /// Sets the state gauges and renders everything in the OpenMetrics text format.
+    pub fn render(&self, totals: Totals, watchers: usize) -> String {
+        self.clusters.set(totals.clusters as i64);
+        self.affiliates.set(totals.affiliates as i64);
+        self.endpoints.set(totals.endpoints as i64);
+        self.payload_bytes.set(totals.payload_bytes as i64);
+        self.watchers.set(watchers as i64);
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+}
+
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "Canceled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
+}

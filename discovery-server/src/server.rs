@@ -1,0 +1,408 @@
+//! Wiring: listeners, the gRPC server, HTTP pages, timers for expiry, snapshots and certificate
+//! reloads, and an orderly shutdown that ends watch streams and writes a final snapshot.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::backend::{Backend, MemoryBackend};
+use crate::clock::{Clock, SystemClock};
+use crate::grpc::{AdmissionConfig, ClusterRoutes, Gate};
+use crate::http::{HttpState, landing_router, metrics_router};
+use crate::limits::Limits;
+use crate::metrics::{KindLabels, Metrics};
+use crate::persist;
+use crate::store::Store;
+use crate::tls::{ReloadingTls, TlsFiles, accept_tls};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Clone, Debug)]
+pub struct SnapshotConfig {
+    pub path: PathBuf,
+    pub interval: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// gRPC listener; `None` disables it.
+    pub grpc_addr: Option<String>,
+    pub landing_addr: Option<String>,
+    pub metrics_addr: Option<String>,
+    pub snapshot: Option<SnapshotConfig>,
+    pub gc_interval: Duration,
+    pub redirect_endpoint: Option<String>,
+    pub admission: AdmissionConfig,
+    pub tls: Option<TlsFiles>,
+    pub tls_reload_interval: Duration,
+    pub limits: Limits,
+    pub watch_buffer: usize,
+    /// How long a graceful shutdown waits for in-flight calls.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            grpc_addr: Some(":3000".into()),
+            landing_addr: Some(":3001".into()),
+            metrics_addr: Some(":2122".into()),
+            snapshot: None,
+            gc_interval: Duration::from_secs(60),
+            redirect_endpoint: None,
+            admission: AdmissionConfig::default(),
+            tls: None,
+            tls_reload_interval: Duration::from_secs(10),
+            limits: Limits::default(),
+            watch_buffer: 32,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A started server. Dropping it does not stop it; call [`Running::shutdown`].
+pub struct Running {
+    pub grpc_addr: Option<SocketAddr>,
+    pub landing_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Stops gracefully: ends watch streams, lets calls finish, writes the final snapshot.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.wait().await
+    }
+
+    /// Waits until the server stops (after [`Running::stop_token`] is cancelled).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("server task failed")?
+    }
+
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+}
+
+/// Binds an address in Go's notation: `:3000` means every interface (IPv6 and IPv4).
+pub async fn bind(flag: &str, addr: &str) -> anyhow::Result<TcpListener> {
+    let listener = if let Some(port) = addr.strip_prefix(':') {
+        let port: u16 = port.parse().with_context(|| format!("{flag} {addr:?}: the port is not a number"))?;
+        match TcpListener::bind(SocketAddr::from(([0u16; 8], port))).await {
+            Ok(listener) => Ok(listener),
+            // Hosts without IPv6 still get every IPv4 interface.
+            Err(_) => TcpListener::bind(SocketAddr::from(([0u8; 4], port))).await,
+        }
+    } else {
+        TcpListener::bind(addr).await
+    };
+    listener.with_context(|| format!("cannot listen on {flag} {addr:?}: is the address valid, free and ours?"))
+}
+
+fn load_snapshot(store: &mut Store, config: &SnapshotConfig, now: i64) {
+    let started = Instant::now();
+    match persist::load(&config.path, store, now) {
+        Ok(Some(count)) => tracing::info!(
+            path = %config.path.display(), affiliates = count, elapsed_ms = started.elapsed().as_millis() as u64,
+            "loaded snapshot"
+        ),
+        Ok(None) => tracing::info!(path = %config.path.display(), "no snapshot yet; starting empty"),
+        Err(persist::SnapshotError::Corrupt { path, reason }) => match persist::move_aside(&path, now) {
+            Ok(aside) => tracing::error!(
+                path = %path.display(), moved_to = %aside.display(), %reason,
+                "snapshot is corrupt: moved it aside and starting empty; clients re-publish within their refresh interval"
+            ),
+            Err(e) => tracing::error!(
+                path = %path.display(), %reason, error = %e,
+                "snapshot is corrupt and could not be moved aside; starting empty"
+            ),
+        },
+        Err(e) => tracing::error!(error = %e, "cannot read the snapshot; starting empty"),
+    }
+}
+
+fn save_snapshot(backend: &MemoryBackend, metrics: &Metrics, config: &SnapshotConfig) {
+    let started = Instant::now();
+    let now = backend.now();
+    let bytes = backend.with_store(|store| persist::encode(store, now));
+    match persist::write_atomic(&config.path, &bytes) {
+        Ok(()) => {
+            let elapsed = started.elapsed();
+            metrics.snapshot_duration.observe(elapsed.as_secs_f64());
+            metrics.snapshot_size_bytes.set(bytes.len() as i64);
+            tracing::debug!(path = %config.path.display(), bytes = bytes.len(), elapsed_ms = elapsed.as_millis() as u64, "snapshot written");
+        }
+        Err(e) => {
+            metrics.snapshot_failures.inc();
+            tracing::error!(error = %e, "snapshot not written; the previous one is kept");
+        }
+    }
+}
+
+/// Starts the server with the wall clock.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    start_with_clock(config, Arc::new(SystemClock)).await
+}
+
+pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
+    let metrics = Arc::new(Metrics::default());
+    let mut store = Store::new(config.limits.clone());
+    if let Some(snapshot) = &config.snapshot {
+        load_snapshot(&mut store, snapshot, clock.now());
+    }
+    let backend = Arc::new(MemoryBackend::new(store, clock.clone(), config.watch_buffer));
+    let gate = Arc::new(Gate::new(config.admission.clone(), metrics.clone()));
+    let tls = match &config.tls {
+        Some(files) => Some(Arc::new(
+            ReloadingTls::load(files.clone()).context("cannot set up TLS from --certificate-path/--key-path")?,
+        )),
+        None => None,
+    };
+
+    let grpc_listener = match &config.grpc_addr {
+        Some(addr) => Some(bind("--addr", addr).await?),
+        None => None,
+    };
+    let landing_listener = match &config.landing_addr {
+        Some(addr) => Some(bind("--landing-addr", addr).await?),
+        None => None,
+    };
+    let metrics_listener = match &config.metrics_addr {
+        Some(addr) => Some(bind("--metrics-addr", addr).await?),
+        None => None,
+    };
+    let local = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
+    let (grpc_addr, landing_addr, metrics_addr) =
+        (local(&grpc_listener), local(&landing_listener), local(&metrics_listener));
+
+    let stop = CancellationToken::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let mut tasks: Vec<JoinHandle<anyhow::Result<()>>> = Vec::new();
+
+    let http_state = Arc::new(HttpState {
+        backend: backend.clone(),
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+        now: {
+            let clock = clock.clone();
+            Arc::new(move || clock.now())
+        },
+        version: VERSION,
+    });
+    for (listener, router, name) in [
+        (landing_listener, landing_router(http_state.clone()), "landing page"),
+        (metrics_listener, metrics_router(http_state.clone()), "metrics"),
+    ] {
+        let Some(listener) = listener else { continue };
+        let stop = stop.clone();
+        tracing::info!(addr = %listener.local_addr()?, "serving {name} over HTTP");
+        tasks.push(tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+                .with_context(|| format!("{name} server failed"))
+        }));
+    }
+
+    if let Some(listener) = grpc_listener {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_service_status("", ServingStatus::Serving).await;
+        health
+            .set_service_status("sidero.discovery.server.Cluster", ServingStatus::Serving)
+            .await;
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(openspan_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(openspan_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        let routes = ClusterRoutes::new(
+            backend.clone(),
+            gate.clone(),
+            metrics.clone(),
+            config.redirect_endpoint.clone(),
+        );
+        let router = Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .initial_connection_window_size(Some(4 << 20))
+            .initial_stream_window_size(Some(1 << 20))
+            .add_service(routes)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+        let serving = {
+            let stop = stop.clone();
+            let backend = backend.clone();
+            async move {
+                stop.cancelled().await;
+                health.set_service_status("", ServingStatus::NotServing).await;
+                // Watch streams never end on their own; end them so connections can drain.
+                backend.close_watchers();
+            }
+        };
+        let addr = listener.local_addr()?;
+        let (grace, stop_serving) = (config.shutdown_grace, stop.clone());
+        match tls.clone() {
+            Some(tls) => {
+                tracing::info!(%addr, mtls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), "serving gRPC with TLS");
+                let incoming = accept_tls(listener, tls);
+                tasks.push(tokio::spawn(async move {
+                    bounded(stop_serving, grace, router.serve_with_incoming_shutdown(incoming, serving)).await
+                }));
+            }
+            None => {
+                tracing::info!(%addr, "serving gRPC (plaintext)");
+                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                tasks.push(tokio::spawn(async move {
+                    bounded(stop_serving, grace, router.serve_with_incoming_shutdown(incoming, serving)).await
+                }));
+            }
+        }
+    }
+
+    // Expiry, idle rate-limiter entries.
+    {
+        let (backend, gate, metrics, stop) = (backend.clone(), gate.clone(), metrics.clone(), stop.clone());
+        let interval = config.gc_interval.max(Duration::from_millis(10));
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = tick.tick() => {}
+                }
+                let (removed, trimmed) = backend.collect_garbage();
+                gate.forget_idle_clients();
+                if removed + trimmed > 0 {
+                    metrics.gc_removed.get_or_create(&KindLabels { kind: "affiliate" }).inc_by(removed as u64);
+                    metrics.gc_removed.get_or_create(&KindLabels { kind: "endpoints_of_affiliate" }).inc_by(trimmed as u64);
+                    tracing::debug!(removed, trimmed, "expired affiliates and endpoints collected");
+                }
+            }
+        }));
+    }
+
+    if let (Some(tls), Some(_)) = (tls.clone(), &config.tls) {
+        let stop = stop.clone();
+        let interval = config.tls_reload_interval.max(Duration::from_millis(10));
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = tick.tick() => {}
+                }
+                match tls.reload_if_changed() {
+                    Ok(true) => tracing::info!("TLS certificate files changed; new connections use them"),
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(error = %e, "TLS files changed but cannot be used; still serving the previous certificate"),
+                }
+            }
+        }));
+    }
+
+    let snapshot_config = config.snapshot.clone();
+    if let Some(snapshot) = snapshot_config.clone() {
+        let (backend, metrics, stop) = (backend.clone(), metrics.clone(), stop.clone());
+        let interval = snapshot.interval.max(Duration::from_millis(10));
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = tick.tick() => {}
+                }
+                let (backend, metrics, snapshot) = (backend.clone(), metrics.clone(), snapshot.clone());
+                tokio::task::spawn_blocking(move || save_snapshot(&backend, &metrics, &snapshot)).await?;
+            }
+        }));
+    }
+
+    ready.store(true, Ordering::SeqCst);
+    tracing::info!(version = VERSION, "discovery server ready");
+
+    let task = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut failure = None;
+            let mut pending = tasks;
+            // Run until asked to stop or until any part fails (then stop the rest).
+            while !pending.is_empty() {
+                let (result, _, rest) = futures::future::select_all(pending).await;
+                pending = rest;
+                let outcome = result.context("server task panicked").and_then(|r| r);
+                if let Err(e) = outcome {
+                    tracing::error!(error = %format!("{e:#}"), "stopping: a server part failed");
+                    failure.get_or_insert(e);
+                    stop.cancel();
+                }
+                if stop.is_cancelled() {
+                    ready.store(false, Ordering::SeqCst);
+                }
+            }
+            if let Some(snapshot) = &snapshot_config {
+                save_snapshot(&backend, &metrics, snapshot);
+                tracing::info!(path = %snapshot.path.display(), "final snapshot written");
+            }
+            match failure {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        })
+    };
+    Ok(Running {
+        grpc_addr,
+        landing_addr,
+        metrics_addr,
+        stop,
+        task,
+    })
+}
+
+/// Runs a gRPC server future, giving up on stragglers `grace` after shutdown began.
+async fn bounded(
+    stop: CancellationToken,
+    grace: Duration,
+    serve: impl Future<Output = Result<(), tonic::transport::Error>>,
+) -> anyhow::Result<()> {
+    let deadline = async {
+        stop.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        result = serve => result.context("gRPC server failed"),
+        _ = deadline => {
+            tracing::warn!(grace_ms = grace.as_millis() as u64, "gRPC calls still open after the shutdown grace period; closing them");
+            Ok(())
+        }
+    }
+}
+
+pub fn validate(config: &Config) -> anyhow::Result<()> {
+    if config.grpc_addr.is_none() {
+        tracing::warn!("--addr is empty: the gRPC API is disabled");
+    }
+    if config.watch_buffer == 0 {
+        bail!("--watch-buffer must be at least 1");
+    }
+    Ok(())
+}
