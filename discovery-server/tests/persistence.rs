@@ -1,0 +1,123 @@
+//! Snapshots: survive a graceful restart and a SIGKILL, and never destroy a corrupt file.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use discovery_server::server::SnapshotConfig;
+
+fn with_snapshot(path: &std::path::Path, interval: Duration) -> discovery_server::server::Config {
+    let mut config = test_config();
+    config.snapshot = Some(SnapshotConfig { path: path.to_owned(), interval });
+    config
+}
+
+#[tokio::test]
+async fn state_survives_a_graceful_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.snapshot");
+    let server = start(with_snapshot(&path, Duration::from_secs(3600))).await;
+    let mut c = client(&server).await;
+    c.affiliate_update(update("c1", "a", Some(b"data-a"), &[b"e1", b"e2"])).await.unwrap();
+    c.affiliate_update(update("c2", "b", Some(b"data-b"), &[])).await.unwrap();
+    server.shutdown().await.unwrap();
+    assert!(path.exists(), "shutdown wrote the snapshot");
+
+    let server = start(with_snapshot(&path, Duration::from_secs(3600))).await;
+    let mut c = client(&server).await;
+    let c1 = list(&mut c, "c1").await;
+    assert_eq!(c1.len(), 1);
+    assert_eq!(&c1[0].data[..], b"data-a");
+    assert_eq!(c1[0].endpoints, [&b"e1"[..], b"e2"]);
+    assert_eq!(list(&mut c, "c2").await.len(), 1);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_corrupt_snapshot_is_moved_aside_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.snapshot");
+    std::fs::write(&path, b"OSPNSNAP this is not a valid snapshot at all").unwrap();
+    let server = start(with_snapshot(&path, Duration::from_secs(3600))).await;
+    let mut c = client(&server).await;
+    assert!(list(&mut c, "c").await.is_empty(), "started empty");
+    let aside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains(".corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the corrupt file was moved aside");
+    assert_eq!(std::fs::read(&aside[0]).unwrap(), b"OSPNSNAP this is not a valid snapshot at all");
+    c.affiliate_update(update("c", "a", Some(b"fresh"), &[])).await.unwrap();
+    server.shutdown().await.unwrap();
+    assert_eq!(std::fs::read(&aside[0]).unwrap(), b"OSPNSNAP this is not a valid snapshot at all", "never overwritten");
+}
+
+struct ServerProcess(Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn spawn_server(port: u16, snapshot: &std::path::Path) -> ServerProcess {
+    let child = Command::new(env!("CARGO_BIN_EXE_discovery-server"))
+        .args([
+            &format!("--addr=127.0.0.1:{port}"),
+            "--landing-addr=",
+            "--metrics-addr=",
+            "--snapshots-enabled",
+            &format!("--snapshot-path={}", snapshot.display()),
+            "--snapshot-interval=100ms",
+            "--ip-rate-limit=0",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the discovery-server binary");
+    ServerProcess(child)
+}
+
+async fn connect(port: u16) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
+        match endpoint.connect().await {
+            Ok(channel) => return Client::new(channel),
+            Err(e) if Instant::now() > deadline => panic!("server did not come up: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+#[tokio::test]
+async fn sigkill_loses_at_most_the_changes_since_the_last_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.snapshot");
+    let port = free_port();
+    let mut server = spawn_server(port, &path);
+    let mut c = connect(port).await;
+    for i in 0..20 {
+        c.affiliate_update(update("c", &format!("a{i}"), Some(b"payload"), &[b"e"])).await.unwrap();
+    }
+    // Kill it repeatedly at arbitrary moments while snapshots are being written.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    for round in 0..5 {
+        server.0.kill().unwrap();
+        server.0.wait().unwrap();
+        server = spawn_server(port, &path);
+        let mut c = connect(port).await;
+        let listed = list(&mut c, "c").await;
+        assert_eq!(listed.len(), 20, "round {round}: every snapshotted affiliate survived SIGKILL");
+        tokio::time::sleep(Duration::from_millis(20 + 47 * round)).await;
+    }
+    drop(server);
+}
