@@ -41,9 +41,19 @@ pub struct AffiliateSummary {
 pub trait Backend: Send + Sync + 'static {
     fn limits(&self) -> &Limits;
     fn update(&self, update: Update) -> impl Future<Output = Result<(), StoreError>> + Send;
-    fn delete(&self, cluster_id: &str, affiliate_id: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
-    fn list(&self, cluster_id: &str) -> impl Future<Output = Result<Vec<Affiliate>, StoreError>> + Send;
-    fn watch(&self, cluster_id: &str) -> impl Future<Output = Result<WatchSubscription, StoreError>> + Send;
+    fn delete(
+        &self,
+        cluster_id: &str,
+        affiliate_id: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn list(
+        &self,
+        cluster_id: &str,
+    ) -> impl Future<Output = Result<Vec<Affiliate>, StoreError>> + Send;
+    fn watch(
+        &self,
+        cluster_id: &str,
+    ) -> impl Future<Output = Result<WatchSubscription, StoreError>> + Send;
     /// Totals over every cluster, and the number of open watch streams.
     fn totals(&self) -> (Totals, usize);
     /// The affiliates of one cluster, for the inspect page.
@@ -108,7 +118,9 @@ impl MemoryBackend {
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state is consistent after every operation, so a panic elsewhere cannot poison it
         // in a way that matters; keep serving.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn now(&self) -> UnixMillis {
@@ -120,7 +132,10 @@ impl MemoryBackend {
         let now = self.now();
         let mut state = self.lock();
         let changes = state.store.collect_garbage(now);
-        let removed = changes.iter().filter(|c| matches!(c, Change::Removed { .. })).count();
+        let removed = changes
+            .iter()
+            .filter(|c| matches!(c, Change::Removed { .. }))
+            .count();
         let trimmed = changes.len() - removed;
         for change in changes {
             state.publish(change);
@@ -201,12 +216,17 @@ impl Backend for MemoryBackend {
         let mut guard = self.lock();
         let state = &mut *guard;
         if state.closed {
-            return Err(StoreError::Unavailable("the server is shutting down".into()));
+            return Err(StoreError::Unavailable(
+                "the server is shutting down".into(),
+            ));
         }
-        let hub = state.hubs.entry(cluster_id.to_owned()).or_insert_with(|| Hub {
-            changes: broadcast::channel(self.watch_buffer).0,
-            snapshot: None,
-        });
+        let hub = state
+            .hubs
+            .entry(cluster_id.to_owned())
+            .or_insert_with(|| Hub {
+                changes: broadcast::channel(self.watch_buffer).0,
+                snapshot: None,
+            });
         // Subscribing and reading the snapshot under one lock: no change falls between them.
         let changes = hub.changes.subscribe();
         let snapshot = hub
@@ -228,7 +248,11 @@ impl Backend for MemoryBackend {
 
     fn totals(&self) -> (Totals, usize) {
         let state = self.lock();
-        let watchers = state.hubs.values().map(|h| h.changes.receiver_count()).sum();
+        let watchers = state
+            .hubs
+            .values()
+            .map(|h| h.changes.receiver_count())
+            .sum();
         (state.store.totals(), watchers)
     }
 

@@ -58,10 +58,16 @@ mod tests {
         ];
         for (text, seconds) in ok {
             let parsed = parse_go_duration(text).unwrap();
-            assert!((parsed.as_secs_f64() - seconds).abs() < 1e-9, "{text} -> {parsed:?}");
+            assert!(
+                (parsed.as_secs_f64() - seconds).abs() < 1e-9,
+                "{text} -> {parsed:?}"
+            );
         }
         for bad in ["", "10", "1d", "-1s", "m", "1.2.3s", "1h 30m"] {
-            assert!(parse_go_duration(bad).is_err(), "{bad:?} should be rejected");
+            assert!(
+                parse_go_duration(bad).is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 }

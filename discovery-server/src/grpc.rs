@@ -18,8 +18,9 @@ use futures::Stream;
 use http_body::Frame;
 use http_body_util::BodyExt;
 use openspan_proto::discovery::server::{
-    AffiliateDeleteRequest, AffiliateDeleteResponse, AffiliateUpdateRequest, AffiliateUpdateResponse,
-    HelloRequest, HelloResponse, ListRequest, ListResponse, RedirectMessage, WatchRequest, WatchResponse,
+    AffiliateDeleteRequest, AffiliateDeleteResponse, AffiliateUpdateRequest,
+    AffiliateUpdateResponse, HelloRequest, HelloResponse, ListRequest, ListResponse,
+    RedirectMessage, WatchRequest, WatchResponse,
     cluster_server::{Cluster, ClusterServer},
 };
 use prost::Message;
@@ -63,7 +64,11 @@ impl Gate {
     }
 
     /// The caller's IP: a trusted proxy header when enabled and present, else the TCP peer.
-    pub fn client_ip(&self, headers: &http::HeaderMap, remote: Option<SocketAddr>) -> Option<IpAddr> {
+    pub fn client_ip(
+        &self,
+        headers: &http::HeaderMap,
+        remote: Option<SocketAddr>,
+    ) -> Option<IpAddr> {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let from_header = if self.config.trust_x_real_ip {
             header("x-real-ip").and_then(parse_ip)
@@ -72,7 +77,9 @@ impl Gate {
         };
         let from_header = from_header.or_else(|| {
             if self.config.trust_first_x_forwarded_for {
-                header("x-forwarded-for").and_then(|v| v.split(',').next()).and_then(parse_ip)
+                header("x-forwarded-for")
+                    .and_then(|v| v.split(',').next())
+                    .and_then(parse_ip)
             } else {
                 None
             }
@@ -81,7 +88,11 @@ impl Gate {
     }
 
     /// Waits for the client's token, or refuses at once when it would come after the deadline.
-    pub async fn admit(&self, ip: Option<IpAddr>, deadline: Option<Duration>) -> Result<(), Status> {
+    pub async fn admit(
+        &self,
+        ip: Option<IpAddr>,
+        deadline: Option<Duration>,
+    ) -> Result<(), Status> {
         let Some(ip) = ip else { return Ok(()) };
         let verdict = self
             .limiter
@@ -91,12 +102,18 @@ impl Gate {
         match verdict {
             Admission::After(wait) if wait.is_zero() => Ok(()),
             Admission::After(wait) => {
-                self.metrics.rate_limited.get_or_create(&OutcomeLabels { outcome: "delayed" }).inc();
+                self.metrics
+                    .rate_limited
+                    .get_or_create(&OutcomeLabels { outcome: "delayed" })
+                    .inc();
                 tokio::time::sleep(wait).await;
                 Ok(())
             }
             Admission::Refused { retry_after } => {
-                self.metrics.rate_limited.get_or_create(&OutcomeLabels { outcome: "refused" }).inc();
+                self.metrics
+                    .rate_limited
+                    .get_or_create(&OutcomeLabels { outcome: "refused" })
+                    .inc();
                 Err(Status::resource_exhausted(format!(
                     "rate limit exceeded for {ip}: the next request can be served in {retry_after:.1?}, after this call's deadline"
                 )))
@@ -106,7 +123,10 @@ impl Gate {
 
     /// Drops limiter entries of clients that have gone quiet.
     pub fn forget_idle_clients(&self) {
-        self.limiter.lock().unwrap_or_else(|p| p.into_inner()).forget_idle(Instant::now());
+        self.limiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget_idle(Instant::now());
     }
 }
 
@@ -181,15 +201,22 @@ impl<B: Backend> ClusterService<B> {
     }
 
     async fn admit<T>(&self, request: &Request<T>) -> Result<Option<IpAddr>, Status> {
-        let ip = self.gate.client_ip(request.metadata().as_ref(), request.remote_addr());
-        self.gate.admit(ip, grpc_timeout(request.metadata().as_ref())).await?;
+        let ip = self
+            .gate
+            .client_ip(request.metadata().as_ref(), request.remote_addr());
+        self.gate
+            .admit(ip, grpc_timeout(request.metadata().as_ref()))
+            .await?;
         Ok(ip)
     }
 }
 
 #[tonic::async_trait]
 impl<B: Backend> Cluster for ClusterService<B> {
-    async fn hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
+    async fn hello(
+        &self,
+        request: Request<HelloRequest>,
+    ) -> Result<Response<HelloResponse>, Status> {
         self.observe("Hello", async {
             let ip = self.admit(&request).await?;
             let hello = request.get_ref();
@@ -252,7 +279,11 @@ impl<B: Backend> Cluster for ClusterService<B> {
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
         self.observe("List", async {
             self.admit(&request).await?;
-            let affiliates = self.backend.list(&request.get_ref().cluster_id).await.map_err(store_status)?;
+            let affiliates = self
+                .backend
+                .list(&request.get_ref().cluster_id)
+                .await
+                .map_err(store_status)?;
             Ok(ListResponse { affiliates })
         })
         .await
@@ -260,7 +291,10 @@ impl<B: Backend> Cluster for ClusterService<B> {
 
     type WatchStream = futures::stream::Empty<Result<WatchResponse, Status>>;
 
-    async fn watch(&self, _request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        _request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         // ClusterRoutes answers Watch before a request can get here.
         Err(Status::internal("Watch is served by the fan-out handler"))
     }
@@ -286,7 +320,12 @@ impl<B> Clone for ClusterRoutes<B> {
 }
 
 impl<B: Backend> ClusterRoutes<B> {
-    pub fn new(backend: Arc<B>, gate: Arc<Gate>, metrics: Arc<Metrics>, redirect_endpoint: Option<String>) -> Self {
+    pub fn new(
+        backend: Arc<B>,
+        gate: Arc<Gate>,
+        metrics: Arc<Metrics>,
+        redirect_endpoint: Option<String>,
+    ) -> Self {
         let service = ClusterService {
             backend: backend.clone(),
             gate: gate.clone(),
@@ -324,7 +363,10 @@ impl<B: Backend> Service<http::Request<Body>> for ClusterRoutes<B> {
         let this = self.clone();
         Box::pin(async move {
             let result = this.open_watch(request).await;
-            this.metrics.rpc("Watch", result.as_ref().map_or_else(Status::code, |_| Code::Ok));
+            this.metrics.rpc(
+                "Watch",
+                result.as_ref().map_or_else(Status::code, |_| Code::Ok),
+            );
             Ok(match result {
                 Ok(response) => response,
                 Err(status) => status.into_http(),
@@ -334,12 +376,24 @@ impl<B: Backend> Service<http::Request<Body>> for ClusterRoutes<B> {
 }
 
 impl<B: Backend> ClusterRoutes<B> {
-    async fn open_watch(&self, request: http::Request<Body>) -> Result<http::Response<Body>, Status> {
-        let remote = request.extensions().get::<TcpConnectInfo>().and_then(|i| i.remote_addr);
+    async fn open_watch(
+        &self,
+        request: http::Request<Body>,
+    ) -> Result<http::Response<Body>, Status> {
+        let remote = request
+            .extensions()
+            .get::<TcpConnectInfo>()
+            .and_then(|i| i.remote_addr);
         let ip = self.gate.client_ip(request.headers(), remote);
         self.gate.admit(ip, grpc_timeout(request.headers())).await?;
-        if request.headers().get("grpc-encoding").is_some_and(|v| v != "identity") {
-            return Err(Status::unimplemented("compressed Watch requests are not supported"));
+        if request
+            .headers()
+            .get("grpc-encoding")
+            .is_some_and(|v| v != "identity")
+        {
+            return Err(Status::unimplemented(
+                "compressed Watch requests are not supported",
+            ));
         }
         let body = http_body_util::Limited::new(request.into_body(), 64 * 1024)
             .collect()
@@ -347,7 +401,11 @@ impl<B: Backend> ClusterRoutes<B> {
             .map_err(|e| Status::invalid_argument(format!("cannot read Watch request: {e}")))?
             .to_bytes();
         let watch = decode_unary_frame::<WatchRequest>(body)?;
-        let subscription = self.backend.watch(&watch.cluster_id).await.map_err(store_status)?;
+        let subscription = self
+            .backend
+            .watch(&watch.cluster_id)
+            .await
+            .map_err(store_status)?;
         tracing::debug!(cluster = %watch.cluster_id, ?ip, "watch opened");
         let body = WatchBody::new(subscription, self.metrics.clone());
         Ok(http::Response::builder()
@@ -364,10 +422,14 @@ fn decode_unary_frame<M: Message + Default>(mut body: Bytes) -> Result<M, Status
     let compressed = body.get_u8();
     let len = body.get_u32() as usize;
     if compressed != 0 {
-        return Err(Status::unimplemented("compressed requests are not supported"));
+        return Err(Status::unimplemented(
+            "compressed requests are not supported",
+        ));
     }
     if body.len() != len {
-        return Err(Status::invalid_argument("request is not exactly one gRPC message"));
+        return Err(Status::invalid_argument(
+            "request is not exactly one gRPC message",
+        ));
     }
     M::decode(body).map_err(|e| Status::invalid_argument(format!("cannot decode request: {e}")))
 }
@@ -402,7 +464,10 @@ impl http_body::Body for WatchBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         if self.finished {
             return Poll::Ready(None);
         }
@@ -413,12 +478,17 @@ impl http_body::Body for WatchBody {
             Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(Frame::data(frame)))),
             Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(missed)))) => {
                 self.metrics.watch_aborted.inc();
-                tracing::info!(missed, "watcher fell behind; ending its stream so it re-syncs");
+                tracing::info!(
+                    missed,
+                    "watcher fell behind; ending its stream so it re-syncs"
+                );
                 self.end_with(Status::aborted(format!(
                     "subscription canceled: the watcher fell {missed} messages behind; reconnect to get a fresh snapshot"
                 )))
             }
-            Poll::Ready(None) => self.end_with(Status::unavailable("the server is shutting down; reconnect")),
+            Poll::Ready(None) => self.end_with(Status::unavailable(
+                "the server is shutting down; reconnect",
+            )),
             Poll::Pending => Poll::Pending,
         }
     }

@@ -60,7 +60,10 @@ async fn readyz<B: Backend>(State(state): State<Shared<B>>) -> Response {
 async fn metrics<B: Backend>(State(state): State<Shared<B>>) -> Response {
     let (totals, watchers) = state.backend.totals();
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.render(totals, watchers),
     )
         .into_response()
@@ -95,13 +98,21 @@ struct InspectQuery {
     format: Option<String>,
 }
 
-async fn inspect<B: Backend>(State(state): State<Shared<B>>, Query(query): Query<InspectQuery>) -> Response {
+async fn inspect<B: Backend>(
+    State(state): State<Shared<B>>,
+    Query(query): Query<InspectQuery>,
+) -> Response {
     let Some(cluster) = query.cluster.filter(|c| !c.is_empty()) else {
-        return (StatusCode::BAD_REQUEST, "give a cluster id: /inspect?cluster=<id>\n").into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            "give a cluster id: /inspect?cluster=<id>\n",
+        )
+            .into_response();
     };
     let affiliates = state.backend.inspect(&cluster);
     if query.format.as_deref() == Some("json") {
-        return axum::Json(serde_json::json!({ "cluster": cluster, "affiliates": affiliates })).into_response();
+        return axum::Json(serde_json::json!({ "cluster": cluster, "affiliates": affiliates }))
+            .into_response();
     }
     let now = (state.now)();
     let mut rows = String::new();
@@ -154,6 +165,9 @@ fn escape(text: &str) -> String {
 mod tests {
     #[test]
     fn escapes_markup() {
-        assert_eq!(super::escape("<a href='x'>&</a>"), "&lt;a href=&#39;x&#39;&gt;&amp;&lt;/a&gt;");
+        assert_eq!(
+            super::escape("<a href='x'>&</a>"),
+            "&lt;a href=&#39;x&#39;&gt;&amp;&lt;/a&gt;"
+        );
     }
 }

@@ -39,7 +39,11 @@ struct Args {
     snapshots_enabled: bool,
 
     /// Snapshot file. Written atomically; a corrupt one is moved aside, never overwritten.
-    #[arg(long, env = "DISCOVERY_SNAPSHOT_PATH", default_value = "/var/lib/discovery-server/state.snapshot")]
+    #[arg(
+        long,
+        env = "DISCOVERY_SNAPSHOT_PATH",
+        default_value = "/var/lib/discovery-server/state.snapshot"
+    )]
     snapshot_path: PathBuf,
 
     /// How often to write a snapshot (Go duration: 30s, 10m, 1h30m).
@@ -145,20 +149,27 @@ fn non_empty(s: &str) -> Option<String> {
 
 impl Args {
     fn into_config(self) -> anyhow::Result<Config> {
-        let tls = match (non_empty(&self.certificate_path).map(PathBuf::from), non_empty(&self.key_path).map(PathBuf::from)) {
+        let tls = match (
+            non_empty(&self.certificate_path).map(PathBuf::from),
+            non_empty(&self.key_path).map(PathBuf::from),
+        ) {
             (Some(certificate), Some(key)) => Some(TlsFiles {
                 certificate,
                 key,
                 client_ca: non_empty(&self.client_ca_path).map(PathBuf::from),
             }),
             (None, None) if non_empty(&self.client_ca_path).map(PathBuf::from).is_some() => {
-                anyhow::bail!("--client-ca-path needs --certificate-path and --key-path (mTLS is TLS first)")
+                anyhow::bail!(
+                    "--client-ca-path needs --certificate-path and --key-path (mTLS is TLS first)"
+                )
             }
             (None, None) => None,
             _ => anyhow::bail!("--certificate-path and --key-path must be given together"),
         };
         if !(self.ip_rate_limit >= 0.0 && self.ip_rate_limit.is_finite()) {
-            anyhow::bail!("--ip-rate-limit must be a non-negative number of requests per second (0 disables)");
+            anyhow::bail!(
+                "--ip-rate-limit must be a non-negative number of requests per second (0 disables)"
+            );
         }
         Ok(Config {
             grpc_addr: non_empty(&self.addr),
@@ -205,16 +216,27 @@ fn go_style_flags(args: impl Iterator<Item = String>) -> Vec<String> {
                 && !arg.starts_with("--")
                 && arg.len() > 2
                 && arg.as_bytes()[1].is_ascii_alphabetic();
-            if single_dash_long { format!("-{arg}") } else { arg }
+            if single_dash_long {
+                format!("-{arg}")
+            } else {
+                arg
+            }
         })
         .collect()
 }
 
 fn init_logging(debug: bool, format: &str) {
-    let default = if debug { "debug,h2=info,hyper=info,tower=info" } else { "info" };
+    let default = if debug {
+        "debug,h2=info,hyper=info,tower=info"
+    } else {
+        "info"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if format == "json" {
         builder.json().init();
     } else {
@@ -245,8 +267,7 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(signal = signal?, "shutting down");
             running.shutdown().await?;
         }
-        result = async { stop.cancelled().await; } => {
-            let _ = result;
+        _ = stop.cancelled() => {
             running.wait().await?;
         }
     }
@@ -260,9 +281,24 @@ mod tests {
 
     #[test]
     fn single_dash_go_flags_become_long_flags() {
-        let argv = ["discovery-server", "-addr=:4000", "--debug", "-h", "-snapshots-enabled=false"];
+        let argv = [
+            "discovery-server",
+            "-addr=:4000",
+            "--debug",
+            "-h",
+            "-snapshots-enabled=false",
+        ];
         let converted = go_style_flags(argv.iter().map(|s| s.to_string()));
-        assert_eq!(converted, ["discovery-server", "--addr=:4000", "--debug", "-h", "--snapshots-enabled=false"]);
+        assert_eq!(
+            converted,
+            [
+                "discovery-server",
+                "--addr=:4000",
+                "--debug",
+                "-h",
+                "--snapshots-enabled=false"
+            ]
+        );
     }
 
     #[test]
@@ -290,7 +326,8 @@ mod tests {
 
     #[test]
     fn half_a_tls_pair_is_an_error() {
-        let args = Args::try_parse_from(["discovery-server", "--certificate-path=/tmp/c.pem"]).unwrap();
+        let args =
+            Args::try_parse_from(["discovery-server", "--certificate-path=/tmp/c.pem"]).unwrap();
         let error = args.into_config().unwrap_err().to_string();
         assert!(error.contains("--key-path"), "{error}");
     }

@@ -1,7 +1,9 @@
 //! Prometheus metrics of the discovery server (OpenMetrics text on `--metrics-addr`).
 
 use prometheus_client::encoding::{EncodeLabelSet, text::encode};
-use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram};
+use prometheus_client::metrics::{
+    counter::Counter, family::Family, gauge::Gauge, histogram::Histogram,
+};
 use prometheus_client::registry::Registry;
 
 use crate::store::Totals;
@@ -56,16 +58,32 @@ impl Default for Metrics {
             gc_removed: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("clusters", "Clusters with at least one affiliate", metrics.clusters.clone());
-        registry.register("affiliates", "Stored affiliates", metrics.affiliates.clone());
-        registry.register("endpoints", "Stored affiliate endpoints", metrics.endpoints.clone());
+        registry.register(
+            "clusters",
+            "Clusters with at least one affiliate",
+            metrics.clusters.clone(),
+        );
+        registry.register(
+            "affiliates",
+            "Stored affiliates",
+            metrics.affiliates.clone(),
+        );
+        registry.register(
+            "endpoints",
+            "Stored affiliate endpoints",
+            metrics.endpoints.clone(),
+        );
         registry.register(
             "payload_bytes",
             "Bytes of stored affiliate data and endpoints",
             metrics.payload_bytes.clone(),
         );
         registry.register("watchers", "Open Watch streams", metrics.watchers.clone());
-        registry.register("rpcs", "Finished RPCs by method and gRPC status code", metrics.rpcs.clone());
+        registry.register(
+            "rpcs",
+            "Finished RPCs by method and gRPC status code",
+            metrics.rpcs.clone(),
+        );
         registry.register(
             "rate_limited_requests",
             "Requests over their client's rate: delayed, or refused with ResourceExhausted",
@@ -86,20 +104,30 @@ impl Default for Metrics {
             "Size of the last snapshot written",
             metrics.snapshot_size_bytes.clone(),
         );
-        registry.register("snapshot_failures", "Snapshots that could not be written", metrics.snapshot_failures.clone());
+        registry.register(
+            "snapshot_failures",
+            "Snapshots that could not be written",
+            metrics.snapshot_failures.clone(),
+        );
         registry.register(
             "gc_removed",
             "Affiliates and endpoints removed because they expired",
             metrics.gc_removed.clone(),
         );
-        Self { registry, ..metrics }
+        Self {
+            registry,
+            ..metrics
+        }
     }
 }
 
 impl Metrics {
     pub fn rpc(&self, method: &'static str, code: tonic::Code) {
         self.rpcs
-            .get_or_create(&RpcLabels { method, code: code_name(code) })
+            .get_or_create(&RpcLabels {
+                method,
+                code: code_name(code),
+            })
             .inc();
     }
 

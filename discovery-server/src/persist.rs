@@ -79,18 +79,24 @@ pub fn decode_into(bytes: &[u8], store: &mut Store, now: UnixMillis) -> Result<u
     }
     let version = u32::from_be_bytes(bytes[8..12].try_into().unwrap_or_default());
     if version != FORMAT_VERSION {
-        return Err(format!("format version {version} is not supported (this build reads {FORMAT_VERSION})"));
+        return Err(format!(
+            "format version {version} is not supported (this build reads {FORMAT_VERSION})"
+        ));
     }
     let len = u64::from_be_bytes(bytes[12..20].try_into().unwrap_or_default());
     let crc = u32::from_be_bytes(bytes[20..24].try_into().unwrap_or_default());
     let payload = &bytes[HEADER_LEN..];
     if payload.len() as u64 != len {
-        return Err(format!("payload is {} bytes, header says {len} (truncated?)", payload.len()));
+        return Err(format!(
+            "payload is {} bytes, header says {len} (truncated?)",
+            payload.len()
+        ));
     }
     if crc32fast::hash(payload) != crc {
         return Err("checksum mismatch".into());
     }
-    let snapshot = pb::Snapshot::decode(payload).map_err(|e| format!("cannot decode payload: {e}"))?;
+    let snapshot =
+        pb::Snapshot::decode(payload).map_err(|e| format!("cannot decode payload: {e}"))?;
     let mut restored = 0;
     for cluster in snapshot.clusters {
         for affiliate in cluster.affiliates {
@@ -128,7 +134,10 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), SnapshotError> {
         _ => PathBuf::from("."),
     };
     fs::create_dir_all(&dir).map_err(err)?;
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
     let result = (|| {
         let mut file = File::create(&tmp)?;
@@ -145,7 +154,11 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), SnapshotError> {
 }
 
 /// Reads the snapshot at `path` into `store`. `Ok(None)` when there is no snapshot yet.
-pub fn load(path: &Path, store: &mut Store, now: UnixMillis) -> Result<Option<usize>, SnapshotError> {
+pub fn load(
+    path: &Path,
+    store: &mut Store,
+    now: UnixMillis,
+) -> Result<Option<usize>, SnapshotError> {
     let bytes = match fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -211,7 +224,11 @@ mod tests {
         assert_eq!(restored.list("c1").unwrap(), store.list("c1").unwrap());
         assert_eq!(restored.list("c2").unwrap(), store.list("c2").unwrap());
         let mut later = Store::default();
-        assert_eq!(decode_into(&bytes, &mut later, 2_000).unwrap(), 2, "c1/b expired at 1 s");
+        assert_eq!(
+            decode_into(&bytes, &mut later, 2_000).unwrap(),
+            2,
+            "c1/b expired at 1 s"
+        );
     }
 
     #[test]
@@ -227,7 +244,10 @@ mod tests {
             ("foreign", &b"hello world, this is not a snapshot"[..]),
         ] {
             let mut store = Store::default();
-            assert!(decode_into(damaged, &mut store, 0).is_err(), "{what} was accepted");
+            assert!(
+                decode_into(damaged, &mut store, 0).is_err(),
+                "{what} was accepted"
+            );
             assert_eq!(store.totals().affiliates, 0, "{what} left partial state");
         }
     }

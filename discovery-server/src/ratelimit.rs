@@ -112,7 +112,13 @@ mod tests {
     const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 2));
 
     fn limiter() -> RateLimiter {
-        RateLimiter::new(RateLimit { per_second: 10.0, burst: 5 }, 100)
+        RateLimiter::new(
+            RateLimit {
+                per_second: 10.0,
+                burst: 5,
+            },
+            100,
+        )
     }
 
     #[test]
@@ -122,8 +128,14 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(l.admit(A, t, None), Admission::After(Duration::ZERO));
         }
-        assert_eq!(l.admit(A, t, None), Admission::After(Duration::from_millis(100)));
-        assert_eq!(l.admit(A, t, None), Admission::After(Duration::from_millis(200)));
+        assert_eq!(
+            l.admit(A, t, None),
+            Admission::After(Duration::from_millis(100))
+        );
+        assert_eq!(
+            l.admit(A, t, None),
+            Admission::After(Duration::from_millis(200))
+        );
         // Another address has its own bucket.
         assert_eq!(l.admit(B, t, None), Admission::After(Duration::ZERO));
     }
@@ -136,9 +148,17 @@ mod tests {
             l.admit(A, t, None);
         }
         let refused = l.admit(A, t, Some(Duration::from_millis(50)));
-        assert_eq!(refused, Admission::Refused { retry_after: Duration::from_millis(100) });
+        assert_eq!(
+            refused,
+            Admission::Refused {
+                retry_after: Duration::from_millis(100)
+            }
+        );
         // The refused request took nothing: the next one still waits only one interval.
-        assert_eq!(l.admit(A, t, Some(Duration::from_millis(150))), Admission::After(Duration::from_millis(100)));
+        assert_eq!(
+            l.admit(A, t, Some(Duration::from_millis(150))),
+            Admission::After(Duration::from_millis(100))
+        );
     }
 
     #[test]
@@ -150,31 +170,55 @@ mod tests {
         }
         let later = t + Duration::from_millis(300);
         for _ in 0..3 {
-            assert_eq!(l.admit(A, later, Some(Duration::ZERO)), Admission::After(Duration::ZERO));
+            assert_eq!(
+                l.admit(A, later, Some(Duration::ZERO)),
+                Admission::After(Duration::ZERO)
+            );
         }
-        assert!(matches!(l.admit(A, later, Some(Duration::ZERO)), Admission::Refused { .. }));
+        assert!(matches!(
+            l.admit(A, later, Some(Duration::ZERO)),
+            Admission::Refused { .. }
+        ));
     }
 
     #[test]
     fn table_stays_bounded_under_many_addresses() {
-        let mut l = RateLimiter::new(RateLimit { per_second: 1.0, burst: 1 }, 8);
+        let mut l = RateLimiter::new(
+            RateLimit {
+                per_second: 1.0,
+                burst: 1,
+            },
+            8,
+        );
         let t = Instant::now();
         for i in 0..1000u32 {
             l.admit(IpAddr::V4(i.into()), t, None);
             assert!(l.tracked() <= 8);
         }
         // Newcomers beyond the bound share one bucket, so they are limited together.
-        assert!(matches!(l.admit(IpAddr::V4(5000.into()), t, Some(Duration::ZERO)), Admission::Refused { .. }));
+        assert!(matches!(
+            l.admit(IpAddr::V4(5000.into()), t, Some(Duration::ZERO)),
+            Admission::Refused { .. }
+        ));
         l.forget_idle(t + Duration::from_secs(5));
         assert_eq!(l.tracked(), 0);
     }
 
     #[test]
     fn zero_rate_disables_limiting() {
-        let mut l = RateLimiter::new(RateLimit { per_second: 0.0, burst: 0 }, 1);
+        let mut l = RateLimiter::new(
+            RateLimit {
+                per_second: 0.0,
+                burst: 0,
+            },
+            1,
+        );
         let t = Instant::now();
         for _ in 0..1000 {
-            assert_eq!(l.admit(A, t, Some(Duration::ZERO)), Admission::After(Duration::ZERO));
+            assert_eq!(
+                l.admit(A, t, Some(Duration::ZERO)),
+                Admission::After(Duration::ZERO)
+            );
         }
     }
 }

@@ -99,7 +99,9 @@ impl Running {
 /// Binds an address in Go's notation: `:3000` means every interface (IPv6 and IPv4).
 pub async fn bind(flag: &str, addr: &str) -> anyhow::Result<TcpListener> {
     let listener = if let Some(port) = addr.strip_prefix(':') {
-        let port: u16 = port.parse().with_context(|| format!("{flag} {addr:?}: the port is not a number"))?;
+        let port: u16 = port
+            .parse()
+            .with_context(|| format!("{flag} {addr:?}: the port is not a number"))?;
         match TcpListener::bind(SocketAddr::from(([0u16; 8], port))).await {
             Ok(listener) => Ok(listener),
             // Hosts without IPv6 still get every IPv4 interface.
@@ -108,7 +110,9 @@ pub async fn bind(flag: &str, addr: &str) -> anyhow::Result<TcpListener> {
     } else {
         TcpListener::bind(addr).await
     };
-    listener.with_context(|| format!("cannot listen on {flag} {addr:?}: is the address valid, free and ours?"))
+    listener.with_context(|| {
+        format!("cannot listen on {flag} {addr:?}: is the address valid, free and ours?")
+    })
 }
 
 fn load_snapshot(store: &mut Store, config: &SnapshotConfig, now: i64) {
@@ -118,17 +122,21 @@ fn load_snapshot(store: &mut Store, config: &SnapshotConfig, now: i64) {
             path = %config.path.display(), affiliates = count, elapsed_ms = started.elapsed().as_millis() as u64,
             "loaded snapshot"
         ),
-        Ok(None) => tracing::info!(path = %config.path.display(), "no snapshot yet; starting empty"),
-        Err(persist::SnapshotError::Corrupt { path, reason }) => match persist::move_aside(&path, now) {
-            Ok(aside) => tracing::error!(
-                path = %path.display(), moved_to = %aside.display(), %reason,
-                "snapshot is corrupt: moved it aside and starting empty; clients re-publish within their refresh interval"
-            ),
-            Err(e) => tracing::error!(
-                path = %path.display(), %reason, error = %e,
-                "snapshot is corrupt and could not be moved aside; starting empty"
-            ),
-        },
+        Ok(None) => {
+            tracing::info!(path = %config.path.display(), "no snapshot yet; starting empty")
+        }
+        Err(persist::SnapshotError::Corrupt { path, reason }) => {
+            match persist::move_aside(&path, now) {
+                Ok(aside) => tracing::error!(
+                    path = %path.display(), moved_to = %aside.display(), %reason,
+                    "snapshot is corrupt: moved it aside and starting empty; clients re-publish within their refresh interval"
+                ),
+                Err(e) => tracing::error!(
+                    path = %path.display(), %reason, error = %e,
+                    "snapshot is corrupt and could not be moved aside; starting empty"
+                ),
+            }
+        }
         Err(e) => tracing::error!(error = %e, "cannot read the snapshot; starting empty"),
     }
 }
@@ -162,11 +170,16 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::
     if let Some(snapshot) = &config.snapshot {
         load_snapshot(&mut store, snapshot, clock.now());
     }
-    let backend = Arc::new(MemoryBackend::new(store, clock.clone(), config.watch_buffer));
+    let backend = Arc::new(MemoryBackend::new(
+        store,
+        clock.clone(),
+        config.watch_buffer,
+    ));
     let gate = Arc::new(Gate::new(config.admission.clone(), metrics.clone()));
     let tls = match &config.tls {
         Some(files) => Some(Arc::new(
-            ReloadingTls::load(files.clone()).context("cannot set up TLS from --certificate-path/--key-path")?,
+            ReloadingTls::load(files.clone())
+                .context("cannot set up TLS from --certificate-path/--key-path")?,
         )),
         None => None,
     };
@@ -184,8 +197,11 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::
         None => None,
     };
     let local = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
-    let (grpc_addr, landing_addr, metrics_addr) =
-        (local(&grpc_listener), local(&landing_listener), local(&metrics_listener));
+    let (grpc_addr, landing_addr, metrics_addr) = (
+        local(&grpc_listener),
+        local(&landing_listener),
+        local(&metrics_listener),
+    );
 
     let stop = CancellationToken::new();
     let ready = Arc::new(AtomicBool::new(false));
@@ -202,8 +218,16 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::
         version: VERSION,
     });
     for (listener, router, name) in [
-        (landing_listener, landing_router(http_state.clone()), "landing page"),
-        (metrics_listener, metrics_router(http_state.clone()), "metrics"),
+        (
+            landing_listener,
+            landing_router(http_state.clone()),
+            "landing page",
+        ),
+        (
+            metrics_listener,
+            metrics_router(http_state.clone()),
+            "metrics",
+        ),
     ] {
         let Some(listener) = listener else { continue };
         let stop = stop.clone();
@@ -251,7 +275,9 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::
             let backend = backend.clone();
             async move {
                 stop.cancelled().await;
-                health.set_service_status("", ServingStatus::NotServing).await;
+                health
+                    .set_service_status("", ServingStatus::NotServing)
+                    .await;
                 // Watch streams never end on their own; end them so connections can drain.
                 backend.close_watchers();
             }
@@ -263,14 +289,24 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::
                 tracing::info!(%addr, mtls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), "serving gRPC with TLS");
                 let incoming = accept_tls(listener, tls);
                 tasks.push(tokio::spawn(async move {
-                    bounded(stop_serving, grace, router.serve_with_incoming_shutdown(incoming, serving)).await
+                    bounded(
+                        stop_serving,
+                        grace,
+                        router.serve_with_incoming_shutdown(incoming, serving),
+                    )
+                    .await
                 }));
             }
             None => {
                 tracing::info!(%addr, "serving gRPC (plaintext)");
                 let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
                 tasks.push(tokio::spawn(async move {
-                    bounded(stop_serving, grace, router.serve_with_incoming_shutdown(incoming, serving)).await
+                    bounded(
+                        stop_serving,
+                        grace,
+                        router.serve_with_incoming_shutdown(incoming, serving),
+                    )
+                    .await
                 }));
             }
         }
@@ -278,7 +314,8 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::
 
     // Expiry, idle rate-limiter entries.
     {
-        let (backend, gate, metrics, stop) = (backend.clone(), gate.clone(), metrics.clone(), stop.clone());
+        let (backend, gate, metrics, stop) =
+            (backend.clone(), gate.clone(), metrics.clone(), stop.clone());
         let interval = config.gc_interval.max(Duration::from_millis(10));
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
@@ -292,9 +329,21 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::
                 let (removed, trimmed) = backend.collect_garbage();
                 gate.forget_idle_clients();
                 if removed + trimmed > 0 {
-                    metrics.gc_removed.get_or_create(&KindLabels { kind: "affiliate" }).inc_by(removed as u64);
-                    metrics.gc_removed.get_or_create(&KindLabels { kind: "endpoints_of_affiliate" }).inc_by(trimmed as u64);
-                    tracing::debug!(removed, trimmed, "expired affiliates and endpoints collected");
+                    metrics
+                        .gc_removed
+                        .get_or_create(&KindLabels { kind: "affiliate" })
+                        .inc_by(removed as u64);
+                    metrics
+                        .gc_removed
+                        .get_or_create(&KindLabels {
+                            kind: "endpoints_of_affiliate",
+                        })
+                        .inc_by(trimmed as u64);
+                    tracing::debug!(
+                        removed,
+                        trimmed,
+                        "expired affiliates and endpoints collected"
+                    );
                 }
             }
         }));
@@ -331,8 +380,10 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::
                     _ = stop.cancelled() => return Ok(()),
                     _ = tick.tick() => {}
                 }
-                let (backend, metrics, snapshot) = (backend.clone(), metrics.clone(), snapshot.clone());
-                tokio::task::spawn_blocking(move || save_snapshot(&backend, &metrics, &snapshot)).await?;
+                let (backend, metrics, snapshot) =
+                    (backend.clone(), metrics.clone(), snapshot.clone());
+                tokio::task::spawn_blocking(move || save_snapshot(&backend, &metrics, &snapshot))
+                    .await?;
             }
         }));
     }

@@ -85,7 +85,11 @@ impl Store {
 
     /// Applies one update. Returns the affiliate's new state when anything a watcher can see
     /// changed (data, or an endpoint added); a refresh that only extends expiries returns `None`.
-    pub fn update(&mut self, update: Update, now: UnixMillis) -> Result<Option<Change>, StoreError> {
+    pub fn update(
+        &mut self,
+        update: Update,
+        now: UnixMillis,
+    ) -> Result<Option<Change>, StoreError> {
         self.limits.check_update(&update)?;
         let expires_at = now.saturating_add(update.ttl.as_millis() as i64);
         let cluster_len = self.clusters.get(&update.cluster_id).map_or(0, |c| c.len());
@@ -151,7 +155,11 @@ impl Store {
     }
 
     /// Removes one affiliate; deleting an absent one is not an error.
-    pub fn delete(&mut self, cluster_id: &str, affiliate_id: &str) -> Result<Option<Change>, StoreError> {
+    pub fn delete(
+        &mut self,
+        cluster_id: &str,
+        affiliate_id: &str,
+    ) -> Result<Option<Change>, StoreError> {
         self.limits.check_cluster_id(cluster_id)?;
         self.limits.check_affiliate_id(affiliate_id)?;
         let Some(cluster) = self.clusters.get_mut(cluster_id) else {
@@ -234,7 +242,12 @@ impl Store {
 
     /// Inserts restored state verbatim (snapshot load). Limits are not re-checked: a snapshot
     /// taken under larger limits must not lose data when loaded under smaller ones.
-    pub fn restore(&mut self, cluster_id: String, affiliate_id: String, affiliate: StoredAffiliate) {
+    pub fn restore(
+        &mut self,
+        cluster_id: String,
+        affiliate_id: String,
+        affiliate: StoredAffiliate,
+    ) {
         self.clusters
             .entry(cluster_id)
             .or_default()
@@ -250,7 +263,12 @@ mod tests {
 
     const MIN: Duration = Duration::from_secs(60);
 
-    fn update(affiliate: &str, data: Option<&'static [u8]>, endpoints: &[&'static [u8]], ttl: Duration) -> Update {
+    fn update(
+        affiliate: &str,
+        data: Option<&'static [u8]>,
+        endpoints: &[&'static [u8]],
+        ttl: Duration,
+    ) -> Update {
         Update {
             cluster_id: "c1".into(),
             affiliate_id: affiliate.into(),
@@ -270,31 +288,56 @@ mod tests {
         store.update(update("a", Some(b"v1"), &[], MIN), 0).unwrap();
         store.update(update("a", None, &[b"e1"], MIN), 10).unwrap();
         assert_eq!(stored(&store, "a").data, Bytes::from_static(b"v1"));
-        store.update(update("a", Some(b"v2"), &[], MIN), 20).unwrap();
+        store
+            .update(update("a", Some(b"v2"), &[], MIN), 20)
+            .unwrap();
         assert_eq!(stored(&store, "a").data, Bytes::from_static(b"v2"));
     }
 
     #[test]
     fn endpoints_merge_in_arrival_order_without_duplicates() {
         let mut store = Store::default();
-        store.update(update("a", Some(b"d"), &[b"e1", b"e2", b"e1"], MIN), 0).unwrap();
-        store.update(update("a", None, &[b"e3", b"e2"], MIN), 0).unwrap();
-        let endpoints: Vec<_> = stored(&store, "a").endpoints.iter().map(|e| e.data.clone()).collect();
+        store
+            .update(update("a", Some(b"d"), &[b"e1", b"e2", b"e1"], MIN), 0)
+            .unwrap();
+        store
+            .update(update("a", None, &[b"e3", b"e2"], MIN), 0)
+            .unwrap();
+        let endpoints: Vec<_> = stored(&store, "a")
+            .endpoints
+            .iter()
+            .map(|e| e.data.clone())
+            .collect();
         assert_eq!(endpoints, [&b"e1"[..], b"e2", b"e3"]);
     }
 
     #[test]
     fn each_endpoint_expires_on_its_own() {
         let mut store = Store::default();
-        store.update(update("a", Some(b"d"), &[b"old"], MIN), 0).unwrap();
-        store.update(update("a", Some(b"d"), &[b"new"], MIN), 30_000).unwrap();
+        store
+            .update(update("a", Some(b"d"), &[b"old"], MIN), 0)
+            .unwrap();
+        store
+            .update(update("a", Some(b"d"), &[b"new"], MIN), 30_000)
+            .unwrap();
         let changes = store.collect_garbage(60_000);
-        assert_eq!(changes.len(), 1, "the affiliate loses one endpoint: {changes:?}");
-        let endpoints: Vec<_> = stored(&store, "a").endpoints.iter().map(|e| e.data.clone()).collect();
+        assert_eq!(
+            changes.len(),
+            1,
+            "the affiliate loses one endpoint: {changes:?}"
+        );
+        let endpoints: Vec<_> = stored(&store, "a")
+            .endpoints
+            .iter()
+            .map(|e| e.data.clone())
+            .collect();
         assert_eq!(endpoints, [&b"new"[..]]);
         assert_eq!(
             store.collect_garbage(90_000),
-            vec![Change::Removed { cluster_id: "c1".into(), affiliate_id: "a".into() }]
+            vec![Change::Removed {
+                cluster_id: "c1".into(),
+                affiliate_id: "a".into()
+            }]
         );
         assert!(store.cluster("c1").is_none(), "an empty cluster is dropped");
     }
@@ -303,23 +346,44 @@ mod tests {
     fn endpoint_refresh_extends_affiliate_expiry() {
         let mut store = Store::default();
         store.update(update("a", Some(b"d"), &[], MIN), 0).unwrap();
-        store.update(update("a", None, &[b"e"], 2 * MIN), 0).unwrap();
+        store
+            .update(update("a", None, &[b"e"], 2 * MIN), 0)
+            .unwrap();
         assert_eq!(stored(&store, "a").expires_at, 120_000);
     }
 
     #[test]
     fn refresh_without_visible_change_does_not_notify() {
         let mut store = Store::default();
-        assert!(store.update(update("a", Some(b"d"), &[b"e"], MIN), 0).unwrap().is_some());
-        assert!(store.update(update("a", Some(b"d"), &[b"e"], MIN), 10).unwrap().is_none());
-        assert!(store.update(update("a", None, &[b"e2"], MIN), 10).unwrap().is_some());
+        assert!(
+            store
+                .update(update("a", Some(b"d"), &[b"e"], MIN), 0)
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            store
+                .update(update("a", Some(b"d"), &[b"e"], MIN), 10)
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            store
+                .update(update("a", None, &[b"e2"], MIN), 10)
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[test]
     fn endpoint_only_update_creates_affiliate_without_data() {
         let mut store = Store::default();
-        let change = store.update(update("harvested", None, &[b"e"], MIN), 0).unwrap();
-        assert!(matches!(change, Some(Change::Upserted { affiliate, .. }) if affiliate.data.is_empty()));
+        let change = store
+            .update(update("harvested", None, &[b"e"], MIN), 0)
+            .unwrap();
+        assert!(
+            matches!(change, Some(Change::Upserted { affiliate, .. }) if affiliate.data.is_empty())
+        );
     }
 
     #[test]
@@ -330,32 +394,59 @@ mod tests {
             ..Limits::default()
         };
         let mut store = Store::new(limits);
-        store.update(update("a", Some(b"d"), &[b"e1"], MIN), 0).unwrap();
-        let err = store.update(update("b", Some(b"d"), &[], MIN), 0).unwrap_err();
+        store
+            .update(update("a", Some(b"d"), &[b"e1"], MIN), 0)
+            .unwrap();
+        let err = store
+            .update(update("b", Some(b"d"), &[], MIN), 0)
+            .unwrap_err();
         assert!(matches!(err, StoreError::ResourceExhausted(_)), "{err}");
-        let err = store.update(update("a", Some(b"new"), &[b"e2", b"e3"], MIN), 0).unwrap_err();
+        let err = store
+            .update(update("a", Some(b"new"), &[b"e2", b"e3"], MIN), 0)
+            .unwrap_err();
         assert!(matches!(err, StoreError::ResourceExhausted(_)), "{err}");
-        assert_eq!(stored(&store, "a").data, Bytes::from_static(b"d"), "refused update left data alone");
+        assert_eq!(
+            stored(&store, "a").data,
+            Bytes::from_static(b"d"),
+            "refused update left data alone"
+        );
         assert_eq!(stored(&store, "a").endpoints.len(), 1);
         // Re-sending a known endpoint never counts against the limit.
-        store.update(update("a", None, &[b"e1", b"e2"], MIN), 0).unwrap();
+        store
+            .update(update("a", None, &[b"e1", b"e2"], MIN), 0)
+            .unwrap();
     }
 
     #[test]
     fn invalid_arguments_are_refused() {
         let mut store = Store::default();
         let cases = [
-            Update { cluster_id: String::new(), ..update("a", None, &[], MIN) },
-            Update { cluster_id: "x".repeat(257), ..update("a", None, &[], MIN) },
+            Update {
+                cluster_id: String::new(),
+                ..update("a", None, &[], MIN)
+            },
+            Update {
+                cluster_id: "x".repeat(257),
+                ..update("a", None, &[], MIN)
+            },
             update("", None, &[], MIN),
             update(&"y".repeat(257), None, &[], MIN),
-            Update { data: Some(Bytes::from(vec![0; 2049])), ..update("a", None, &[], MIN) },
-            Update { endpoints: vec![Bytes::from(vec![0; 33])], ..update("a", None, &[], MIN) },
+            Update {
+                data: Some(Bytes::from(vec![0; 2049])),
+                ..update("a", None, &[], MIN)
+            },
+            Update {
+                endpoints: vec![Bytes::from(vec![0; 33])],
+                ..update("a", None, &[], MIN)
+            },
             update("a", None, &[], 31 * MIN),
         ];
         for case in cases {
             let err = store.update(case.clone(), 0).unwrap_err();
-            assert!(matches!(err, StoreError::InvalidArgument(_)), "{case:?} gave {err}");
+            assert!(
+                matches!(err, StoreError::InvalidArgument(_)),
+                "{case:?} gave {err}"
+            );
         }
         assert_eq!(store.totals(), Totals::default());
         // Exactly at the limits is fine.
@@ -374,11 +465,20 @@ mod tests {
         let mut store = Store::default();
         store.update(update("a", Some(b"d"), &[], MIN), 0).unwrap();
         store
-            .update(Update { cluster_id: "c2".into(), ..update("a", Some(b"other"), &[], MIN) }, 0)
+            .update(
+                Update {
+                    cluster_id: "c2".into(),
+                    ..update("a", Some(b"other"), &[], MIN)
+                },
+                0,
+            )
             .unwrap();
         assert!(store.delete("c1", "a").unwrap().is_some());
         assert!(store.delete("c1", "a").unwrap().is_none());
         assert!(store.list("c1").unwrap().is_empty());
-        assert_eq!(store.list("c2").unwrap()[0].1.data, Bytes::from_static(b"other"));
+        assert_eq!(
+            store.list("c2").unwrap()[0].1.data,
+            Bytes::from_static(b"other")
+        );
     }
 }

@@ -33,7 +33,11 @@ pub struct TlsFiles {
 #[derive(Debug, Error)]
 pub enum TlsError {
     #[error("cannot read {what} {path}: {source}")]
-    Read { what: &'static str, path: PathBuf, source: io::Error },
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error("{what} {path} holds no usable PEM {expected}: {detail}")]
     Pem {
         what: &'static str,
@@ -85,11 +89,19 @@ impl ReloadingTls {
 }
 
 fn stamp(files: &TlsFiles) -> Stamp {
-    [Some(&files.certificate), Some(&files.key), files.client_ca.as_ref()]
-        .into_iter()
-        .flatten()
-        .map(|p| fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len()))))
-        .collect()
+    [
+        Some(&files.certificate),
+        Some(&files.key),
+        files.client_ca.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|p| {
+        fs::metadata(p)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len())))
+    })
+    .collect()
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -135,7 +147,9 @@ fn build_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
         Some(ca) => {
             let mut roots = RootCertStore::empty();
             for cert in certificates("client CA", ca)? {
-                roots.add(cert).map_err(|e| TlsError::Config(format!("client CA {}: {e}", ca.display())))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| TlsError::Config(format!("client CA {}: {e}", ca.display())))?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
@@ -143,9 +157,11 @@ fn build_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder
-        .with_single_cert(chain, key)
-        .map_err(|e| TlsError::Config(format!("certificate and key do not form a usable pair: {e}")))?;
+    let mut config = builder.with_single_cert(chain, key).map_err(|e| {
+        TlsError::Config(format!(
+            "certificate and key do not form a usable pair: {e}"
+        ))
+    })?;
     // gRPC clients (grpc-go in particular) insist on negotiating HTTP/2 through ALPN.
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
@@ -166,13 +182,21 @@ impl Connected for TlsConnection {
 }
 
 impl AsyncRead for TlsConnection {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConnection {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 

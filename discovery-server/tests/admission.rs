@@ -23,16 +23,32 @@ fn hello_request(headers: &[(&'static str, &str)]) -> tonic::Request<HelloReques
 }
 
 async fn hello_ip(c: &mut Client, headers: &[(&'static str, &str)]) -> Vec<u8> {
-    c.hello(hello_request(headers)).await.unwrap().into_inner().client_ip.to_vec()
+    c.hello(hello_request(headers))
+        .await
+        .unwrap()
+        .into_inner()
+        .client_ip
+        .to_vec()
 }
 
 #[tokio::test]
 async fn hello_reports_the_peer_address_and_ignores_untrusted_headers() {
     let server = start(test_config()).await;
     let mut c = client(&server).await;
-    assert_eq!(hello_ip(&mut c, &[]).await, [127, 0, 0, 1], "IPv4 is 4 bytes");
-    let spoofed = [("x-real-ip", "203.0.113.9"), ("x-forwarded-for", "198.51.100.1")];
-    assert_eq!(hello_ip(&mut c, &spoofed).await, [127, 0, 0, 1], "headers are not trusted by default");
+    assert_eq!(
+        hello_ip(&mut c, &[]).await,
+        [127, 0, 0, 1],
+        "IPv4 is 4 bytes"
+    );
+    let spoofed = [
+        ("x-real-ip", "203.0.113.9"),
+        ("x-forwarded-for", "198.51.100.1"),
+    ];
+    assert_eq!(
+        hello_ip(&mut c, &spoofed).await,
+        [127, 0, 0, 1],
+        "headers are not trusted by default"
+    );
     let response = c.hello(hello_request(&[])).await.unwrap().into_inner();
     assert!(response.redirect.is_none());
     server.shutdown().await.unwrap();
@@ -44,9 +60,16 @@ async fn trusted_proxy_headers_set_the_client_ip() {
     config.admission.trust_x_real_ip = true;
     let server = start(config).await;
     let mut c = client(&server).await;
-    assert_eq!(hello_ip(&mut c, &[("x-real-ip", "203.0.113.9")]).await, [203, 0, 113, 9]);
+    assert_eq!(
+        hello_ip(&mut c, &[("x-real-ip", "203.0.113.9")]).await,
+        [203, 0, 113, 9]
+    );
     let v6: Ipv6Addr = "2001:db8::7".parse().unwrap();
-    assert_eq!(hello_ip(&mut c, &[("x-real-ip", "2001:db8::7")]).await, v6.octets(), "IPv6 is 16 bytes");
+    assert_eq!(
+        hello_ip(&mut c, &[("x-real-ip", "2001:db8::7")]).await,
+        v6.octets(),
+        "IPv6 is 16 bytes"
+    );
     assert_eq!(
         hello_ip(&mut c, &[("x-forwarded-for", "198.51.100.1")]).await,
         [127, 0, 0, 1],
@@ -59,9 +82,19 @@ async fn trusted_proxy_headers_set_the_client_ip() {
     let server = start(config).await;
     let mut c = client(&server).await;
     let forwarded = [("x-forwarded-for", "198.51.100.1, 10.0.0.1, 10.0.0.2")];
-    assert_eq!(hello_ip(&mut c, &forwarded).await, [198, 51, 100, 1], "the first entry counts");
-    assert_eq!(hello_ip(&mut c, &[("x-real-ip", "203.0.113.9")]).await, [127, 0, 0, 1]);
-    assert_eq!(hello_ip(&mut c, &[("x-forwarded-for", "garbage")]).await, [127, 0, 0, 1]);
+    assert_eq!(
+        hello_ip(&mut c, &forwarded).await,
+        [198, 51, 100, 1],
+        "the first entry counts"
+    );
+    assert_eq!(
+        hello_ip(&mut c, &[("x-real-ip", "203.0.113.9")]).await,
+        [127, 0, 0, 1]
+    );
+    assert_eq!(
+        hello_ip(&mut c, &[("x-forwarded-for", "garbage")]).await,
+        [127, 0, 0, 1]
+    );
     server.shutdown().await.unwrap();
 }
 
@@ -72,7 +105,10 @@ async fn hello_carries_the_redirect_when_configured() {
     let server = start(config).await;
     let mut c = client(&server).await;
     let response = c.hello(hello_request(&[])).await.unwrap().into_inner();
-    assert_eq!(response.redirect.unwrap().endpoint, "discovery-2.example:3000");
+    assert_eq!(
+        response.redirect.unwrap().endpoint,
+        "discovery-2.example:3000"
+    );
     server.shutdown().await.unwrap();
 }
 
@@ -89,7 +125,9 @@ fn limited(per_second: f64, burst: u32) -> discovery_server::server::Config {
 
 fn with_deadline<T>(message: T, ip: &str, timeout: Option<Duration>) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert("x-real-ip", ip.parse().unwrap());
+    request
+        .metadata_mut()
+        .insert("x-real-ip", ip.parse().unwrap());
     if let Some(timeout) = timeout {
         request.set_timeout(timeout);
     }
@@ -100,30 +138,56 @@ fn with_deadline<T>(message: T, ip: &str, timeout: Option<Duration>) -> tonic::R
 async fn over_the_rate_requests_wait_or_fail_before_their_deadline() {
     let server = start(limited(2.0, 3)).await;
     let mut c = client(&server).await;
-    let hello = || HelloRequest { cluster_id: "c".into(), client_version: "t".into() };
+    let hello = || HelloRequest {
+        cluster_id: "c".into(),
+        client_version: "t".into(),
+    };
     for _ in 0..3 {
-        c.hello(with_deadline(hello(), "192.0.2.1", None)).await.expect("within the burst");
+        c.hello(with_deadline(hello(), "192.0.2.1", None))
+            .await
+            .expect("within the burst");
     }
     // Over the burst with a deadline shorter than the wait: refused at once, not timed out.
     let status = c
-        .hello(with_deadline(hello(), "192.0.2.1", Some(Duration::from_millis(200))))
+        .hello(with_deadline(
+            hello(),
+            "192.0.2.1",
+            Some(Duration::from_millis(200)),
+        ))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     // Another client IP is unaffected.
-    c.hello(with_deadline(hello(), "192.0.2.2", Some(Duration::from_millis(200))))
-        .await
-        .expect("separate bucket");
+    c.hello(with_deadline(
+        hello(),
+        "192.0.2.2",
+        Some(Duration::from_millis(200)),
+    ))
+    .await
+    .expect("separate bucket");
     // Without a deadline the request waits for its token (about 1/rate) and succeeds.
     let started = Instant::now();
-    c.hello(with_deadline(hello(), "192.0.2.1", None)).await.expect("served after waiting");
-    assert!(started.elapsed() >= Duration::from_millis(300), "it was delayed, not refused");
+    c.hello(with_deadline(hello(), "192.0.2.1", None))
+        .await
+        .expect("served after waiting");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "it was delayed, not refused"
+    );
     // Streams are limited too.
     for _ in 0..3 {
-        c.hello(with_deadline(hello(), "192.0.2.3", None)).await.unwrap();
+        c.hello(with_deadline(hello(), "192.0.2.3", None))
+            .await
+            .unwrap();
     }
     let status = c
-        .watch(with_deadline(WatchRequest { cluster_id: "c".into() }, "192.0.2.3", Some(Duration::from_millis(100))))
+        .watch(with_deadline(
+            WatchRequest {
+                cluster_id: "c".into(),
+            },
+            "192.0.2.3",
+            Some(Duration::from_millis(100)),
+        ))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
@@ -136,7 +200,10 @@ async fn zero_rate_disables_the_limit() {
     let mut c = client(&server).await;
     for _ in 0..200 {
         let request = with_deadline(
-            HelloRequest { cluster_id: "c".into(), client_version: "t".into() },
+            HelloRequest {
+                cluster_id: "c".into(),
+                client_version: "t".into(),
+            },
             "192.0.2.1",
             Some(Duration::from_secs(5)),
         );

@@ -14,13 +14,27 @@ use tonic::Code;
 async fn data_is_replaced_when_present_and_endpoints_merge() {
     let server = start(test_config()).await;
     let mut c = client(&server).await;
-    c.affiliate_update(update("c", "a", Some(b"v1"), &[b"e1", b"e2"])).await.unwrap();
-    c.affiliate_update(update("c", "a", None, &[b"e2", b"e3"])).await.unwrap();
+    c.affiliate_update(update("c", "a", Some(b"v1"), &[b"e1", b"e2"]))
+        .await
+        .unwrap();
+    c.affiliate_update(update("c", "a", None, &[b"e2", b"e3"]))
+        .await
+        .unwrap();
     let listed = list(&mut c, "c").await;
     assert_eq!(listed.len(), 1);
-    assert_eq!(listed[0].data, Bytes::from_static(b"v1"), "absent data keeps what is stored");
-    assert_eq!(listed[0].endpoints, [&b"e1"[..], b"e2", b"e3"], "merged, de-duplicated, arrival order");
-    c.affiliate_update(update("c", "a", Some(b"v2"), &[])).await.unwrap();
+    assert_eq!(
+        listed[0].data,
+        Bytes::from_static(b"v1"),
+        "absent data keeps what is stored"
+    );
+    assert_eq!(
+        listed[0].endpoints,
+        [&b"e1"[..], b"e2", b"e3"],
+        "merged, de-duplicated, arrival order"
+    );
+    c.affiliate_update(update("c", "a", Some(b"v2"), &[]))
+        .await
+        .unwrap();
     assert_eq!(list(&mut c, "c").await[0].data, Bytes::from_static(b"v2"));
     server.shutdown().await.unwrap();
 }
@@ -35,7 +49,9 @@ async fn limits_answer_with_the_reference_codes_and_change_nothing() {
     };
     let server = start(config).await;
     let mut c = client(&server).await;
-    c.affiliate_update(update("c", "a", Some(b"ok"), &[b"e1"])).await.unwrap();
+    c.affiliate_update(update("c", "a", Some(b"ok"), &[b"e1"]))
+        .await
+        .unwrap();
 
     let long = "x".repeat(257);
     let invalid: Vec<(&str, AffiliateUpdateRequest)> = vec![
@@ -44,18 +60,27 @@ async fn limits_answer_with_the_reference_codes_and_change_nothing() {
         ("empty affiliate id", update("c", "", Some(b"d"), &[])),
         ("long affiliate id", update("c", &long, Some(b"d"), &[])),
         ("data over 2048", update("c", "a", Some(&[7; 2049]), &[])),
-        ("endpoint over 32", update("c", "a", Some(b"d"), &[&[1; 33]])),
+        (
+            "endpoint over 32",
+            update("c", "a", Some(b"d"), &[&[1; 33]]),
+        ),
         (
             "ttl over 30 min",
             AffiliateUpdateRequest {
-                ttl: Some(prost_types::Duration { seconds: 1801, nanos: 0 }),
+                ttl: Some(prost_types::Duration {
+                    seconds: 1801,
+                    nanos: 0,
+                }),
                 ..update("c", "a", Some(b"d"), &[])
             },
         ),
         (
             "negative ttl",
             AffiliateUpdateRequest {
-                ttl: Some(prost_types::Duration { seconds: -1, nanos: 0 }),
+                ttl: Some(prost_types::Duration {
+                    seconds: -1,
+                    nanos: 0,
+                }),
                 ..update("c", "a", Some(b"d"), &[])
             },
         ),
@@ -65,8 +90,13 @@ async fn limits_answer_with_the_reference_codes_and_change_nothing() {
         assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
         assert!(!status.message().is_empty(), "{what}: the status says why");
     }
-    c.affiliate_update(update("c", "b", Some(b"d"), &[])).await.unwrap();
-    let status = c.affiliate_update(update("c", "third", Some(b"d"), &[])).await.unwrap_err();
+    c.affiliate_update(update("c", "b", Some(b"d"), &[]))
+        .await
+        .unwrap();
+    let status = c
+        .affiliate_update(update("c", "third", Some(b"d"), &[]))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     let status = c
         .affiliate_update(update("c", "a", Some(b"changed"), &[b"e2", b"e3", b"e4"]))
@@ -76,15 +106,29 @@ async fn limits_answer_with_the_reference_codes_and_change_nothing() {
 
     let listed = list(&mut c, "c").await;
     assert_eq!(listed.len(), 2);
-    assert_eq!(listed[0].data, Bytes::from_static(b"ok"), "refused requests changed nothing");
+    assert_eq!(
+        listed[0].data,
+        Bytes::from_static(b"ok"),
+        "refused requests changed nothing"
+    );
     assert_eq!(listed[0].endpoints.len(), 1);
     for (what, status) in [
-        ("list", c.list(openspan_proto::discovery::server::ListRequest { cluster_id: String::new() }).await.unwrap_err()),
+        (
+            "list",
+            c.list(openspan_proto::discovery::server::ListRequest {
+                cluster_id: String::new(),
+            })
+            .await
+            .unwrap_err(),
+        ),
         (
             "delete",
-            c.affiliate_delete(AffiliateDeleteRequest { cluster_id: "c".into(), affiliate_id: String::new() })
-                .await
-                .unwrap_err(),
+            c.affiliate_delete(AffiliateDeleteRequest {
+                cluster_id: "c".into(),
+                affiliate_id: String::new(),
+            })
+            .await
+            .unwrap_err(),
         ),
     ] {
         assert_eq!(status.code(), Code::InvalidArgument, "{what}");
@@ -98,17 +142,32 @@ async fn watch_sends_snapshot_then_deltas_then_tombstones() {
     let mut c = client(&server).await;
     let mut empty = watch(&mut c, "c").await;
     let first = next(&mut empty).await;
-    assert!(first.affiliates.is_empty() && !first.deleted, "an empty snapshot is still sent: {first:?}");
+    assert!(
+        first.affiliates.is_empty() && !first.deleted,
+        "an empty snapshot is still sent: {first:?}"
+    );
 
-    c.affiliate_update(update("c", "a", Some(b"d1"), &[b"e1"])).await.unwrap();
+    c.affiliate_update(update("c", "a", Some(b"d1"), &[b"e1"]))
+        .await
+        .unwrap();
     let delta = next(&mut empty).await;
     assert!(!delta.deleted);
     assert_eq!(delta.affiliates.len(), 1);
-    assert_eq!((delta.affiliates[0].id.as_str(), &delta.affiliates[0].data[..]), ("a", &b"d1"[..]));
+    assert_eq!(
+        (
+            delta.affiliates[0].id.as_str(),
+            &delta.affiliates[0].data[..]
+        ),
+        ("a", &b"d1"[..])
+    );
 
     // A refresh that changes nothing visible is not broadcast; a new endpoint is, with full state.
-    c.affiliate_update(update("c", "a", Some(b"d1"), &[b"e1"])).await.unwrap();
-    c.affiliate_update(update("c", "a", None, &[b"e2"])).await.unwrap();
+    c.affiliate_update(update("c", "a", Some(b"d1"), &[b"e1"]))
+        .await
+        .unwrap();
+    c.affiliate_update(update("c", "a", None, &[b"e2"]))
+        .await
+        .unwrap();
     let delta = next(&mut empty).await;
     assert_eq!(delta.affiliates[0].data, Bytes::from_static(b"d1"));
     assert_eq!(delta.affiliates[0].endpoints, [&b"e1"[..], b"e2"]);
@@ -119,18 +178,24 @@ async fn watch_sends_snapshot_then_deltas_then_tombstones() {
     assert_eq!(snapshot.affiliates.len(), 1);
     assert_eq!(snapshot.affiliates[0].endpoints.len(), 2);
 
-    c.affiliate_delete(AffiliateDeleteRequest { cluster_id: "c".into(), affiliate_id: "a".into() })
-        .await
-        .unwrap();
+    c.affiliate_delete(AffiliateDeleteRequest {
+        cluster_id: "c".into(),
+        affiliate_id: "a".into(),
+    })
+    .await
+    .unwrap();
     for stream in [&mut empty, &mut late] {
         let tombstone = next(stream).await;
         assert!(tombstone.deleted);
         assert_eq!(tombstone.affiliates[0].id, "a");
     }
     // Deleting again is not an error and sends nothing.
-    c.affiliate_delete(AffiliateDeleteRequest { cluster_id: "c".into(), affiliate_id: "a".into() })
-        .await
-        .unwrap();
+    c.affiliate_delete(AffiliateDeleteRequest {
+        cluster_id: "c".into(),
+        affiliate_id: "a".into(),
+    })
+    .await
+    .unwrap();
     assert_quiet(&mut empty, Duration::from_millis(200)).await;
     server.shutdown().await.unwrap();
 }
@@ -141,7 +206,9 @@ async fn clusters_are_isolated() {
     let mut c = client(&server).await;
     let mut other = watch(&mut c, "other").await;
     assert!(next(&mut other).await.affiliates.is_empty());
-    c.affiliate_update(update("mine", "a", Some(b"secret"), &[])).await.unwrap();
+    c.affiliate_update(update("mine", "a", Some(b"secret"), &[]))
+        .await
+        .unwrap();
     assert!(list(&mut c, "other").await.is_empty());
     assert_eq!(list(&mut c, "mine").await.len(), 1);
     assert_quiet(&mut other, Duration::from_millis(300)).await;
@@ -155,16 +222,25 @@ async fn expiry_removes_affiliates_and_endpoints_and_notifies_watchers() {
     let (server, clock) = start_with_manual_clock(config).await;
     let mut c = client(&server).await;
     let ttl = |seconds| Some(prost_types::Duration { seconds, nanos: 0 });
-    c.affiliate_update(AffiliateUpdateRequest { ttl: ttl(60), ..update("c", "short", Some(b"d"), &[b"old"]) })
-        .await
-        .unwrap();
+    c.affiliate_update(AffiliateUpdateRequest {
+        ttl: ttl(60),
+        ..update("c", "short", Some(b"d"), &[b"old"])
+    })
+    .await
+    .unwrap();
     clock.advance(Duration::from_secs(30));
-    c.affiliate_update(AffiliateUpdateRequest { ttl: ttl(60), ..update("c", "short", Some(b"d"), &[b"new"]) })
-        .await
-        .unwrap();
-    c.affiliate_update(AffiliateUpdateRequest { ttl: ttl(600), ..update("c", "long", Some(b"d"), &[]) })
-        .await
-        .unwrap();
+    c.affiliate_update(AffiliateUpdateRequest {
+        ttl: ttl(60),
+        ..update("c", "short", Some(b"d"), &[b"new"])
+    })
+    .await
+    .unwrap();
+    c.affiliate_update(AffiliateUpdateRequest {
+        ttl: ttl(600),
+        ..update("c", "long", Some(b"d"), &[])
+    })
+    .await
+    .unwrap();
     let mut w = watch(&mut c, "c").await;
     assert_eq!(next(&mut w).await.affiliates.len(), 2);
 
@@ -187,7 +263,9 @@ async fn expiry_removes_affiliates_and_endpoints_and_notifies_watchers() {
 async fn endpoint_only_update_creates_an_affiliate_without_data() {
     let server = start(test_config()).await;
     let mut c = client(&server).await;
-    c.affiliate_update(update("c", "harvested", None, &[b"seen"])).await.unwrap();
+    c.affiliate_update(update("c", "harvested", None, &[b"seen"]))
+        .await
+        .unwrap();
     let listed = list(&mut c, "c").await;
     assert!(listed[0].data.is_empty());
     assert_eq!(listed[0].endpoints, [&b"seen"[..]]);
@@ -208,7 +286,8 @@ async fn a_slow_watcher_is_aborted_without_slowing_the_others() {
         .connect()
         .await
         .unwrap();
-    let mut slow_client = openspan_proto::discovery::server::cluster_client::ClusterClient::new(slow_channel);
+    let mut slow_client =
+        openspan_proto::discovery::server::cluster_client::ClusterClient::new(slow_channel);
     let mut slow = watch(&mut slow_client, "c").await;
     next(&mut slow).await;
     let mut c = client(&server).await;
@@ -221,7 +300,9 @@ async fn a_slow_watcher_is_aborted_without_slowing_the_others() {
         tokio::spawn(async move {
             for i in 0..updates {
                 let data = vec![(i % 251) as u8; 2000];
-                c.affiliate_update(update("c", &format!("a{}", i % 50), Some(&data), &[])).await.unwrap();
+                c.affiliate_update(update("c", &format!("a{}", i % 50), Some(&data), &[]))
+                    .await
+                    .unwrap();
             }
         })
     };
@@ -243,7 +324,10 @@ async fn a_slow_watcher_is_aborted_without_slowing_the_others() {
     .await
     .expect("the slow watcher's stream ends");
     assert_eq!(ended.code(), Code::Aborted, "{ended:?}");
-    assert!(ended.message().contains("subscription canceled"), "{ended:?}");
+    assert!(
+        ended.message().contains("subscription canceled"),
+        "{ended:?}"
+    );
 
     // It re-syncs by watching again.
     let mut again = watch(&mut slow_client, "c").await;

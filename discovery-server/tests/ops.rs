@@ -3,7 +3,9 @@
 mod common;
 
 use common::*;
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 use tonic_reflection::pb::v1::{
     ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
     server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
@@ -19,15 +21,18 @@ fn with_http() -> discovery_server::server::Config {
 #[tokio::test]
 async fn grpc_health_and_reflection_answer() {
     let server = start(test_config()).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.grpc_addr.unwrap()))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", server.grpc_addr.unwrap()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
     let mut health = HealthClient::new(channel.clone());
     for service in ["", "sidero.discovery.server.Cluster"] {
         let status = health
-            .check(HealthCheckRequest { service: service.into() })
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .unwrap()
             .into_inner()
@@ -50,8 +55,14 @@ async fn grpc_health_and_reflection_answer() {
         panic!("unexpected reflection answer {response:?}");
     };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"sidero.discovery.server.Cluster".to_string()), "{names:?}");
-    assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"sidero.discovery.server.Cluster".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
     server.shutdown().await.unwrap();
 }
 
@@ -61,9 +72,14 @@ async fn landing_inspect_probes_and_metrics() {
     let landing = server.landing_addr.unwrap();
     let metrics = server.metrics_addr.unwrap();
     let mut c = client(&server).await;
-    c.affiliate_update(update("cluster-1", "node-a", Some(b"SECRET-CIPHERTEXT"), &[b"e1", b"e2"]))
-        .await
-        .unwrap();
+    c.affiliate_update(update(
+        "cluster-1",
+        "node-a",
+        Some(b"SECRET-CIPHERTEXT"),
+        &[b"e1", b"e2"],
+    ))
+    .await
+    .unwrap();
     let _ = c.affiliate_update(update("", "x", None, &[])).await; // one refused request
     let mut w = watch(&mut c, "cluster-1").await;
     next(&mut w).await;
@@ -72,12 +88,18 @@ async fn landing_inspect_probes_and_metrics() {
     assert_eq!(status, 200);
     assert!(page.contains("openspan discovery server"), "{page}");
     assert!(page.contains("<th>affiliates</th><td>1</td>"), "{page}");
-    assert!(page.contains("<th>open watch streams</th><td>1</td>"), "{page}");
+    assert!(
+        page.contains("<th>open watch streams</th><td>1</td>"),
+        "{page}"
+    );
 
     let (status, page) = http_get(landing, "/inspect?cluster=cluster-1").await;
     assert_eq!(status, 200);
     assert!(page.contains("node-a"), "{page}");
-    assert!(page.contains("<td>2</td><td>17</td>"), "endpoint count and data size shown: {page}");
+    assert!(
+        page.contains("<td>2</td><td>17</td>"),
+        "endpoint count and data size shown: {page}"
+    );
     assert!(!page.contains("SECRET"), "never the encrypted bytes");
     let (status, json) = http_get(landing, "/inspect?cluster=cluster-1&format=json").await;
     assert_eq!(status, 200);

@@ -10,7 +10,10 @@ use discovery_server::server::SnapshotConfig;
 
 fn with_snapshot(path: &std::path::Path, interval: Duration) -> discovery_server::server::Config {
     let mut config = test_config();
-    config.snapshot = Some(SnapshotConfig { path: path.to_owned(), interval });
+    config.snapshot = Some(SnapshotConfig {
+        path: path.to_owned(),
+        interval,
+    });
     config
 }
 
@@ -20,8 +23,12 @@ async fn state_survives_a_graceful_restart() {
     let path = dir.path().join("state.snapshot");
     let server = start(with_snapshot(&path, Duration::from_secs(3600))).await;
     let mut c = client(&server).await;
-    c.affiliate_update(update("c1", "a", Some(b"data-a"), &[b"e1", b"e2"])).await.unwrap();
-    c.affiliate_update(update("c2", "b", Some(b"data-b"), &[])).await.unwrap();
+    c.affiliate_update(update("c1", "a", Some(b"data-a"), &[b"e1", b"e2"]))
+        .await
+        .unwrap();
+    c.affiliate_update(update("c2", "b", Some(b"data-b"), &[]))
+        .await
+        .unwrap();
     server.shutdown().await.unwrap();
     assert!(path.exists(), "shutdown wrote the snapshot");
 
@@ -49,10 +56,19 @@ async fn a_corrupt_snapshot_is_moved_aside_and_kept() {
         .filter(|p| p.to_string_lossy().contains(".corrupt-"))
         .collect();
     assert_eq!(aside.len(), 1, "the corrupt file was moved aside");
-    assert_eq!(std::fs::read(&aside[0]).unwrap(), b"OSPNSNAP this is not a valid snapshot at all");
-    c.affiliate_update(update("c", "a", Some(b"fresh"), &[])).await.unwrap();
+    assert_eq!(
+        std::fs::read(&aside[0]).unwrap(),
+        b"OSPNSNAP this is not a valid snapshot at all"
+    );
+    c.affiliate_update(update("c", "a", Some(b"fresh"), &[]))
+        .await
+        .unwrap();
     server.shutdown().await.unwrap();
-    assert_eq!(std::fs::read(&aside[0]).unwrap(), b"OSPNSNAP this is not a valid snapshot at all", "never overwritten");
+    assert_eq!(
+        std::fs::read(&aside[0]).unwrap(),
+        b"OSPNSNAP this is not a valid snapshot at all",
+        "never overwritten"
+    );
 }
 
 struct ServerProcess(Child);
@@ -65,7 +81,11 @@ impl Drop for ServerProcess {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn spawn_server(port: u16, snapshot: &std::path::Path) -> ServerProcess {
@@ -89,7 +109,8 @@ fn spawn_server(port: u16, snapshot: &std::path::Path) -> ServerProcess {
 async fn connect(port: u16) -> Client {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
         match endpoint.connect().await {
             Ok(channel) => return Client::new(channel),
             Err(e) if Instant::now() > deadline => panic!("server did not come up: {e}"),
@@ -106,7 +127,9 @@ async fn sigkill_loses_at_most_the_changes_since_the_last_snapshot() {
     let mut server = spawn_server(port, &path);
     let mut c = connect(port).await;
     for i in 0..20 {
-        c.affiliate_update(update("c", &format!("a{i}"), Some(b"payload"), &[b"e"])).await.unwrap();
+        c.affiliate_update(update("c", &format!("a{i}"), Some(b"payload"), &[b"e"]))
+            .await
+            .unwrap();
     }
     // Kill it repeatedly at arbitrary moments while snapshots are being written.
     tokio::time::sleep(Duration::from_millis(350)).await;
@@ -116,7 +139,11 @@ async fn sigkill_loses_at_most_the_changes_since_the_last_snapshot() {
         server = spawn_server(port, &path);
         let mut c = connect(port).await;
         let listed = list(&mut c, "c").await;
-        assert_eq!(listed.len(), 20, "round {round}: every snapshotted affiliate survived SIGKILL");
+        assert_eq!(
+            listed.len(),
+            20,
+            "round {round}: every snapshotted affiliate survived SIGKILL"
+        );
         tokio::time::sleep(Duration::from_millis(20 + 47 * round)).await;
     }
     drop(server);

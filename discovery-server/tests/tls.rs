@@ -19,15 +19,21 @@ struct Ca {
 fn ca(name: &str) -> Ca {
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
     let key = KeyPair::generate().unwrap();
     let cert = params.self_signed(&key).unwrap();
-    Ca { pem: cert.pem(), issuer: Issuer::new(params, key) }
+    Ca {
+        pem: cert.pem(),
+        issuer: Issuer::new(params, key),
+    }
 }
 
 /// (certificate PEM, key PEM) for `names`, signed by `ca`.
 fn leaf(ca: &Ca, names: &[&str]) -> (String, String) {
-    let params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    let params =
+        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
     let key = KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, &ca.issuer).unwrap();
     (cert.pem(), key.serialize_pem())
@@ -50,7 +56,11 @@ fn tls_config(dir: &Path, client_ca: Option<&Path>) -> discovery_server::server:
     config
 }
 
-async fn tls_hello(addr: std::net::SocketAddr, trust: &Ca, identity: Option<&(String, String)>) -> Result<(), String> {
+async fn tls_hello(
+    addr: std::net::SocketAddr,
+    trust: &Ca,
+    identity: Option<&(String, String)>,
+) -> Result<(), String> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&trust.pem))
         .domain_name("localhost");
@@ -65,7 +75,10 @@ async fn tls_hello(addr: std::net::SocketAddr, trust: &Ca, identity: Option<&(St
         .await
         .map_err(|e| format!("connect: {e:?}"))?;
     ClusterClient::new(channel)
-        .hello(HelloRequest { cluster_id: "c".into(), client_version: "t".into() })
+        .hello(HelloRequest {
+            cluster_id: "c".into(),
+            client_version: "t".into(),
+        })
         .await
         .map(|_| ())
         .map_err(|e| format!("hello: {e:?}"))
@@ -78,18 +91,34 @@ async fn serves_grpc_over_tls_and_refuses_plaintext() {
     write_pair(dir.path(), &leaf(&authority, &["localhost", "127.0.0.1"]));
     let server = start(tls_config(dir.path(), None)).await;
     let addr = server.grpc_addr.unwrap();
-    tls_hello(addr, &authority, None).await.expect("TLS client is served");
+    tls_hello(addr, &authority, None)
+        .await
+        .expect("TLS client is served");
     let other = ca("someone else");
-    assert!(tls_hello(addr, &other, None).await.is_err(), "a client that does not trust the CA fails");
+    assert!(
+        tls_hello(addr, &other, None).await.is_err(),
+        "a client that does not trust the CA fails"
+    );
     let plaintext = async {
-        let channel = Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.ok()?;
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .ok()?;
         ClusterClient::new(channel)
-            .hello(HelloRequest { cluster_id: "c".into(), client_version: "t".into() })
+            .hello(HelloRequest {
+                cluster_id: "c".into(),
+                client_version: "t".into(),
+            })
             .await
             .ok()
     };
     assert!(
-        tokio::time::timeout(Duration::from_secs(5), plaintext).await.ok().flatten().is_none(),
+        tokio::time::timeout(Duration::from_secs(5), plaintext)
+            .await
+            .ok()
+            .flatten()
+            .is_none(),
         "plaintext is not served on a TLS port"
     );
     server.shutdown().await.unwrap();
@@ -102,13 +131,25 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
     let client_ca = ca("client ca");
     write_pair(dir.path(), &leaf(&server_ca, &["localhost"]));
     std::fs::write(dir.path().join("client-ca.pem"), &client_ca.pem).unwrap();
-    let server = start(tls_config(dir.path(), Some(&dir.path().join("client-ca.pem")))).await;
+    let server = start(tls_config(
+        dir.path(),
+        Some(&dir.path().join("client-ca.pem")),
+    ))
+    .await;
     let addr = server.grpc_addr.unwrap();
     let good = leaf(&client_ca, &["node-1"]);
-    tls_hello(addr, &server_ca, Some(&good)).await.expect("a client with a CA-signed certificate is served");
-    assert!(tls_hello(addr, &server_ca, None).await.is_err(), "no client certificate: refused");
+    tls_hello(addr, &server_ca, Some(&good))
+        .await
+        .expect("a client with a CA-signed certificate is served");
+    assert!(
+        tls_hello(addr, &server_ca, None).await.is_err(),
+        "no client certificate: refused"
+    );
     let rogue = leaf(&ca("rogue"), &["node-1"]);
-    assert!(tls_hello(addr, &server_ca, Some(&rogue)).await.is_err(), "a certificate from another CA: refused");
+    assert!(
+        tls_hello(addr, &server_ca, Some(&rogue)).await.is_err(),
+        "a certificate from another CA: refused"
+    );
     server.shutdown().await.unwrap();
 }
 
@@ -119,7 +160,9 @@ async fn certificates_are_reloaded_without_a_restart() {
     write_pair(dir.path(), &leaf(&old_ca, &["localhost"]));
     let server = start(tls_config(dir.path(), None)).await;
     let addr = server.grpc_addr.unwrap();
-    tls_hello(addr, &old_ca, None).await.expect("old certificate served");
+    tls_hello(addr, &old_ca, None)
+        .await
+        .expect("old certificate served");
 
     let new_ca = ca("new ca");
     write_pair(dir.path(), &leaf(&new_ca, &["localhost"]));
@@ -127,15 +170,22 @@ async fn certificates_are_reloaded_without_a_restart() {
     loop {
         match tls_hello(addr, &new_ca, None).await {
             Ok(()) => break,
-            Err(e) if Instant::now() > deadline => panic!("the new certificate was never served: {e}"),
+            Err(e) if Instant::now() > deadline => {
+                panic!("the new certificate was never served: {e}")
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
-    assert!(tls_hello(addr, &old_ca, None).await.is_err(), "the old certificate is gone");
+    assert!(
+        tls_hello(addr, &old_ca, None).await.is_err(),
+        "the old certificate is gone"
+    );
 
     // A broken replacement keeps the working certificate in service.
     std::fs::write(dir.path().join("cert.pem"), "not a certificate").unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    tls_hello(addr, &new_ca, None).await.expect("still serving the last good certificate");
+    tls_hello(addr, &new_ca, None)
+        .await
+        .expect("still serving the last good certificate");
     server.shutdown().await.unwrap();
 }

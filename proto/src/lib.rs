@@ -17,7 +17,10 @@ pub mod openspan {
     pub mod discovery {
         pub mod snapshot {
             pub mod v1 {
-                include!(concat!(env!("OUT_DIR"), "/openspan.discovery.snapshot.v1.rs"));
+                include!(concat!(
+                    env!("OUT_DIR"),
+                    "/openspan.discovery.snapshot.v1.rs"
+                ));
             }
         }
     }

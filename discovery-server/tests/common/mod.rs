@@ -58,19 +58,35 @@ pub async fn client(running: &Running) -> Client {
     ClusterClient::new(channel).max_decoding_message_size(64 << 20)
 }
 
-pub fn update(cluster: &str, affiliate: &str, data: Option<&[u8]>, endpoints: &[&[u8]]) -> AffiliateUpdateRequest {
+pub fn update(
+    cluster: &str,
+    affiliate: &str,
+    data: Option<&[u8]>,
+    endpoints: &[&[u8]],
+) -> AffiliateUpdateRequest {
     AffiliateUpdateRequest {
         cluster_id: cluster.into(),
         affiliate_id: affiliate.into(),
         affiliate_data: data.map(Bytes::copy_from_slice),
-        affiliate_endpoints: endpoints.iter().map(|e| Bytes::copy_from_slice(e)).collect(),
-        ttl: Some(prost_types::Duration { seconds: 600, nanos: 0 }),
+        affiliate_endpoints: endpoints
+            .iter()
+            .map(|e| Bytes::copy_from_slice(e))
+            .collect(),
+        ttl: Some(prost_types::Duration {
+            seconds: 600,
+            nanos: 0,
+        }),
     }
 }
 
-pub async fn list(client: &mut Client, cluster: &str) -> Vec<openspan_proto::discovery::server::Affiliate> {
+pub async fn list(
+    client: &mut Client,
+    cluster: &str,
+) -> Vec<openspan_proto::discovery::server::Affiliate> {
     client
-        .list(ListRequest { cluster_id: cluster.into() })
+        .list(ListRequest {
+            cluster_id: cluster.into(),
+        })
         .await
         .expect("list")
         .into_inner()
@@ -79,7 +95,9 @@ pub async fn list(client: &mut Client, cluster: &str) -> Vec<openspan_proto::dis
 
 pub async fn watch(client: &mut Client, cluster: &str) -> tonic::Streaming<WatchResponse> {
     client
-        .watch(WatchRequest { cluster_id: cluster.into() })
+        .watch(WatchRequest {
+            cluster_id: cluster.into(),
+        })
         .await
         .expect("watch")
         .into_inner()
@@ -103,13 +121,22 @@ pub async fn assert_quiet(stream: &mut tonic::Streaming<WatchResponse>, wait: Du
 
 /// A plain HTTP/1.1 GET over TCP: (status code, body).
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect http");
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect http");
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.unwrap();
     let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
