@@ -1,0 +1,12 @@
+//! openspan's node agent: who this node is, what it publishes, what it learns from discovery,
+//! and the membership API that `kubespanctl` reads.
+//!
+//! Pure logic: [`model`], [`crypto`], [`identity`] (derivations), [`netset`], [`endpoints`],
+//! [`members`], [`record`]. Shells around I/O: [`host`], [`discovery`], [`api`], [`agent`].
+
+pub mod crypto;
+pub mod endpoints;
+pub mod identity;
+pub mod members;
+pub mod model;
+pub mod netset;

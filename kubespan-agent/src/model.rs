@@ -1,0 +1,35 @@
+//! The agent's view of cluster members, independent of wire formats and crypto.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use ipnet::IpNet;
+
+/// One node's published record after decryption (`sidero.discovery.client.Affiliate` plus its
+/// decrypted endpoints).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AffiliateRecord {
+    /// Node id = affiliate id at the discovery service.
+    pub node_id: String,
+    pub addresses: Vec<IpAddr>,
+    pub hostname: String,
+    pub nodename: String,
+    pub machine_type: String,
+    pub operating_system: String,
+    pub kubespan: Option<KubeSpanInfo>,
+    pub control_plane_port: Option<u16>,
+    /// WireGuard endpoints, in the order peers should try them.
+    pub endpoints: Vec<SocketAddr>,
+}
+
+/// The KubeSpan part of a record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubeSpanInfo {
+    /// WireGuard public key, standard base64 (44 characters).
+    pub public_key: String,
+    /// The node's mesh (ULA) address.
+    pub address: Ipv6Addr,
+    /// Networks routed to this node through the mesh besides its own addresses.
+    pub additional_addresses: Vec<IpNet>,
+    /// Networks receivers must not route to this node through the mesh.
+    pub exclude_advertised_networks: Vec<IpNet>,
+}
