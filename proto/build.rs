@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "sidero/discovery/server/cluster.proto",
     "sidero/discovery/client/affiliate.proto",
     "openspan/discovery_snapshot.proto",
+    "openspan/agent.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -20,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .bytes(".")
+        // kubespanctl prints the agent API's answers as JSON and YAML.
+        .type_attribute(".openspan.agent.v1", "#[derive(serde::Serialize)]")
         .out_dir(&out_dir)
         .compile_fds(fds)?;
     Ok(())

@@ -4,9 +4,15 @@
 //! Pure logic: [`model`], [`crypto`], [`identity`] (derivations), [`netset`], [`endpoints`],
 //! [`members`], [`record`]. Shells around I/O: [`host`], [`discovery`], [`api`], [`agent`].
 
+pub mod agent;
+pub mod api;
+pub mod config;
 pub mod crypto;
+pub mod discovery;
 pub mod endpoints;
+pub mod host;
 pub mod identity;
 pub mod members;
 pub mod model;
 pub mod netset;
+pub mod record;

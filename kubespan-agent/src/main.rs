@@ -1,1 +1,139 @@
-fn main() {}
+//! `kubespan-agent`: the per-node daemon.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use kubespan_agent::agent::{self, NodeIdentity};
+use kubespan_agent::api::{self, AgentApi, NoDataPlane};
+use kubespan_agent::config::{self, DEFAULT_CONFIG_PATH};
+use kubespan_agent::crypto::ClusterKeys;
+use kubespan_agent::{host, identity};
+use tokio_util::sync::CancellationToken;
+
+/// Per-node agent of an openspan (KubeSpan-compatible) WireGuard mesh.
+///
+/// Publishes this node's encrypted record to the configured discovery services, watches the
+/// other nodes, and serves the membership API that `kubespanctl` reads. Configuration is one
+/// YAML file (`kubespanctl gen config` writes a commented one).
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Configuration file.
+    #[arg(long, short, env = "KUBESPAN_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+
+    /// Debug logging (RUST_LOG, when set, takes precedence).
+    #[arg(long, env = "KUBESPAN_DEBUG")]
+    debug: bool,
+
+    /// Log format.
+    #[arg(long, env = "KUBESPAN_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn init_logging(debug: bool, format: &str) {
+    let default = if debug {
+        "debug,h2=info,hyper=info,tower=info"
+    } else {
+        "info"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn node_identity(config: &config::Config) -> anyhow::Result<NodeIdentity> {
+    let node_id = identity::load_or_create_node_id(&config.state_dir)?;
+    let keys = identity::load_or_create_wireguard_keys(&config.state_dir)?;
+    let (mac, mac_source) = match config.mac_address {
+        Some(mac) => (mac, "macAddress in the configuration".to_string()),
+        None => {
+            let links =
+                identity::read_links().context("cannot list network links in /sys/class/net")?;
+            let (link, mac) = identity::select_mac(&links, &config.interface).context(
+                "no link with a usable MAC address to derive the mesh address from: set macAddress in the configuration",
+            )?;
+            (mac, format!("{link} (first hardware address)"))
+        }
+    };
+    let hostname = host::hostname();
+    Ok(NodeIdentity {
+        node_id,
+        nodename: config.node_name.clone().unwrap_or_else(|| hostname.clone()),
+        hostname,
+        public_key: keys.public_base64(),
+        mesh_address: identity::mesh_address(&config.cluster_id, mac),
+        mesh_prefix: identity::mesh_prefix(&config.cluster_id),
+        mac_source,
+        operating_system: host::operating_system(),
+    })
+}
+
+async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(args.debug, &args.log_format);
+    let config = config::load(&args.config)?;
+    let identity = node_identity(&config)?;
+    tracing::info!(
+        node_id = %identity.node_id, nodename = %identity.nodename, public_key = %identity.public_key,
+        mesh_address = %identity.mesh_address, mac_source = %identity.mac_source,
+        cipher = ?config.cipher, "starting kubespan-agent"
+    );
+    let keys = Arc::new(ClusterKeys::new(
+        config.cipher,
+        &config.cluster_id,
+        &config.cluster_secret,
+    ));
+    let stop = CancellationToken::new();
+    let api_stop = CancellationToken::new();
+
+    let (shared_tx, shared_rx) = tokio::sync::oneshot::channel();
+    let control = tokio::spawn(agent::run(
+        config.clone(),
+        identity,
+        keys,
+        stop.clone(),
+        move |shared| {
+            let _ = shared_tx.send(shared);
+        },
+    ));
+    let shared = shared_rx
+        .await
+        .context("the control loop stopped before it started")?;
+    let api_task = api::serve(
+        &config.api_socket,
+        AgentApi::new(shared, Arc::new(NoDataPlane)),
+        api_stop.clone(),
+    )
+    .await?;
+
+    let signal = shutdown_signal().await?;
+    tracing::info!(signal, "shutting down: leaving the discovery services");
+    stop.cancel();
+    control.await.context("control loop panicked")??;
+    api_stop.cancel();
+    api_task.await.context("API task panicked")??;
+    tracing::info!("stopped");
+    Ok(())
+}

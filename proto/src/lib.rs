@@ -2,7 +2,8 @@
 //!
 //! - [`discovery::server`]: the `sidero.discovery.server.Cluster` wire API (messages, client, server).
 //! - [`discovery::client`]: the plaintext affiliate record nodes encrypt into `Affiliate.data`.
-//! - [`openspan`]: openspan's own formats (the discovery server's snapshot file).
+//! - [`openspan`]: openspan's own APIs and formats (the agent's membership API, the discovery
+//!   server's snapshot file).
 
 pub mod discovery {
     pub mod server {
@@ -14,6 +15,11 @@ pub mod discovery {
 }
 
 pub mod openspan {
+    pub mod agent {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/openspan.agent.v1.rs"));
+        }
+    }
     pub mod discovery {
         pub mod snapshot {
             pub mod v1 {

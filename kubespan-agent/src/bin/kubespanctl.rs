@@ -1,1 +1,485 @@
-fn main() {}
+//! `kubespanctl`: members, peers and mesh health from the local kubespan-agent.
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use clap::{Parser, Subcommand, ValueEnum};
+use hyper_util::rt::TokioIo;
+use kubespan_agent::config;
+use openspan_proto::openspan::agent::v1::{self as pb, agent_client::AgentClient};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Show and manage the local kubespan-agent: members, WireGuard peers and mesh health.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// The agent's API socket.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "KUBESPAN_SOCKET",
+        default_value = "/run/kubespan/agent.sock"
+    )]
+    socket: PathBuf,
+
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// One screen: identity, discovery connections, members and peers up/down/unknown.
+    Status,
+    /// Cluster members (this node included).
+    Members,
+    /// WireGuard peers with their state, endpoint, last handshake and traffic.
+    Peers,
+    /// This node's identity: node id, public key, mesh address, endpoints.
+    Identity,
+    /// Print the member list now and whenever it changes (Ctrl-C to stop).
+    Watch,
+    /// Delete this node's record from every discovery service; peers drop it at once.
+    Leave,
+    /// Generate secrets or a configuration file.
+    #[command(subcommand)]
+    Gen(Gen),
+}
+
+#[derive(Debug, Subcommand)]
+enum Gen {
+    /// Print a fresh cluster id and cluster secret.
+    Secrets,
+    /// Print a commented configuration with a fresh cluster id and secret (or the given ones).
+    Config {
+        #[arg(long)]
+        cluster_id: Option<String>,
+        #[arg(long)]
+        cluster_secret: Option<String>,
+    },
+}
+
+/// Exit codes: 0 ok, 1 the request failed, 2 the agent cannot be reached.
+#[derive(Debug)]
+enum Failure {
+    Unreachable(String),
+    Failed(String),
+}
+
+fn random_base64() -> String {
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+async fn connect(socket: &Path) -> Result<AgentClient<Channel>, Failure> {
+    if let Err(e) = std::fs::metadata(socket) {
+        return Err(Failure::Unreachable(match e.kind() {
+            ErrorKind::NotFound => format!(
+                "kubespan-agent is not running: no API socket at {} (start the agent, or pass --socket / KUBESPAN_SOCKET)",
+                socket.display()
+            ),
+            _ => format!("cannot access {}: {e}", socket.display()),
+        }));
+    }
+    let path = socket.to_owned();
+    let connector = tower::service_fn(move |_: Uri| {
+        let path = path.clone();
+        async move {
+            Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+        }
+    });
+    let channel = Endpoint::from_static("http://kubespan-agent")
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| {
+            let io = std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .map(|io| io.kind());
+            Failure::Unreachable(match io {
+                Some(ErrorKind::PermissionDenied) => format!(
+                    "cannot open {}: permission denied (run as root or as a member of the socket's group)",
+                    socket.display()
+                ),
+                Some(ErrorKind::ConnectionRefused) => format!(
+                    "kubespan-agent is not running: nothing listens on {} (a stale socket from a stopped agent?)",
+                    socket.display()
+                ),
+                _ => format!("cannot connect to the agent at {}: {e}", socket.display()),
+            })
+        })?;
+    Ok(AgentClient::new(channel))
+}
+
+fn failed(status: tonic::Status) -> Failure {
+    match status.code() {
+        tonic::Code::Unavailable => {
+            Failure::Unreachable(format!("the agent did not answer: {}", status.message()))
+        }
+        _ => Failure::Failed(format!("{:?}: {}", status.code(), status.message())),
+    }
+}
+
+fn print_structured<T: serde::Serialize>(format: Format, value: &T) -> Result<(), Failure> {
+    let text = match format {
+        Format::Json => {
+            serde_json::to_string_pretty(value).map_err(|e| Failure::Failed(e.to_string()))? + "\n"
+        }
+        _ => serde_norway::to_string(value).map_err(|e| Failure::Failed(e.to_string()))?,
+    };
+    print!("{text}");
+    Ok(())
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let last = cells.len().saturating_sub(1);
+        cells
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == last {
+                    c
+                } else {
+                    format!("{c:<w$}", w = widths[i])
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect()) + "\n";
+    for row in rows {
+        out += &(line(row) + "\n");
+    }
+    out
+}
+
+fn ago(unix_ms: i64) -> String {
+    if unix_ms <= 0 {
+        return "never".into();
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let secs = ((now - unix_ms).max(0)) / 1000;
+    match secs {
+        0..=119 => format!("{secs}s ago"),
+        120..=7199 => format!("{}m ago", secs / 60),
+        _ => format!("{}h ago", secs / 3600),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_owned()
+    }
+}
+
+fn members_table(members: &[pb::Member]) -> String {
+    table(
+        &[
+            "NODE",
+            "TYPE",
+            "HOSTNAME",
+            "MESH ADDRESS",
+            "ADDRESSES",
+            "OS",
+        ],
+        members
+            .iter()
+            .map(|m| {
+                vec![
+                    if m.local {
+                        format!("{} (this node)", m.nodename)
+                    } else {
+                        m.nodename.clone()
+                    },
+                    dash(&m.machine_type),
+                    dash(&m.hostname),
+                    dash(&m.mesh_address),
+                    dash(&m.addresses.join(",")),
+                    dash(&m.operating_system),
+                ]
+            })
+            .collect(),
+    )
+}
+
+fn peers_table(peers: &[pb::Peer]) -> String {
+    table(
+        &[
+            "PEER",
+            "STATE",
+            "ENDPOINT",
+            "LAST HANDSHAKE",
+            "RX",
+            "TX",
+            "ALLOWED IPS",
+        ],
+        peers
+            .iter()
+            .map(|p| {
+                let s = p.status.clone().unwrap_or_default();
+                vec![
+                    dash(&p.label),
+                    dash(&s.state),
+                    dash(&s.endpoint),
+                    ago(s.last_handshake_unix_ms),
+                    bytes(s.rx_bytes),
+                    bytes(s.tx_bytes),
+                    p.allowed_ips.join(","),
+                ]
+            })
+            .collect(),
+    )
+}
+
+fn identity_text(id: &pb::Identity) -> String {
+    table(
+        &["FIELD", "VALUE"],
+        vec![
+            vec!["node".into(), id.nodename.clone()],
+            vec!["node id".into(), id.node_id.clone()],
+            vec!["hostname".into(), id.hostname.clone()],
+            vec!["cluster id".into(), id.cluster_id.clone()],
+            vec!["public key".into(), id.public_key.clone()],
+            vec![
+                "mesh address".into(),
+                format!("{} (prefix {})", id.mesh_address, id.mesh_prefix),
+            ],
+            vec!["mac source".into(), id.mac_source.clone()],
+            vec!["cipher".into(), id.cipher.clone()],
+            vec![
+                "listen port".into(),
+                format!("{} on {}", id.listen_port, id.interface),
+            ],
+            vec!["addresses".into(), dash(&id.addresses.join(", "))],
+            vec!["endpoints".into(), dash(&id.endpoints.join(", "))],
+            vec!["version".into(), id.version.clone()],
+        ],
+    )
+}
+
+fn status_text(status: &pb::AgentStatus) -> String {
+    let id = status.identity.clone().unwrap_or_default();
+    let mut out = format!(
+        "Node:        {} ({})\nMesh:        {} · key {} · cipher {} · port {} on {}\nData plane:  {}\n\n",
+        id.nodename,
+        id.node_id,
+        id.mesh_address,
+        id.public_key,
+        id.cipher,
+        id.listen_port,
+        id.interface,
+        status.data_plane
+    );
+    out += &table(
+        &[
+            "DISCOVERY",
+            "STATE",
+            "SINCE",
+            "AFFILIATES",
+            "PUBLIC IP",
+            "LAST ERROR",
+        ],
+        status
+            .discovery
+            .iter()
+            .map(|d| {
+                vec![
+                    d.endpoint.clone(),
+                    d.state.clone(),
+                    ago(d.since_unix_ms),
+                    d.affiliates.to_string(),
+                    dash(&d.public_ip),
+                    dash(&d.last_error),
+                ]
+            })
+            .collect(),
+    );
+    out += &format!(
+        "\nMembers:     {}\nPeers:       {} (up {}, down {}, unknown {})\n",
+        status.members, status.peers, status.peers_up, status.peers_down, status.peers_unknown
+    );
+    if status.warnings.is_empty() {
+        out += "Warnings:    none\n";
+    } else {
+        out += "Warnings:\n";
+        for w in &status.warnings {
+            out += &format!("  - {w}\n");
+        }
+    }
+    out
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let format = cli.output;
+    let command = match cli.command {
+        Command::Gen(Gen::Secrets) => {
+            let secrets = serde_json::json!({ "clusterID": random_base64(), "clusterSecret": random_base64() });
+            return match format {
+                Format::Table => {
+                    println!(
+                        "clusterID: {}\nclusterSecret: {}",
+                        secrets["clusterID"].as_str().unwrap_or_default(),
+                        secrets["clusterSecret"].as_str().unwrap_or_default()
+                    );
+                    Ok(())
+                }
+                _ => print_structured(format, &secrets),
+            };
+        }
+        Command::Gen(Gen::Config {
+            cluster_id,
+            cluster_secret,
+        }) => {
+            print!(
+                "{}",
+                config::example(
+                    &cluster_id.unwrap_or_else(random_base64),
+                    &cluster_secret.unwrap_or_else(random_base64)
+                )
+            );
+            return Ok(());
+        }
+        other => other,
+    };
+    let mut client = connect(&cli.socket).await?;
+    match command {
+        Command::Status => {
+            let status = client
+                .get_status(pb::GetStatusRequest {})
+                .await
+                .map_err(failed)?
+                .into_inner();
+            match format {
+                Format::Table => print!("{}", status_text(&status)),
+                _ => print_structured(format, &status)?,
+            }
+        }
+        Command::Members => {
+            let members = client
+                .list_members(pb::ListMembersRequest {})
+                .await
+                .map_err(failed)?
+                .into_inner();
+            match format {
+                Format::Table => print!("{}", members_table(&members.members)),
+                _ => print_structured(format, &members.members)?,
+            }
+        }
+        Command::Peers => {
+            let peers = client
+                .list_peers(pb::ListPeersRequest {})
+                .await
+                .map_err(failed)?
+                .into_inner();
+            match format {
+                Format::Table => print!("{}", peers_table(&peers.peers)),
+                _ => print_structured(format, &peers.peers)?,
+            }
+        }
+        Command::Identity => {
+            let id = client
+                .get_identity(pb::GetIdentityRequest {})
+                .await
+                .map_err(failed)?
+                .into_inner();
+            match format {
+                Format::Table => print!("{}", identity_text(&id)),
+                _ => print_structured(format, &id)?,
+            }
+        }
+        Command::Watch => {
+            let mut stream = client
+                .watch_members(pb::WatchMembersRequest {})
+                .await
+                .map_err(failed)?
+                .into_inner();
+            while let Some(update) = stream.message().await.map_err(failed)? {
+                match format {
+                    Format::Table => {
+                        println!("--- {} members", update.members.len());
+                        print!("{}", members_table(&update.members));
+                    }
+                    Format::Json => println!(
+                        "{}",
+                        serde_json::to_string(&update.members).unwrap_or_default()
+                    ),
+                    Format::Yaml => print!(
+                        "---\n{}",
+                        serde_norway::to_string(&update.members).unwrap_or_default()
+                    ),
+                }
+            }
+        }
+        Command::Leave => {
+            let response = client
+                .leave(pb::LeaveRequest {})
+                .await
+                .map_err(failed)?
+                .into_inner();
+            println!(
+                "left: deleted this node's record from {} discovery service(s)",
+                response.deleted_from
+            );
+        }
+        Command::Gen(_) => {}
+    }
+    Ok(())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Unreachable(message)) => {
+            eprintln!("kubespanctl: {message}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Failed(message)) => {
+            eprintln!("kubespanctl: {message}");
+            ExitCode::from(1)
+        }
+    }
+}

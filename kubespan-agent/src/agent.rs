@@ -1,0 +1,338 @@
+//! The agent's control loop: builds this node's record from host facts, hands it to the
+//! discovery clients, merges what they learn, and derives members and peer specs for the API
+//! (and the data plane).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ipnet::{IpNet, Ipv6Net};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::crypto::ClusterKeys;
+use crate::discovery::{
+    self, ClientSettings, ConnectionStatus, Publication, RegistryCache, SharedStatus,
+};
+use crate::endpoints::{local_endpoints, routable_addresses};
+use crate::members::{Member, PeerSpec, PeerWarning, members, merge_affiliates, peer_specs};
+use crate::model::{AffiliateRecord, KubeSpanInfo};
+use crate::netset::PrefixSet;
+use crate::record;
+
+/// Who this node is; fixed for the agent's lifetime.
+#[derive(Clone, Debug)]
+pub struct NodeIdentity {
+    pub node_id: String,
+    pub nodename: String,
+    pub hostname: String,
+    pub public_key: String,
+    pub mesh_address: Ipv6Addr,
+    pub mesh_prefix: Ipv6Net,
+    pub mac_source: String,
+    pub operating_system: String,
+}
+
+/// Everything the membership API shows, replaced as a whole on every change.
+#[derive(Clone, Debug, Default)]
+pub struct MembershipView {
+    pub local: AffiliateRecord,
+    pub members: BTreeMap<String, Member>,
+    pub peers: Vec<PeerSpec>,
+    pub warnings: Vec<String>,
+}
+
+/// State shared between the control loop and the API.
+pub struct Shared {
+    pub config: Config,
+    pub identity: NodeIdentity,
+    pub view: watch::Receiver<Arc<MembershipView>>,
+    pub connections: Vec<SharedStatus>,
+    pub publication: watch::Sender<Publication>,
+}
+
+impl Shared {
+    /// Deletes this node's record everywhere and stops publishing it. Returns how many
+    /// discovery services confirmed the delete within `wait`.
+    pub async fn leave(&self, wait: Duration) -> usize {
+        self.publication.send_modify(|p| p.leaving = true);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = self
+                .connections
+                .iter()
+                .filter(|c| c.lock().unwrap_or_else(|p| p.into_inner()).left)
+                .count();
+            if left == self.connections.len() || tokio::time::Instant::now() >= deadline {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn connection_statuses(&self) -> Vec<ConnectionStatus> {
+        self.connections
+            .iter()
+            .map(|c| c.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .collect()
+    }
+}
+
+/// Host facts the local record is built from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostFacts {
+    pub addresses: Vec<IpAddr>,
+    pub public_ips: Vec<IpAddr>,
+}
+
+/// This node's record from configuration, identity and host facts (pure).
+pub fn local_record(
+    config: &Config,
+    identity: &NodeIdentity,
+    facts: &HostFacts,
+) -> AffiliateRecord {
+    let skip = [IpNet::V6(identity.mesh_prefix)];
+    let addresses = routable_addresses(facts.addresses.iter().copied(), &skip);
+    let mut candidates = addresses.clone();
+    for ip in &facts.public_ips {
+        if !candidates.contains(ip) {
+            candidates.push(*ip);
+        }
+    }
+    let endpoints = local_endpoints(
+        &candidates,
+        None,
+        config.endpoint_filters.as_deref(),
+        config.listen_port,
+        &config.extra_announced_endpoints,
+    );
+    AffiliateRecord {
+        node_id: identity.node_id.clone(),
+        addresses,
+        hostname: identity.hostname.clone(),
+        nodename: identity.nodename.clone(),
+        machine_type: config.machine_type.clone(),
+        operating_system: identity.operating_system.clone(),
+        kubespan: Some(KubeSpanInfo {
+            public_key: identity.public_key.clone(),
+            address: identity.mesh_address,
+            additional_addresses: config.advertise_networks.clone(),
+            exclude_advertised_networks: config.exclude_advertised_networks.clone(),
+        }),
+        control_plane_port: None,
+        endpoints,
+    }
+}
+
+/// Members, peers and warnings from the merged records (pure).
+pub fn membership(local: &AffiliateRecord, cache: &RegistryCache) -> MembershipView {
+    let raw = cache.raw();
+    let mut merged = merge_affiliates(raw.iter().map(|(id, r)| (id.as_str(), *r)));
+    merged.insert(local.node_id.clone(), local.clone());
+    let (members, duplicate_names) = members(&merged);
+    let mut local_set = PrefixSet::from_prefixes(local.addresses.iter().map(|ip| IpNet::from(*ip)));
+    if let Some(kubespan) = &local.kubespan {
+        local_set.insert(IpNet::from(IpAddr::V6(kubespan.address)));
+    }
+    let (peers, peer_warnings) = peer_specs(&local.node_id, &local_set, &merged);
+    let mut warnings: Vec<String> = duplicate_names
+        .into_iter()
+        .map(|name| {
+            format!(
+                "node name {name:?} is claimed by more than one node; the smaller node id is shown"
+            )
+        })
+        .collect();
+    warnings.extend(peer_warnings.iter().map(describe_warning));
+    MembershipView {
+        local: local.clone(),
+        members,
+        peers,
+        warnings,
+    }
+}
+
+fn describe_warning(warning: &PeerWarning) -> String {
+    match warning {
+        PeerWarning::Overlap {
+            node_id,
+            winner_node_id,
+            prefixes,
+        } => format!(
+            "peer address overlap: {prefixes:?} claimed by node {node_id} is kept by node {winner_node_id}"
+        ),
+        PeerWarning::DuplicateMeshAddress { address, node_ids } => format!(
+            "mesh address {address} is derived by several nodes {node_ids:?} (cloned MACs?); set macAddress on one of them"
+        ),
+        PeerWarning::DuplicatePublicKey {
+            public_key,
+            node_ids,
+        } => {
+            format!(
+                "WireGuard key {public_key} is used by several nodes {node_ids:?}; only the first is a peer"
+            )
+        }
+        PeerWarning::ClaimsLocalAddress { node_id, prefixes } => {
+            format!(
+                "node {node_id} claims this node's own addresses {prefixes:?}; they are not routed to it"
+            )
+        }
+    }
+}
+
+/// Runs the control loop until `stop` is cancelled. Returns when every client has finished
+/// (after deleting this node's record when leaving).
+pub async fn run(
+    config: Config,
+    identity: NodeIdentity,
+    keys: Arc<ClusterKeys>,
+    stop: CancellationToken,
+    ready: impl FnOnce(Arc<Shared>),
+) -> anyhow::Result<()> {
+    let endpoints = config.discovery_endpoints.clone();
+    let (publication_tx, _) = watch::channel(Publication::default());
+    let (events_tx, mut events_rx) = mpsc::channel(1024);
+    let connections: Vec<SharedStatus> = endpoints
+        .iter()
+        .map(|e| {
+            Arc::new(Mutex::new(ConnectionStatus {
+                endpoint: e.url.clone(),
+                state: "connecting",
+                ..ConnectionStatus::default()
+            }))
+        })
+        .collect();
+    let settings = ClientSettings {
+        cluster_id: config.cluster_id.clone(),
+        node_id: identity.node_id.clone(),
+        keys: keys.clone(),
+        ttl: discovery::DEFAULT_TTL,
+        client_version: format!("openspan-agent v{}", env!("CARGO_PKG_VERSION")),
+        backoff: discovery::Backoff::default(),
+    };
+
+    let mut facts = HostFacts {
+        addresses: read_addresses(&config.interface).await,
+        public_ips: Vec::new(),
+    };
+    let mut local = local_record(&config, &identity, &facts);
+    let mut plaintext = record::encode(&local);
+    publication_tx.send_modify(|p| p.own = Some(record::seal(&keys, &local)));
+    let mut cache = RegistryCache::new(endpoints.len());
+    let (view_tx, view_rx) = watch::channel(Arc::new(membership(&local, &cache)));
+
+    // Clients stop on their own token, after the loop below has flagged `leaving`.
+    let clients_stop = CancellationToken::new();
+    let mut clients = Vec::new();
+    for (index, endpoint) in endpoints.into_iter().enumerate() {
+        clients.push(tokio::spawn(discovery::run_client(
+            index,
+            endpoint,
+            settings.clone(),
+            publication_tx.subscribe(),
+            events_tx.clone(),
+            connections[index].clone(),
+            clients_stop.clone(),
+        )));
+    }
+    drop(events_tx);
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        identity: identity.clone(),
+        view: view_rx,
+        connections,
+        publication: publication_tx.clone(),
+    });
+    ready(shared.clone());
+
+    let mut address_poll = tokio::time::interval(Duration::from_secs(5));
+    address_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_warnings: Vec<String> = Vec::new();
+    loop {
+        let mut facts_changed = false;
+        let mut view_changed = false;
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            event = events_rx.recv() => {
+                let Some(event) = event else { break };
+                view_changed |= cache.apply(event);
+                // Take everything already queued before recomputing.
+                while let Ok(event) = events_rx.try_recv() {
+                    view_changed |= cache.apply(event);
+                }
+                let public_ips = cache.public_ips();
+                if public_ips != facts.public_ips {
+                    facts.public_ips = public_ips;
+                    facts_changed = true;
+                }
+            }
+            _ = address_poll.tick() => {
+                let addresses = read_addresses(&config.interface).await;
+                if addresses != facts.addresses {
+                    tracing::info!(?addresses, "node addresses changed");
+                    facts.addresses = addresses;
+                    facts_changed = true;
+                }
+            }
+        }
+        if facts_changed {
+            let next = local_record(&config, &identity, &facts);
+            let next_plaintext = record::encode(&next);
+            // Re-seal only when the record really changed: sealing uses a fresh nonce, and a new
+            // blob makes the server notify every watcher.
+            if next_plaintext != plaintext || next.endpoints != local.endpoints {
+                tracing::info!(endpoints = ?next.endpoints, "publishing this node's updated record");
+                publication_tx.send_if_modified(|p| {
+                    if p.leaving {
+                        return false;
+                    }
+                    p.own = Some(record::seal(&keys, &next));
+                    true
+                });
+                plaintext = next_plaintext;
+                local = next;
+                view_changed = true;
+            }
+        }
+        if view_changed {
+            let view = membership(&local, &cache);
+            for warning in &view.warnings {
+                if !last_warnings.contains(warning) {
+                    tracing::warn!("{warning}");
+                }
+            }
+            last_warnings = view.warnings.clone();
+            tracing::debug!(
+                members = view.members.len(),
+                peers = view.peers.len(),
+                "membership changed"
+            );
+            view_tx.send_replace(Arc::new(view));
+        }
+    }
+
+    // Graceful shutdown: delete this node's record, then stop the clients.
+    let left =
+        tokio::time::timeout(Duration::from_secs(5), shared.leave(Duration::from_secs(3))).await;
+    tracing::info!(
+        deleted_from = left.unwrap_or(0),
+        "left the discovery services"
+    );
+    clients_stop.cancel();
+    for client in clients {
+        let _ = client.await;
+    }
+    Ok(())
+}
+
+async fn read_addresses(mesh_interface: &str) -> Vec<IpAddr> {
+    match crate::host::node_addresses(mesh_interface).await {
+        Ok(addresses) => addresses,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read node addresses through netlink");
+            Vec::new()
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! The membership API (`openspan.agent.v1.Agent`) on a unix socket.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::Stream;
+use openspan_proto::openspan::agent::v1::{
+    self as pb,
+    agent_server::{Agent, AgentServer},
+};
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::{UnixListenerStream, WatchStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::agent::{MembershipView, Shared};
+
+/// What the data plane reports about one peer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerStatusView {
+    pub state: &'static str,
+    pub endpoint: Option<std::net::SocketAddr>,
+    pub last_handshake_unix_ms: i64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub last_endpoint_change_unix_ms: i64,
+}
+
+/// The data plane as the API sees it.
+pub trait PeerStatusProvider: Send + Sync + 'static {
+    /// A short description, e.g. "userspace (boringtun) on kubespan".
+    fn describe(&self) -> String;
+    fn peer_status(&self, public_key: &str) -> Option<PeerStatusView>;
+}
+
+/// No data plane: every peer is `unknown`.
+pub struct NoDataPlane;
+
+impl PeerStatusProvider for NoDataPlane {
+    fn describe(&self) -> String {
+        "none (membership only)".into()
+    }
+
+    fn peer_status(&self, _public_key: &str) -> Option<PeerStatusView> {
+        None
+    }
+}
+
+pub struct AgentApi {
+    shared: Arc<Shared>,
+    data_plane: Arc<dyn PeerStatusProvider>,
+}
+
+impl AgentApi {
+    pub fn new(shared: Arc<Shared>, data_plane: Arc<dyn PeerStatusProvider>) -> Self {
+        Self { shared, data_plane }
+    }
+
+    fn identity(&self) -> pb::Identity {
+        let id = &self.shared.identity;
+        let config = &self.shared.config;
+        let view = self.shared.view.borrow().clone();
+        pb::Identity {
+            node_id: id.node_id.clone(),
+            nodename: id.nodename.clone(),
+            hostname: id.hostname.clone(),
+            cluster_id: config.cluster_id.clone(),
+            public_key: id.public_key.clone(),
+            mesh_address: id.mesh_address.to_string(),
+            mesh_prefix: id.mesh_prefix.to_string(),
+            mac_source: id.mac_source.clone(),
+            cipher: format!("{:?}", config.cipher).to_lowercase(),
+            listen_port: u32::from(config.listen_port),
+            interface: config.interface.clone(),
+            addresses: view
+                .local
+                .addresses
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            endpoints: view
+                .local
+                .endpoints
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+
+    fn peers(&self, view: &MembershipView) -> Vec<pb::Peer> {
+        view.peers
+            .iter()
+            .map(|spec| {
+                let status =
+                    self.data_plane
+                        .peer_status(&spec.public_key)
+                        .unwrap_or(PeerStatusView {
+                            state: "unknown",
+                            ..PeerStatusView::default()
+                        });
+                pb::Peer {
+                    public_key: spec.public_key.clone(),
+                    node_id: spec.node_id.clone(),
+                    label: spec.label.clone(),
+                    mesh_address: spec.mesh_address.to_string(),
+                    allowed_ips: spec.allowed_ips.iter().map(ToString::to_string).collect(),
+                    endpoints: spec.endpoints.iter().map(ToString::to_string).collect(),
+                    status: Some(pb::PeerStatus {
+                        state: status.state.into(),
+                        endpoint: status.endpoint.map(|e| e.to_string()).unwrap_or_default(),
+                        last_handshake_unix_ms: status.last_handshake_unix_ms,
+                        rx_bytes: status.rx_bytes,
+                        tx_bytes: status.tx_bytes,
+                        last_endpoint_change_unix_ms: status.last_endpoint_change_unix_ms,
+                    }),
+                }
+            })
+            .collect()
+    }
+}
+
+fn members_response(view: &MembershipView) -> pb::ListMembersResponse {
+    pb::ListMembersResponse {
+        members: view
+            .members
+            .values()
+            .map(|m| pb::Member {
+                nodename: m.nodename.clone(),
+                node_id: m.node_id.clone(),
+                hostname: m.hostname.clone(),
+                machine_type: m.machine_type.clone(),
+                operating_system: m.operating_system.clone(),
+                addresses: m.addresses.iter().map(ToString::to_string).collect(),
+                mesh_address: m.mesh_address.map(|a| a.to_string()).unwrap_or_default(),
+                public_key: m.public_key.clone().unwrap_or_default(),
+                local: m.node_id == view.local.node_id,
+                control_plane_port: m.control_plane_port.map(u32::from).unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+type MemberStream = Pin<Box<dyn Stream<Item = Result<pb::ListMembersResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Agent for AgentApi {
+    async fn get_identity(
+        &self,
+        _: Request<pb::GetIdentityRequest>,
+    ) -> Result<Response<pb::Identity>, Status> {
+        Ok(Response::new(self.identity()))
+    }
+
+    async fn list_members(
+        &self,
+        _: Request<pb::ListMembersRequest>,
+    ) -> Result<Response<pb::ListMembersResponse>, Status> {
+        Ok(Response::new(members_response(&self.shared.view.borrow())))
+    }
+
+    type WatchMembersStream = MemberStream;
+
+    async fn watch_members(
+        &self,
+        _: Request<pb::WatchMembersRequest>,
+    ) -> Result<Response<Self::WatchMembersStream>, Status> {
+        let stream = WatchStream::new(self.shared.view.clone());
+        let mut last: Option<pb::ListMembersResponse> = None;
+        let stream = futures::StreamExt::filter_map(stream, move |view| {
+            let response = members_response(&view);
+            let changed = last.as_ref() != Some(&response);
+            last = Some(response.clone());
+            futures::future::ready(changed.then_some(Ok(response)))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_peers(
+        &self,
+        _: Request<pb::ListPeersRequest>,
+    ) -> Result<Response<pb::ListPeersResponse>, Status> {
+        let view = self.shared.view.borrow().clone();
+        Ok(Response::new(pb::ListPeersResponse {
+            peers: self.peers(&view),
+        }))
+    }
+
+    async fn get_status(
+        &self,
+        _: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::AgentStatus>, Status> {
+        let view = self.shared.view.borrow().clone();
+        let peers = self.peers(&view);
+        let count = |state: &str| {
+            peers
+                .iter()
+                .filter(|p| p.status.as_ref().is_some_and(|s| s.state == state))
+                .count() as u32
+        };
+        Ok(Response::new(pb::AgentStatus {
+            identity: Some(self.identity()),
+            discovery: self
+                .shared
+                .connection_statuses()
+                .into_iter()
+                .map(|c| pb::DiscoveryConnection {
+                    endpoint: c.endpoint,
+                    state: c.state.into(),
+                    last_error: c.last_error,
+                    since_unix_ms: c.since_unix_ms,
+                    affiliates: c.affiliates as u32,
+                    public_ip: c.public_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                })
+                .collect(),
+            members: view.members.len() as u32,
+            peers: peers.len() as u32,
+            peers_up: count("up"),
+            peers_down: count("down"),
+            peers_unknown: count("unknown"),
+            warnings: view.warnings.clone(),
+            data_plane: self.data_plane.describe(),
+        }))
+    }
+
+    async fn leave(
+        &self,
+        _: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        tracing::info!("leave requested through the API");
+        let deleted_from = self.shared.leave(Duration::from_secs(10)).await as u32;
+        Ok(Response::new(pb::LeaveResponse { deleted_from }))
+    }
+}
+
+/// Serves the API on `socket` (mode 0660) until `stop`; removes the socket file afterwards.
+pub async fn serve(
+    socket: &Path,
+    api: AgentApi,
+    stop: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the API socket directory {}", dir.display()))?;
+    }
+    if socket.exists() {
+        // A live agent would answer; a stale file from a crash is removed.
+        if tokio::net::UnixStream::connect(socket).await.is_ok() {
+            anyhow::bail!(
+                "another agent is already serving {} (stop it first, or set apiSocket to another path)",
+                socket.display()
+            );
+        }
+        std::fs::remove_file(socket)
+            .with_context(|| format!("cannot remove the stale socket {}", socket.display()))?;
+    }
+    let listener = UnixListener::bind(socket)
+        .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot set the mode of {}", socket.display()))?;
+    tracing::info!(socket = %socket.display(), "membership API listening");
+    let path = socket.to_owned();
+    Ok(tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(AgentServer::new(api))
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop.cancelled())
+            .await;
+        let _ = std::fs::remove_file(&path);
+        result.context("membership API server failed")
+    }))
+}

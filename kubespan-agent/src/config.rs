@@ -1,0 +1,559 @@
+//! The agent's YAML configuration: parsing, defaults and validation.
+//!
+//! Keys follow Talos's KubeSpan and discovery knobs where they exist. Unknown keys are errors,
+//! and every error names the key, the bad value and what is allowed.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::crypto::{Cipher, parse_cluster_secret};
+use crate::endpoints::EndpointRule;
+use crate::identity::parse_mac;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/kubespan/config.yaml";
+pub const DEFAULT_LISTEN_PORT: u16 = 51820;
+pub const DEFAULT_MTU: u32 = 1420;
+pub const MIN_MTU: u32 = 1280;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// The file as written, before validation.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawConfig {
+    #[serde(rename = "clusterID")]
+    cluster_id: Option<String>,
+    cluster_secret: Option<String>,
+    node_name: Option<String>,
+    machine_type: Option<String>,
+    #[serde(default)]
+    discovery: RawDiscovery,
+    #[serde(default)]
+    advertise_networks: Vec<String>,
+    #[serde(default)]
+    allow_down_peer_bypass: bool,
+    #[serde(default)]
+    harvest_extra_endpoints: bool,
+    mtu: Option<u32>,
+    #[serde(default)]
+    filters: RawFilters,
+    #[serde(default)]
+    extra_announced_endpoints: Vec<String>,
+    listen_port: Option<u16>,
+    interface: Option<String>,
+    state_dir: Option<PathBuf>,
+    api_socket: Option<PathBuf>,
+    metrics_addr: Option<String>,
+    cipher: Option<String>,
+    mac_address: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawDiscovery {
+    #[serde(default)]
+    endpoints: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawFilters {
+    endpoints: Option<Vec<String>>,
+    #[serde(default)]
+    exclude_advertised_networks: Vec<String>,
+}
+
+/// A discovery service to connect to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiscoveryEndpoint {
+    /// As configured, for logs and status.
+    pub url: String,
+    /// `host:port` to dial.
+    pub authority: String,
+    pub host: String,
+    /// Plaintext gRPC (only for `http://`).
+    pub insecure: bool,
+}
+
+impl DiscoveryEndpoint {
+    /// Talos's rules: `http://` is plaintext (default port 80); `https://` and `grpc://` are TLS
+    /// (default port 443).
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| format!("{url:?} has no scheme: write http://host:port (plaintext) or https://host[:port] (TLS)"))?;
+        let (insecure, default_port) = match scheme {
+            "http" => (true, 80),
+            "https" | "grpc" => (false, 443),
+            other => {
+                return Err(format!(
+                    "scheme {other:?} in {url:?} is not supported: use http, https or grpc"
+                ));
+            }
+        };
+        let authority = rest.split('/').next().unwrap_or_default();
+        if authority.is_empty() {
+            return Err(format!("{url:?} has no host"));
+        }
+        let has_port = match authority.rsplit_once(':') {
+            Some((host, port)) => {
+                !host.ends_with(':') && !port.contains(']') && port.parse::<u16>().is_ok()
+            }
+            None => false,
+        };
+        let authority = if has_port {
+            authority.to_owned()
+        } else {
+            format!("{authority}:{default_port}")
+        };
+        let host = authority
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+            .unwrap_or_default();
+        Ok(Self {
+            url: url.to_owned(),
+            authority,
+            host,
+            insecure,
+        })
+    }
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub cluster_id: String,
+    pub cluster_secret: [u8; 32],
+    pub node_name: Option<String>,
+    pub machine_type: String,
+    pub discovery_endpoints: Vec<DiscoveryEndpoint>,
+    pub advertise_networks: Vec<IpNet>,
+    pub allow_down_peer_bypass: bool,
+    pub harvest_extra_endpoints: bool,
+    pub mtu: u32,
+    pub endpoint_filters: Option<Vec<EndpointRule>>,
+    pub exclude_advertised_networks: Vec<IpNet>,
+    pub extra_announced_endpoints: Vec<SocketAddr>,
+    pub listen_port: u16,
+    pub interface: String,
+    pub state_dir: PathBuf,
+    pub api_socket: PathBuf,
+    pub metrics_addr: Option<String>,
+    pub cipher: Cipher,
+    pub mac_address: Option<[u8; 6]>,
+}
+
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text).map_err(|e| match e {
+        ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+            path: path.to_owned(),
+            message,
+        },
+        other => other,
+    })
+}
+
+pub fn parse(text: &str) -> Result<Config, ConfigError> {
+    let raw: RawConfig = if text.trim().is_empty() {
+        RawConfig::default()
+    } else {
+        serde_norway::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: PathBuf::from("<config>"),
+            message: e.to_string(),
+        })?
+    };
+    validate(raw)
+}
+
+fn parse_prefix(key: &str, text: &str) -> Result<IpNet, ConfigError> {
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| {
+            invalid(
+                key,
+                format!("{text:?} is not a CIDR prefix or IP address (e.g. 10.244.0.0/16)"),
+            )
+        })
+}
+
+fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let cluster_id = raw
+        .cluster_id
+        .filter(|s| !s.trim().is_empty())
+        .ok_or_else(|| {
+            invalid(
+                "clusterID",
+                "is required: the cluster's id (`kubespanctl gen secrets` makes one)",
+            )
+        })?;
+    if cluster_id.len() > 256 {
+        return Err(invalid(
+            "clusterID",
+            format!("is {} bytes; at most 256 are allowed", cluster_id.len()),
+        ));
+    }
+    let secret_text = raw.cluster_secret.ok_or_else(|| {
+        invalid(
+            "clusterSecret",
+            "is required: 32 random bytes in base64 (`kubespanctl gen secrets`)",
+        )
+    })?;
+    let cluster_secret = parse_cluster_secret(secret_text.trim())
+        .map_err(|e| invalid("clusterSecret", e.to_string()))?;
+
+    if raw.discovery.endpoints.is_empty() {
+        return Err(invalid(
+            "discovery.endpoints",
+            "needs at least one discovery service URL, e.g. [\"http://discovery.example:3000\"]",
+        ));
+    }
+    let mut discovery_endpoints = Vec::new();
+    for (i, url) in raw.discovery.endpoints.iter().enumerate() {
+        let endpoint = DiscoveryEndpoint::parse(url.trim())
+            .map_err(|m| invalid(format!("discovery.endpoints[{i}]"), m))?;
+        if discovery_endpoints
+            .iter()
+            .any(|e: &DiscoveryEndpoint| e.authority == endpoint.authority)
+        {
+            return Err(invalid(
+                format!("discovery.endpoints[{i}]"),
+                format!("{url:?} is listed twice"),
+            ));
+        }
+        discovery_endpoints.push(endpoint);
+    }
+
+    let prefixes = |key: &str, list: &[String]| -> Result<Vec<IpNet>, ConfigError> {
+        list.iter()
+            .enumerate()
+            .map(|(i, p)| parse_prefix(&format!("{key}[{i}]"), p.trim()).map(|n| n.trunc()))
+            .collect()
+    };
+    let advertise_networks = prefixes("advertiseNetworks", &raw.advertise_networks)?;
+    let exclude_advertised_networks = prefixes(
+        "filters.excludeAdvertisedNetworks",
+        &raw.filters.exclude_advertised_networks,
+    )?;
+    let endpoint_filters = match raw.filters.endpoints {
+        None => None,
+        Some(rules) => Some(
+            rules
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    r.trim()
+                        .parse::<EndpointRule>()
+                        .map_err(|m| invalid(format!("filters.endpoints[{i}]"), m))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let extra_announced_endpoints = raw
+        .extra_announced_endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            e.trim().parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    format!("extraAnnouncedEndpoints[{i}]"),
+                    format!(
+                        "{e:?} is not ip:port (e.g. 198.51.100.7:51820 or [2001:db8::7]:51820)"
+                    ),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let mtu = raw.mtu.unwrap_or(DEFAULT_MTU);
+    if !(MIN_MTU..=65535).contains(&mtu) {
+        return Err(invalid(
+            "mtu",
+            format!("{mtu} is out of range: use {MIN_MTU}..=65535 (underlay MTU − 80)"),
+        ));
+    }
+    let listen_port = raw.listen_port.unwrap_or(DEFAULT_LISTEN_PORT);
+    if listen_port == 0 {
+        return Err(invalid(
+            "listenPort",
+            "0 is not a usable UDP port: use 1..=65535 (default 51820)",
+        ));
+    }
+    let interface = raw.interface.unwrap_or_else(|| "kubespan".into());
+    if interface.is_empty()
+        || interface.len() > 15
+        || interface.contains(['/', ' ', ':'])
+        || interface.parse::<u64>().is_ok()
+    {
+        return Err(invalid(
+            "interface",
+            format!(
+                "{interface:?} is not a valid interface name: 1–15 characters, no '/', ':' or spaces, not a number"
+            ),
+        ));
+    }
+    let cipher = match raw.cipher.as_deref().map(str::trim) {
+        None | Some("native") => Cipher::Native,
+        Some("talos") => Cipher::Talos,
+        Some(other) => {
+            return Err(invalid(
+                "cipher",
+                format!(
+                    "{other:?} is not a cipher suite: use `native` (default) or `talos` (to join clusters of Talos nodes)"
+                ),
+            ));
+        }
+    };
+    let machine_type = raw.machine_type.unwrap_or_else(|| "worker".into());
+    if !["worker", "controlplane", "init"].contains(&machine_type.as_str()) {
+        return Err(invalid(
+            "machineType",
+            format!("{machine_type:?} is not allowed: use worker, controlplane or init"),
+        ));
+    }
+    let mac_address = raw
+        .mac_address
+        .map(|m| parse_mac(m.trim()).map_err(|e| invalid("macAddress", e.to_string())))
+        .transpose()?;
+    let node_name = raw
+        .node_name
+        .map(|n| n.trim().to_owned())
+        .filter(|n| !n.is_empty());
+    let metrics_addr = raw
+        .metrics_addr
+        .map(|m| m.trim().to_owned())
+        .filter(|m| !m.is_empty());
+
+    Ok(Config {
+        cluster_id,
+        cluster_secret,
+        node_name,
+        machine_type,
+        discovery_endpoints,
+        advertise_networks,
+        allow_down_peer_bypass: raw.allow_down_peer_bypass,
+        harvest_extra_endpoints: raw.harvest_extra_endpoints,
+        mtu,
+        endpoint_filters,
+        exclude_advertised_networks,
+        extra_announced_endpoints,
+        listen_port,
+        interface,
+        state_dir: raw
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from("/var/lib/kubespan")),
+        api_socket: raw
+            .api_socket
+            .unwrap_or_else(|| PathBuf::from("/run/kubespan/agent.sock")),
+        metrics_addr,
+        cipher,
+        mac_address,
+    })
+}
+
+/// A commented configuration with fresh secrets, for `kubespanctl gen config`.
+pub fn example(cluster_id: &str, cluster_secret: &str) -> String {
+    format!(
+        r#"# kubespan-agent configuration. Every node of a cluster uses the same clusterID and
+# clusterSecret; keep the secret private (it encrypts member records and is the WireGuard
+# preshared key).
+clusterID: {cluster_id}
+clusterSecret: {cluster_secret}
+
+# This node's name in `kubespanctl members` (default: the hostname).
+# nodeName: node-1
+# machineType: worker            # worker | controlplane | init
+
+discovery:
+  # One or more discovery services; their views are merged. http:// is plaintext gRPC,
+  # https:// (or grpc://) is TLS.
+  endpoints:
+    - http://127.0.0.1:3000
+
+# Record encryption: native (XChaCha20-Poly1305, default) or talos (to join Talos clusters).
+cipher: native
+
+# Extra networks routed to this node through the mesh (e.g. its pod CIDR).
+advertiseNetworks: []
+
+# false (default): traffic to a peer that is down stays in the tunnel (never leaks in clear).
+allowDownPeerBypass: false
+
+# Publish endpoints observed for other peers (helps behind NAT; avoid above ~50 nodes).
+harvestExtraEndpoints: false
+
+# Tunnel MTU: underlay MTU - 80, at least 1280.
+mtu: 1420
+
+filters:
+  # Ordered include / !exclude CIDRs for the endpoints this node announces.
+  # endpoints: ["0.0.0.0/0", "!10.0.0.0/8"]
+  # Networks peers must not route to this node through the mesh.
+  excludeAdvertisedNetworks: []
+
+# Endpoints announced as-is after the filtered ones (e.g. a NAT port forward).
+extraAnnouncedEndpoints: []
+
+listenPort: 51820
+interface: kubespan
+stateDir: /var/lib/kubespan
+apiSocket: /run/kubespan/agent.sock
+metricsAddr: "127.0.0.1:9560"
+
+# The mesh address is derived from a MAC (see the README); set one when hosts clone MACs.
+# macAddress: "2e:1a:b6:53:81:69"
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+    fn base() -> String {
+        format!(
+            "clusterID: test-cluster\nclusterSecret: {SECRET}\ndiscovery:\n  endpoints: [\"http://127.0.0.1:3000\"]\n"
+        )
+    }
+
+    fn error(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_config_gets_the_defaults() {
+        let config = parse(&base()).unwrap();
+        assert_eq!(config.listen_port, 51820);
+        assert_eq!(config.interface, "kubespan");
+        assert_eq!(config.mtu, 1420);
+        assert_eq!(config.cipher, Cipher::Native);
+        assert_eq!(config.api_socket, PathBuf::from("/run/kubespan/agent.sock"));
+        assert!(!config.allow_down_peer_bypass);
+        assert!(config.endpoint_filters.is_none());
+        assert_eq!(config.discovery_endpoints[0].authority, "127.0.0.1:3000");
+        assert!(config.discovery_endpoints[0].insecure);
+    }
+
+    #[test]
+    fn the_generated_example_is_valid() {
+        let config = parse(&example("abc", SECRET)).unwrap();
+        assert_eq!(config.cluster_id, "abc");
+        assert_eq!(config.metrics_addr.as_deref(), Some("127.0.0.1:9560"));
+    }
+
+    #[test]
+    fn errors_name_the_key_the_value_and_what_is_allowed() {
+        let cases = [
+            (
+                format!("{}mtu: 1200\n", base()),
+                "`mtu`: 1200 is out of range: use 1280",
+            ),
+            (
+                format!("{}cipher: aes\n", base()),
+                "`cipher`: \"aes\" is not a cipher suite",
+            ),
+            (
+                format!("{}advertiseNetworks: [10.0.0.0/33]\n", base()),
+                "`advertiseNetworks[0]`: \"10.0.0.0/33\"",
+            ),
+            (
+                format!("{}filters:\n  endpoints: [\"!nonsense\"]\n", base()),
+                "`filters.endpoints[0]`",
+            ),
+            (
+                format!("{}extraAnnouncedEndpoints: [1.2.3.4]\n", base()),
+                "`extraAnnouncedEndpoints[0]`: \"1.2.3.4\" is not ip:port",
+            ),
+            (format!("{}interface: a/b\n", base()), "`interface`"),
+            (format!("{}macAddress: zz\n", base()), "`macAddress`"),
+            (format!("{}listenPort: 0\n", base()), "`listenPort`"),
+            (
+                format!("{}machineType: boss\n", base()),
+                "`machineType`: \"boss\"",
+            ),
+            ("clusterSecret: x\n".to_string(), "`clusterID`: is required"),
+            (
+                "clusterID: a\nclusterSecret: c2hvcnQ=\ndiscovery: {endpoints: [\"http://x:1\"]}\n"
+                    .to_string(),
+                "`clusterSecret`",
+            ),
+            (
+                "clusterID: a\nclusterSecret: AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n"
+                    .to_string(),
+                "`discovery.endpoints`",
+            ),
+            (
+                format!(
+                    "clusterID: a\nclusterSecret: {SECRET}\ndiscovery: {{endpoints: [\"discovery:3000\"]}}\n"
+                ),
+                "`discovery.endpoints[0]`: \"discovery:3000\" has no scheme",
+            ),
+        ];
+        for (text, expected) in cases {
+            let message = error(&text);
+            assert!(
+                message.contains(expected),
+                "for\n{text}\nexpected {expected:?} in {message:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let message = error(&format!("{}listenport: 5\n", base()));
+        assert!(message.contains("unknown field `listenport`"), "{message}");
+        let message = error(&format!("{}filters:\n  endpoint: []\n", base()));
+        assert!(message.contains("unknown field `endpoint`"), "{message}");
+    }
+
+    #[test]
+    fn discovery_urls_follow_talos_rules() {
+        let https = DiscoveryEndpoint::parse("https://discovery.talos.dev/").unwrap();
+        assert_eq!(
+            (https.authority.as_str(), https.insecure),
+            ("discovery.talos.dev:443", false)
+        );
+        assert_eq!(https.host, "discovery.talos.dev");
+        let http = DiscoveryEndpoint::parse("http://10.0.0.1").unwrap();
+        assert_eq!(
+            (http.authority.as_str(), http.insecure),
+            ("10.0.0.1:80", true)
+        );
+        let grpc = DiscoveryEndpoint::parse("grpc://[2001:db8::1]:3000").unwrap();
+        assert_eq!(
+            (grpc.authority.as_str(), grpc.insecure),
+            ("[2001:db8::1]:3000", false)
+        );
+        assert_eq!(grpc.host, "2001:db8::1");
+        let v6_default = DiscoveryEndpoint::parse("https://[2001:db8::1]").unwrap();
+        assert_eq!(v6_default.authority, "[2001:db8::1]:443");
+        assert!(DiscoveryEndpoint::parse("ftp://x").is_err());
+    }
+}

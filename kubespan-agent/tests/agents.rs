@@ -1,0 +1,505 @@
+//! Agents against a real discovery server on loopback: membership, ciphers, wrong secrets,
+//! leave, expiry, and recovery after server and agent restarts.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use discovery_server::clock::{Clock, ManualClock};
+use discovery_server::grpc::AdmissionConfig;
+use discovery_server::ratelimit::RateLimit;
+use discovery_server::server::{self, Config as ServerConfig, Running, SnapshotConfig};
+use hyper_util::rt::TokioIo;
+use openspan_proto::openspan::agent::v1::{self as pb, agent_client::AgentClient};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+const SECRET: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const OTHER_SECRET: &str = "HxwdHhsZGhcYFRYTFBESDxAODQsMCQoHCAUGAwQBAgA=";
+
+fn server_config(addr: &str) -> ServerConfig {
+    ServerConfig {
+        grpc_addr: Some(addr.into()),
+        landing_addr: None,
+        metrics_addr: None,
+        admission: AdmissionConfig {
+            rate_limit: RateLimit {
+                per_second: 0.0,
+                burst: 0,
+            },
+            ..AdmissionConfig::default()
+        },
+        gc_interval: Duration::from_millis(50),
+        shutdown_grace: Duration::from_secs(2),
+        ..ServerConfig::default()
+    }
+}
+
+struct AgentProcess {
+    name: String,
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl AgentProcess {
+    fn socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM: the agent deletes its record and exits.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{} did not stop within 10 s of SIGTERM\n{}",
+                self.name,
+                self.log()
+            );
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct AgentSpec<'a> {
+    name: &'a str,
+    secret: &'a str,
+    cipher: &'a str,
+    mac: &'a str,
+}
+
+fn write_config(dir: &Path, spec: &AgentSpec<'_>, server: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = format!(
+        "clusterID: test-cluster-id\nclusterSecret: {secret}\nnodeName: {name}\ncipher: {cipher}\n\
+         macAddress: \"{mac}\"\ndiscovery:\n  endpoints: [\"http://{server}\"]\n\
+         stateDir: {state}\napiSocket: {socket}\n",
+        secret = spec.secret,
+        name = spec.name,
+        cipher = spec.cipher,
+        mac = spec.mac,
+        state = dir.join("state").display(),
+        socket = dir.join("agent.sock").display(),
+    );
+    std::fs::write(dir.join("config.yaml"), config).unwrap();
+}
+
+fn spawn_agent(root: &Path, spec: AgentSpec<'_>, server: &str) -> AgentProcess {
+    let dir = root.join(spec.name);
+    write_config(&dir, &spec, server);
+    let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_kubespan-agent"))
+        .arg("--config")
+        .arg(dir.join("config.yaml"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start kubespan-agent");
+    AgentProcess {
+        name: spec.name.into(),
+        child: Some(child),
+        dir,
+    }
+}
+
+fn agent(root: &Path, name: &str, mac: &str, server: &str) -> AgentProcess {
+    spawn_agent(
+        root,
+        AgentSpec {
+            name,
+            secret: SECRET,
+            cipher: "native",
+            mac,
+        },
+        server,
+    )
+}
+
+async fn api(agent: &AgentProcess) -> AgentClient<Channel> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let socket = agent.socket();
+    loop {
+        if socket.exists() {
+            let path = socket.clone();
+            let connector = tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            });
+            if let Ok(channel) = Endpoint::from_static("http://agent")
+                .connect_with_connector(connector)
+                .await
+            {
+                return AgentClient::new(channel);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}'s API never came up\n{}",
+            agent.name,
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn member_names(agent: &AgentProcess) -> Vec<String> {
+    let mut client = api(agent).await;
+    client
+        .list_members(pb::ListMembersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .members
+        .into_iter()
+        .map(|m| m.nodename)
+        .collect()
+}
+
+/// Waits until `agent` lists exactly `expected` (sorted names); returns how long it took.
+async fn wait_members(agent: &AgentProcess, expected: &[&str]) -> Duration {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(15);
+    loop {
+        let names = member_names(agent).await;
+        if names == expected {
+            return started.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} lists {names:?}, expected {expected:?}\n{}",
+            agent.name,
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn start_server(addr: &str) -> Running {
+    server::start(server_config(addr))
+        .await
+        .expect("discovery server starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_see_each_other_in_both_cipher_suites() {
+    for cipher in ["native", "talos"] {
+        let server = start_server("127.0.0.1:0").await;
+        let addr = server.grpc_addr.unwrap().to_string();
+        let root = tempfile::tempdir().unwrap();
+        let started = Instant::now();
+        let a = spawn_agent(
+            root.path(),
+            AgentSpec {
+                name: "node-a",
+                secret: SECRET,
+                cipher,
+                mac: "02:00:00:00:00:0a",
+            },
+            &addr,
+        );
+        let b = spawn_agent(
+            root.path(),
+            AgentSpec {
+                name: "node-b",
+                secret: SECRET,
+                cipher,
+                mac: "02:00:00:00:00:0b",
+            },
+            &addr,
+        );
+        wait_members(&a, &["node-a", "node-b"]).await;
+        wait_members(&b, &["node-a", "node-b"]).await;
+        eprintln!(
+            "{cipher}: both agents saw each other {:?} after start",
+            started.elapsed()
+        );
+
+        // The peer view carries the other node's key, mesh address and allowed IPs.
+        let mut client = api(&a).await;
+        let peers = client
+            .list_peers(pb::ListPeersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .peers;
+        assert_eq!(peers.len(), 1, "{peers:?}");
+        let identity_b = api(&b)
+            .await
+            .get_identity(pb::GetIdentityRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(peers[0].public_key, identity_b.public_key);
+        assert_eq!(peers[0].mesh_address, identity_b.mesh_address);
+        assert!(
+            peers[0]
+                .allowed_ips
+                .contains(&format!("{}/128", identity_b.mesh_address)),
+            "{peers:?}"
+        );
+        assert_eq!(identity_b.cipher, cipher);
+        drop((a, b));
+        server.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_secret_agent_is_ignored_and_says_why() {
+    let server = start_server("127.0.0.1:0").await;
+    let addr = server.grpc_addr.unwrap().to_string();
+    let root = tempfile::tempdir().unwrap();
+    let a = agent(root.path(), "node-a", "02:00:00:00:00:0a", &addr);
+    let b = agent(root.path(), "node-b", "02:00:00:00:00:0b", &addr);
+    let intruder = spawn_agent(
+        root.path(),
+        AgentSpec {
+            name: "intruder",
+            secret: OTHER_SECRET,
+            cipher: "native",
+            mac: "02:00:00:00:00:0c",
+        },
+        &addr,
+    );
+    wait_members(&a, &["node-a", "node-b"]).await;
+    wait_members(&b, &["node-a", "node-b"]).await;
+    wait_members(&intruder, &["intruder"]).await;
+    // Give the intruder's record time to reach everyone, then check it is still ignored.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(member_names(&a).await, ["node-a", "node-b"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !a.log().contains("ignoring a discovery record") {
+        assert!(
+            Instant::now() < deadline,
+            "node-a never said why it ignored a record:\n{}",
+            a.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        a.log().contains("clusterSecret"),
+        "the log points at the likely cause:\n{}",
+        a.log()
+    );
+    assert!(
+        intruder.log().contains("ignoring a discovery record"),
+        "{}",
+        intruder.log()
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_or_stopping_removes_a_member_at_once() {
+    let server = start_server("127.0.0.1:0").await;
+    let addr = server.grpc_addr.unwrap().to_string();
+    let root = tempfile::tempdir().unwrap();
+    let a = agent(root.path(), "node-a", "02:00:00:00:00:0a", &addr);
+    let b = agent(root.path(), "node-b", "02:00:00:00:00:0b", &addr);
+    let mut c = agent(root.path(), "node-c", "02:00:00:00:00:0c", &addr);
+    wait_members(&a, &["node-a", "node-b", "node-c"]).await;
+
+    // kubespanctl leave on node-b.
+    let output = Command::new(env!("CARGO_BIN_EXE_kubespanctl"))
+        .arg("--socket")
+        .arg(b.socket())
+        .arg("leave")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("from 1 discovery service"),
+        "{output:?}\n{}",
+        b.log()
+    );
+    wait_members(&a, &["node-a", "node-c"]).await;
+
+    // A graceful stop deletes the record too.
+    c.stop();
+    wait_members(&a, &["node-a"]).await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_record_disappears() {
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let server = server::start_with_clock(
+        server_config("127.0.0.1:0"),
+        clock.clone() as Arc<dyn Clock>,
+    )
+    .await
+    .unwrap();
+    let addr = server.grpc_addr.unwrap().to_string();
+    let root = tempfile::tempdir().unwrap();
+    let a = agent(root.path(), "node-a", "02:00:00:00:00:0a", &addr);
+    let mut b = agent(root.path(), "node-b", "02:00:00:00:00:0b", &addr);
+    wait_members(&a, &["node-a", "node-b"]).await;
+    b.kill(); // no goodbye: only expiry removes it
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        member_names(&a).await,
+        ["node-a", "node-b"],
+        "a crashed node stays until its TTL"
+    );
+    clock.advance(Duration::from_secs(31 * 60));
+    wait_members(&a, &["node-a"]).await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_of_server_and_agents_converge_without_help() {
+    let root = tempfile::tempdir().unwrap();
+    let snapshot = root.path().join("server.snapshot");
+    let with_snapshot = |addr: &str| ServerConfig {
+        snapshot: Some(SnapshotConfig {
+            path: snapshot.clone(),
+            interval: Duration::from_secs(3600),
+        }),
+        ..server_config(addr)
+    };
+    let server = server::start(with_snapshot("127.0.0.1:0")).await.unwrap();
+    let addr = server.grpc_addr.unwrap().to_string();
+    let a = agent(root.path(), "node-a", "02:00:00:00:00:0a", &addr);
+    let mut b = agent(root.path(), "node-b", "02:00:00:00:00:0b", &addr);
+    wait_members(&a, &["node-a", "node-b"]).await;
+    let key_b = api(&b)
+        .await
+        .get_identity(pb::GetIdentityRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Server restart (with its snapshot): members are kept meanwhile, and new joins work after.
+    server.shutdown().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        member_names(&a).await,
+        ["node-a", "node-b"],
+        "a discovery outage keeps what is known"
+    );
+    let server = server::start(with_snapshot(&addr)).await.unwrap();
+    let c = agent(root.path(), "node-c", "02:00:00:00:00:0c", &addr);
+    for agent in [&a, &b, &c] {
+        wait_members(agent, &["node-a", "node-b", "node-c"]).await;
+    }
+
+    // Agent restart: same identity, and everyone converges again.
+    b.stop();
+    wait_members(&a, &["node-a", "node-c"]).await;
+    let b = agent(root.path(), "node-b", "02:00:00:00:00:0b", &addr);
+    wait_members(&a, &["node-a", "node-b", "node-c"]).await;
+    let again = api(&b)
+        .await
+        .get_identity(pb::GetIdentityRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (again.node_id, again.public_key),
+        (key_b.node_id, key_b.public_key),
+        "identity survives restarts"
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubespanctl_shows_the_mesh_and_explains_a_missing_agent() {
+    let server = start_server("127.0.0.1:0").await;
+    let addr = server.grpc_addr.unwrap().to_string();
+    let root = tempfile::tempdir().unwrap();
+    let a = agent(root.path(), "node-a", "02:00:00:00:00:0a", &addr);
+    let b = agent(root.path(), "node-b", "02:00:00:00:00:0b", &addr);
+    wait_members(&a, &["node-a", "node-b"]).await;
+    wait_members(&b, &["node-a", "node-b"]).await;
+    let ctl = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_kubespanctl"))
+            .arg("--socket")
+            .arg(a.socket())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, table, _) = ctl(&["members"]);
+    assert_eq!(code, Some(0));
+    assert!(table.starts_with("NODE"), "{table}");
+    assert!(
+        table.contains("node-a (this node)") && table.contains("node-b"),
+        "{table}"
+    );
+    let (_, json, _) = ctl(&["members", "-o", "json"]);
+    let members: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(members.as_array().unwrap().len(), 2, "{json}");
+    let (_, yaml, _) = ctl(&["peers", "-o", "yaml"]);
+    assert!(yaml.contains("label: node-b"), "{yaml}");
+    let (_, status, _) = ctl(&["status"]);
+    assert!(status.contains("Members:     2"), "{status}");
+    assert!(status.contains("connected"), "{status}");
+    let (_, identity, _) = ctl(&["identity"]);
+    assert!(
+        identity.contains(":0:ff:fe00:a "),
+        "the mesh address comes from the configured MAC: {identity}"
+    );
+
+    let missing = Command::new(env!("CARGO_BIN_EXE_kubespanctl"))
+        .args(["--socket", "/nonexistent/agent.sock", "members"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("not running"),
+        "{missing:?}"
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[test]
+fn generated_config_is_accepted_by_the_agent() {
+    let output = Command::new(env!("CARGO_BIN_EXE_kubespanctl"))
+        .args(["gen", "config"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    kubespan_agent::config::parse(&text).expect("a generated config is valid");
+    let secrets = Command::new(env!("CARGO_BIN_EXE_kubespanctl"))
+        .args(["gen", "secrets", "-o", "json"])
+        .output()
+        .unwrap();
+    let secrets: serde_json::Value = serde_json::from_slice(&secrets.stdout).unwrap();
+    assert_eq!(secrets["clusterSecret"].as_str().unwrap().len(), 44);
+}
