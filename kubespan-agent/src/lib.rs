@@ -13,6 +13,7 @@ pub mod endpoints;
 pub mod host;
 pub mod identity;
 pub mod members;
+pub mod metrics;
 pub mod model;
 pub mod netset;
 pub mod record;

@@ -9,7 +9,7 @@ use kubespan_agent::agent::{self, NodeIdentity};
 use kubespan_agent::api::{self, AgentApi, NoDataPlane};
 use kubespan_agent::config::{self, DEFAULT_CONFIG_PATH};
 use kubespan_agent::crypto::ClusterKeys;
-use kubespan_agent::{host, identity};
+use kubespan_agent::{host, identity, metrics};
 use tokio_util::sync::CancellationToken;
 
 /// Per-node agent of an openspan (KubeSpan-compatible) WireGuard mesh.
@@ -121,12 +121,19 @@ async fn main() -> anyhow::Result<()> {
     let shared = shared_rx
         .await
         .context("the control loop stopped before it started")?;
+    let data_plane: Arc<dyn api::PeerStatusProvider> = Arc::new(NoDataPlane);
     let api_task = api::serve(
         &config.api_socket,
-        AgentApi::new(shared, Arc::new(NoDataPlane)),
+        AgentApi::new(shared.clone(), data_plane.clone()),
         api_stop.clone(),
     )
     .await?;
+    let metrics_task = match &config.metrics_addr {
+        Some(addr) => {
+            Some(metrics::serve(addr, shared.clone(), data_plane.clone(), api_stop.clone()).await?)
+        }
+        None => None,
+    };
 
     let signal = shutdown_signal().await?;
     tracing::info!(signal, "shutting down: leaving the discovery services");
@@ -134,6 +141,9 @@ async fn main() -> anyhow::Result<()> {
     control.await.context("control loop panicked")??;
     api_stop.cancel();
     api_task.await.context("API task panicked")??;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

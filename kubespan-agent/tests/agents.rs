@@ -94,7 +94,7 @@ struct AgentSpec<'a> {
     mac: &'a str,
 }
 
-fn write_config(dir: &Path, spec: &AgentSpec<'_>, server: &str) {
+fn write_config(dir: &Path, spec: &AgentSpec<'_>, server: &str, extra: &str) {
     std::fs::create_dir_all(dir).unwrap();
     let config = format!(
         "clusterID: test-cluster-id\nclusterSecret: {secret}\nnodeName: {name}\ncipher: {cipher}\n\
@@ -106,13 +106,22 @@ fn write_config(dir: &Path, spec: &AgentSpec<'_>, server: &str) {
         mac = spec.mac,
         state = dir.join("state").display(),
         socket = dir.join("agent.sock").display(),
-    );
+    ) + extra;
     std::fs::write(dir.join("config.yaml"), config).unwrap();
 }
 
 fn spawn_agent(root: &Path, spec: AgentSpec<'_>, server: &str) -> AgentProcess {
+    spawn_agent_with(root, spec, server, "")
+}
+
+fn spawn_agent_with(
+    root: &Path,
+    spec: AgentSpec<'_>,
+    server: &str,
+    extra_yaml: &str,
+) -> AgentProcess {
     let dir = root.join(spec.name);
-    write_config(&dir, &spec, server);
+    write_config(&dir, &spec, server, extra_yaml);
     let log = std::fs::File::create(dir.join("agent.log")).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_kubespan-agent"))
         .arg("--config")
@@ -203,6 +212,18 @@ async fn wait_members(agent: &AgentProcess, expected: &[&str]) -> Duration {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics listener");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
 }
 
 async fn start_server(addr: &str) -> Running {
@@ -437,10 +458,36 @@ async fn kubespanctl_shows_the_mesh_and_explains_a_missing_agent() {
     let server = start_server("127.0.0.1:0").await;
     let addr = server.grpc_addr.unwrap().to_string();
     let root = tempfile::tempdir().unwrap();
-    let a = agent(root.path(), "node-a", "02:00:00:00:00:0a", &addr);
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let a = spawn_agent_with(
+        root.path(),
+        AgentSpec {
+            name: "node-a",
+            secret: SECRET,
+            cipher: "native",
+            mac: "02:00:00:00:00:0a",
+        },
+        &addr,
+        &format!("metricsAddr: \"127.0.0.1:{metrics_port}\"\n"),
+    );
     let b = agent(root.path(), "node-b", "02:00:00:00:00:0b", &addr);
     wait_members(&a, &["node-a", "node-b"]).await;
     wait_members(&b, &["node-a", "node-b"]).await;
+    let metrics = http_get(&format!("127.0.0.1:{metrics_port}"), "/metrics").await;
+    for expected in [
+        "kubespan_members 2",
+        "kubespan_discovery_connected{endpoint=",
+        "kubespan_peers{state=\"unknown\"} 1",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "missing {expected:?} in\n{metrics}"
+        );
+    }
     let ctl = |args: &[&str]| {
         let output = Command::new(env!("CARGO_BIN_EXE_kubespanctl"))
             .arg("--socket")

@@ -1,0 +1,165 @@
+//! Prometheus metrics of the agent on `metricsAddr` (`/metrics`, plus `/healthz`).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::Shared;
+use crate::api::PeerStatusProvider;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer: String,
+    public_key: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+/// Renders the current state. Gauges are rebuilt on every scrape, so peers and endpoints that
+/// went away do not linger.
+pub fn render(shared: &Shared, data_plane: &dyn PeerStatusProvider) -> String {
+    let mut registry = Registry::with_prefix("kubespan");
+    let view = shared.view.borrow().clone();
+    let members = Gauge::<i64>::default();
+    members.set(view.members.len() as i64);
+    registry.register("members", "Cluster members, this node included", members);
+    let warnings = Gauge::<i64>::default();
+    warnings.set(view.warnings.len() as i64);
+    registry.register(
+        "warnings",
+        "Active membership warnings (see kubespanctl status)",
+        warnings,
+    );
+
+    let connected = Family::<EndpointLabels, Gauge>::default();
+    let affiliates = Family::<EndpointLabels, Gauge>::default();
+    for status in shared.connection_statuses() {
+        let labels = EndpointLabels {
+            endpoint: status.endpoint.clone(),
+        };
+        connected
+            .get_or_create(&labels)
+            .set(i64::from(status.state == "connected"));
+        affiliates
+            .get_or_create(&labels)
+            .set(status.affiliates as i64);
+    }
+    registry.register(
+        "discovery_connected",
+        "1 while the discovery service's watch stream is open",
+        connected,
+    );
+    registry.register(
+        "discovery_affiliates",
+        "Readable records in the last snapshot of each discovery service",
+        affiliates,
+    );
+
+    let by_state = Family::<StateLabels, Gauge>::default();
+    for state in ["up", "down", "unknown"] {
+        let _ = by_state.get_or_create(&StateLabels {
+            state: state.into(),
+        });
+    }
+    let peer_up = Family::<PeerLabels, Gauge>::default();
+    let handshake_age = Family::<PeerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    let rx = Family::<PeerLabels, Gauge>::default();
+    let tx = Family::<PeerLabels, Gauge>::default();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    for peer in &view.peers {
+        let status = data_plane.peer_status(&peer.public_key).unwrap_or_default();
+        let state = if status.state.is_empty() {
+            "unknown"
+        } else {
+            status.state
+        };
+        by_state
+            .get_or_create(&StateLabels {
+                state: state.into(),
+            })
+            .inc();
+        let labels = PeerLabels {
+            peer: peer.label.clone(),
+            public_key: peer.public_key.clone(),
+        };
+        peer_up.get_or_create(&labels).set(i64::from(state == "up"));
+        if status.last_handshake_unix_ms > 0 {
+            handshake_age
+                .get_or_create(&labels)
+                .set((now_ms - status.last_handshake_unix_ms) as f64 / 1000.0);
+        }
+        rx.get_or_create(&labels).set(status.rx_bytes as i64);
+        tx.get_or_create(&labels).set(status.tx_bytes as i64);
+    }
+    registry.register("peers", "WireGuard peers by state", by_state);
+    registry.register("peer_up", "1 when the peer is up", peer_up);
+    registry.register(
+        "peer_last_handshake_age_seconds",
+        "Seconds since the peer's last handshake",
+        handshake_age,
+    );
+    registry.register("peer_receive_bytes", "Bytes received from the peer", rx);
+    registry.register("peer_transmit_bytes", "Bytes sent to the peer", tx);
+
+    let mut text = String::new();
+    let _ = encode(&mut text, &registry);
+    text
+}
+
+/// Serves `/metrics` and `/healthz` on `addr` until `stop`.
+pub async fn serve(
+    addr: &str,
+    shared: Arc<Shared>,
+    data_plane: Arc<dyn PeerStatusProvider>,
+    stop: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on metricsAddr {addr:?}: {e}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "serving metrics");
+    let router = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let text = render(&shared, data_plane.as_ref());
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                        .into_response()
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }));
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+        {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    }))
+}
