@@ -92,9 +92,12 @@ impl AgentApi {
         }
     }
 
+    /// Peers sorted by label, for people.
     fn peers(&self, view: &MembershipView) -> Vec<pb::Peer> {
-        view.peers
-            .iter()
+        let mut specs: Vec<_> = view.peers.iter().collect();
+        specs.sort_by(|a, b| (&a.label, &a.node_id).cmp(&(&b.label, &b.node_id)));
+        specs
+            .into_iter()
             .map(|spec| {
                 let status =
                     self.data_plane

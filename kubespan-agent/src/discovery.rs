@@ -162,6 +162,7 @@ pub async fn run_client(
         events,
         status,
         warned: HashSet::new(),
+        known: HashSet::new(),
         reached_watch: false,
     };
     let mut target = endpoint.clone();
@@ -221,6 +222,8 @@ struct Session {
     status: SharedStatus,
     /// (affiliate id, blob hash) pairs already reported as unreadable: log each once.
     warned: HashSet<(String, u64)>,
+    /// Readable affiliates this session currently knows, for the status count.
+    known: HashSet<String>,
     reached_watch: bool,
 }
 
@@ -452,10 +455,11 @@ impl Session {
                 .iter()
                 .filter_map(|a| self.open(a))
                 .collect();
+            self.known = affiliates.iter().map(|r| r.node_id.clone()).collect();
             self.status
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .affiliates = affiliates.len();
+                .affiliates = self.known.len();
             return self
                 .send(DiscoveryEvent::Snapshot { index, affiliates })
                 .await;
@@ -480,8 +484,17 @@ impl Session {
                     None => continue,
                 }
             };
+            match &event {
+                DiscoveryEvent::Upsert { record, .. } => self.known.insert(record.node_id.clone()),
+                DiscoveryEvent::Remove { node_id, .. } => self.known.remove(node_id),
+                _ => false,
+            };
             self.send(event).await?;
         }
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .affiliates = self.known.len();
         Ok(())
     }
 }
