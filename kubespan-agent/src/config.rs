@@ -68,6 +68,16 @@ struct RawConfig {
     metrics_addr: Option<String>,
     cipher: Option<String>,
     mac_address: Option<String>,
+    backend: Option<String>,
+    routing_table: Option<u32>,
+    rule_priority: Option<u32>,
+    firewall_mark: Option<u32>,
+    force_mark: Option<u32>,
+    mark_mask: Option<u32>,
+    nftables_table: Option<String>,
+    peer_keepalive_seconds: Option<u16>,
+    endpoint_timeout_seconds: Option<u64>,
+    peer_down_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -163,6 +173,55 @@ pub struct Config {
     pub metrics_addr: Option<String>,
     pub cipher: Cipher,
     pub mac_address: Option<[u8; 6]>,
+    pub data_plane: DataPlaneConfig,
+}
+
+/// Which WireGuard implementation carries the mesh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Kernel WireGuard when the kernel can create a WireGuard link, else userspace.
+    Auto,
+    Kernel,
+    /// boringtun inside the agent, on a TUN device.
+    Userspace,
+    /// Membership only: no interface, routes or firewall rules.
+    None,
+}
+
+/// Data plane settings; defaults are KubeSpan's values, except the faster timers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataPlaneConfig {
+    pub backend: Backend,
+    pub routing_table: u32,
+    pub rule_priority: u32,
+    /// Mark WireGuard puts on its own (encrypted) packets.
+    pub firewall_mark: u32,
+    /// Mark that sends a packet into the mesh (routing table).
+    pub force_mark: u32,
+    pub mark_mask: u32,
+    pub nftables_table: String,
+    pub peer_keepalive: std::time::Duration,
+    /// Without a handshake this long after switching to an endpoint, try the next one.
+    pub endpoint_timeout: std::time::Duration,
+    /// Without any answer from an established peer this long, it is down.
+    pub peer_down_after: std::time::Duration,
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Auto,
+            routing_table: 180,
+            rule_priority: 32500,
+            firewall_mark: 0x20,
+            force_mark: 0x40,
+            mark_mask: 0x60,
+            nftables_table: "kubespan".into(),
+            peer_keepalive: std::time::Duration::from_secs(10),
+            endpoint_timeout: std::time::Duration::from_secs(5),
+            peer_down_after: std::time::Duration::from_secs(30),
+        }
+    }
 }
 
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -203,6 +262,7 @@ fn parse_prefix(key: &str, text: &str) -> Result<IpNet, ConfigError> {
 }
 
 fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let data_plane = validate_data_plane(&raw)?;
     let cluster_id = raw
         .cluster_id
         .filter(|s| !s.trim().is_empty())
@@ -373,7 +433,106 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         metrics_addr,
         cipher,
         mac_address,
+        data_plane,
     })
+}
+
+fn validate_data_plane(raw: &RawConfig) -> Result<DataPlaneConfig, ConfigError> {
+    let defaults = DataPlaneConfig::default();
+    let backend = match raw.backend.as_deref().map(str::trim) {
+        None | Some("auto") => Backend::Auto,
+        Some("kernel") => Backend::Kernel,
+        Some("userspace") => Backend::Userspace,
+        Some("none") => Backend::None,
+        Some(other) => {
+            return Err(invalid(
+                "backend",
+                format!(
+                    "{other:?} is not a backend: use auto (default), kernel, userspace or none"
+                ),
+            ));
+        }
+    };
+    let config = DataPlaneConfig {
+        backend,
+        routing_table: raw.routing_table.unwrap_or(defaults.routing_table),
+        rule_priority: raw.rule_priority.unwrap_or(defaults.rule_priority),
+        firewall_mark: raw.firewall_mark.unwrap_or(defaults.firewall_mark),
+        force_mark: raw.force_mark.unwrap_or(defaults.force_mark),
+        mark_mask: raw.mark_mask.unwrap_or(defaults.mark_mask),
+        nftables_table: raw
+            .nftables_table
+            .clone()
+            .unwrap_or(defaults.nftables_table),
+        peer_keepalive: raw
+            .peer_keepalive_seconds
+            .map_or(defaults.peer_keepalive, |s| {
+                std::time::Duration::from_secs(s.into())
+            }),
+        endpoint_timeout: raw
+            .endpoint_timeout_seconds
+            .map_or(defaults.endpoint_timeout, std::time::Duration::from_secs),
+        peer_down_after: raw
+            .peer_down_seconds
+            .map_or(defaults.peer_down_after, std::time::Duration::from_secs),
+    };
+    if [0, 253, 254, 255].contains(&config.routing_table) {
+        return Err(invalid(
+            "routingTable",
+            format!(
+                "{} is reserved (0, default, main, local): use another table id such as 180",
+                config.routing_table
+            ),
+        ));
+    }
+    if config.mark_mask == 0 {
+        return Err(invalid(
+            "markMask",
+            "0 leaves no bits for the marks: the default is 0x60 (96)",
+        ));
+    }
+    for (key, mark) in [
+        ("firewallMark", config.firewall_mark),
+        ("forceMark", config.force_mark),
+    ] {
+        if mark == 0 || mark & !config.mark_mask != 0 {
+            return Err(invalid(
+                key,
+                format!(
+                    "{mark:#x} must be non-zero and inside markMask {:#x}",
+                    config.mark_mask
+                ),
+            ));
+        }
+    }
+    if config.firewall_mark == config.force_mark {
+        return Err(invalid("forceMark", "must differ from firewallMark"));
+    }
+    let table = &config.nftables_table;
+    if table.is_empty()
+        || !table
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(invalid(
+            "nftablesTable",
+            format!("{table:?} is not a valid table name: letters, digits, '_' and '-'"),
+        ));
+    }
+    if config.peer_keepalive.is_zero() || config.peer_keepalive >= config.peer_down_after {
+        return Err(invalid(
+            "peerKeepaliveSeconds",
+            format!(
+                "{}s must be at least 1 and shorter than peerDownSeconds ({}s), or live peers would look down",
+                config.peer_keepalive.as_secs(),
+                config.peer_down_after.as_secs()
+            ),
+        ));
+    }
+    if config.endpoint_timeout.is_zero() {
+        return Err(invalid("endpointTimeoutSeconds", "must be at least 1"));
+    }
+    Ok(config)
 }
 
 /// A commented configuration with fresh secrets, for `kubespanctl gen config`.
@@ -424,6 +583,21 @@ interface: kubespan
 stateDir: /var/lib/kubespan
 apiSocket: /run/kubespan/agent.sock
 metricsAddr: "127.0.0.1:9560"
+
+# WireGuard implementation: auto (kernel if available, else userspace), kernel, userspace, none.
+backend: auto
+# Seconds between keepalives; a peer silent for peerDownSeconds is down; an endpoint that gives
+# no handshake within endpointTimeoutSeconds is abandoned for the next one.
+peerKeepaliveSeconds: 10
+peerDownSeconds: 30
+endpointTimeoutSeconds: 5
+# Policy routing and firewall (KubeSpan's values).
+routingTable: 180
+rulePriority: 32500
+firewallMark: 0x20
+forceMark: 0x40
+markMask: 0x60
+nftablesTable: kubespan
 
 # The mesh address is derived from a MAC (see the README); set one when hosts clone MACs.
 # macAddress: "2e:1a:b6:53:81:69"

@@ -17,3 +17,4 @@ pub mod metrics;
 pub mod model;
 pub mod netset;
 pub mod record;
+pub mod wg;

@@ -1,0 +1,68 @@
+//! WireGuard devices behind one small trait: kernel WireGuard (netlink) or boringtun in the
+//! agent on a TUN device. Both are configured with the same [`PeerConfig`] and report the same
+//! [`PeerState`].
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use ipnet::IpNet;
+use thiserror::Error;
+
+pub mod uapi;
+
+pub type Key = [u8; 32];
+
+#[derive(Debug, Error)]
+pub enum WgError {
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("WireGuard device {interface}: {message}")]
+    Device { interface: String, message: String },
+    #[error("WireGuard control socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Interface-wide settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceSettings {
+    pub private_key: Key,
+    pub listen_port: u16,
+    pub fwmark: u32,
+}
+
+/// One peer as the agent wants it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub public_key: Key,
+    pub preshared_key: Key,
+    /// `None` leaves the device's current (possibly roamed) endpoint alone.
+    pub endpoint: Option<SocketAddr>,
+    /// Replaces the peer's allowed IPs.
+    pub allowed_ips: Vec<IpNet>,
+    pub persistent_keepalive: Duration,
+}
+
+/// One peer as the device reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerState {
+    pub public_key: Key,
+    pub endpoint: Option<SocketAddr>,
+    pub last_handshake: Option<SystemTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub allowed_ips: Vec<IpNet>,
+}
+
+/// A WireGuard interface the agent owns.
+pub trait WireGuard: Send {
+    /// The network interface name.
+    fn interface(&self) -> &str;
+    /// e.g. "userspace (boringtun) on kubespan".
+    fn describe(&self) -> String;
+    fn configure(&mut self, settings: &DeviceSettings) -> Result<(), WgError>;
+    /// Adds or updates a peer. With `reset_session`, the peer is re-created so a handshake
+    /// toward the new endpoint starts at once instead of after WireGuard's 5 s rekey timeout.
+    fn set_peer(&mut self, peer: &PeerConfig, reset_session: bool) -> Result<(), WgError>;
+    fn remove_peer(&mut self, public_key: &Key) -> Result<(), WgError>;
+    fn peers(&mut self) -> Result<Vec<PeerState>, WgError>;
+}
