@@ -7,8 +7,10 @@ use anyhow::Context;
 use clap::Parser;
 use kubespan_agent::agent::{self, NodeIdentity};
 use kubespan_agent::api::{self, AgentApi, NoDataPlane};
+use kubespan_agent::config::Backend;
 use kubespan_agent::config::{self, DEFAULT_CONFIG_PATH};
 use kubespan_agent::crypto::ClusterKeys;
+use kubespan_agent::dataplane::{self, StatusBoard};
 use kubespan_agent::{host, identity, metrics};
 use tokio_util::sync::CancellationToken;
 
@@ -52,7 +54,9 @@ fn init_logging(debug: bool, format: &str) {
     }
 }
 
-fn node_identity(config: &config::Config) -> anyhow::Result<NodeIdentity> {
+fn node_identity(
+    config: &config::Config,
+) -> anyhow::Result<(NodeIdentity, identity::WireguardKeys)> {
     let node_id = identity::load_or_create_node_id(&config.state_dir)?;
     let keys = identity::load_or_create_wireguard_keys(&config.state_dir)?;
     let (mac, mac_source) = match config.mac_address {
@@ -67,7 +71,7 @@ fn node_identity(config: &config::Config) -> anyhow::Result<NodeIdentity> {
         }
     };
     let hostname = host::hostname();
-    Ok(NodeIdentity {
+    let node = NodeIdentity {
         node_id,
         nodename: config.node_name.clone().unwrap_or_else(|| hostname.clone()),
         hostname,
@@ -76,7 +80,8 @@ fn node_identity(config: &config::Config) -> anyhow::Result<NodeIdentity> {
         mesh_prefix: identity::mesh_prefix(&config.cluster_id),
         mac_source,
         operating_system: host::operating_system(),
-    })
+    };
+    Ok((node, keys))
 }
 
 async fn shutdown_signal() -> anyhow::Result<&'static str> {
@@ -94,7 +99,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(args.debug, &args.log_format);
     let config = config::load(&args.config)?;
-    let identity = node_identity(&config)?;
+    let (identity, wireguard_keys) = node_identity(&config)?;
     tracing::info!(
         node_id = %identity.node_id, nodename = %identity.nodename, public_key = %identity.public_key,
         mesh_address = %identity.mesh_address, mac_source = %identity.mac_source,
@@ -108,10 +113,11 @@ async fn main() -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let api_stop = CancellationToken::new();
 
+    let preshared_key = keys.wireguard_psk();
     let (shared_tx, shared_rx) = tokio::sync::oneshot::channel();
     let control = tokio::spawn(agent::run(
         config.clone(),
-        identity,
+        identity.clone(),
         keys,
         stop.clone(),
         move |shared| {
@@ -121,7 +127,23 @@ async fn main() -> anyhow::Result<()> {
     let shared = shared_rx
         .await
         .context("the control loop stopped before it started")?;
-    let data_plane: Arc<dyn api::PeerStatusProvider> = Arc::new(NoDataPlane);
+    let (data_plane, data_plane_task): (Arc<dyn api::PeerStatusProvider>, _) =
+        if config.data_plane.backend == Backend::None {
+            tracing::info!("backend: none; membership only, no WireGuard interface");
+            (Arc::new(NoDataPlane), None)
+        } else {
+            let board = Arc::new(StatusBoard::default());
+            let task = tokio::spawn(dataplane::run(
+                config.clone(),
+                identity.clone(),
+                wireguard_keys.private_key,
+                preshared_key,
+                shared.view.clone(),
+                board.clone(),
+                stop.clone(),
+            ));
+            (board, Some(task))
+        };
     let api_task = api::serve(
         &config.api_socket,
         AgentApi::new(shared.clone(), data_plane.clone()),
@@ -135,9 +157,40 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
 
-    let signal = shutdown_signal().await?;
-    tracing::info!(signal, "shutting down: leaving the discovery services");
-    stop.cancel();
+    let mut data_plane_task = data_plane_task;
+    let failed_data_plane = async {
+        match data_plane_task.as_mut() {
+            Some(task) => task.await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        signal = shutdown_signal() => {
+            tracing::info!(signal = signal?, "shutting down: leaving the discovery services, removing the data plane");
+            stop.cancel();
+        }
+        result = failed_data_plane => {
+            // The data plane only returns early on a setup error: stop everything and say why.
+            stop.cancel();
+            let _ = control.await;
+            api_stop.cancel();
+            let _ = api_task.await;
+            return match result {
+                Ok(Ok(())) => Err(anyhow::anyhow!("the data plane stopped unexpectedly")),
+                Ok(Err(e)) => Err(e.context("the data plane failed")),
+                Err(e) => Err(anyhow::anyhow!("the data plane panicked: {e}")),
+            };
+        }
+    }
+    if let Some(task) = data_plane_task {
+        match task.await {
+            Ok(Err(e)) => {
+                tracing::error!(error = %format!("{e:#}"), "data plane stopped with an error")
+            }
+            Err(e) => tracing::error!(error = %e, "data plane panicked"),
+            Ok(Ok(())) => {}
+        }
+    }
     control.await.context("control loop panicked")??;
     api_stop.cancel();
     api_task.await.context("API task panicked")??;

@@ -99,7 +99,7 @@ fn write_config(dir: &Path, spec: &AgentSpec<'_>, server: &str, extra: &str) {
     let config = format!(
         "clusterID: test-cluster-id\nclusterSecret: {secret}\nnodeName: {name}\ncipher: {cipher}\n\
          macAddress: \"{mac}\"\ndiscovery:\n  endpoints: [\"http://{server}\"]\n\
-         stateDir: {state}\napiSocket: {socket}\n",
+         stateDir: {state}\napiSocket: {socket}\nbackend: none\n",
         secret = spec.secret,
         name = spec.name,
         cipher = spec.cipher,

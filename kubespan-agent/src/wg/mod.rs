@@ -9,6 +9,7 @@ use ipnet::IpNet;
 use thiserror::Error;
 
 pub mod uapi;
+pub mod userspace;
 
 pub type Key = [u8; 32];
 

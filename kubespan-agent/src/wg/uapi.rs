@@ -1,1 +1,221 @@
-//! (being written)
+//! WireGuard's cross-platform userspace API (the text protocol `wg(8)` speaks over
+//! `/var/run/wireguard/<interface>.sock`): building `set` requests and parsing `get` answers.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ipnet::IpNet;
+
+use super::{DeviceSettings, Key, PeerConfig, PeerState, WgError};
+
+/// Where wireguard-tools looks for a userspace interface's control socket.
+pub const SOCKET_DIR: &str = "/var/run/wireguard";
+
+pub fn socket_path(interface: &str) -> PathBuf {
+    Path::new(SOCKET_DIR).join(format!("{interface}.sock"))
+}
+
+fn hex_key(key: &Key) -> String {
+    hex::encode(key)
+}
+
+/// `set=1` body for interface settings.
+pub fn set_device(settings: &DeviceSettings) -> String {
+    format!(
+        "set=1\nprivate_key={}\nlisten_port={}\nfwmark={}\n\n",
+        hex_key(&settings.private_key),
+        settings.listen_port,
+        settings.fwmark
+    )
+}
+
+/// `set=1` body that (re)creates one peer. `exists` first removes the old peer in the same
+/// transaction: the device applies the whole request under one lock, so packets never see the
+/// peer missing (boringtun also cannot modify a peer in place).
+pub fn set_peer(peer: &PeerConfig, exists: bool, endpoint: Option<SocketAddr>) -> String {
+    let key = hex_key(&peer.public_key);
+    let mut body = String::from("set=1\n");
+    if exists {
+        body += &format!("public_key={key}\nremove=true\n");
+    }
+    body += &format!(
+        "public_key={key}\npreshared_key={}\npersistent_keepalive_interval={}\nreplace_allowed_ips=true\n",
+        hex_key(&peer.preshared_key),
+        peer.persistent_keepalive.as_secs()
+    );
+    if let Some(endpoint) = endpoint {
+        body += &format!("endpoint={endpoint}\n");
+    }
+    for ip in &peer.allowed_ips {
+        body += &format!("allowed_ip={ip}\n");
+    }
+    body + "\n"
+}
+
+pub fn remove_peer(public_key: &Key) -> String {
+    format!("set=1\npublic_key={}\nremove=true\n\n", hex_key(public_key))
+}
+
+fn parse_key(value: &str) -> Option<Key> {
+    let bytes = hex::decode(value).ok()?;
+    bytes.try_into().ok()
+}
+
+/// Parses a `get=1` answer (without the final `errno=` line) into the peers it lists.
+pub fn parse_get(text: &str) -> Result<Vec<PeerState>, String> {
+    let mut peers: Vec<PeerState> = Vec::new();
+    let mut handshake_sec = 0u64;
+    let mut handshake_nsec = 0u32;
+    let finish_handshake = |peer: Option<&mut PeerState>, sec: &mut u64, nsec: &mut u32| {
+        if let Some(peer) = peer
+            && (*sec != 0 || *nsec != 0)
+        {
+            peer.last_handshake = Some(UNIX_EPOCH + Duration::new(*sec, *nsec));
+        }
+        *sec = 0;
+        *nsec = 0;
+    };
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            return Err(format!("malformed line {line:?}"));
+        };
+        match key {
+            "public_key" => {
+                finish_handshake(peers.last_mut(), &mut handshake_sec, &mut handshake_nsec);
+                let public_key =
+                    parse_key(value).ok_or_else(|| format!("bad public key {value:?}"))?;
+                peers.push(PeerState {
+                    public_key,
+                    ..PeerState::default()
+                });
+            }
+            _ => {
+                // Lines before the first peer describe the interface.
+                let Some(peer) = peers.last_mut() else {
+                    continue;
+                };
+                match key {
+                    "endpoint" => peer.endpoint = value.parse().ok(),
+                    "allowed_ip" => {
+                        if let Ok(net) = value.parse::<IpNet>() {
+                            peer.allowed_ips.push(net);
+                        }
+                    }
+                    "last_handshake_time_sec" => handshake_sec = value.parse().unwrap_or(0),
+                    "last_handshake_time_nsec" => handshake_nsec = value.parse().unwrap_or(0),
+                    "rx_bytes" => peer.rx_bytes = value.parse().unwrap_or(0),
+                    "tx_bytes" => peer.tx_bytes = value.parse().unwrap_or(0),
+                    _ => {}
+                }
+            }
+        }
+    }
+    finish_handshake(peers.last_mut(), &mut handshake_sec, &mut handshake_nsec);
+    Ok(peers)
+}
+
+/// One request over the control socket; returns the body before `errno=0`.
+pub fn request(socket: &Path, body: &str) -> Result<String, WgError> {
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(body.as_bytes())?;
+    let mut reader = BufReader::new(stream);
+    let mut answer = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(WgError::Device {
+                interface: socket.display().to_string(),
+                message: "the control socket closed without an answer".into(),
+            });
+        }
+        if let Some(errno) = line.trim().strip_prefix("errno=") {
+            return match errno {
+                "0" => Ok(answer),
+                other => Err(WgError::Device {
+                    interface: socket.display().to_string(),
+                    message: format!("the device refused the request (errno {other})"),
+                }),
+            };
+        }
+        answer += &line;
+    }
+}
+
+/// Seconds since the Unix epoch, for status output.
+pub fn unix_ms(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> PeerConfig {
+        PeerConfig {
+            public_key: [1; 32],
+            preshared_key: [2; 32],
+            endpoint: Some("192.0.2.1:51820".parse().unwrap()),
+            allowed_ips: vec![
+                "10.0.0.1/32".parse().unwrap(),
+                "fd00::1/128".parse().unwrap(),
+            ],
+            persistent_keepalive: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn set_peer_recreates_in_one_transaction() {
+        let body = set_peer(&peer(), true, peer().endpoint);
+        let key = "01".repeat(32);
+        assert_eq!(
+            body,
+            format!(
+                "set=1\npublic_key={key}\nremove=true\npublic_key={key}\npreshared_key={}\n\
+                 persistent_keepalive_interval=10\nreplace_allowed_ips=true\nendpoint=192.0.2.1:51820\n\
+                 allowed_ip=10.0.0.1/32\nallowed_ip=fd00::1/128\n\n",
+                "02".repeat(32)
+            )
+        );
+        assert!(
+            !set_peer(&peer(), false, None).contains("remove")
+                && !set_peer(&peer(), false, None).contains("endpoint")
+        );
+    }
+
+    #[test]
+    fn parses_get_output() {
+        let text = format!(
+            "private_key={}\nlisten_port=51820\nfwmark=32\npublic_key={}\npreshared_key={}\n\
+             persistent_keepalive_interval=10\nendpoint=10.10.0.2:51820\nallowed_ip=10.10.0.2/32\n\
+             allowed_ip=fd00::2/128\nlast_handshake_time_sec=1700000000\nlast_handshake_time_nsec=5\n\
+             rx_bytes=100\ntx_bytes=200\npublic_key={}\nrx_bytes=0\ntx_bytes=0\n",
+            "aa".repeat(32),
+            "01".repeat(32),
+            "02".repeat(32),
+            "03".repeat(32)
+        );
+        let peers = parse_get(&text).unwrap();
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[0].public_key, [1; 32]);
+        assert_eq!(peers[0].endpoint, Some("10.10.0.2:51820".parse().unwrap()));
+        assert_eq!(peers[0].allowed_ips.len(), 2);
+        assert_eq!(
+            peers[0].last_handshake,
+            Some(UNIX_EPOCH + Duration::new(1_700_000_000, 5))
+        );
+        assert_eq!((peers[0].rx_bytes, peers[0].tx_bytes), (100, 200));
+        assert_eq!(peers[1].last_handshake, None);
+        assert_eq!(peers[1].endpoint, None);
+        assert!(parse_get("garbage").is_err());
+        assert!(parse_get("public_key=zz\n").is_err());
+    }
+}

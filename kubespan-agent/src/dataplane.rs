@@ -1,0 +1,341 @@
+//! The data plane shell: owns the WireGuard device, policy routing and the firewall table, and
+//! runs the pure [`reconcile`](crate::reconcile) on every membership change and every second.
+//! Everything it creates is removed when it stops; leftovers of a crashed run are removed first.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use base64::Engine;
+use ipnet::IpNet;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{MembershipView, NodeIdentity};
+use crate::api::{PeerStatusProvider, PeerStatusView};
+use crate::config::{Backend, Config};
+use crate::firewall::{self, FirewallConfig};
+use crate::netset::PrefixSet;
+use crate::reconcile::{Action, PeerMemory, State, Timers, WantedPeer, reconcile};
+use crate::routing::{self, RoutingConfig};
+use crate::wg::userspace::UserspaceWireGuard;
+use crate::wg::{DeviceSettings, Key, WireGuard, uapi};
+
+const TICK: Duration = Duration::from_secs(1);
+const GOOD_ENDPOINTS_FILE: &str = "good-endpoints.json";
+
+/// Peer statuses for the API and metrics, keyed by base64 public key.
+#[derive(Default)]
+pub struct StatusBoard {
+    description: RwLock<String>,
+    peers: RwLock<HashMap<String, PeerStatusView>>,
+}
+
+impl PeerStatusProvider for StatusBoard {
+    fn describe(&self) -> String {
+        self.description
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn peer_status(&self, public_key: &str) -> Option<PeerStatusView> {
+        self.peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(public_key)
+            .cloned()
+    }
+}
+
+fn decode_key(text: &str) -> Option<Key> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .ok()?
+        .try_into()
+        .ok()
+}
+
+/// Destinations forced into the mesh: peers' allowed IPs (only `up` ones with bypass), minus the
+/// mesh /64, which is routed on-link by the interface address.
+pub fn routed_set(
+    view: &MembershipView,
+    states: &HashMap<String, State>,
+    bypass: bool,
+    mesh: IpNet,
+) -> Vec<IpNet> {
+    let mut set = PrefixSet::new();
+    for peer in &view.peers {
+        if bypass && states.get(&peer.public_key) != Some(&State::Up) {
+            continue;
+        }
+        for ip in &peer.allowed_ips {
+            set.insert(*ip);
+        }
+    }
+    set.subtract(&PrefixSet::from_prefixes([mesh]))
+        .to_prefixes()
+}
+
+fn load_good_endpoints(path: &PathBuf) -> BTreeMap<String, SocketAddr> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
+}
+
+fn save_good_endpoints(path: &PathBuf, good: &BTreeMap<String, SocketAddr>) {
+    if let Ok(bytes) = serde_json::to_vec_pretty(good) {
+        let tmp = path.with_extension("json.tmp");
+        if std::fs::write(&tmp, bytes)
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .is_err()
+        {
+            tracing::debug!(path = %path.display(), "could not save the last good endpoints");
+        }
+    }
+}
+
+/// A tiny datagram to the peer's mesh address makes WireGuard start a handshake now, instead
+/// of at the next keepalive.
+fn nudge(mesh_address: std::net::Ipv6Addr) {
+    if let Ok(socket) = UdpSocket::bind("[::]:0") {
+        let _ = socket.send_to(&[0], SocketAddr::new(IpAddr::V6(mesh_address), 9));
+    }
+}
+
+/// Picks and creates the WireGuard device.
+fn create_device(config: &Config) -> anyhow::Result<Box<dyn WireGuard>> {
+    let interface = &config.interface;
+    match config.data_plane.backend {
+        Backend::Kernel => anyhow::bail!(
+            "backend: kernel is not available in this build; use backend: userspace (or auto)"
+        ),
+        Backend::Auto => tracing::info!(
+            "backend auto: using userspace WireGuard (boringtun); this build drives kernel WireGuard not yet"
+        ),
+        Backend::Userspace | Backend::None => {}
+    }
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+    Ok(Box::new(UserspaceWireGuard::create(interface, threads)?))
+}
+
+/// Sets up the interface, routing and firewall, then reconciles until `stop`; tears all of it
+/// down before returning.
+pub async fn run(
+    config: Config,
+    identity: NodeIdentity,
+    private_key: Key,
+    preshared_key: Key,
+    mut view: watch::Receiver<Arc<MembershipView>>,
+    status: Arc<StatusBoard>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let dp = &config.data_plane;
+    let routing = RoutingConfig {
+        interface: config.interface.clone(),
+        mesh_address: identity.mesh_address,
+        mtu: config.mtu,
+        table: dp.routing_table,
+        rule_priority: dp.rule_priority,
+        force_mark: dp.force_mark,
+        mark_mask: dp.mark_mask,
+    };
+    let firewall = FirewallConfig {
+        table: dp.nftables_table.clone(),
+        firewall_mark: dp.firewall_mark,
+        force_mark: dp.force_mark,
+        mark_mask: dp.mark_mask,
+        mtu: config.mtu,
+    };
+    // Leftovers of a crashed run.
+    let _ = routing::remove(&routing).await;
+    {
+        let firewall = firewall.clone();
+        let _ = tokio::task::spawn_blocking(move || firewall::remove(&firewall)).await;
+    }
+
+    let mut device = tokio::task::block_in_place(|| create_device(&config))?;
+    *status
+        .description
+        .write()
+        .unwrap_or_else(|p| p.into_inner()) = device.describe();
+    let result = async {
+        tokio::task::block_in_place(|| {
+            device.configure(&DeviceSettings {
+                private_key,
+                listen_port: config.listen_port,
+                fwmark: dp.firewall_mark,
+            })
+        })
+        .context("cannot configure the WireGuard device")?;
+        routing::apply(&routing).await.context("cannot set up routing")?;
+        apply_firewall(&firewall, Vec::new()).await?;
+        tracing::info!(device = %device.describe(), listen_port = config.listen_port, "data plane up");
+        reconcile_loop(&config, &identity, device.as_mut(), preshared_key, &mut view, &status, &firewall, &stop).await
+    }
+    .await;
+
+    // Tear down in reverse order; the interface goes with the device.
+    let firewall_removed = tokio::task::spawn_blocking({
+        let firewall = firewall.clone();
+        move || firewall::remove(&firewall)
+    })
+    .await;
+    if let Ok(Err(e)) = firewall_removed {
+        tracing::warn!(error = %e, "could not remove the firewall table");
+    }
+    if let Err(e) = routing::remove(&routing).await {
+        tracing::warn!(error = %e, "could not remove routes and rules");
+    }
+    drop(device);
+    tracing::info!("data plane removed");
+    result
+}
+
+async fn apply_firewall(firewall: &FirewallConfig, routed: Vec<IpNet>) -> anyhow::Result<()> {
+    let firewall = firewall.clone();
+    tokio::task::spawn_blocking(move || firewall::apply(&firewall, &routed))
+        .await
+        .context("firewall task failed")?
+        .context("cannot apply the nftables table")
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn reconcile_loop(
+    config: &Config,
+    identity: &NodeIdentity,
+    device: &mut dyn WireGuard,
+    preshared_key: Key,
+    view: &mut watch::Receiver<Arc<MembershipView>>,
+    status: &StatusBoard,
+    firewall: &FirewallConfig,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let dp = &config.data_plane;
+    let timers = Timers {
+        endpoint_timeout: dp.endpoint_timeout,
+        peer_down_after: dp.peer_down_after,
+        keepalive: dp.peer_keepalive,
+    };
+    let good_path = config.state_dir.join(GOOD_ENDPOINTS_FILE);
+    let mut good = load_good_endpoints(&good_path);
+    let mut memory: HashMap<Key, PeerMemory> = HashMap::new();
+    let mut routed: Option<Vec<IpNet>> = None;
+    let mut last_states: HashMap<String, State> = HashMap::new();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            changed = view.changed() => if changed.is_err() { return Ok(()) },
+            _ = tick.tick() => {}
+        }
+        let current = view.borrow_and_update().clone();
+        let wanted: Vec<WantedPeer> = current
+            .peers
+            .iter()
+            .filter_map(|spec| {
+                let key = decode_key(&spec.public_key);
+                if key.is_none() {
+                    tracing::warn!(peer = %spec.label, key = %spec.public_key, "ignoring a peer with an unusable public key");
+                }
+                Some(WantedPeer { public_key: key?, spec: spec.clone() })
+            })
+            .collect();
+        let device_peers = match tokio::task::block_in_place(|| device.peers()) {
+            Ok(peers) => peers,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the WireGuard device");
+                continue;
+            }
+        };
+        let good_before = good.clone();
+        let outcome = reconcile(
+            &wanted,
+            &device_peers,
+            &mut memory,
+            &mut good,
+            &preshared_key,
+            timers,
+            SystemTime::now(),
+        );
+        for action in &outcome.actions {
+            let result = tokio::task::block_in_place(|| match action {
+                Action::SetPeer {
+                    config,
+                    reset_session,
+                } => device.set_peer(config, *reset_session),
+                Action::RemovePeer { public_key } => device.remove_peer(public_key),
+            });
+            match (action, result) {
+                (
+                    Action::SetPeer {
+                        config,
+                        reset_session,
+                    },
+                    Ok(()),
+                ) => {
+                    if *reset_session
+                        && let Some(want) =
+                            wanted.iter().find(|w| w.public_key == config.public_key)
+                    {
+                        tracing::info!(peer = %want.spec.label, endpoint = ?config.endpoint, "trying endpoint");
+                        nudge(want.spec.mesh_address);
+                    }
+                }
+                (Action::RemovePeer { .. }, Ok(())) => {
+                    tracing::info!("removed a peer that left the cluster")
+                }
+                (_, Err(e)) => {
+                    tracing::error!(error = %e, "WireGuard device change failed; retrying next tick")
+                }
+            }
+        }
+        if good != good_before {
+            save_good_endpoints(&good_path, &good);
+        }
+
+        let mut states = HashMap::new();
+        {
+            let mut board = status.peers.write().unwrap_or_else(|p| p.into_inner());
+            board.clear();
+            for (report, want) in outcome.reports.iter().zip(&wanted) {
+                if last_states.get(&want.spec.public_key) != Some(&report.state) {
+                    tracing::info!(peer = %want.spec.label, state = report.state.as_str(), endpoint = ?report.endpoint, "peer state");
+                }
+                states.insert(want.spec.public_key.clone(), report.state);
+                board.insert(
+                    want.spec.public_key.clone(),
+                    PeerStatusView {
+                        state: report.state.as_str(),
+                        endpoint: report.endpoint,
+                        last_handshake_unix_ms: report.last_handshake.map_or(0, uapi::unix_ms),
+                        rx_bytes: report.rx_bytes,
+                        tx_bytes: report.tx_bytes,
+                        last_endpoint_change_unix_ms: report
+                            .last_endpoint_change
+                            .map_or(0, uapi::unix_ms),
+                    },
+                );
+            }
+        }
+        last_states = states.clone();
+        let mesh = IpNet::V6(identity.mesh_prefix);
+        let next = routed_set(&current, &states, config.allow_down_peer_bypass, mesh);
+        if routed.as_ref() != Some(&next) {
+            match apply_firewall(firewall, next.clone()).await {
+                Ok(()) => {
+                    tracing::debug!(routed = ?next, "firewall updated");
+                    routed = Some(next);
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "firewall update failed; retrying next tick")
+                }
+            }
+        }
+    }
+}
