@@ -11,6 +11,7 @@ declare -A needed=(
   [wg]=wireguard-tools
   [ping]=iputils-ping
   [iperf3]=iperf3
+  [tcpdump]=tcpdump
 )
 missing=()
 for cmd in "${!needed[@]}"; do
@@ -28,4 +29,6 @@ if ((${#missing[@]})); then
   fi
 fi
 
+# The namespace tests run the built binaries (discovery-server, kubespan-agent, kubespanctl).
+cargo build --workspace --bins --locked
 cargo test --workspace --locked "$@"

@@ -174,7 +174,12 @@ pub fn reconcile(
                 _ => State::Down,
             }
         } else if since(now, changed_at).unwrap_or_default() < timers.endpoint_timeout {
-            State::Unknown
+            // Still waiting for an answer; a peer already found down stays down meanwhile.
+            if mem.state == State::Down {
+                State::Down
+            } else {
+                State::Unknown
+            }
         } else {
             State::Down
         };
@@ -191,7 +196,9 @@ pub fn reconcile(
             };
             endpoint_to_set = first;
             reset_session = true;
-        } else if state == State::Down {
+        } else if state == State::Down
+            && since(now, changed_at).unwrap_or_default() >= timers.endpoint_timeout
+        {
             let single_and_current = endpoints.len() == 1
                 && Some(endpoints[0]) == mem.last_used_endpoint
                 && device_endpoint == mem.last_used_endpoint;

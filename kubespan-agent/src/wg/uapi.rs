@@ -41,8 +41,9 @@ pub fn set_peer(peer: &PeerConfig, exists: bool, endpoint: Option<SocketAddr>) -
     if exists {
         body += &format!("public_key={key}\nremove=true\n");
     }
+    // `remove=false` explicitly: boringtun carries `remove` over from the previous section.
     body += &format!(
-        "public_key={key}\npreshared_key={}\npersistent_keepalive_interval={}\nreplace_allowed_ips=true\n",
+        "public_key={key}\nremove=false\npreshared_key={}\npersistent_keepalive_interval={}\nreplace_allowed_ips=true\n",
         hex_key(&peer.preshared_key),
         peer.persistent_keepalive.as_secs()
     );
@@ -121,26 +122,35 @@ pub fn parse_get(text: &str) -> Result<Vec<PeerState>, String> {
     Ok(peers)
 }
 
-/// One request over the control socket; returns the body before `errno=0`.
+/// One request over the control socket at `socket`; returns the body before `errno=0`.
 pub fn request(socket: &Path, body: &str) -> Result<String, WgError> {
     let mut stream = UnixStream::connect(socket)?;
+    exchange(&mut stream, body, &socket.display().to_string())
+}
+
+/// Sends one request on an open control stream and reads the answer up to its `errno=` line.
+pub fn exchange(stream: &mut UnixStream, body: &str, name: &str) -> Result<String, WgError> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     stream.write_all(body.as_bytes())?;
-    let mut reader = BufReader::new(stream);
+    let mut reader = BufReader::new(&*stream);
     let mut answer = String::new();
     loop {
         let mut line = String::new();
+        // Byte-wise reads would be slow; a BufReader may read ahead, but the device writes
+        // nothing after the errno line and its blank line, which we consume here.
         if reader.read_line(&mut line)? == 0 {
             return Err(WgError::Device {
-                interface: socket.display().to_string(),
-                message: "the control socket closed without an answer".into(),
+                interface: name.to_owned(),
+                message: "the control channel closed without an answer".into(),
             });
         }
         if let Some(errno) = line.trim().strip_prefix("errno=") {
+            let mut blank = String::new();
+            let _ = reader.read_line(&mut blank);
             return match errno {
                 "0" => Ok(answer),
                 other => Err(WgError::Device {
-                    interface: socket.display().to_string(),
+                    interface: name.to_owned(),
                     message: format!("the device refused the request (errno {other})"),
                 }),
             };
@@ -179,14 +189,14 @@ mod tests {
         assert_eq!(
             body,
             format!(
-                "set=1\npublic_key={key}\nremove=true\npublic_key={key}\npreshared_key={}\n\
+                "set=1\npublic_key={key}\nremove=true\npublic_key={key}\nremove=false\npreshared_key={}\n\
                  persistent_keepalive_interval=10\nreplace_allowed_ips=true\nendpoint=192.0.2.1:51820\n\
                  allowed_ip=10.0.0.1/32\nallowed_ip=fd00::1/128\n\n",
                 "02".repeat(32)
             )
         );
         assert!(
-            !set_peer(&peer(), false, None).contains("remove")
+            !set_peer(&peer(), false, None).contains("remove=true")
                 && !set_peer(&peer(), false, None).contains("endpoint")
         );
     }

@@ -1,8 +1,19 @@
-//! boringtun inside the agent, on a TUN device, controlled through WireGuard's standard
-//! userspace socket (`/var/run/wireguard/<interface>.sock`), so `wg show` works on it too.
+//! boringtun inside the agent, on a TUN device.
+//!
+//! The agent controls the device through a private socket pair (boringtun's `uapi_fd` mode, which
+//! also keeps boringtun from taking over SIGINT/SIGTERM), and serves WireGuard's standard control
+//! socket `/var/run/wireguard/<interface>.sock` itself, read-only: `wg show` works, while changes
+//! go only through the agent (boringtun cannot modify a peer in place, and a foreign `wg set`
+//! would fight the agent's reconciler anyway).
 
 use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::IntoRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use boringtun::device::{DeviceConfig, DeviceHandle};
 
@@ -11,49 +22,122 @@ use super::{DeviceSettings, Key, PeerConfig, PeerState, WgError, WireGuard};
 
 pub struct UserspaceWireGuard {
     interface: String,
-    socket: PathBuf,
+    control: Arc<Mutex<UnixStream>>,
     configured: HashSet<Key>,
-    // Dropping the handle stops the device and removes the control socket.
+    socket: PathBuf,
+    stop_proxy: Arc<AtomicBool>,
+    // Dropping the handle stops the device.
     _handle: DeviceHandle,
 }
 
 impl UserspaceWireGuard {
     /// Creates the TUN interface and starts boringtun on `threads` worker threads.
     pub fn create(interface: &str, threads: usize) -> Result<Self, WgError> {
+        let (ours, theirs) = UnixStream::pair()?;
+        let config = DeviceConfig {
+            n_threads: threads.max(1),
+            use_connected_socket: true,
+            use_multi_queue: true,
+            uapi_fd: theirs.into_raw_fd(),
+        };
+        let handle = DeviceHandle::new(interface, config).map_err(|e| WgError::Device {
+            interface: interface.to_owned(),
+            message: format!(
+                "cannot create the TUN device ({e:?}); is /dev/net/tun available and are we root (CAP_NET_ADMIN)?"
+            ),
+        })?;
+        let control = Arc::new(Mutex::new(ours));
         let socket = uapi::socket_path(interface);
-        // A socket left by a crashed agent would make boringtun's bind fail; nobody serves it.
-        if socket.exists() && std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            let _ = std::fs::remove_file(&socket);
+        let stop_proxy = Arc::new(AtomicBool::new(false));
+        if let Err(e) = serve_read_only(&socket, control.clone(), stop_proxy.clone(), interface) {
+            tracing::warn!(socket = %socket.display(), error = %e, "`wg show` will not see this interface");
         }
-        let name = interface.to_owned();
-        let (tx, rx) = std::sync::mpsc::channel();
-        // boringtun's socket mode blocks SIGINT/SIGTERM on the thread that creates the device
-        // (and on its worker threads, which inherit the mask) to read them through a signalfd.
-        // Creating it on a thread of its own keeps those signals for the agent's handlers.
-        std::thread::Builder::new()
-            .name(format!("wg-{interface}"))
-            .spawn(move || {
-                let config = DeviceConfig {
-                    n_threads: threads.max(1),
-                    use_connected_socket: true,
-                    use_multi_queue: true,
-                    uapi_fd: -1,
-                };
-                let _ = tx.send(DeviceHandle::new(&name, config).map_err(|e| format!("{e:?}")));
-            })?;
-        let handle = rx
-            .recv()
-            .map_err(|_| WgError::Unsupported("the device thread ended before creating the device".into()))?
-            .map_err(|message| WgError::Device {
-                interface: interface.to_owned(),
-                message: format!("cannot create the TUN device ({message}); is /dev/net/tun available and are we root (CAP_NET_ADMIN)?"),
-            })?;
         Ok(Self {
             interface: interface.to_owned(),
-            socket,
+            control,
             configured: HashSet::new(),
+            socket,
+            stop_proxy,
             _handle: handle,
         })
+    }
+
+    fn request(&self, body: &str) -> Result<String, WgError> {
+        let mut control = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        uapi::exchange(&mut control, body, &self.interface)
+    }
+}
+
+impl Drop for UserspaceWireGuard {
+    fn drop(&mut self) {
+        self.stop_proxy.store(true, Ordering::SeqCst);
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Serves `get` requests of `wg(8)` on the standard socket; refuses `set` with EPERM.
+fn serve_read_only(
+    socket: &PathBuf,
+    control: Arc<Mutex<UnixStream>>,
+    stop: Arc<AtomicBool>,
+    interface: &str,
+) -> std::io::Result<()> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // A socket file left by a crashed agent: nobody serves it.
+    if socket.exists() && UnixStream::connect(socket).is_err() {
+        let _ = std::fs::remove_file(socket);
+    }
+    let listener = UnixListener::bind(socket)?;
+    listener.set_nonblocking(true)?;
+    let name = interface.to_owned();
+    std::thread::Builder::new()
+        .name(format!("wg-uapi-{interface}"))
+        .spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let _ = client.set_nonblocking(false);
+                        let _ = client.set_read_timeout(Some(Duration::from_secs(2)));
+                        answer(client, &control, &name);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn answer(client: UnixStream, control: &Mutex<UnixStream>, name: &str) {
+    let mut reader = BufReader::new(&client);
+    let mut first = String::new();
+    if reader.read_line(&mut first).is_err() {
+        return;
+    }
+    let mut writer = &client;
+    match first.trim() {
+        "get=1" => {
+            let mut control = control.lock().unwrap_or_else(|p| p.into_inner());
+            match uapi::exchange(&mut control, "get=1\n\n", name) {
+                Ok(body) => {
+                    let _ = write!(writer, "{body}errno=0\n\n");
+                }
+                Err(_) => {
+                    let _ = write!(writer, "errno=5\n\n");
+                }
+            }
+        }
+        "set=1" => {
+            tracing::warn!(interface = %name, "refused a change through the WireGuard control socket: the agent owns this device");
+            let _ = write!(writer, "errno=1\n\n");
+        }
+        _ => {
+            let _ = write!(writer, "errno=22\n\n");
+        }
     }
 }
 
@@ -67,7 +151,7 @@ impl WireGuard for UserspaceWireGuard {
     }
 
     fn configure(&mut self, settings: &DeviceSettings) -> Result<(), WgError> {
-        uapi::request(&self.socket, &uapi::set_device(settings)).map(|_| ())
+        self.request(&uapi::set_device(settings)).map(|_| ())
     }
 
     fn set_peer(&mut self, peer: &PeerConfig, _reset_session: bool) -> Result<(), WgError> {
@@ -83,19 +167,19 @@ impl WireGuard for UserspaceWireGuard {
                 .and_then(|p| p.endpoint),
             None => None,
         };
-        uapi::request(&self.socket, &uapi::set_peer(peer, exists, endpoint))?;
+        self.request(&uapi::set_peer(peer, exists, endpoint))?;
         self.configured.insert(peer.public_key);
         Ok(())
     }
 
     fn remove_peer(&mut self, public_key: &Key) -> Result<(), WgError> {
-        uapi::request(&self.socket, &uapi::remove_peer(public_key))?;
+        self.request(&uapi::remove_peer(public_key))?;
         self.configured.remove(public_key);
         Ok(())
     }
 
     fn peers(&mut self) -> Result<Vec<PeerState>, WgError> {
-        let text = uapi::request(&self.socket, "get=1\n\n")?;
+        let text = self.request("get=1\n\n")?;
         let peers = uapi::parse_get(&text).map_err(|message| WgError::Device {
             interface: self.interface.clone(),
             message: format!("unreadable status: {message}"),

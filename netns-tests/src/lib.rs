@@ -1,0 +1,481 @@
+//! A harness for end-to-end tests in Linux network namespaces: a bridge namespace ("switch"),
+//! node namespaces cabled to it with veth pairs, a discovery server, kubespan-agents, and
+//! helpers that observe the result the way an operator would (`ping`, `wg show`, `tcpdump`,
+//! `kubespanctl`, `ip`, `nft`). Everything created is removed when the [`Lab`] is dropped, also
+//! when a test fails.
+//!
+//! The binaries are taken from the cargo target directory next to the test executable, so run
+//! `cargo build --workspace --bins` first (`scripts/test.sh` does).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+pub const CLUSTER_SECRET: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+/// Fails unless running as root; `OPENSPAN_SKIP_ROOT_TESTS=1` turns that into an explicit skip.
+/// Returns false when the test should skip.
+pub fn require_root() -> bool {
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if uid.as_deref().ok() == Some("0") {
+        return true;
+    }
+    if std::env::var("OPENSPAN_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
+        eprintln!("SKIPPED: network namespace tests need root (OPENSPAN_SKIP_ROOT_TESTS=1 is set)");
+        return false;
+    }
+    panic!(
+        "network namespace tests need root (CAP_NET_ADMIN); run as root, or set OPENSPAN_SKIP_ROOT_TESTS=1 to skip them explicitly"
+    );
+}
+
+/// The cargo target directory holding this test's binaries.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+pub fn run(program: &str, args: &[&str]) -> anyhow::Result<Output> {
+    Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program}"))
+}
+
+/// Runs a command and fails with its output unless it succeeds.
+pub fn sh(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let output = run(program, args)?;
+    if !output.status.success() {
+        bail!(
+            "`{program} {}` failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+static LABS: AtomicU32 = AtomicU32::new(0);
+static CAPTURES: AtomicU32 = AtomicU32::new(0);
+
+pub struct Node {
+    pub name: String,
+    pub netns: String,
+    pub address: String,
+    pub interface: String,
+    pub dir: PathBuf,
+    agent: Option<Child>,
+}
+
+impl Node {
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Runs a command inside this node's namespace.
+    pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<Output> {
+        let mut all = vec!["netns", "exec", &self.netns, program];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    pub fn ping(&self, address: &str) -> bool {
+        self.exec("ping", &["-c", "1", "-W", "1", address])
+            .is_ok_and(|o| o.status.success())
+    }
+
+    pub fn kubespanctl(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let socket = self.socket();
+        let mut all = vec![
+            "--socket",
+            socket.to_str().unwrap_or_default(),
+            "-o",
+            "json",
+        ];
+        all.extend_from_slice(args);
+        let out = sh(binary("kubespanctl").to_str().unwrap_or_default(), &all)?;
+        serde_json::from_str(&out).context("kubespanctl printed no JSON")
+    }
+
+    pub fn mesh_address(&self) -> anyhow::Result<String> {
+        Ok(self.kubespanctl(&["identity"])?["mesh_address"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
+    }
+
+    /// (label, state, endpoint) of each peer.
+    pub fn peers(&self) -> anyhow::Result<Vec<(String, String, String)>> {
+        let peers = self.kubespanctl(&["peers"])?;
+        Ok(peers
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|p| {
+                        (
+                            p["label"].as_str().unwrap_or_default().to_owned(),
+                            p["status"]["state"].as_str().unwrap_or_default().to_owned(),
+                            p["status"]["endpoint"]
+                                .as_str()
+                                .unwrap_or_default()
+                                .to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.agent
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// SIGTERM and wait: a graceful stop.
+    pub fn stop_agent(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.agent.take() {
+            sh("kill", &["-TERM", &child.id().to_string()])?;
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if child.try_wait()?.is_some() {
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    bail!(
+                        "{} did not stop within 15 s of SIGTERM\n{}",
+                        self.name,
+                        self.log()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub struct Lab {
+    pub id: String,
+    pub switch: String,
+    pub nodes: Vec<Node>,
+    pub root: PathBuf,
+    server: Option<Child>,
+    pub server_address: String,
+    namespaces: Vec<String>,
+}
+
+/// Settings for one agent's configuration file.
+#[derive(Clone, Debug, Default)]
+pub struct AgentOptions {
+    /// Extra YAML appended to the generated configuration.
+    pub extra_yaml: String,
+}
+
+impl Lab {
+    /// `count` node namespaces on one bridge, 10.77.<lab>.<n>/24; the discovery server runs on
+    /// the bridge's own address, 10.77.<lab>.254.
+    pub fn new(count: usize) -> anyhow::Result<Self> {
+        let lab = LABS.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id() % 10_000;
+        let id = format!("os{pid}x{lab}");
+        let root = std::env::temp_dir().join(format!("openspan-{id}"));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root)?;
+        let switch = format!("{id}-sw");
+        let subnet = 100 + (pid + lab) % 100;
+        let mut this = Self {
+            id: id.clone(),
+            switch: switch.clone(),
+            nodes: Vec::new(),
+            root,
+            server: None,
+            server_address: format!("10.77.{subnet}.254:3000"),
+            namespaces: Vec::new(),
+        };
+        sh("ip", &["netns", "add", &switch])?;
+        this.namespaces.push(switch.clone());
+        sh(
+            "ip",
+            &["-n", &switch, "link", "add", "br0", "type", "bridge"],
+        )?;
+        sh("ip", &["-n", &switch, "link", "set", "br0", "up"])?;
+        // The discovery server lives on the switch, outside the mesh, as in a real deployment:
+        // hosted on a mesh node, force routing would send its answers to a restarting node into
+        // a tunnel that node cannot open yet.
+        sh(
+            "ip",
+            &[
+                "-n",
+                &switch,
+                "addr",
+                "add",
+                &format!("10.77.{subnet}.254/24"),
+                "dev",
+                "br0",
+            ],
+        )?;
+        for n in 1..=count {
+            let netns = format!("{id}-n{n}");
+            sh("ip", &["netns", "add", &netns])?;
+            this.namespaces.push(netns.clone());
+            let host_side = format!("{id}v{n}");
+            sh(
+                "ip",
+                &[
+                    "link", "add", &host_side, "type", "veth", "peer", "name", "eth0", "netns",
+                    &netns,
+                ],
+            )?;
+            sh("ip", &["link", "set", &host_side, "netns", &switch])?;
+            sh(
+                "ip",
+                &[
+                    "-n", &switch, "link", "set", &host_side, "master", "br0", "up",
+                ],
+            )?;
+            let address = format!("10.77.{subnet}.{n}");
+            sh("ip", &["-n", &netns, "link", "set", "lo", "up"])?;
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    &netns,
+                    "link",
+                    "set",
+                    "eth0",
+                    "address",
+                    &format!("02:00:00:{:02x}:{lab:02x}:{n:02x}", pid % 256),
+                ],
+            )?;
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    &netns,
+                    "addr",
+                    "add",
+                    &format!("{address}/24"),
+                    "dev",
+                    "eth0",
+                ],
+            )?;
+            sh("ip", &["-n", &netns, "link", "set", "eth0", "up"])?;
+            let dir = this.root.join(format!("node-{n}"));
+            std::fs::create_dir_all(&dir)?;
+            this.nodes.push(Node {
+                name: format!("node-{n}"),
+                netns,
+                address,
+                // Userspace interfaces share /var/run/wireguard across namespaces: unique names.
+                interface: format!("{id}k{n}"),
+                dir,
+                agent: None,
+            });
+        }
+        Ok(this)
+    }
+
+    pub fn start_server(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::File::create(self.root.join("server.log"))?;
+        let server = binary("discovery-server");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.switch])
+            .arg(server)
+            .args([
+                &format!("--addr={}", self.server_address),
+                "--landing-addr=",
+                "--metrics-addr=",
+                "--snapshots-enabled=false",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("start discovery-server")?;
+        self.server = Some(child);
+        Ok(())
+    }
+
+    pub fn node(&self, n: usize) -> &Node {
+        &self.nodes[n - 1]
+    }
+
+    pub fn node_mut(&mut self, n: usize) -> &mut Node {
+        &mut self.nodes[n - 1]
+    }
+
+    /// Writes node `n`'s configuration and starts its agent (userspace WireGuard, fast timers).
+    pub fn start_agent(&mut self, n: usize, options: &AgentOptions) -> anyhow::Result<()> {
+        let server = self.server_address.clone();
+        let node = &mut self.nodes[n - 1];
+        let config = format!(
+            "clusterID: netns-{id}\nclusterSecret: {CLUSTER_SECRET}\nnodeName: {name}\n\
+             discovery:\n  endpoints: [\"http://{server}\"]\nstateDir: {dir}/state\napiSocket: {dir}/agent.sock\n\
+             interface: {interface}\nbackend: userspace\npeerKeepaliveSeconds: 2\npeerDownSeconds: 6\n\
+             endpointTimeoutSeconds: 3\nnftablesTable: openspan_test\n{extra}",
+            id = self.id,
+            name = node.name,
+            dir = node.dir.display(),
+            interface = node.interface,
+            extra = options.extra_yaml,
+        );
+        std::fs::write(node.dir.join("config.yaml"), config)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.dir.join("agent.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &node.netns])
+            .arg(binary("kubespan-agent"))
+            .arg("--config")
+            .arg(node.dir.join("config.yaml"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("start kubespan-agent")?;
+        node.agent = Some(child);
+        Ok(())
+    }
+
+    /// Polls `check` every 100 ms until it returns true or `timeout` passes; returns the wait.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut() -> bool,
+    ) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        loop {
+            if check() {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > timeout {
+                let logs: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .map(|n| format!("--- {} log (tail)\n{}", n.name, tail(&n.log(), 25)))
+                    .collect();
+                bail!(
+                    "timed out after {timeout:?} waiting for {what}\n{}",
+                    logs.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Starts `tcpdump` on every port of the switch (a bridge device itself does not see frames
+    /// forwarded between its ports); stop it with [`Capture::finish`].
+    pub fn capture(&self, filter: &str) -> anyhow::Result<Capture> {
+        let file = self.root.join(format!(
+            "capture-{}.pcap",
+            CAPTURES.fetch_add(1, Ordering::SeqCst)
+        ));
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.switch,
+                "tcpdump",
+                "-Z",
+                "root",
+                "--immediate-mode",
+                "-i",
+                "any",
+                "-n",
+                "-U",
+                "-w",
+            ])
+            .arg(&file)
+            .arg(filter)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(file.with_extension("log"))?)
+            .spawn()
+            .context("start tcpdump (apt-get install tcpdump)")?;
+        let capture = Capture { child, file };
+        // Packets sent before tcpdump says it is listening are not captured.
+        self.wait_for(
+            "tcpdump to start listening",
+            Duration::from_secs(10),
+            || {
+                std::fs::read_to_string(capture.file.with_extension("log"))
+                    .is_ok_and(|l| l.contains("listening on"))
+            },
+        )?;
+        Ok(capture)
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+pub struct Capture {
+    child: Child,
+    file: PathBuf,
+}
+
+impl Capture {
+    /// Stops the capture and returns the captured packets as `tcpdump -r` prints them.
+    pub fn finish(mut self) -> anyhow::Result<Vec<String>> {
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = sh("kill", &["-INT", &self.child.id().to_string()]);
+        let _ = self.child.wait();
+        let out = sh(
+            "tcpdump",
+            &["-n", "-r", self.file.to_str().unwrap_or_default()],
+        )?;
+        Ok(out.lines().map(str::to_owned).collect())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill_agent();
+            let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", node.interface));
+        }
+        if let Some(mut server) = self.server.take() {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+        for netns in &self.namespaces {
+            let _ = run("ip", &["netns", "del", netns]);
+        }
+        if std::env::var("OPENSPAN_KEEP_LAB").is_err() {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+}
