@@ -17,9 +17,12 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{MembershipView, NodeIdentity};
 use crate::api::{PeerStatusProvider, PeerStatusView};
 use crate::config::{Backend, Config};
+use crate::crypto::ClusterKeys;
+use crate::discovery::Publication;
 use crate::firewall::{self, FirewallConfig};
 use crate::netset::PrefixSet;
-use crate::reconcile::{Action, PeerMemory, State, Timers, WantedPeer, reconcile};
+use crate::reconcile::{Action, PeerMemory, PeerReport, State, Timers, WantedPeer, reconcile};
+use crate::record;
 use crate::routing::{self, RoutingConfig};
 use crate::wg::userspace::UserspaceWireGuard;
 use crate::wg::{DeviceSettings, Key, WireGuard, uapi};
@@ -123,17 +126,24 @@ fn create_device(config: &Config) -> anyhow::Result<Box<dyn WireGuard>> {
     Ok(Box::new(UserspaceWireGuard::create(interface, threads)?))
 }
 
+/// What the data plane works from.
+pub struct Inputs {
+    pub config: Config,
+    pub identity: NodeIdentity,
+    pub private_key: Key,
+    pub keys: Arc<ClusterKeys>,
+    pub view: watch::Receiver<Arc<MembershipView>>,
+    /// Where harvested endpoints are published (with `harvestExtraEndpoints`).
+    pub publication: watch::Sender<Publication>,
+    pub status: Arc<StatusBoard>,
+}
+
 /// Sets up the interface, routing and firewall, then reconciles until `stop`; tears all of it
 /// down before returning.
-pub async fn run(
-    config: Config,
-    identity: NodeIdentity,
-    private_key: Key,
-    preshared_key: Key,
-    mut view: watch::Receiver<Arc<MembershipView>>,
-    status: Arc<StatusBoard>,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
+pub async fn run(mut inputs: Inputs, stop: CancellationToken) -> anyhow::Result<()> {
+    let config = inputs.config.clone();
+    let identity = inputs.identity.clone();
+    let status = inputs.status.clone();
     let dp = &config.data_plane;
     let routing = RoutingConfig {
         interface: config.interface.clone(),
@@ -166,7 +176,7 @@ pub async fn run(
     let result = async {
         tokio::task::block_in_place(|| {
             device.configure(&DeviceSettings {
-                private_key,
+                private_key: inputs.private_key,
                 listen_port: config.listen_port,
                 fwmark: dp.firewall_mark,
             })
@@ -175,7 +185,7 @@ pub async fn run(
         routing::apply(&routing).await.context("cannot set up routing")?;
         apply_firewall(&firewall, Vec::new()).await?;
         tracing::info!(device = %device.describe(), listen_port = config.listen_port, "data plane up");
-        reconcile_loop(&config, &identity, device.as_mut(), preshared_key, &mut view, &status, &firewall, &stop).await
+        reconcile_loop(&mut inputs, device.as_mut(), &firewall, &stop).await
     }
     .await;
 
@@ -196,6 +206,29 @@ pub async fn run(
     result
 }
 
+/// Endpoints observed for `up` peers that they do not announce themselves (e.g. a NAT mapping),
+/// sealed under the peer's id for publishing on its behalf.
+fn harvest(
+    reports: &[PeerReport],
+    wanted: &[WantedPeer],
+    keys: &ClusterKeys,
+) -> Vec<(String, Vec<bytes::Bytes>)> {
+    let mut harvested: Vec<(String, Vec<bytes::Bytes>)> = reports
+        .iter()
+        .zip(wanted)
+        .filter(|(report, _)| report.state == State::Up)
+        .filter_map(|(report, want)| {
+            let endpoint = report.endpoint?;
+            (!want.spec.endpoints.contains(&endpoint)).then(|| {
+                let sealed = record::seal_endpoints(keys, &want.spec.node_id, &[endpoint]);
+                (want.spec.node_id.clone(), sealed)
+            })
+        })
+        .collect();
+    harvested.sort();
+    harvested
+}
+
 async fn apply_firewall(firewall: &FirewallConfig, routed: Vec<IpNet>) -> anyhow::Result<()> {
     let firewall = firewall.clone();
     tokio::task::spawn_blocking(move || firewall::apply(&firewall, &routed))
@@ -204,17 +237,17 @@ async fn apply_firewall(firewall: &FirewallConfig, routed: Vec<IpNet>) -> anyhow
         .context("cannot apply the nftables table")
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn reconcile_loop(
-    config: &Config,
-    identity: &NodeIdentity,
+    inputs: &mut Inputs,
     device: &mut dyn WireGuard,
-    preshared_key: Key,
-    view: &mut watch::Receiver<Arc<MembershipView>>,
-    status: &StatusBoard,
     firewall: &FirewallConfig,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
+    let config = &inputs.config;
+    let identity = &inputs.identity;
+    let status = &inputs.status;
+    let view = &mut inputs.view;
+    let preshared_key = inputs.keys.wireguard_psk();
     let dp = &config.data_plane;
     let timers = Timers {
         endpoint_timeout: dp.endpoint_timeout,
@@ -324,6 +357,14 @@ async fn reconcile_loop(
             }
         }
         last_states = states.clone();
+        if config.harvest_extra_endpoints {
+            let harvested = harvest(&outcome.reports, &wanted, &inputs.keys);
+            inputs.publication.send_if_modified(|p| {
+                let changed = p.harvested != harvested;
+                p.harvested = harvested;
+                changed
+            });
+        }
         let mesh = IpNet::V6(identity.mesh_prefix);
         let next = routed_set(&current, &states, config.allow_down_peer_bypass, mesh);
         if routed.as_ref() != Some(&next) {

@@ -113,12 +113,11 @@ async fn main() -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let api_stop = CancellationToken::new();
 
-    let preshared_key = keys.wireguard_psk();
     let (shared_tx, shared_rx) = tokio::sync::oneshot::channel();
     let control = tokio::spawn(agent::run(
         config.clone(),
         identity.clone(),
-        keys,
+        keys.clone(),
         stop.clone(),
         move |shared| {
             let _ = shared_tx.send(shared);
@@ -133,15 +132,16 @@ async fn main() -> anyhow::Result<()> {
             (Arc::new(NoDataPlane), None)
         } else {
             let board = Arc::new(StatusBoard::default());
-            let task = tokio::spawn(dataplane::run(
-                config.clone(),
-                identity.clone(),
-                wireguard_keys.private_key,
-                preshared_key,
-                shared.view.clone(),
-                board.clone(),
-                stop.clone(),
-            ));
+            let inputs = dataplane::Inputs {
+                config: config.clone(),
+                identity: identity.clone(),
+                private_key: wireguard_keys.private_key,
+                keys: keys.clone(),
+                view: shared.view.clone(),
+                publication: shared.publication.clone(),
+                status: board.clone(),
+            };
+            let task = tokio::spawn(dataplane::run(inputs, stop.clone()));
             (board, Some(task))
         };
     let api_task = api::serve(

@@ -68,7 +68,14 @@ fn three_nodes_form_an_encrypted_mesh_and_leave_nothing_behind() -> anyhow::Resu
     let mesh: Vec<String> = (1..=3)
         .map(|n| lab.node(n).mesh_address())
         .collect::<Result<_, _>>()?;
-    let capture = lab.capture("ip and not arp")?;
+    // Everything between the nodes; the discovery server (outside the mesh) is not a peer.
+    let server_ip = lab
+        .server_address
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let capture = lab.capture(&format!("ip and not host {server_ip} and not igmp"))?;
     for from in 1..=3 {
         for to in (1..=3).filter(|to| *to != from) {
             let node = lab.node(from);
@@ -239,5 +246,71 @@ fn a_dead_peer_is_down_quickly_and_its_traffic_never_leaks_unless_bypass_is_on()
     })?;
     eprintln!("mesh healed {waited:?} after node-3's agent restarted");
     assert!(lab.node(1).ping(&target));
+    Ok(())
+}
+
+#[test]
+fn harvested_endpoints_let_a_node_reach_a_peer_that_announces_none() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut lab = Lab::new(3)?;
+    lab.start_server()?;
+    // node-2 announces no endpoint and cannot start handshakes toward node-3 (its initiations,
+    // WireGuard message type 1, are dropped); only node-1 can learn node-2's endpoint (node-2
+    // reaches it), and only harvesting carries it to node-3.
+    let rules = lab.root.join("no-initiation.nft");
+    std::fs::write(
+        &rules,
+        format!(
+            "table inet harvest_test {{\n  chain out {{\n    type filter hook output priority 0;\n    \
+             ip daddr {} udp dport 51820 @th,64,8 1 drop\n  }}\n}}\n",
+            lab.node(3).address
+        ),
+    )?;
+    sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &lab.node(2).netns,
+            "nft",
+            "-f",
+            rules.to_str().unwrap_or_default(),
+        ],
+    )?;
+    lab.start_agent(
+        1,
+        &AgentOptions {
+            extra_yaml: "harvestExtraEndpoints: true\n".into(),
+        },
+    )?;
+    lab.start_agent(
+        2,
+        &AgentOptions {
+            extra_yaml: "filters:\n  endpoints: [\"192.0.2.0/24\"]\n".into(),
+        },
+    )?;
+    lab.start_agent(3, &AgentOptions::default())?;
+    let expected = format!("{}:51820", lab.node(2).address);
+    let waited = lab.wait_for(
+        "node-3 to reach node-2 at the harvested endpoint",
+        UP,
+        || {
+            peer_state(&lab, 3, "node-2")
+                .is_some_and(|(state, endpoint)| state == "up" && endpoint == expected)
+        },
+    )?;
+    eprintln!("node-3 reached node-2 through a harvested endpoint {waited:?} after start");
+    let spec = lab.node(3).kubespanctl(&["peers"])?;
+    let endpoints = spec
+        .as_array()
+        .and_then(|peers| peers.iter().find(|p| p["label"] == "node-2"))
+        .map(|p| p["endpoints"].clone());
+    assert_eq!(
+        endpoints,
+        Some(serde_json::json!([expected])),
+        "node-3's peer spec for node-2 gained the harvested endpoint"
+    );
     Ok(())
 }
