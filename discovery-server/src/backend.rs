@@ -145,9 +145,30 @@ impl MemoryBackend {
         (removed, trimmed)
     }
 
-    /// Runs `f` on the store under the lock (snapshot writing and loading).
-    pub fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> T) -> T {
-        f(&mut self.lock().store)
+    /// A snapshot file of the whole store. The lock is held for one cluster at a time (a
+    /// consistent copy of that cluster), never for the whole store, so serving goes on.
+    pub fn snapshot_file(&self) -> Vec<u8> {
+        let now = self.now();
+        let ids: Vec<String> = self
+            .lock()
+            .store
+            .clusters()
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut builder = crate::persist::SnapshotBuilder::new(now);
+        for id in ids {
+            let cluster = {
+                let state = self.lock();
+                match state.store.cluster(&id) {
+                    Some(affiliates) => {
+                        crate::persist::SnapshotBuilder::cluster_state(&id, affiliates)
+                    }
+                    None => continue,
+                }
+            };
+            builder.add(&cluster);
+        }
+        builder.finish()
     }
 }
 
@@ -159,12 +180,18 @@ impl State {
         hub.snapshot = None;
         let message = match &change {
             Change::Upserted {
+                cluster_id,
                 affiliate_id,
-                affiliate,
-                ..
-            } => WatchResponse {
-                affiliates: vec![wire_affiliate(affiliate_id, affiliate)],
-                deleted: false,
+            } => match self
+                .store
+                .cluster(cluster_id)
+                .and_then(|c| c.get(affiliate_id))
+            {
+                Some(affiliate) => WatchResponse {
+                    affiliates: vec![wire_affiliate(affiliate_id, affiliate)],
+                    deleted: false,
+                },
+                None => return,
             },
             Change::Removed { affiliate_id, .. } => WatchResponse {
                 affiliates: vec![Affiliate {

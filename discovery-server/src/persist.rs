@@ -8,6 +8,7 @@
 //! the old snapshot, then the directory is fsynced. A crash at any point leaves either the old or
 //! the new snapshot, never a mix.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -33,42 +34,78 @@ pub enum SnapshotError {
     Corrupt { path: PathBuf, reason: String },
 }
 
-/// Encodes every affiliate of `store` that has not expired at `now`.
+/// Builds a snapshot file one cluster at a time, so callers can hold their lock per cluster
+/// instead of for the whole store, into a single buffer (no second copy of the payload).
+pub struct SnapshotBuilder {
+    file: Vec<u8>,
+}
+
+impl SnapshotBuilder {
+    pub fn new(now: UnixMillis) -> Self {
+        let mut file = Vec::with_capacity(1 << 20);
+        // Header placeholder, filled in by `finish`.
+        file.resize(HEADER_LEN, 0);
+        let head = pb::Snapshot {
+            format_version: FORMAT_VERSION,
+            taken_at_unix_ms: now,
+            clusters: Vec::new(),
+        };
+        head.encode_raw(&mut file);
+        Self { file }
+    }
+
+    /// The wire form of one cluster (cheap: the payload bytes are shared, not copied).
+    pub fn cluster_state(
+        id: &str,
+        affiliates: &BTreeMap<String, StoredAffiliate>,
+    ) -> pb::ClusterState {
+        pb::ClusterState {
+            id: id.to_owned(),
+            affiliates: affiliates
+                .iter()
+                .map(|(id, a)| pb::AffiliateState {
+                    id: id.clone(),
+                    data: a.data.clone(),
+                    expires_at_unix_ms: a.expires_at,
+                    endpoints: a
+                        .endpoints
+                        .iter()
+                        .map(|e| pb::EndpointState {
+                            data: e.data.clone(),
+                            expires_at_unix_ms: e.expires_at,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Appends one cluster (field 3 of `Snapshot`, a repeated message, can be written piecewise).
+    pub fn add(&mut self, cluster: &pb::ClusterState) {
+        prost::encoding::message::encode(3, cluster, &mut self.file);
+    }
+
+    /// The complete file: header (magic, version, length, CRC-32) and payload.
+    pub fn finish(mut self) -> Vec<u8> {
+        let payload_len = (self.file.len() - HEADER_LEN) as u64;
+        let crc = crc32fast::hash(&self.file[HEADER_LEN..]);
+        let mut header = Vec::with_capacity(HEADER_LEN);
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+        header.extend_from_slice(&payload_len.to_be_bytes());
+        header.extend_from_slice(&crc.to_be_bytes());
+        self.file[..HEADER_LEN].copy_from_slice(&header);
+        self.file
+    }
+}
+
+/// Encodes every affiliate of `store` (in one go; see [`SnapshotBuilder`] to go per cluster).
 pub fn encode(store: &Store, now: UnixMillis) -> Vec<u8> {
-    let snapshot = pb::Snapshot {
-        format_version: FORMAT_VERSION,
-        taken_at_unix_ms: now,
-        clusters: store
-            .clusters()
-            .map(|(id, affiliates)| pb::ClusterState {
-                id: id.clone(),
-                affiliates: affiliates
-                    .iter()
-                    .map(|(id, a)| pb::AffiliateState {
-                        id: id.clone(),
-                        data: a.data.clone(),
-                        expires_at_unix_ms: a.expires_at,
-                        endpoints: a
-                            .endpoints
-                            .iter()
-                            .map(|e| pb::EndpointState {
-                                data: e.data.clone(),
-                                expires_at_unix_ms: e.expires_at,
-                            })
-                            .collect(),
-                    })
-                    .collect(),
-            })
-            .collect(),
-    };
-    let payload = snapshot.encode_to_vec();
-    let mut file = Vec::with_capacity(HEADER_LEN + payload.len());
-    file.extend_from_slice(MAGIC);
-    file.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
-    file.extend_from_slice(&(payload.len() as u64).to_be_bytes());
-    file.extend_from_slice(&crc32fast::hash(&payload).to_be_bytes());
-    file.extend_from_slice(&payload);
-    file
+    let mut builder = SnapshotBuilder::new(now);
+    for (id, affiliates) in store.clusters() {
+        builder.add(&SnapshotBuilder::cluster_state(id, affiliates));
+    }
+    builder.finish()
 }
 
 /// Decodes a snapshot file's bytes into `store`, skipping what expired before `now`.

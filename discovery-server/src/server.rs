@@ -143,8 +143,7 @@ fn load_snapshot(store: &mut Store, config: &SnapshotConfig, now: i64) {
 
 fn save_snapshot(backend: &MemoryBackend, metrics: &Metrics, config: &SnapshotConfig) {
     let started = Instant::now();
-    let now = backend.now();
-    let bytes = backend.with_store(|store| persist::encode(store, now));
+    let bytes = backend.snapshot_file();
     match persist::write_atomic(&config.path, &bytes) {
         Ok(()) => {
             let elapsed = started.elapsed();

@@ -35,11 +35,10 @@ impl StoredAffiliate {
 /// What a watcher must be told.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
-    /// The affiliate's full new state.
+    /// The affiliate changed; its new state is in the store (read it only if someone watches).
     Upserted {
         cluster_id: String,
         affiliate_id: String,
-        affiliate: StoredAffiliate,
     },
     /// The affiliate is gone (deleted or expired).
     Removed {
@@ -120,6 +119,7 @@ impl Store {
             )));
         }
 
+        let new_endpoints_count = new_endpoints.len();
         // Validated: from here on the update is applied in full.
         let cluster = self.clusters.entry(update.cluster_id.clone()).or_default();
         let created = !cluster.contains_key(&update.affiliate_id);
@@ -132,6 +132,8 @@ impl Store {
             }
             affiliate.expires_at = expires_at;
         }
+        // Exactly the room needed: a doubling Vec would waste memory on every affiliate.
+        affiliate.endpoints.reserve_exact(new_endpoints_count);
         for endpoint in update.endpoints {
             match affiliate.endpoints.iter_mut().find(|e| e.data == endpoint) {
                 Some(stored) => stored.expires_at = stored.expires_at.max(expires_at),
@@ -147,10 +149,9 @@ impl Store {
         if let Some(latest) = affiliate.endpoints.iter().map(|e| e.expires_at).max() {
             affiliate.expires_at = affiliate.expires_at.max(latest);
         }
-        Ok(changed.then(|| Change::Upserted {
+        Ok(changed.then_some(Change::Upserted {
             cluster_id: update.cluster_id,
             affiliate_id: update.affiliate_id,
-            affiliate: affiliate.clone(),
         }))
     }
 
@@ -212,7 +213,6 @@ impl Store {
                     changes.push(Change::Upserted {
                         cluster_id: cluster_id.clone(),
                         affiliate_id: affiliate_id.clone(),
-                        affiliate: affiliate.clone(),
                     });
                 }
                 true
@@ -381,9 +381,8 @@ mod tests {
         let change = store
             .update(update("harvested", None, &[b"e"], MIN), 0)
             .unwrap();
-        assert!(
-            matches!(change, Some(Change::Upserted { affiliate, .. }) if affiliate.data.is_empty())
-        );
+        assert!(matches!(change, Some(Change::Upserted { .. })));
+        assert!(stored(&store, "harvested").data.is_empty());
     }
 
     #[test]
