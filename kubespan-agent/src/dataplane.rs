@@ -24,8 +24,9 @@ use crate::netset::PrefixSet;
 use crate::reconcile::{Action, PeerMemory, PeerReport, State, Timers, WantedPeer, reconcile};
 use crate::record;
 use crate::routing::{self, RoutingConfig};
+use crate::wg::kernel::{KernelWireGuard, kernel_available};
 use crate::wg::userspace::UserspaceWireGuard;
-use crate::wg::{DeviceSettings, Key, WireGuard, uapi};
+use crate::wg::{DeviceSettings, Key, WgError, WireGuard, uapi};
 
 const TICK: Duration = Duration::from_secs(1);
 const GOOD_ENDPOINTS_FILE: &str = "good-endpoints.json";
@@ -110,20 +111,62 @@ fn nudge(mesh_address: std::net::Ipv6Addr) {
     }
 }
 
+/// The WireGuard implementation [`create_device`] builds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Chosen {
+    Kernel,
+    Userspace,
+}
+
+/// Picks the WireGuard implementation for the configured backend, with the reason (for the
+/// log), or why `backend: kernel` cannot be honoured. `kernel_probe` runs only for `kernel` and
+/// `auto`; [`WgError::Unsupported`] from it means the kernel has no WireGuard.
+pub fn choose_backend(
+    configured: Backend,
+    kernel_probe: impl FnOnce() -> Result<(), WgError>,
+) -> Result<(Chosen, String), String> {
+    match configured {
+        Backend::Userspace | Backend::None => Ok((
+            Chosen::Userspace,
+            "configured: backend userspace".to_owned(),
+        )),
+        Backend::Kernel => match kernel_probe() {
+            Ok(()) => Ok((Chosen::Kernel, "configured: backend kernel".to_owned())),
+            Err(WgError::Unsupported(reason)) => Err(format!(
+                "the kernel has no WireGuard support ({reason}); use backend: userspace or auto"
+            )),
+            Err(e) => Err(format!(
+                "cannot use kernel WireGuard ({e}); fix that, or use backend: userspace or auto"
+            )),
+        },
+        Backend::Auto => match kernel_probe() {
+            Ok(()) => Ok((
+                Chosen::Kernel,
+                "backend auto: the kernel supports WireGuard".to_owned(),
+            )),
+            Err(e) => Ok((
+                Chosen::Userspace,
+                format!(
+                    "backend auto: kernel WireGuard is not usable ({e}); using userspace (boringtun)"
+                ),
+            )),
+        },
+    }
+}
+
 /// Picks and creates the WireGuard device.
 fn create_device(config: &Config) -> anyhow::Result<Box<dyn WireGuard>> {
     let interface = &config.interface;
-    match config.data_plane.backend {
-        Backend::Kernel => anyhow::bail!(
-            "backend: kernel is not available in this build; use backend: userspace (or auto)"
-        ),
-        Backend::Auto => tracing::info!(
-            "backend auto: using userspace WireGuard (boringtun); this build drives kernel WireGuard not yet"
-        ),
-        Backend::Userspace | Backend::None => {}
+    let (chosen, why) =
+        choose_backend(config.data_plane.backend, kernel_available).map_err(anyhow::Error::msg)?;
+    tracing::info!(backend = ?chosen, reason = %why, "WireGuard backend");
+    match chosen {
+        Chosen::Kernel => Ok(Box::new(KernelWireGuard::create(interface)?)),
+        Chosen::Userspace => {
+            let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+            Ok(Box::new(UserspaceWireGuard::create(interface, threads)?))
+        }
     }
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
-    Ok(Box::new(UserspaceWireGuard::create(interface, threads)?))
 }
 
 /// What the data plane works from.

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use ipnet::IpNet;
 use thiserror::Error;
 
+pub mod kernel;
 pub mod uapi;
 pub mod userspace;
 
