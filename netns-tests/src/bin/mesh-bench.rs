@@ -1,0 +1,1165 @@
+//! `mesh-bench`: data-plane throughput and latency of an openspan mesh next to a plain veth link
+//! and two userspace WireGuard references (boringtun-cli, wireguard-go), all measured in one run
+//! between two network namespaces on one bridge.
+//!
+//! Every setup gets a fresh [`Lab`] (its own bridge and namespaces), every external process runs
+//! under `timeout(1)` in its own process group, and everything started is stopped and removed
+//! by drop guards, also when a step fails.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use clap::Parser;
+use netns_tests::{CLUSTER_SECRET, Lab, Node, run};
+
+/// Throughput and latency of the openspan data plane (kubespan-agent, userspace boringtun) next
+/// to a plain veth link, boringtun-cli and wireguard-go.
+///
+/// Two network namespaces on one bridge; for each setup a fresh pair of them:
+///
+///  1. plain veth: no tunnel, the ceiling of this machine;
+///  2. openspan mesh: a discovery server and two kubespan-agents (backend userspace), measured to
+///     the peer's mesh address (IPv6 ULA) and to its underlay IPv4 address, which the agent
+///     force-routes through the tunnel;
+///  3. boringtun-cli: Cloudflare's userspace WireGuard, configured with wg(8);
+///  4. wireguard-go: the Go userspace WireGuard, configured with wg(8).
+///
+/// Throughput is one iperf3 TCP stream (`iperf3 -c <peer> -t <duration> -J`, the server runs
+/// with `-1` in the receiving namespace); latency is the average of `ping -q -c <count> -i
+/// <interval>`. Both tunnel ends, iperf3 client and server share this machine's CPUs.
+///
+/// Needs root, iperf3, ping, wg (wireguard-tools), ss, timeout, and wireguard-go unless skipped:
+/// `apt-get install -y --no-install-recommends iperf3 wireguard-tools wireguard-go iputils-ping`.
+/// Build the binaries first: `cargo build --release -p netns-tests -p kubespan-agent -p
+/// discovery-server --bins`; they are taken from this executable's directory. A missing
+/// boringtun-cli is installed with `cargo install boringtun-cli --locked --root
+/// <target>/tools`; if that fails, its row says why.
+#[derive(Debug, Parser)]
+#[command(name = "mesh-bench", verbatim_doc_comment)]
+struct Args {
+    /// Seconds per iperf3 run.
+    #[arg(long, short = 't', default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
+    duration: u64,
+
+    /// Echo requests per ping measurement.
+    #[arg(long, short = 'c', default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    ping_count: u32,
+
+    /// Milliseconds between echo requests.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(2..=10_000))]
+    ping_interval_ms: u32,
+
+    /// iperf3 runs per setup; the median is reported.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    repeat: u32,
+
+    /// Do not measure boringtun-cli.
+    #[arg(long)]
+    skip_boringtun_cli: bool,
+
+    /// Do not measure wireguard-go.
+    #[arg(long)]
+    skip_wireguard_go: bool,
+
+    /// The boringtun-cli binary [default: <target>/tools/bin/boringtun-cli, installed when
+    /// missing].
+    #[arg(long, value_name = "PATH")]
+    boringtun_cli: Option<PathBuf>,
+
+    /// Worker threads for boringtun-cli (`--threads`; boringtun-cli's own default is 4).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    boringtun_cli_threads: u32,
+}
+
+const IPERF_PORT: &str = "5201";
+const TUNNEL_MTU: &str = "1420";
+const WG_PORT: &str = "51820";
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if run("id", &["-u"])
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .ok()
+        .as_deref()
+        != Some("0")
+    {
+        bail!("mesh-bench creates network namespaces: run it as root");
+    }
+    for tool in ["ip", "iperf3", "ping", "wg", "ss", "timeout"] {
+        if which(tool).is_none() {
+            bail!(
+                "{tool} is missing: apt-get install -y --no-install-recommends iperf3 wireguard-tools iputils-ping iproute2 coreutils"
+            );
+        }
+    }
+    let bins = Binaries::find()?;
+
+    eprintln!(
+        "mesh-bench: {} s per iperf3 run (x{}), {} pings at {} ms; binaries from {}",
+        args.duration,
+        args.repeat,
+        args.ping_count,
+        args.ping_interval_ms,
+        bins.dir.display()
+    );
+    let mut rows = Vec::new();
+    let mut failed = false;
+    let mut record =
+        |rows: &mut Vec<Row>, setup: &str, result: anyhow::Result<Vec<Row>>| match result {
+            Ok(mut r) => rows.append(&mut r),
+            Err(e) => {
+                eprintln!("mesh-bench: {setup} failed: {e:#}");
+                failed = true;
+                rows.push(Row::missing(setup, &format!("failed: {}", first_line(&e))));
+            }
+        };
+
+    eprintln!("== plain veth");
+    record(&mut rows, "plain veth", bench_veth(&args));
+    eprintln!("== openspan mesh");
+    record(&mut rows, "openspan mesh", bench_mesh(&args, &bins));
+
+    let bt_label = format!("boringtun-cli ({} threads)", args.boringtun_cli_threads);
+    if args.skip_boringtun_cli {
+        rows.push(Row::missing(&bt_label, "skipped (--skip-boringtun-cli)"));
+    } else {
+        eprintln!("== boringtun-cli");
+        match boringtun_cli(&args, &bins) {
+            Ok(path) => record(
+                &mut rows,
+                &bt_label,
+                bench_reference(
+                    &args,
+                    &Reference::BoringtunCli {
+                        path,
+                        threads: args.boringtun_cli_threads,
+                    },
+                    &bt_label,
+                ),
+            ),
+            Err(e) => rows.push(Row::missing(
+                &bt_label,
+                &format!("not available: {}", first_line(&e)),
+            )),
+        }
+    }
+
+    if args.skip_wireguard_go {
+        rows.push(Row::missing(
+            "wireguard-go",
+            "skipped (--skip-wireguard-go)",
+        ));
+    } else if let Some(path) = which("wireguard-go") {
+        eprintln!("== wireguard-go");
+        record(
+            &mut rows,
+            "wireguard-go",
+            bench_reference(&args, &Reference::WireguardGo { path }, "wireguard-go"),
+        );
+    } else {
+        rows.push(Row::missing(
+            "wireguard-go",
+            "not available: wireguard-go is not installed (apt-get install wireguard-go)",
+        ));
+    }
+
+    print_report(&args, &rows);
+    if failed {
+        bail!("some setups failed; see above");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Binaries
+
+struct Binaries {
+    dir: PathBuf,
+    agent: PathBuf,
+    server: PathBuf,
+    ctl: PathBuf,
+}
+
+impl Binaries {
+    /// The cargo profile directory holding the workspace's binaries. A bin such as this one
+    /// lives in `target/<profile>/` itself (a test in `target/<profile>/deps/`, which is what
+    /// [`netns_tests::binary`] expects), so look in this executable's directory first.
+    fn find() -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("cannot find this executable's path")?;
+        let here = exe.parent().context("executable without a directory")?;
+        let dir = [Some(here), here.parent()]
+            .into_iter()
+            .flatten()
+            .find(|d| d.join("kubespan-agent").exists())
+            .with_context(|| {
+                format!(
+                    "kubespan-agent is not next to {}: run `cargo build --release -p netns-tests -p kubespan-agent -p discovery-server --bins` first",
+                    exe.display()
+                )
+            })?
+            .to_path_buf();
+        let this = Self {
+            agent: dir.join("kubespan-agent"),
+            server: dir.join("discovery-server"),
+            ctl: dir.join("kubespanctl"),
+            dir,
+        };
+        for path in [&this.agent, &this.server, &this.ctl] {
+            if !path.exists() {
+                bail!(
+                    "{} is missing: run `cargo build --release -p netns-tests -p kubespan-agent -p discovery-server --bins` first",
+                    path.display()
+                );
+            }
+        }
+        Ok(this)
+    }
+
+    /// `<target>/tools`, where boringtun-cli is installed.
+    fn tools(&self) -> PathBuf {
+        self.dir.parent().unwrap_or(&self.dir).join("tools")
+    }
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| p.is_file())
+}
+
+/// The boringtun-cli binary: `--boringtun-cli`, or `<target>/tools/bin/boringtun-cli`, installed
+/// from crates.io when missing.
+fn boringtun_cli(args: &Args, bins: &Binaries) -> anyhow::Result<PathBuf> {
+    if let Some(path) = &args.boringtun_cli {
+        if !path.is_file() {
+            bail!("{} does not exist", path.display());
+        }
+        return Ok(path.clone());
+    }
+    let root = bins.tools();
+    let path = root.join("bin").join("boringtun-cli");
+    if path.is_file() {
+        return Ok(path);
+    }
+    let Some(cargo) = which("cargo") else {
+        bail!("{} is missing and cargo is not on PATH", path.display());
+    };
+    std::fs::create_dir_all(&root)?;
+    let log = root.join("boringtun-cli-install.log");
+    eprintln!(
+        "installing boringtun-cli: cargo install boringtun-cli --locked --root {} (log: {})",
+        root.display(),
+        log.display()
+    );
+    let file = File::create(&log)?;
+    let status = Command::new("timeout")
+        .args(["-k", "10", "1800s"])
+        .arg(cargo)
+        .args(["install", "boringtun-cli", "--locked", "--root"])
+        .arg(&root)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .status()
+        .context("cannot run cargo install")?;
+    if !status.success() || !path.is_file() {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let reason = text
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("error"))
+            .unwrap_or("see the log")
+            .to_owned();
+        bail!(
+            "cargo install boringtun-cli failed ({status}): {reason} ({})",
+            log.display()
+        );
+    }
+    Ok(path)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes: everything runs under timeout(1), in its own process group.
+
+/// `ip netns exec <netns> timeout -k 5 <limit>s <program> <args>`. `ip netns exec` execs, so the
+/// child's pid is timeout's, which leads the process group.
+fn in_netns(netns: &str, limit_secs: u64, program: impl AsRef<OsStr>, args: &[&str]) -> Command {
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", netns, "timeout", "-k", "5"])
+        .arg(format!("{limit_secs}s"))
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .process_group(0);
+    command
+}
+
+/// Runs a bounded command in a namespace and returns its output, successful or not.
+fn ns_output(netns: &str, limit_secs: u64, program: &str, args: &[&str]) -> anyhow::Result<Output> {
+    in_netns(netns, limit_secs, program, args)
+        .output()
+        .with_context(|| format!("cannot run {program} in {netns}"))
+}
+
+/// Runs a bounded command in a namespace and fails with its output unless it succeeds.
+fn ns_sh(netns: &str, program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let output = ns_output(netns, 30, program, args)?;
+    if !output.status.success() {
+        bail!(
+            "`{program} {}` in {netns} failed ({}): {}{}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stdout).trim(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// A bounded command in the root namespace (key generation, `wg show`, kubespanctl).
+fn host_sh(
+    program: impl AsRef<OsStr>,
+    args: &[&str],
+    input: Option<&str>,
+) -> anyhow::Result<String> {
+    let name = program.as_ref().to_string_lossy().into_owned();
+    let mut child = Command::new("timeout")
+        .args(["-k", "5", "30s"])
+        .arg(program)
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {name}"))?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        use std::io::Write;
+        stdin.write_all(text.as_bytes())?;
+    }
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!(
+            "`{name} {}` failed ({}): {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// A long-running process; stopped (SIGTERM, then SIGKILL to its whole group) when dropped.
+struct Daemon {
+    what: String,
+    child: Child,
+    log: PathBuf,
+    grace: Duration,
+    /// Files removed once the process is gone (userspace WireGuard control sockets).
+    leftovers: Vec<PathBuf>,
+}
+
+impl Daemon {
+    fn spawn(
+        what: &str,
+        mut command: Command,
+        log: PathBuf,
+        grace: Duration,
+    ) -> anyhow::Result<Self> {
+        let file =
+            File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let child = command
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("cannot start {what}"))?;
+        Ok(Self {
+            what: what.to_owned(),
+            child,
+            log,
+            grace,
+            leftovers: Vec::new(),
+        })
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Fails with the log's tail if the process has exited.
+    fn check(&mut self) -> anyhow::Result<()> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            bail!(
+                "{} exited ({status}):\n{}",
+                self.what,
+                tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), 15)
+            );
+        }
+        Ok(())
+    }
+
+    /// The process timeout(1) runs (the daemon proper), for CPU accounting.
+    fn worker_pid(&self) -> Option<u32> {
+        let pid = self.child.id();
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    fn stop(&mut self) {
+        if self.running() {
+            let pid = self.child.id();
+            // timeout(1) passes SIGTERM on to the daemon and waits for it: a graceful stop.
+            let _ = run("kill", &["-TERM", &pid.to_string()]);
+            let deadline = Instant::now() + self.grace;
+            while self.running() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if self.running() {
+                eprintln!(
+                    "mesh-bench: {} ignored SIGTERM for {:?}; killing it",
+                    self.what, self.grace
+                );
+                let _ = run("kill", &["-KILL", "--", &format!("-{pid}")]);
+                let _ = self.child.kill();
+            }
+            let _ = self.child.wait();
+        }
+        for file in self.leftovers.drain(..) {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Daemons stopped in reverse start order when dropped. Declare it after the [`Lab`] whose
+/// namespaces they run in, so they stop before the namespaces go.
+#[derive(Default)]
+struct Daemons(Vec<Daemon>);
+
+impl Daemons {
+    fn push(&mut self, daemon: Daemon) -> &mut Daemon {
+        self.0.push(daemon);
+        self.0.last_mut().expect("just pushed")
+    }
+
+    fn stop_all(&mut self) {
+        while let Some(mut daemon) = self.0.pop() {
+            daemon.stop();
+        }
+    }
+
+    fn check(&mut self) -> anyhow::Result<()> {
+        self.0.iter_mut().try_for_each(Daemon::check)
+    }
+
+    /// CPU ticks used so far by the daemon proper of each entry.
+    fn cpu_ticks(&self) -> u64 {
+        self.0
+            .iter()
+            .filter_map(Daemon::worker_pid)
+            .filter_map(cpu_ticks)
+            .sum()
+    }
+}
+
+impl Drop for Daemons {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+/// utime + stime of a process, all threads, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; fields after it are space-separated.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5) are 12 and 13 after the name (which is field 2).
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+fn clock_ticks_per_second() -> f64 {
+    host_sh("getconf", &["CLK_TCK"], None)
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    loop {
+        if check()? {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The first line of an error; when it ends with a colon, the next line too.
+fn first_line(error: &anyhow::Error) -> String {
+    let text = format!("{error:#}");
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default();
+    match lines.next() {
+        Some(next) if first.ends_with(':') => format!("{first} {next}"),
+        _ => first.to_owned(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurements
+
+#[derive(Clone, Debug)]
+struct Throughput {
+    mbps: f64,
+    retransmits: Option<u64>,
+    /// CPU used by the tunnel processes of both ends during the iperf3 runs, in percent of one
+    /// core.
+    tunnel_cpu: Option<f64>,
+}
+
+#[derive(Clone, Debug)]
+struct Ping {
+    avg_ms: f64,
+    loss_percent: f64,
+}
+
+struct Row {
+    setup: String,
+    path: String,
+    throughput: Option<Throughput>,
+    ping: Option<Ping>,
+    note: String,
+}
+
+impl Row {
+    fn missing(setup: &str, note: &str) -> Self {
+        Self {
+            setup: setup.to_owned(),
+            path: String::new(),
+            throughput: None,
+            ping: None,
+            note: note.to_owned(),
+        }
+    }
+}
+
+/// One iperf3 TCP stream from `client` to `target`, served by `iperf3 -s -1` in `server`'s
+/// namespace; `--repeat` runs, the median reported. `tunnel` are the tunnel processes whose CPU
+/// time is measured meanwhile.
+fn iperf(
+    args: &Args,
+    server: &Node,
+    client: &Node,
+    target: &str,
+    tunnel: Option<&Daemons>,
+) -> anyhow::Result<Throughput> {
+    let ticks_before = tunnel.map(Daemons::cpu_ticks);
+    let started = Instant::now();
+    let mut runs = Vec::new();
+    for run in 0..args.repeat {
+        runs.push(iperf_once(args, server, client, target, run)?);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let tunnel_cpu = tunnel.zip(ticks_before).map(|(t, before)| {
+        (t.cpu_ticks().saturating_sub(before)) as f64 / clock_ticks_per_second() / elapsed * 100.0
+    });
+    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (bps, retransmits) = runs[runs.len() / 2];
+    Ok(Throughput {
+        mbps: bps / 1e6,
+        retransmits,
+        tunnel_cpu,
+    })
+}
+
+fn iperf_once(
+    args: &Args,
+    server: &Node,
+    client: &Node,
+    target: &str,
+    run: u32,
+) -> anyhow::Result<(f64, Option<u64>)> {
+    let limit = args.duration + 30;
+    let mut iperf_server = Daemon::spawn(
+        "iperf3 server",
+        in_netns(
+            &server.netns,
+            limit,
+            "iperf3",
+            &["-s", "-1", "-p", IPERF_PORT],
+        ),
+        server.dir.join(format!("iperf3-server-{run}.log")),
+        Duration::from_secs(3),
+    )?;
+    wait_until(
+        "the iperf3 server to listen",
+        Duration::from_secs(10),
+        || {
+            iperf_server.check()?;
+            let listening = ns_sh(
+                &server.netns,
+                "ss",
+                &["-Hltn", &format!("sport = :{IPERF_PORT}")],
+            )?;
+            Ok(!listening.trim().is_empty())
+        },
+    )?;
+    let duration = args.duration.to_string();
+    let output = ns_output(
+        &client.netns,
+        args.duration + 20,
+        "iperf3",
+        &["-c", target, "-p", IPERF_PORT, "-t", &duration, "-J"],
+    )?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let json: serde_json::Value = serde_json::from_str(&stdout).map_err(|_| {
+        anyhow!(
+            "iperf3 -c {target} printed no JSON ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )
+    })?;
+    if let Some(error) = json["error"].as_str() {
+        bail!("iperf3 -c {target}: {error}");
+    }
+    let bps = json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| format!("iperf3 -c {target}: no end.sum_received.bits_per_second"))?;
+    let retransmits = json["end"]["sum_sent"]["retransmits"].as_u64();
+    // `-1`: the server exits after the one test; give it a moment, then the guard stops it.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while iperf_server.running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("   iperf3 -> {target}: {:.1} Mbit/s", bps / 1e6);
+    Ok((bps, retransmits))
+}
+
+fn ping(args: &Args, client: &Node, target: &str) -> anyhow::Result<Ping> {
+    let interval = format!("{:.3}", f64::from(args.ping_interval_ms) / 1000.0);
+    let count = args.ping_count.to_string();
+    let limit = u64::from(args.ping_count) * u64::from(args.ping_interval_ms) / 1000 + 15;
+    let output = ns_output(
+        &client.netns,
+        limit,
+        "ping",
+        &["-q", "-n", "-c", &count, "-i", &interval, "-W", "1", target],
+    )?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let loss_percent = text
+        .split(',')
+        .find(|part| part.contains("packet loss"))
+        .and_then(|part| part.trim().split('%').next()?.parse().ok())
+        .with_context(|| format!("ping {target} printed no loss figure: {text}"))?;
+    // rtt min/avg/max/mdev = 0.031/0.045/0.090/0.011 ms
+    let avg_ms = text
+        .lines()
+        .find(|l| l.contains("min/avg/max"))
+        .and_then(|l| l.split('=').nth(1)?.trim().split('/').nth(1)?.parse().ok())
+        .with_context(|| format!("ping {target}: no reply ({loss_percent}% loss)"))?;
+    eprintln!("   ping {target}: avg {avg_ms} ms, {loss_percent}% loss");
+    Ok(Ping {
+        avg_ms,
+        loss_percent,
+    })
+}
+
+/// Pings once a second-ish until `target` answers (a tunnel's first handshake).
+fn wait_reachable(client: &Node, target: &str, timeout: Duration) -> anyhow::Result<Duration> {
+    wait_until(&format!("{target} to answer ping"), timeout, || {
+        Ok(
+            ns_output(&client.netns, 5, "ping", &["-c", "1", "-W", "1", target])?
+                .status
+                .success(),
+        )
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Setups
+
+fn bench_veth(args: &Args) -> anyhow::Result<Vec<Row>> {
+    let lab = Lab::new(2)?;
+    let (sender, receiver) = (lab.node(1), lab.node(2));
+    wait_reachable(sender, &receiver.address, Duration::from_secs(10))?;
+    let throughput = iperf(args, receiver, sender, &receiver.address, None)?;
+    let ping = ping(args, sender, &receiver.address)?;
+    Ok(vec![Row {
+        setup: "plain veth".into(),
+        path: format!("{} (no tunnel)", receiver.address),
+        throughput: Some(throughput),
+        ping: Some(ping),
+        note: String::new(),
+    }])
+}
+
+fn kubespanctl(bins: &Binaries, node: &Node, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let socket = node.socket();
+    let mut all = vec![
+        "--socket",
+        socket.to_str().unwrap_or_default(),
+        "-o",
+        "json",
+    ];
+    all.extend_from_slice(args);
+    let out = host_sh(&bins.ctl, &all, None)?;
+    serde_json::from_str(&out).context("kubespanctl printed no JSON")
+}
+
+/// The same configuration as the harness's `Lab::start_agent` with default options.
+fn agent_config(lab: &Lab, node: &Node) -> String {
+    format!(
+        "clusterID: netns-{id}\nclusterSecret: {CLUSTER_SECRET}\nnodeName: {name}\n\
+         discovery:\n  endpoints: [\"http://{server}\"]\nstateDir: {dir}/state\napiSocket: {dir}/agent.sock\n\
+         interface: {interface}\nbackend: userspace\npeerKeepaliveSeconds: 2\npeerDownSeconds: 6\n\
+         endpointTimeoutSeconds: 3\nnftablesTable: openspan_test\n",
+        id = lab.id,
+        name = node.name,
+        server = lab.server_address,
+        dir = node.dir.display(),
+        interface = node.interface,
+    )
+}
+
+/// Bytes sent by `node`'s WireGuard interface to all peers, per `wg show <if> transfer`.
+fn wg_tx_bytes(interface: &str) -> anyhow::Result<u64> {
+    let out = host_sh("wg", &["show", interface, "transfer"], None)?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok())
+        .sum())
+}
+
+/// A generous bound for the daemons of one setup.
+fn daemon_limit(args: &Args) -> u64 {
+    let pings = u64::from(args.ping_count) * u64::from(args.ping_interval_ms) / 1000;
+    300 + 3 * u64::from(args.repeat) * (args.duration + 40) + 3 * pings
+}
+
+fn bench_mesh(args: &Args, bins: &Binaries) -> anyhow::Result<Vec<Row>> {
+    let lab = Lab::new(2)?;
+    // Declared after the lab: the agents stop (and clean up) before the namespaces go, and
+    // before the discovery server.
+    let mut server = Daemons::default();
+    let mut agents = Daemons::default();
+    let limit = daemon_limit(args);
+    server.push(Daemon::spawn(
+        "discovery-server",
+        in_netns(
+            &lab.switch,
+            limit,
+            &bins.server,
+            &[
+                &format!("--addr={}", lab.server_address),
+                "--landing-addr=",
+                "--metrics-addr=",
+                "--snapshots-enabled=false",
+            ],
+        ),
+        lab.root.join("server.log"),
+        Duration::from_secs(10),
+    )?);
+    for node in &lab.nodes {
+        let config = node.dir.join("config.yaml");
+        std::fs::write(&config, agent_config(&lab, node))?;
+        let mut command = in_netns(
+            &node.netns,
+            limit,
+            &bins.agent,
+            &["--config", config.to_str().unwrap_or_default()],
+        );
+        command.env("RUST_LOG", "info");
+        agents.push(Daemon::spawn(
+            &format!("kubespan-agent {}", node.name),
+            command,
+            node.dir.join("agent.log"),
+            Duration::from_secs(15),
+        )?);
+    }
+    let waited = wait_until(
+        "both agents to see their peer up",
+        Duration::from_secs(30),
+        || {
+            server.check()?;
+            agents.check()?;
+            Ok(lab.nodes.iter().all(|node| {
+                kubespanctl(bins, node, &["peers"]).is_ok_and(|peers| {
+                    peers.as_array().is_some_and(|p| {
+                        p.len() == 1 && p[0]["status"]["state"].as_str() == Some("up")
+                    })
+                })
+            }))
+        },
+    )
+    .map_err(|e| {
+        let logs: Vec<String> = lab
+            .nodes
+            .iter()
+            .map(|n| format!("--- {} log (tail)\n{}", n.name, tail(&n.log(), 20)))
+            .collect();
+        anyhow!("{e:#}\n{}", logs.join("\n"))
+    })?;
+    eprintln!("   mesh up {waited:.1?} after the agents started");
+
+    let (sender, receiver) = (lab.node(1), lab.node(2));
+    let mesh_address = kubespanctl(bins, receiver, &["identity"])?["mesh_address"]
+        .as_str()
+        .context("kubespanctl identity: no mesh_address")?
+        .to_owned();
+    wait_reachable(sender, &mesh_address, Duration::from_secs(10))?;
+    let to_mesh = iperf(args, receiver, sender, &mesh_address, Some(&agents))?;
+    let ping_mesh = ping(args, sender, &mesh_address)?;
+
+    // The underlay address is force-routed into the tunnel: check that the bytes went there.
+    let tx_before = wg_tx_bytes(&sender.interface)?;
+    let to_underlay = iperf(args, receiver, sender, &receiver.address, Some(&agents))?;
+    let tx = wg_tx_bytes(&sender.interface)?.saturating_sub(tx_before);
+    let expected =
+        to_underlay.mbps * 1e6 / 8.0 * args.duration as f64 * f64::from(args.repeat) * 0.5;
+    let underlay_note = if (tx as f64) < expected {
+        format!("WARNING: only {tx} bytes went through {}", sender.interface)
+    } else {
+        String::new()
+    };
+    let ping_underlay = ping(args, sender, &receiver.address)?;
+    agents.stop_all();
+    server.stop_all();
+
+    Ok(vec![
+        Row {
+            setup: "openspan mesh".into(),
+            path: format!("{mesh_address} (mesh, IPv6)"),
+            throughput: Some(to_mesh),
+            ping: Some(ping_mesh),
+            note: String::new(),
+        },
+        Row {
+            setup: "openspan mesh".into(),
+            path: format!("{} (underlay, forced)", receiver.address),
+            throughput: Some(to_underlay),
+            ping: Some(ping_underlay),
+            note: underlay_note,
+        },
+    ])
+}
+
+enum Reference {
+    BoringtunCli { path: PathBuf, threads: u32 },
+    WireguardGo { path: PathBuf },
+}
+
+impl Reference {
+    /// A letter for host-unique interface names: `/var/run/wireguard/` is shared by all
+    /// namespaces.
+    fn letter(&self) -> char {
+        match self {
+            Self::BoringtunCli { .. } => 'b',
+            Self::WireguardGo { .. } => 'g',
+        }
+    }
+
+    fn command(&self, node: &Node, interface: &str, limit: u64) -> Command {
+        match self {
+            Self::BoringtunCli { path, threads } => {
+                let log = node.dir.join("boringtun.log");
+                in_netns(
+                    &node.netns,
+                    limit,
+                    path,
+                    &[
+                        "-f",
+                        "--disable-drop-privileges",
+                        "--threads",
+                        &threads.to_string(),
+                        "--log",
+                        log.to_str().unwrap_or_default(),
+                        interface,
+                    ],
+                )
+            }
+            Self::WireguardGo { path } => {
+                let mut command = in_netns(&node.netns, limit, path, &["-f", interface]);
+                command
+                    .env("WG_PROCESS_FOREGROUND", "1")
+                    .env("LOG_LEVEL", "error");
+                command
+            }
+        }
+    }
+}
+
+/// A userspace WireGuard reference between the two nodes, configured with wg(8).
+fn bench_reference(args: &Args, reference: &Reference, label: &str) -> anyhow::Result<Vec<Row>> {
+    let lab = Lab::new(2)?;
+    let mut tunnels = Daemons::default();
+    let limit = daemon_limit(args);
+    // 10.77.<s>.<n> underlay, 10.78.<s>.<n> tunnel.
+    let tunnel_address = |node: &Node| node.address.replacen("10.77.", "10.78.", 1);
+    let mut interfaces = Vec::new();
+    for (n, node) in lab.nodes.iter().enumerate() {
+        let interface = format!("{}{}{}", lab.id, reference.letter(), n + 1);
+        let daemon = tunnels.push(Daemon::spawn(
+            &format!("{label} {}", node.name),
+            reference.command(node, &interface, limit),
+            node.dir.join(format!("{interface}.out")),
+            Duration::from_secs(5),
+        )?);
+        daemon.leftovers.push(PathBuf::from(format!(
+            "/var/run/wireguard/{interface}.sock"
+        )));
+        interfaces.push(interface);
+    }
+    wait_until(
+        "the WireGuard control sockets",
+        Duration::from_secs(10),
+        || {
+            tunnels.check()?;
+            Ok(interfaces
+                .iter()
+                .all(|i| Path::new(&format!("/var/run/wireguard/{i}.sock")).exists()))
+        },
+    )?;
+
+    let psk = lab.root.join("psk");
+    std::fs::write(&psk, host_sh("wg", &["genpsk"], None)? + "\n")?;
+    let mut public = Vec::new();
+    for node in &lab.nodes {
+        let private = host_sh("wg", &["genkey"], None)?;
+        public.push(host_sh("wg", &["pubkey"], Some(&private))?);
+        std::fs::write(node.dir.join("private.key"), private + "\n")?;
+    }
+    for (n, node) in lab.nodes.iter().enumerate() {
+        let other = 1 - n;
+        let peer = &lab.nodes[other];
+        let private = node.dir.join("private.key");
+        let allowed = format!("{}/32", tunnel_address(peer));
+        let endpoint = format!("{}:{WG_PORT}", peer.address);
+        ns_sh(
+            &node.netns,
+            "wg",
+            &[
+                "set",
+                &interfaces[n],
+                "private-key",
+                private.to_str().unwrap_or_default(),
+                "listen-port",
+                WG_PORT,
+                "peer",
+                &public[other],
+                "preshared-key",
+                psk.to_str().unwrap_or_default(),
+                "allowed-ips",
+                &allowed,
+                "endpoint",
+                &endpoint,
+                "persistent-keepalive",
+                "25",
+            ],
+        )?;
+        let address = format!("{}/24", tunnel_address(node));
+        ns_sh(
+            &node.netns,
+            "ip",
+            &["addr", "add", &address, "dev", &interfaces[n]],
+        )?;
+        ns_sh(
+            &node.netns,
+            "ip",
+            &["link", "set", &interfaces[n], "mtu", TUNNEL_MTU, "up"],
+        )?;
+    }
+
+    let (sender, receiver) = (lab.node(1), lab.node(2));
+    let target = tunnel_address(receiver);
+    let waited = wait_reachable(sender, &target, Duration::from_secs(15))?;
+    eprintln!("   tunnel up {waited:.1?} after configuration");
+    let throughput = iperf(args, receiver, sender, &target, Some(&tunnels))?;
+    let ping = ping(args, sender, &target)?;
+    tunnels.check()?;
+    tunnels.stop_all();
+    Ok(vec![Row {
+        setup: label.to_owned(),
+        path: format!("{target} (tunnel, IPv4)"),
+        throughput: Some(throughput),
+        ping: Some(ping),
+        note: String::new(),
+    }])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+fn print_report(args: &Args, rows: &[Row]) {
+    let header = [
+        "setup",
+        "target",
+        "Mbit/s",
+        "retr",
+        "tunnel CPU",
+        "ping avg ms",
+        "loss",
+    ];
+    let mut table: Vec<[String; 7]> = vec![header.map(str::to_owned)];
+    for row in rows {
+        let t = row.throughput.as_ref();
+        let p = row.ping.as_ref();
+        table.push([
+            row.setup.clone(),
+            row.path.clone(),
+            t.map_or("-".into(), |t| format!("{:.0}", t.mbps)),
+            t.and_then(|t| t.retransmits)
+                .map_or("-".into(), |r| r.to_string()),
+            t.and_then(|t| t.tunnel_cpu)
+                .map_or("-".into(), |c| format!("{c:.0}%")),
+            p.map_or("-".into(), |p| format!("{:.3}", p.avg_ms)),
+            p.map_or("-".into(), |p| format!("{}%", p.loss_percent)),
+        ]);
+    }
+    let mut widths = [0usize; 7];
+    for line in &table {
+        for (w, cell) in widths.iter_mut().zip(line) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    println!();
+    println!(
+        "mesh-bench: one TCP stream for {} s{}, {} pings every {} ms; {} CPUs, kernel {}",
+        args.duration,
+        if args.repeat > 1 {
+            format!(" (median of {})", args.repeat)
+        } else {
+            String::new()
+        },
+        args.ping_count,
+        args.ping_interval_ms,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        host_sh("uname", &["-r"], None).unwrap_or_default(),
+    );
+    println!();
+    for (i, line) in table.iter().enumerate() {
+        let mut text = String::new();
+        for (c, (cell, w)) in line.iter().zip(widths).enumerate() {
+            if c < 2 {
+                text.push_str(&format!("{cell:<w$}  "));
+            } else {
+                text.push_str(&format!("{cell:>w$}  "));
+            }
+        }
+        if i > 0 && !rows[i - 1].note.is_empty() {
+            text.push_str(&rows[i - 1].note);
+        }
+        println!("{}", text.trim_end());
+        if i == 0 {
+            println!(
+                "{}",
+                "-".repeat(widths.iter().sum::<usize>() + 2 * (widths.len() - 1))
+            );
+        }
+    }
+    println!();
+    println!("tunnel CPU: the tunnel processes of both ends during the iperf3 runs, % of one core");
+
+    let find = |setup: &str, path: &str| {
+        rows.iter()
+            .find(|r| r.setup.starts_with(setup) && r.path.contains(path))
+    };
+    let veth = find("plain veth", "");
+    let references: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.setup.starts_with("boringtun-cli") || r.setup.starts_with("wireguard-go"))
+        .collect();
+    println!();
+    println!("ratios (throughput ×, ping avg ×):");
+    for mesh in [
+        find("openspan mesh", "(mesh"),
+        find("openspan mesh", "(underlay"),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let which = if mesh.path.contains("(mesh") {
+            "mesh address"
+        } else {
+            "underlay IPv4"
+        };
+        for other in veth.into_iter().chain(references.iter().copied()) {
+            let tput = mesh
+                .throughput
+                .as_ref()
+                .zip(other.throughput.as_ref())
+                .map_or("-".into(), |(m, o)| format!("{:.2}", m.mbps / o.mbps));
+            let rtt = mesh
+                .ping
+                .as_ref()
+                .zip(other.ping.as_ref())
+                .map_or("-".into(), |(m, o)| format!("{:.2}", m.avg_ms / o.avg_ms));
+            println!(
+                "  openspan ({which:<13}) / {:<26}  throughput {tput:>5}   ping {rtt:>5}",
+                other.setup
+            );
+        }
+    }
+    println!();
+    let mesh_mbps = find("openspan mesh", "(mesh")
+        .and_then(|r| r.throughput.as_ref())
+        .map(|t| t.mbps);
+    let measured: Vec<(&str, f64)> = references
+        .iter()
+        .filter_map(|r| Some((r.setup.as_str(), r.throughput.as_ref()?.mbps)))
+        .collect();
+    match mesh_mbps {
+        None => println!("target (mesh ≥ both userspace references): not measured"),
+        Some(mesh) => {
+            let behind: Vec<String> = measured
+                .iter()
+                .filter(|(_, mbps)| mesh < *mbps)
+                .map(|(name, mbps)| format!("{name} {mbps:.0} Mbit/s"))
+                .collect();
+            let verdict = if measured.len() < 2 {
+                "not fully measured"
+            } else if behind.is_empty() {
+                "met"
+            } else {
+                "NOT met"
+            };
+            println!(
+                "target (mesh throughput ≥ both userspace references): {verdict} (mesh {mesh:.0} Mbit/s{}{})",
+                if behind.is_empty() { "" } else { "; behind " },
+                behind.join(", ")
+            );
+        }
+    }
+}
