@@ -359,7 +359,14 @@ async fn reconcile_loop(
                         && let Some(want) =
                             wanted.iter().find(|w| w.public_key == config.public_key)
                     {
-                        tracing::info!(peer = %want.spec.label, endpoint = ?config.endpoint, "trying endpoint");
+                        match config.endpoint {
+                            Some(endpoint) => {
+                                tracing::info!(peer = %want.spec.label, %endpoint, "trying endpoint")
+                            }
+                            None => {
+                                tracing::info!(peer = %want.spec.label, allowed_ips = ?config.allowed_ips, "peer reconfigured")
+                            }
+                        }
                         nudge(want.spec.mesh_address);
                     }
                 }

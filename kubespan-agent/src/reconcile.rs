@@ -56,6 +56,9 @@ pub struct PeerMemory {
     /// What was last written to the device (endpoint excluded), to detect changes.
     pub applied_allowed_ips: Vec<IpNet>,
     pub state: State,
+    /// The peer was re-configured while up (its session may have been reset): it stays `up`
+    /// while the new handshake is awaited.
+    pub refreshing: bool,
 }
 
 /// A device change.
@@ -174,11 +177,11 @@ pub fn reconcile(
                 _ => State::Down,
             }
         } else if since(now, changed_at).unwrap_or_default() < timers.endpoint_timeout {
-            // Still waiting for an answer; a peer already found down stays down meanwhile.
-            if mem.state == State::Down {
-                State::Down
-            } else {
-                State::Unknown
+            // Still waiting for an answer; a peer keeps its known state meanwhile.
+            match mem.state {
+                State::Down => State::Down,
+                State::Up if mem.refreshing => State::Up,
+                _ => State::Unknown,
             }
         } else {
             State::Down
@@ -227,7 +230,17 @@ pub fn reconcile(
             good_endpoints.insert(want.spec.node_id.clone(), endpoint);
         }
 
+        if answered_since_change {
+            mem.refreshing = false;
+        }
         let allowed_changed = mem.applied_allowed_ips != allowed_ips;
+        if allowed_changed && !reset_session {
+            // New allowed IPs, same endpoint. A userspace device re-creates the peer for this,
+            // losing its session: expect (and start) a fresh handshake on the same endpoint.
+            reset_session = true;
+            mem.last_endpoint_change = Some(now);
+            mem.refreshing = report_state == State::Up;
+        }
         if reset_session || allowed_changed {
             actions.push(Action::SetPeer {
                 config: PeerConfig {
@@ -465,10 +478,22 @@ mod tests {
         else {
             panic!("{:?}", out.actions)
         };
-        assert!(!reset_session);
+        assert!(
+            reset_session,
+            "a fresh handshake is started (boringtun re-creates the peer)"
+        );
         assert_eq!(config.endpoint, None, "the device keeps its endpoint");
         assert_eq!(config.allowed_ips.len(), 3);
-        let out = h.at(3, &[], &dev);
+        assert_eq!(out.reports[0].state, State::Up);
+        // The re-created peer has no handshake yet: it stays up while one is awaited...
+        let fresh = [on_device(Some("10.0.0.2:51820"), None, 0)];
+        let out = h.at(3, std::slice::from_ref(&w), &fresh);
+        assert_eq!(out.reports[0].state, State::Up);
+        assert!(out.actions.is_empty());
+        // ...and is down if none comes within the endpoint timeout.
+        let out = h.at(7, std::slice::from_ref(&w), &fresh);
+        assert_eq!(out.reports[0].state, State::Down);
+        let out = h.at(8, &[], &dev);
         assert_eq!(
             out.actions,
             vec![Action::RemovePeer {

@@ -314,3 +314,75 @@ fn harvested_endpoints_let_a_node_reach_a_peer_that_announces_none() -> anyhow::
     );
     Ok(())
 }
+
+#[test]
+fn a_new_node_address_is_published_and_routed_to_the_node() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut lab = Lab::new(2)?;
+    lab.start_server()?;
+    lab.start_agent(1, &AgentOptions::default())?;
+    lab.start_agent(2, &AgentOptions::default())?;
+    lab.wait_for("the pair", UP, || all_up(&lab, 1, 1) && all_up(&lab, 2, 1))?;
+    sh(
+        "ip",
+        &[
+            "-n",
+            &lab.node(2).netns,
+            "addr",
+            "add",
+            "10.88.0.2/24",
+            "dev",
+            "eth0",
+        ],
+    )?;
+    let waited = lab.wait_for(
+        "node-1 to learn node-2's new address",
+        Duration::from_secs(15),
+        || {
+            lab.node(1).kubespanctl(&["peers"]).is_ok_and(|peers| {
+                peers.as_array().and_then(|p| p.first()).is_some_and(|p| {
+                    p["allowed_ips"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|ip| ip == "10.88.0.2/32"))
+                        && p["endpoints"]
+                            .as_array()
+                            .is_some_and(|e| e.iter().any(|ep| ep == "10.88.0.2:51820"))
+                })
+            })
+        },
+    )?;
+    eprintln!("node-2's new address reached node-1's peer spec {waited:?} after it was added");
+    // A host normally has a default route; the kernel needs one to pick a source address before
+    // the agent's mark moves the packet into the mesh.
+    let gateway = lab
+        .server_address
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    sh(
+        "ip",
+        &[
+            "-n",
+            &lab.node(1).netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &gateway,
+        ],
+    )?;
+    let capture = lab.capture("icmp")?;
+    assert!(
+        lab.node(1).ping("10.88.0.2"),
+        "node-1 reaches node-2's new address through the mesh"
+    );
+    let packets = capture.finish()?;
+    assert!(
+        packets.is_empty(),
+        "the ping went around the tunnel:\n{packets:#?}"
+    );
+    Ok(())
+}
