@@ -8,10 +8,7 @@
 //! Needs root (CAP_NET_ADMIN + CAP_SYS_ADMIN), `ip` and `nft`. Without root the tests fail,
 //! unless `OPENSPAN_SKIP_ROOT_TESTS=1` is set, in which case they say they skip.
 
-use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use ipnet::IpNet;
 use kubespan_agent::firewall::{self, FirewallConfig};
@@ -19,109 +16,30 @@ use kubespan_agent::routing::{self, RoutingConfig, RoutingError};
 
 const TUN: &str = "ks-test";
 
-unsafe extern "C" {
-    fn setns(fd: i32, nstype: i32) -> i32;
-}
-const CLONE_NEWNET: i32 = 0x4000_0000;
+mod support;
 
-/// True when the tests may run; false (after saying so) when the user asked to skip them.
+use support::{Netns, require_root as require_root_for};
+
+const NEEDS: &str = "network namespaces, TUN devices, nftables tables and ip rules";
+
 fn require_root(test: &str) -> bool {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
-        })
-        .unwrap_or(false);
-    if root {
-        return true;
-    }
-    if std::env::var("OPENSPAN_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
-        // Straight to the stderr handle: the test harness captures `eprintln!`, and a skip
-        // must never be silent.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPING {test}: needs root (network namespaces, nftables, ip rules); \
-             OPENSPAN_SKIP_ROOT_TESTS=1 is set"
-        );
-        return false;
-    }
-    panic!(
-        "{test} needs root: it creates network namespaces, TUN devices, nftables tables and \
-         ip rules. Run the tests as root, or set OPENSPAN_SKIP_ROOT_TESTS=1 to skip them."
-    );
+    require_root_for(test, NEEDS)
 }
 
-fn run(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} {args:?}: {e}"));
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+/// Namespace helpers only these tests need.
+trait MeshNetns {
+    fn with_tun(tag: &str) -> Netns;
+    fn routing<F, Fut>(&self, f: F) -> Result<(), RoutingError>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), RoutingError>>;
 }
 
-/// A network namespace deleted on drop, even when the test fails.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "ks-{tag}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        run("ip", &["netns", "add", &name]);
-        let ns = Self { name };
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn with_tun(tag: &str) -> Self {
-        let ns = Self::new(tag);
+impl MeshNetns for Netns {
+    fn with_tun(tag: &str) -> Netns {
+        let ns = Netns::new(tag);
         ns.exec(&["ip", "tuntap", "add", "dev", TUN, "mode", "tun"]);
         ns
-    }
-
-    fn exec(&self, args: &[&str]) -> String {
-        let mut full = vec!["netns", "exec", &self.name];
-        full.extend_from_slice(args);
-        run("ip", &full)
-    }
-
-    fn ip(&self, args: &[&str]) -> String {
-        let mut full = vec!["-n", &self.name];
-        full.extend_from_slice(args);
-        run("ip", &full)
-    }
-
-    /// Runs `f` on a new thread that has entered this namespace.
-    fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-            // SAFETY: plain syscall wrapper; `file` is an open namespace file descriptor that
-            // outlives the call, and CLONE_NEWNET only switches this thread's network namespace.
-            let rc = unsafe { setns(file.as_raw_fd(), CLONE_NEWNET) };
-            assert_eq!(
-                rc,
-                0,
-                "setns({path}) failed: {}",
-                std::io::Error::last_os_error()
-            );
-            f()
-        })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
     }
 
     /// Runs an async routing call inside the namespace on a current-thread runtime.
@@ -137,14 +55,6 @@ impl Netns {
                 .expect("tokio runtime")
                 .block_on(f())
         })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
 

@@ -10,9 +10,6 @@
 //! fail, unless `OPENSPAN_SKIP_ROOT_TESTS=1` is set, in which case they say they skip.
 
 use std::io::Write;
-use std::os::fd::AsRawFd;
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use kubespan_agent::config::Backend;
@@ -20,10 +17,9 @@ use kubespan_agent::dataplane::{Chosen, choose_backend};
 use kubespan_agent::wg::kernel::{KernelWireGuard, kernel_available};
 use kubespan_agent::wg::{DeviceSettings, PeerConfig, WgError, WireGuard};
 
-unsafe extern "C" {
-    fn setns(fd: i32, nstype: i32) -> i32;
-}
-const CLONE_NEWNET: i32 = 0x4000_0000;
+mod support;
+
+use support::Netns;
 
 fn unsupported() -> Result<(), WgError> {
     Err(WgError::Unsupported(
@@ -80,105 +76,31 @@ fn userspace_never_probes_the_kernel() {
 
 // ---- in a network namespace ----
 
-/// True when the tests may run; false (after saying so) when the user asked to skip them.
 fn require_root(test: &str) -> bool {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
-        })
-        .unwrap_or(false);
-    if root {
-        return true;
-    }
-    if std::env::var("OPENSPAN_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPING {test}: needs root (network namespaces, links); \
-             OPENSPAN_SKIP_ROOT_TESTS=1 is set"
-        );
-        return false;
-    }
-    panic!(
-        "{test} needs root: it creates network namespaces and links. Run the tests as root, or \
-         set OPENSPAN_SKIP_ROOT_TESTS=1 to skip them."
-    );
+    support::require_root(test, "network namespaces and links")
 }
 
-fn ip(args: &[&str]) -> std::process::Output {
-    Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run ip {args:?}: {e}"))
+/// Namespace helpers only these tests need.
+trait WireguardOracle {
+    fn ip_can_create_wireguard(&self) -> bool;
+    fn links(&self) -> String;
 }
 
-/// A network namespace deleted on drop, even when the test fails.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new() -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "ks-kwg-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let out = ip(&["netns", "add", &name]);
-        assert!(out.status.success(), "ip netns add {name}: {out:?}");
-        Self { name }
-    }
-
-    fn ip(&self, args: &[&str]) -> std::process::Output {
-        let mut full = vec!["-n", &self.name];
-        full.extend_from_slice(args);
-        ip(&full)
-    }
-
+impl WireguardOracle for Netns {
     /// The oracle: can `ip` create a WireGuard link here?
     fn ip_can_create_wireguard(&self) -> bool {
         let created = self
-            .ip(&["link", "add", "oracle0", "type", "wireguard"])
+            .ip_output(&["link", "add", "oracle0", "type", "wireguard"])
             .status
             .success();
         if created {
-            self.ip(&["link", "del", "oracle0"]);
+            self.ip_output(&["link", "del", "oracle0"]);
         }
         created
     }
 
     fn links(&self) -> String {
-        String::from_utf8_lossy(&self.ip(&["-o", "link", "show"]).stdout).into_owned()
-    }
-
-    /// Runs `f` on a new thread that has entered this namespace.
-    fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-            // SAFETY: plain syscall wrapper; `file` is an open namespace file descriptor that
-            // outlives the call, and CLONE_NEWNET only switches this thread's network namespace.
-            let rc = unsafe { setns(file.as_raw_fd(), CLONE_NEWNET) };
-            assert_eq!(
-                rc,
-                0,
-                "setns({path}) failed: {}",
-                std::io::Error::last_os_error()
-            );
-            f()
-        })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.name]);
+        self.ip(&["-o", "link", "show"])
     }
 }
 
@@ -187,7 +109,7 @@ fn kernel_probe_agrees_with_ip_and_backends_follow() {
     if !require_root("kernel_probe_agrees_with_ip_and_backends_follow") {
         return;
     }
-    let ns = Netns::new();
+    let ns = Netns::new("kwg");
     let kernel_has_wireguard = ns.ip_can_create_wireguard();
     let probe = ns.enter(kernel_available);
     assert_eq!(
@@ -238,7 +160,7 @@ fn kernel_device_round_trip() {
     if !require_root("kernel_device_round_trip") {
         return;
     }
-    let ns = Netns::new();
+    let ns = Netns::new("kwg");
     if !ns.ip_can_create_wireguard() {
         let _ = writeln!(
             std::io::stderr(),
