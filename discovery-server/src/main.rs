@@ -225,46 +225,17 @@ fn go_style_flags(args: impl Iterator<Item = String>) -> Vec<String> {
         .collect()
 }
 
-fn init_logging(debug: bool, format: &str) {
-    let default = if debug {
-        "debug,h2=info,hyper=info,tower=info"
-    } else {
-        "info"
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-async fn shutdown_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse_from(go_style_flags(std::env::args()));
-    init_logging(args.debug, &args.log_format);
+    openspan_runtime::init_logging(args.debug, args.log_format == "json");
     let config = args.into_config()?;
     server::validate(&config)?;
     let running = server::start(config).await?;
     let stop = running.stop_token();
     tokio::select! {
-        signal = shutdown_signal() => {
-            tracing::info!(signal = signal?, "shutting down");
+        signal = openspan_runtime::shutdown_signal() => {
+            tracing::info!(signal = signal.context("cannot install the SIGTERM and SIGINT handlers")?, "shutting down");
             running.shutdown().await?;
         }
         _ = stop.cancelled() => {

@@ -35,25 +35,6 @@ struct Args {
     log_format: String,
 }
 
-fn init_logging(debug: bool, format: &str) {
-    let default = if debug {
-        "debug,h2=info,hyper=info,tower=info"
-    } else {
-        "info"
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn node_identity(
     config: &config::Config,
 ) -> anyhow::Result<(NodeIdentity, identity::WireguardKeys)> {
@@ -84,20 +65,10 @@ fn node_identity(
     Ok((node, keys))
 }
 
-async fn shutdown_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logging(args.debug, &args.log_format);
+    openspan_runtime::init_logging(args.debug, args.log_format == "json");
     let config = config::load(&args.config)?;
     let (identity, wireguard_keys) = node_identity(&config)?;
     tracing::info!(
@@ -165,8 +136,8 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     tokio::select! {
-        signal = shutdown_signal() => {
-            tracing::info!(signal = signal?, "shutting down: leaving the discovery services, removing the data plane");
+        signal = openspan_runtime::shutdown_signal() => {
+            tracing::info!(signal = signal.context("cannot install the SIGTERM and SIGINT handlers")?, "shutting down: leaving the discovery services, removing the data plane");
             stop.cancel();
         }
         result = failed_data_plane => {
