@@ -7,7 +7,7 @@
 //! The binaries are taken from the cargo target directory next to the test executable, so run
 //! `cargo build --workspace --bins` first (`scripts/test.sh` does).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -35,20 +35,23 @@ pub fn require_root() -> bool {
     );
 }
 
-/// The cargo target directory holding this test's binaries.
+/// A binary of the workspace from the cargo target directory this executable runs from: next to
+/// it (a bin such as `mesh-bench` in `target/<profile>/`) or one level up (a test in
+/// `target/<profile>/deps/`).
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target directory");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --bins` first",
-        path.display()
-    );
-    path
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("executable directory");
+    [Some(dir), dir.parent()]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is missing next to {}: run `cargo build --workspace --bins` first",
+                exe.display()
+            )
+        })
 }
 
 pub fn run(program: &str, args: &[&str]) -> anyhow::Result<Output> {
@@ -334,21 +337,27 @@ impl Lab {
         &mut self.nodes[n - 1]
     }
 
-    /// Writes node `n`'s configuration and starts its agent (userspace WireGuard, fast timers).
-    pub fn start_agent(&mut self, n: usize, options: &AgentOptions) -> anyhow::Result<()> {
-        let server = self.server_address.clone();
-        let node = &mut self.nodes[n - 1];
-        let config = format!(
+    /// Node `n`'s agent configuration: userspace WireGuard, fast timers, `options` appended.
+    pub fn agent_config(&self, n: usize, options: &AgentOptions) -> String {
+        let node = &self.nodes[n - 1];
+        format!(
             "clusterID: netns-{id}\nclusterSecret: {CLUSTER_SECRET}\nnodeName: {name}\n\
              discovery:\n  endpoints: [\"http://{server}\"]\nstateDir: {dir}/state\napiSocket: {dir}/agent.sock\n\
              interface: {interface}\nbackend: userspace\npeerKeepaliveSeconds: 2\npeerDownSeconds: 6\n\
              endpointTimeoutSeconds: 3\nnftablesTable: openspan_test\n{extra}",
             id = self.id,
             name = node.name,
+            server = self.server_address,
             dir = node.dir.display(),
             interface = node.interface,
             extra = options.extra_yaml,
-        );
+        )
+    }
+
+    /// Writes node `n`'s configuration and starts its agent.
+    pub fn start_agent(&mut self, n: usize, options: &AgentOptions) -> anyhow::Result<()> {
+        let config = self.agent_config(n, options);
+        let node = &mut self.nodes[n - 1];
         std::fs::write(node.dir.join("config.yaml"), config)?;
         let log = std::fs::OpenOptions::new()
             .create(true)

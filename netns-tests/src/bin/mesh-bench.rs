@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use clap::Parser;
-use netns_tests::{CLUSTER_SECRET, Lab, Node, run};
+use netns_tests::{AgentOptions, Lab, Node, run};
 
 /// Throughput and latency of the openspan data plane (kubespan-agent, userspace boringtun) next
 /// to a plain veth link, boringtun-cli and wireguard-go.
@@ -726,34 +726,6 @@ fn bench_veth(args: &Args) -> anyhow::Result<Vec<Row>> {
     }])
 }
 
-fn kubespanctl(bins: &Binaries, node: &Node, args: &[&str]) -> anyhow::Result<serde_json::Value> {
-    let socket = node.socket();
-    let mut all = vec![
-        "--socket",
-        socket.to_str().unwrap_or_default(),
-        "-o",
-        "json",
-    ];
-    all.extend_from_slice(args);
-    let out = host_sh(&bins.ctl, &all, None)?;
-    serde_json::from_str(&out).context("kubespanctl printed no JSON")
-}
-
-/// The same configuration as the harness's `Lab::start_agent` with default options.
-fn agent_config(lab: &Lab, node: &Node) -> String {
-    format!(
-        "clusterID: netns-{id}\nclusterSecret: {CLUSTER_SECRET}\nnodeName: {name}\n\
-         discovery:\n  endpoints: [\"http://{server}\"]\nstateDir: {dir}/state\napiSocket: {dir}/agent.sock\n\
-         interface: {interface}\nbackend: userspace\npeerKeepaliveSeconds: 2\npeerDownSeconds: 6\n\
-         endpointTimeoutSeconds: 3\nnftablesTable: openspan_test\n",
-        id = lab.id,
-        name = node.name,
-        server = lab.server_address,
-        dir = node.dir.display(),
-        interface = node.interface,
-    )
-}
-
 /// Bytes sent by `node`'s WireGuard interface to all peers, per `wg show <if> transfer`.
 fn wg_tx_bytes(interface: &str) -> anyhow::Result<u64> {
     let out = host_sh("wg", &["show", interface, "transfer"], None)?;
@@ -792,9 +764,12 @@ fn bench_mesh(args: &Args, bins: &Binaries) -> anyhow::Result<Vec<Row>> {
         lab.root.join("server.log"),
         Duration::from_secs(10),
     )?);
-    for node in &lab.nodes {
+    for (index, node) in lab.nodes.iter().enumerate() {
         let config = node.dir.join("config.yaml");
-        std::fs::write(&config, agent_config(&lab, node))?;
+        std::fs::write(
+            &config,
+            lab.agent_config(index + 1, &AgentOptions::default()),
+        )?;
         let mut command = in_netns(
             &node.netns,
             limit,
@@ -816,7 +791,7 @@ fn bench_mesh(args: &Args, bins: &Binaries) -> anyhow::Result<Vec<Row>> {
             server.check()?;
             agents.check()?;
             Ok(lab.nodes.iter().all(|node| {
-                kubespanctl(bins, node, &["peers"]).is_ok_and(|peers| {
+                node.kubespanctl(&["peers"]).is_ok_and(|peers| {
                     peers.as_array().is_some_and(|p| {
                         p.len() == 1 && p[0]["status"]["state"].as_str() == Some("up")
                     })
@@ -835,7 +810,7 @@ fn bench_mesh(args: &Args, bins: &Binaries) -> anyhow::Result<Vec<Row>> {
     eprintln!("   mesh up {waited:.1?} after the agents started");
 
     let (sender, receiver) = (lab.node(1), lab.node(2));
-    let mesh_address = kubespanctl(bins, receiver, &["identity"])?["mesh_address"]
+    let mesh_address = receiver.kubespanctl(&["identity"])?["mesh_address"]
         .as_str()
         .context("kubespanctl identity: no mesh_address")?
         .to_owned();
