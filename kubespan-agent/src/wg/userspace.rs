@@ -40,10 +40,18 @@ impl UserspaceWireGuard {
             use_multi_queue: true,
             uapi_fd: theirs.into_raw_fd(),
         };
-        let handle = DeviceHandle::new(interface, config).map_err(|e| WgError::Device {
+        // Created on a thread named after the interface: boringtun's workers inherit the name,
+        // so `top -H` shows which threads carry the mesh.
+        let name = interface.to_owned();
+        let created = std::thread::Builder::new()
+            .name(format!("wg-{interface}"))
+            .spawn(move || DeviceHandle::new(&name, config).map_err(|e| format!("{e:?}")))?
+            .join()
+            .map_err(|_| WgError::Unsupported("the device thread panicked".into()))?;
+        let handle = created.map_err(|e| WgError::Device {
             interface: interface.to_owned(),
             message: format!(
-                "cannot create the TUN device ({e:?}); is /dev/net/tun available and are we root (CAP_NET_ADMIN)?"
+                "cannot create the TUN device ({e}); is /dev/net/tun available and are we root (CAP_NET_ADMIN)?"
             ),
         })?;
         let control = Arc::new(Mutex::new(ours));
