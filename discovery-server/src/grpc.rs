@@ -46,6 +46,9 @@ pub struct AdmissionConfig {
     pub max_tracked_clients: usize,
 }
 
+/// The longest a call without a `grpc-timeout` waits for its rate-limit token.
+pub const MAX_WAIT_WITHOUT_DEADLINE: Duration = Duration::from_secs(30);
+
 /// Client IP resolution and per-IP rate limiting, shared by every RPC.
 pub struct Gate {
     config: AdmissionConfig,
@@ -88,12 +91,15 @@ impl Gate {
     }
 
     /// Waits for the client's token, or refuses at once when it would come after the deadline.
+    /// A call without a deadline waits at most [`MAX_WAIT_WITHOUT_DEADLINE`]: otherwise a client
+    /// could push its bucket (or the shared overflow bucket) arbitrarily far into the future.
     pub async fn admit(
         &self,
         ip: Option<IpAddr>,
         deadline: Option<Duration>,
     ) -> Result<(), Status> {
         let Some(ip) = ip else { return Ok(()) };
+        let deadline = Some(deadline.unwrap_or(MAX_WAIT_WITHOUT_DEADLINE));
         let verdict = self
             .limiter
             .lock()

@@ -174,6 +174,29 @@ async fn over_the_rate_requests_wait_or_fail_before_their_deadline() {
         started.elapsed() >= Duration::from_millis(300),
         "it was delayed, not refused"
     );
+    // Without a deadline the wait is still bounded: 80 concurrent calls with long deadlines
+    // reserve tokens 40 s ahead, so a call without a deadline is refused rather than parked.
+    let flood: Vec<_> = (0..80)
+        .map(|_| {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                let _ = c
+                    .hello(with_deadline(
+                        hello(),
+                        "192.0.2.9",
+                        Some(Duration::from_secs(60)),
+                    ))
+                    .await;
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = c
+        .hello(with_deadline(hello(), "192.0.2.9", None))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    flood.iter().for_each(tokio::task::JoinHandle::abort);
     // Streams are limited too.
     for _ in 0..3 {
         c.hello(with_deadline(hello(), "192.0.2.3", None))

@@ -214,7 +214,7 @@ pub async fn run(
     };
 
     let mut facts = HostFacts {
-        addresses: read_addresses(&config.interface).await,
+        addresses: read_addresses(&config.interface).await.unwrap_or_default(),
         public_ips: Vec::new(),
     };
     let mut local = local_record(&config, &identity, &facts);
@@ -269,8 +269,9 @@ pub async fn run(
                 }
             }
             _ = address_poll.tick() => {
-                let addresses = read_addresses(&config.interface).await;
-                if addresses != facts.addresses {
+                if let Some(addresses) = read_addresses(&config.interface).await
+                    && addresses != facts.addresses
+                {
                     tracing::info!(?addresses, "node addresses changed");
                     facts.addresses = addresses;
                     facts_changed = true;
@@ -313,7 +314,9 @@ pub async fn run(
         }
     }
 
-    // Graceful shutdown: delete this node's record, then stop the clients.
+    // Graceful shutdown: delete this node's record, then stop the clients. Their events are
+    // drained meanwhile, so a client blocked on a full channel still gets to the delete.
+    let drain = tokio::spawn(async move { while events_rx.recv().await.is_some() {} });
     let left =
         tokio::time::timeout(Duration::from_secs(5), shared.leave(Duration::from_secs(3))).await;
     tracing::info!(
@@ -324,15 +327,17 @@ pub async fn run(
     for client in clients {
         let _ = client.await;
     }
+    let _ = drain.await;
     Ok(())
 }
 
-async fn read_addresses(mesh_interface: &str) -> Vec<IpAddr> {
+/// `None` when netlink fails: the caller keeps what it had rather than publishing no addresses.
+async fn read_addresses(mesh_interface: &str) -> Option<Vec<IpAddr>> {
     match crate::host::node_addresses(mesh_interface).await {
-        Ok(addresses) => addresses,
+        Ok(addresses) => Some(addresses),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot read node addresses through netlink");
-            Vec::new()
+            tracing::warn!(error = %e, "cannot read node addresses through netlink; keeping the last known ones");
+            None
         }
     }
 }

@@ -240,12 +240,9 @@ impl Agent for AgentApi {
     }
 }
 
-/// Serves the API on `socket` (mode 0660) until `stop`; removes the socket file afterwards.
-pub async fn serve(
-    socket: &Path,
-    api: AgentApi,
-    stop: CancellationToken,
-) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+/// Claims the API socket (mode 0660). Fails when another agent is serving it, before anything
+/// else starts, so a second instance never touches the running one's interface or rules.
+pub async fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the API socket directory {}", dir.display()))?;
@@ -265,14 +262,24 @@ pub async fn serve(
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("cannot set the mode of {}", socket.display()))?;
+    Ok(listener)
+}
+
+/// Serves the API on a listener from [`bind`] until `stop`; removes the socket file afterwards.
+pub fn serve(
+    listener: UnixListener,
+    socket: &Path,
+    api: AgentApi,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
     tracing::info!(socket = %socket.display(), "membership API listening");
     let path = socket.to_owned();
-    Ok(tokio::spawn(async move {
+    tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .add_service(AgentServer::new(api))
             .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop.cancelled())
             .await;
         let _ = std::fs::remove_file(&path);
         result.context("membership API server failed")
-    }))
+    })
 }

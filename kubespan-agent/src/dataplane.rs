@@ -21,7 +21,7 @@ use crate::crypto::ClusterKeys;
 use crate::discovery::Publication;
 use crate::firewall::{self, FirewallConfig};
 use crate::netset::PrefixSet;
-use crate::reconcile::{Action, PeerMemory, PeerReport, State, Timers, WantedPeer, reconcile};
+use crate::reconcile::{Action, PeerMemory, PeerReport, Policy, State, WantedPeer, reconcile};
 use crate::record;
 use crate::routing::{self, RoutingConfig};
 use crate::wg::kernel::{KernelWireGuard, kernel_available};
@@ -292,10 +292,11 @@ async fn reconcile_loop(
     let view = &mut inputs.view;
     let preshared_key = inputs.keys.wireguard_psk();
     let dp = &config.data_plane;
-    let timers = Timers {
+    let timers = Policy {
         endpoint_timeout: dp.endpoint_timeout,
         peer_down_after: dp.peer_down_after,
         keepalive: dp.peer_keepalive,
+        updates_in_place: device.updates_in_place(),
     };
     let good_path = config.state_dir.join(GOOD_ENDPOINTS_FILE);
     let mut good = load_good_endpoints(&good_path);
@@ -373,8 +374,14 @@ async fn reconcile_loop(
                 (Action::RemovePeer { .. }, Ok(())) => {
                     tracing::info!("removed a peer that left the cluster")
                 }
-                (_, Err(e)) => {
-                    tracing::error!(error = %e, "WireGuard device change failed; retrying next tick")
+                (action, Err(e)) => {
+                    tracing::error!(error = %e, "WireGuard device change failed; retrying next tick");
+                    // Forget what was applied so the next reconcile sends it again.
+                    if let Action::SetPeer { config, .. } = action
+                        && let Some(mem) = memory.get_mut(&config.public_key)
+                    {
+                        mem.applied_allowed_ips.clear();
+                    }
                 }
             }
         }

@@ -385,13 +385,26 @@ impl Session {
             });
         }
         let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
-        for update in updates {
+        for (index, update) in updates.into_iter().enumerate() {
+            let affiliate = update.affiliate_id.clone();
             let mut request = tonic::Request::new(update);
             request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
-            client
-                .affiliate_update(request)
-                .await
-                .map_err(|s| format!("AffiliateUpdate failed: {:?}: {}", s.code(), s.message()))?;
+            match client.affiliate_update(request).await {
+                Ok(_) => {}
+                // This node's own record must get through; otherwise the session starts over.
+                Err(s) if index == 0 => {
+                    return Err(format!(
+                        "AffiliateUpdate failed: {:?}: {}",
+                        s.code(),
+                        s.message()
+                    ));
+                }
+                // Endpoints harvested for another node are best effort (the server may refuse
+                // them, e.g. at its per-affiliate endpoint limit); they never end the session.
+                Err(s) => {
+                    tracing::debug!(%affiliate, code = ?s.code(), error = %s.message(), "harvested endpoints not published")
+                }
+            }
         }
         self.status.lock().unwrap_or_else(|p| p.into_inner()).left = false;
         Ok(())

@@ -84,6 +84,13 @@ async fn main() -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let api_stop = CancellationToken::new();
 
+    // Claim the listeners first: if another agent runs, or a port is taken, nothing has started.
+    let api_listener = api::bind(&config.api_socket).await?;
+    let metrics_listener = match &config.metrics_addr {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
+
     let (shared_tx, shared_rx) = tokio::sync::oneshot::channel();
     let control = tokio::spawn(agent::run(
         config.clone(),
@@ -116,17 +123,19 @@ async fn main() -> anyhow::Result<()> {
             (board, Some(task))
         };
     let api_task = api::serve(
+        api_listener,
         &config.api_socket,
         AgentApi::new(shared.clone(), data_plane.clone()),
         api_stop.clone(),
-    )
-    .await?;
-    let metrics_task = match &config.metrics_addr {
-        Some(addr) => {
-            Some(metrics::serve(addr, shared.clone(), data_plane.clone(), api_stop.clone()).await?)
-        }
-        None => None,
-    };
+    );
+    let metrics_task = metrics_listener.map(|listener| {
+        metrics::serve(
+            listener,
+            shared.clone(),
+            data_plane.clone(),
+            api_stop.clone(),
+        )
+    });
 
     let mut data_plane_task = data_plane_task;
     let failed_data_plane = async {

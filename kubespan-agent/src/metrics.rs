@@ -125,17 +125,23 @@ pub fn render(shared: &Shared, data_plane: &dyn PeerStatusProvider) -> String {
     text
 }
 
-/// Serves `/metrics` and `/healthz` on `addr` until `stop`.
-pub async fn serve(
-    addr: &str,
+/// Claims the metrics listener before anything else starts.
+pub async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on metricsAddr {addr:?}: {e}"))
+}
+
+/// Serves `/metrics` and `/healthz` on a listener from [`bind`] until `stop`.
+pub fn serve(
+    listener: tokio::net::TcpListener,
     shared: Arc<Shared>,
     data_plane: Arc<dyn PeerStatusProvider>,
     stop: CancellationToken,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on metricsAddr {addr:?}: {e}"))?;
-    tracing::info!(addr = %listener.local_addr()?, "serving metrics");
+) -> tokio::task::JoinHandle<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving metrics");
+    }
     let router = Router::new()
         .route(
             "/metrics",
@@ -154,12 +160,12 @@ pub async fn serve(
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }));
-    Ok(tokio::spawn(async move {
+    tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router)
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await
         {
             tracing::error!(error = %e, "metrics server failed");
         }
-    }))
+    })
 }

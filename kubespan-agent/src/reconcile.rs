@@ -20,10 +20,13 @@ use crate::members::PeerSpec;
 use crate::wg::{Key, PeerConfig, PeerState};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Timers {
+pub struct Policy {
     pub endpoint_timeout: Duration,
     pub peer_down_after: Duration,
     pub keepalive: Duration,
+    /// The device changes a peer's allowed IPs in place, keeping its session (kernel
+    /// WireGuard); otherwise it re-creates the peer (boringtun) and a new handshake is needed.
+    pub updates_in_place: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -125,7 +128,7 @@ pub fn reconcile(
     memory: &mut HashMap<Key, PeerMemory>,
     good_endpoints: &mut BTreeMap<String, SocketAddr>,
     preshared_key: &Key,
-    timers: Timers,
+    timers: Policy,
     now: SystemTime,
 ) -> Outcome {
     let mut actions = Vec::new();
@@ -234,7 +237,7 @@ pub fn reconcile(
             mem.refreshing = false;
         }
         let allowed_changed = mem.applied_allowed_ips != allowed_ips;
-        if allowed_changed && !reset_session {
+        if allowed_changed && !reset_session && !timers.updates_in_place {
             // New allowed IPs, same endpoint. A userspace device re-creates the peer for this,
             // losing its session: expect (and start) a fresh handshake on the same endpoint.
             reset_session = true;
@@ -272,10 +275,11 @@ pub fn reconcile(
 mod tests {
     use super::*;
 
-    const T: Timers = Timers {
+    const T: Policy = Policy {
         endpoint_timeout: Duration::from_secs(5),
         peer_down_after: Duration::from_secs(30),
         keepalive: Duration::from_secs(10),
+        updates_in_place: false,
     };
     const PSK: Key = [9; 32];
 
@@ -501,6 +505,40 @@ mod tests {
             }]
         );
         assert!(h.memory.is_empty());
+    }
+
+    #[test]
+    fn an_in_place_device_keeps_the_session_on_allowed_ip_changes() {
+        let mut h = Harness::new();
+        let mut w = want(&["10.0.0.2:51820", "10.1.0.2:51820"]);
+        let policy = Policy {
+            updates_in_place: true,
+            ..T
+        };
+        let at = |h: &mut Harness, secs, w: &[WantedPeer], dev: &[PeerState]| {
+            reconcile(
+                w,
+                dev,
+                &mut h.memory,
+                &mut h.good,
+                &PSK,
+                policy,
+                h.t0 + Duration::from_secs(secs),
+            )
+        };
+        at(&mut h, 0, std::slice::from_ref(&w), &[]);
+        let dev = [on_device(Some("10.0.0.2:51820"), Some(h.time(1)), 10)];
+        at(&mut h, 1, std::slice::from_ref(&w), &dev);
+        w.spec.allowed_ips.push("10.244.2.0/24".parse().unwrap());
+        let out = at(&mut h, 2, std::slice::from_ref(&w), &dev);
+        assert!(
+            matches!(&out.actions[0], Action::SetPeer { reset_session: false, config } if config.endpoint.is_none())
+        );
+        // Long after the endpoint timeout, with keepalives still arriving: up, no rotation.
+        let dev = [on_device(Some("10.0.0.2:51820"), Some(h.time(1)), 200)];
+        let out = at(&mut h, 20, std::slice::from_ref(&w), &dev);
+        assert_eq!(out.reports[0].state, State::Up);
+        assert!(out.actions.is_empty(), "{:?}", out.actions);
     }
 
     #[test]

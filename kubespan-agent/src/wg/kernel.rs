@@ -178,6 +178,10 @@ impl WireGuard for KernelWireGuard {
         )
     }
 
+    fn updates_in_place(&self) -> bool {
+        true
+    }
+
     fn peers(&mut self) -> Result<Vec<PeerState>, WgError> {
         let name = self.interface.clone();
         let replies = on_netlink_thread(&self.interface, move || async move {

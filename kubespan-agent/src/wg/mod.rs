@@ -67,4 +67,6 @@ pub trait WireGuard: Send {
     fn set_peer(&mut self, peer: &PeerConfig, reset_session: bool) -> Result<(), WgError>;
     fn remove_peer(&mut self, public_key: &Key) -> Result<(), WgError>;
     fn peers(&mut self) -> Result<Vec<PeerState>, WgError>;
+    /// Whether changing a peer's allowed IPs keeps its session (no new handshake needed).
+    fn updates_in_place(&self) -> bool;
 }

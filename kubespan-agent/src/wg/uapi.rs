@@ -129,9 +129,12 @@ pub fn request(socket: &Path, body: &str) -> Result<String, WgError> {
 }
 
 /// Sends one request on an open control stream and reads the answer up to its `errno=` line.
+/// An empty `body` only reads an answer (one owed from an earlier, timed-out request).
 pub fn exchange(stream: &mut UnixStream, body: &str, name: &str) -> Result<String, WgError> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(body.as_bytes())?;
+    if !body.is_empty() {
+        stream.write_all(body.as_bytes())?;
+    }
     let mut reader = BufReader::new(&*stream);
     let mut answer = String::new();
     loop {

@@ -20,9 +20,37 @@ use boringtun::device::{DeviceConfig, DeviceHandle};
 use super::uapi;
 use super::{DeviceSettings, Key, PeerConfig, PeerState, WgError, WireGuard};
 
+/// The agent's end of boringtun's control socket pair.
+struct ControlChannel {
+    stream: UnixStream,
+    /// Answers still owed by the device for requests that timed out: they are read and
+    /// discarded before the next request, so answers never pair with the wrong request.
+    owed: usize,
+}
+
+impl ControlChannel {
+    fn request(&mut self, body: &str, name: &str) -> Result<String, WgError> {
+        while self.owed > 0 {
+            uapi::exchange(&mut self.stream, "", name)
+                .map(|_| ())
+                .or_else(|e| match e {
+                    // A refused request still ended its answer.
+                    WgError::Device { .. } => Ok(()),
+                    other => Err(other),
+                })?;
+            self.owed -= 1;
+        }
+        let result = uapi::exchange(&mut self.stream, body, name);
+        if matches!(result, Err(WgError::Io(_))) {
+            self.owed += 1;
+        }
+        result
+    }
+}
+
 pub struct UserspaceWireGuard {
     interface: String,
-    control: Arc<Mutex<UnixStream>>,
+    control: Arc<Mutex<ControlChannel>>,
     configured: HashSet<Key>,
     socket: PathBuf,
     stop_proxy: Arc<AtomicBool>,
@@ -54,7 +82,10 @@ impl UserspaceWireGuard {
                 "cannot create the TUN device ({e}); is /dev/net/tun available and are we root (CAP_NET_ADMIN)?"
             ),
         })?;
-        let control = Arc::new(Mutex::new(ours));
+        let control = Arc::new(Mutex::new(ControlChannel {
+            stream: ours,
+            owed: 0,
+        }));
         let socket = uapi::socket_path(interface);
         let stop_proxy = Arc::new(AtomicBool::new(false));
         if let Err(e) = serve_read_only(&socket, control.clone(), stop_proxy.clone(), interface) {
@@ -72,7 +103,7 @@ impl UserspaceWireGuard {
 
     fn request(&self, body: &str) -> Result<String, WgError> {
         let mut control = self.control.lock().unwrap_or_else(|p| p.into_inner());
-        uapi::exchange(&mut control, body, &self.interface)
+        control.request(body, &self.interface)
     }
 }
 
@@ -86,7 +117,7 @@ impl Drop for UserspaceWireGuard {
 /// Serves `get` requests of `wg(8)` on the standard socket; refuses `set` with EPERM.
 fn serve_read_only(
     socket: &PathBuf,
-    control: Arc<Mutex<UnixStream>>,
+    control: Arc<Mutex<ControlChannel>>,
     stop: Arc<AtomicBool>,
     interface: &str,
 ) -> std::io::Result<()> {
@@ -108,6 +139,7 @@ fn serve_read_only(
                     Ok((client, _)) => {
                         let _ = client.set_nonblocking(false);
                         let _ = client.set_read_timeout(Some(Duration::from_secs(2)));
+                        let _ = client.set_write_timeout(Some(Duration::from_secs(2)));
                         answer(client, &control, &name);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -120,7 +152,7 @@ fn serve_read_only(
     Ok(())
 }
 
-fn answer(client: UnixStream, control: &Mutex<UnixStream>, name: &str) {
+fn answer(client: UnixStream, control: &Mutex<ControlChannel>, name: &str) {
     let mut reader = BufReader::new(&client);
     let mut first = String::new();
     if reader.read_line(&mut first).is_err() {
@@ -129,15 +161,16 @@ fn answer(client: UnixStream, control: &Mutex<UnixStream>, name: &str) {
     let mut writer = &client;
     match first.trim() {
         "get=1" => {
-            let mut control = control.lock().unwrap_or_else(|p| p.into_inner());
-            match uapi::exchange(&mut control, "get=1\n\n", name) {
-                Ok(body) => {
-                    let _ = write!(writer, "{body}errno=0\n\n");
-                }
-                Err(_) => {
-                    let _ = write!(writer, "errno=5\n\n");
-                }
-            }
+            // The lock is released before writing: a client that stops reading must not hold
+            // up the agent's own requests.
+            let answer = control
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .request("get=1\n\n", name);
+            let _ = match answer {
+                Ok(body) => write!(writer, "{body}errno=0\n\n"),
+                Err(_) => write!(writer, "errno=5\n\n"),
+            };
         }
         "set=1" => {
             tracing::warn!(interface = %name, "refused a change through the WireGuard control socket: the agent owns this device");
@@ -184,6 +217,10 @@ impl WireGuard for UserspaceWireGuard {
         self.request(&uapi::remove_peer(public_key))?;
         self.configured.remove(public_key);
         Ok(())
+    }
+
+    fn updates_in_place(&self) -> bool {
+        false
     }
 
     fn peers(&mut self) -> Result<Vec<PeerState>, WgError> {
