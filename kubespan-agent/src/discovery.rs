@@ -29,6 +29,7 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(30 * 60);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_REDIRECTS: usize = 5;
+const MAX_FAILURES_AT_REDIRECT: usize = 3;
 
 /// What this node publishes, shared by every client.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -167,6 +168,7 @@ pub async fn run_client(
     };
     let mut target = endpoint.clone();
     let mut redirects = 0;
+    let mut failures_at_redirect = 0;
     let mut attempt = 0u32;
     loop {
         if stop.is_cancelled() {
@@ -196,10 +198,25 @@ pub async fn run_client(
                 target = endpoint.clone();
                 redirects = 0;
             }
-            Err(error) => session.disconnected(error).await,
+            Err(error) => {
+                session.disconnected(error).await;
+                // A redirect target that keeps failing is abandoned for the configured service,
+                // which can redirect again if it still wants to.
+                if target != endpoint && !session.reached_watch {
+                    failures_at_redirect += 1;
+                    if failures_at_redirect >= MAX_FAILURES_AT_REDIRECT {
+                        tracing::warn!(redirect = %target.authority, configured = %endpoint.url, "redirect target keeps failing; going back to the configured discovery service");
+                        target = endpoint.clone();
+                        redirects = 0;
+                        failures_at_redirect = 0;
+                    }
+                }
+            }
         }
         if session.reached_watch {
             attempt = 0;
+            redirects = 0;
+            failures_at_redirect = 0;
         }
         let delay = session
             .settings

@@ -152,6 +152,13 @@ pub fn reconcile(
         let endpoints = &want.spec.endpoints;
         let remembered = good_endpoints.get(&want.spec.node_id).copied();
 
+        // A wall clock stepped backwards (NTP on a host without RTC) must not leave change times
+        // in the future, where no timeout would ever expire.
+        for time in [&mut mem.last_endpoint_change, &mut mem.last_rx_change] {
+            if time.is_some_and(|t| t > now) {
+                *time = Some(now);
+            }
+        }
         // Track the last answer through the received byte counter.
         if let Some(device_peer) = state_on_device
             && device_peer.rx_bytes != mem.last_rx_bytes
@@ -539,6 +546,21 @@ mod tests {
         let out = at(&mut h, 20, std::slice::from_ref(&w), &dev);
         assert_eq!(out.reports[0].state, State::Up);
         assert!(out.actions.is_empty(), "{:?}", out.actions);
+    }
+
+    #[test]
+    fn a_clock_stepped_backwards_does_not_stall_rotation() {
+        let mut h = Harness::new();
+        let w = [want(&["10.9.0.2:51820", "10.0.0.2:51820"])];
+        h.at(100, &w, &[]);
+        let dev = [on_device(Some("10.9.0.2:51820"), None, 0)];
+        // The clock jumps back 60 s; the dead endpoint is still left one timeout later.
+        assert!(h.at(40, &w, &dev).actions.is_empty());
+        let out = h.at(45, &w, &dev);
+        assert_eq!(
+            endpoint_set(&out),
+            Some(Some("10.0.0.2:51820".parse().unwrap()))
+        );
     }
 
     #[test]

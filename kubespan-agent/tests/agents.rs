@@ -550,3 +550,22 @@ fn generated_config_is_accepted_by_the_agent() {
     let secrets: serde_json::Value = serde_json::from_slice(&secrets.stdout).unwrap();
     assert_eq!(secrets["clusterSecret"].as_str().unwrap().len(), 44);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_follow_the_discovery_redirect() {
+    let target = start_server("127.0.0.1:0").await;
+    let target_addr = target.grpc_addr.unwrap().to_string();
+    let mut config = server_config("127.0.0.1:0");
+    config.redirect_endpoint = Some(target_addr.clone());
+    let redirector = server::start(config).await.unwrap();
+    let redirector_addr = redirector.grpc_addr.unwrap().to_string();
+    let root = tempfile::tempdir().unwrap();
+    // node-a is told to use the redirector; node-b talks to the target directly.
+    let a = agent(root.path(), "node-a", "02:00:00:00:00:0a", &redirector_addr);
+    let b = agent(root.path(), "node-b", "02:00:00:00:00:0b", &target_addr);
+    wait_members(&a, &["node-a", "node-b"]).await;
+    wait_members(&b, &["node-a", "node-b"]).await;
+    assert!(a.log().contains("redirected"), "{}", a.log());
+    redirector.shutdown().await.unwrap();
+    target.shutdown().await.unwrap();
+}
