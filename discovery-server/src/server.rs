@@ -282,33 +282,25 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::
             }
         };
         let addr = listener.local_addr()?;
-        let (grace, stop_serving) = (config.shutdown_grace, stop.clone());
-        match tls.clone() {
+        // The two transports differ only in how connections are accepted.
+        let serve: std::pin::Pin<
+            Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+        > = match tls.clone() {
             Some(tls) => {
                 tracing::info!(%addr, mtls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), "serving gRPC with TLS");
-                let incoming = accept_tls(listener, tls);
-                tasks.push(tokio::spawn(async move {
-                    bounded(
-                        stop_serving,
-                        grace,
-                        router.serve_with_incoming_shutdown(incoming, serving),
-                    )
-                    .await
-                }));
+                Box::pin(router.serve_with_incoming_shutdown(accept_tls(listener, tls), serving))
             }
             None => {
                 tracing::info!(%addr, "serving gRPC (plaintext)");
                 let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-                tasks.push(tokio::spawn(async move {
-                    bounded(
-                        stop_serving,
-                        grace,
-                        router.serve_with_incoming_shutdown(incoming, serving),
-                    )
-                    .await
-                }));
+                Box::pin(router.serve_with_incoming_shutdown(incoming, serving))
             }
-        }
+        };
+        tasks.push(tokio::spawn(bounded(
+            stop.clone(),
+            config.shutdown_grace,
+            serve,
+        )));
     }
 
     // Expiry, idle rate-limiter entries.

@@ -17,6 +17,7 @@ pub mod identity;
 pub mod members;
 pub mod metrics;
 pub mod model;
+pub mod netlink;
 pub mod netset;
 pub mod reconcile;
 pub mod record;

@@ -5,6 +5,7 @@
 //! force-marked packets to that table. [`remove`] takes the routes and rules away again.
 //! Both are idempotent.
 
+use crate::netlink::{EADDRNOTAVAIL, EEXIST, ENODEV, ENOENT, EPERM, ESRCH, errno};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
@@ -18,13 +19,6 @@ use rtnetlink::{Handle, IpVersion, LinkUnspec, RouteMessageBuilder};
 pub const MESH_PREFIX_LEN: u8 = 64;
 /// Metric of the default routes in the mesh table.
 pub const ROUTE_METRIC: u32 = 1;
-
-const EPERM: i32 = 1;
-const ENOENT: i32 = 2;
-const ESRCH: i32 = 3;
-const ENODEV: i32 = 19;
-const EEXIST: i32 = 17;
-const EADDRNOTAVAIL: i32 = 99;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RoutingConfig {
@@ -83,13 +77,6 @@ pub enum RoutingError {
 }
 
 /// The errno of a netlink error reply, as a positive number.
-fn errno(error: &rtnetlink::Error) -> Option<i32> {
-    match error {
-        rtnetlink::Error::NetlinkError(message) => Some(message.raw_code().abs()),
-        _ => None,
-    }
-}
-
 fn netlink(action: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> RoutingError {
     let action = action.into();
     move |source| {

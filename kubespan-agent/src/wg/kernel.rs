@@ -14,6 +14,7 @@
 //! The message building and reply parsing are pure functions, unit-tested below, because this
 //! project's test machine has no WireGuard module.
 
+use crate::netlink::{EEXIST, ENODEV, ENOENT, EOPNOTSUPP, EPERM, errno};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -35,12 +36,6 @@ use netlink_packet_wireguard::{
 use rtnetlink::LinkWireguard;
 
 use super::{DeviceSettings, Key, PeerConfig, PeerState, WgError, WireGuard};
-
-const EPERM: i32 = 1;
-const ENOENT: i32 = 2;
-const EEXIST: i32 = 17;
-const ENODEV: i32 = 19;
-const EOPNOTSUPP: i32 = 95;
 
 /// Allowed IPs per `WG_CMD_SET_DEVICE` message. A netlink attribute's length is 16 bits; one
 /// allowed IP takes at most 40 bytes, so 1000 of them plus the peer's other attributes (about
@@ -302,13 +297,6 @@ fn prefix(error: WgError, what: &str) -> WgError {
 }
 
 /// The errno of a netlink error reply, as a positive number.
-fn errno(error: &rtnetlink::Error) -> Option<i32> {
-    match error {
-        rtnetlink::Error::NetlinkError(message) => Some(message.raw_code().abs()),
-        _ => None,
-    }
-}
-
 fn link_error(interface: &str, action: &str, error: &rtnetlink::Error) -> WgError {
     let text = match error {
         rtnetlink::Error::NetlinkError(message) => message.to_io().to_string(),
