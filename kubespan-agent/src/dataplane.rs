@@ -162,10 +162,7 @@ fn create_device(config: &Config) -> anyhow::Result<Box<dyn WireGuard>> {
     tracing::info!(backend = ?chosen, reason = %why, "WireGuard backend");
     match chosen {
         Chosen::Kernel => Ok(Box::new(KernelWireGuard::create(interface)?)),
-        Chosen::Userspace => {
-            let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
-            Ok(Box::new(UserspaceWireGuard::create(interface, threads)?))
-        }
+        Chosen::Userspace => Ok(Box::new(UserspaceWireGuard::create(interface)?)),
     }
 }
 

@@ -8,8 +8,10 @@ use std::time::{Duration, SystemTime};
 use ipnet::IpNet;
 use thiserror::Error;
 
+pub mod device;
 pub mod kernel;
 pub mod uapi;
+mod udp;
 pub mod userspace;
 
 pub type Key = [u8; 32];

@@ -1,0 +1,230 @@
+//! The userspace device's UDP socket: one dual-stack socket (IPv4-only where the host has no
+//! IPv6), marked with the WireGuard fwmark so its own packets bypass the mesh routes, sending and
+//! receiving in batches with UDP GSO/GRO through `quinn-udp` (which falls back to one datagram
+//! per call where the kernel or the NIC cannot).
+
+use std::io::{self, IoSliceMut};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Socket buffers large enough for a few 64 KiB batches in flight.
+const SOCKET_BUFFER: usize = 4 << 20;
+/// How long a send waits for room in a full socket buffer before the batch is dropped.
+const SEND_WAIT: Duration = Duration::from_millis(200);
+/// The largest UDP payload one GSO send may carry (the IP packet length field is 16 bits).
+pub const MAX_GSO_BYTES: usize = 65_000;
+
+pub struct UdpTransport {
+    socket: Socket,
+    state: UdpSocketState,
+    dual_stack: bool,
+    port: u16,
+}
+
+impl UdpTransport {
+    /// Binds the WireGuard port on all addresses.
+    pub fn bind(port: u16, fwmark: u32) -> io::Result<Self> {
+        let (socket, dual_stack) = match bind_dual_stack(port) {
+            Ok(socket) => (socket, true),
+            Err(v6_error) => match bind_v4(port) {
+                Ok(socket) => {
+                    tracing::info!(port, error = %v6_error, "IPv6 unavailable; WireGuard listens on IPv4 only");
+                    (socket, false)
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        if fwmark != 0 {
+            socket.set_mark(fwmark)?;
+        }
+        // As root the limits of net.core.[rw]mem_max do not apply; otherwise take what we get.
+        force_buffer(&socket, libc::SO_RCVBUFFORCE, SOCKET_BUFFER)
+            .or_else(|_| socket.set_recv_buffer_size(SOCKET_BUFFER))
+            .ok();
+        force_buffer(&socket, libc::SO_SNDBUFFORCE, SOCKET_BUFFER)
+            .or_else(|_| socket.set_send_buffer_size(SOCKET_BUFFER))
+            .ok();
+        let state = UdpSocketState::new((&socket).into())?;
+        // WireGuard lets the outer packet be fragmented rather than dropped on a path with a
+        // small MTU (quinn-udp sets "don't fragment" for QUIC's path MTU discovery).
+        set_int(&socket, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DONT).ok();
+        if dual_stack {
+            set_int(
+                &socket,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU_DISCOVER,
+                libc::IP_PMTUDISC_DONT,
+            )
+            .ok();
+        }
+        let port = socket
+            .local_addr()?
+            .as_socket()
+            .map_or(port, |addr| addr.port());
+        Ok(Self {
+            socket,
+            state,
+            dual_stack,
+            port,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// How many equal-sized datagrams one send may carry.
+    pub fn max_segments(&self) -> usize {
+        self.state.max_gso_segments().max(1)
+    }
+
+    /// How many datagrams one receive buffer may hold.
+    pub fn gro_segments(&self) -> usize {
+        self.state.gro_segments().max(1)
+    }
+
+    /// Sends `contents` to `destination`: one datagram, or several of `segment` bytes each (the
+    /// last may be shorter). Waits briefly when the socket buffer is full.
+    pub fn send(
+        &self,
+        destination: SocketAddr,
+        contents: &[u8],
+        segment: Option<usize>,
+    ) -> io::Result<()> {
+        let destination = match destination {
+            SocketAddr::V4(v4) if self.dual_stack => {
+                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+            }
+            other => other,
+        };
+        match segment {
+            // Without GSO (or once the kernel refused it) a batch goes out datagram by datagram.
+            Some(size) if size < contents.len() && self.max_segments() == 1 => contents
+                .chunks(size)
+                .try_for_each(|d| self.send_one(destination, d, None)),
+            Some(size) if size < contents.len() => {
+                self.send_one(destination, contents, Some(size))
+                    .or_else(|e| {
+                        // The kernel refused segmentation offload (quinn-udp has now turned it
+                        // off): resend this batch datagram by datagram.
+                        if self.max_segments() == 1 {
+                            contents
+                                .chunks(size)
+                                .try_for_each(|d| self.send_one(destination, d, None))
+                        } else {
+                            Err(e)
+                        }
+                    })
+            }
+            _ => self.send_one(destination, contents, None),
+        }
+    }
+
+    fn send_one(
+        &self,
+        destination: SocketAddr,
+        contents: &[u8],
+        segment_size: Option<usize>,
+    ) -> io::Result<()> {
+        let transmit = Transmit {
+            destination,
+            ecn: None,
+            contents,
+            segment_size,
+            src_ip: None,
+        };
+        let mut waited = false;
+        loop {
+            match self.state.try_send((&self.socket).into(), &transmit) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && !waited => {
+                    waited = true;
+                    poll_fd(&self.socket, libc::POLLOUT, SEND_WAIT)?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Receives what is queued (non-blocking); `Ok(0)` when nothing is. Source addresses come
+    /// back as IPv4 where they are IPv4-mapped.
+    pub fn recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
+        match self.state.recv((&self.socket).into(), bufs, meta) {
+            Ok(n) => {
+                for m in &mut meta[..n] {
+                    m.addr = SocketAddr::new(m.addr.ip().to_canonical(), m.addr.port());
+                }
+                Ok(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits until a datagram is queued or `timeout` passes.
+    pub fn wait_readable(&self, timeout: Duration) -> io::Result<()> {
+        poll_fd(&self.socket, libc::POLLIN, timeout)
+    }
+}
+
+fn bind_dual_stack(port: u16) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_only_v6(false)?;
+    socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+    Ok(socket)
+}
+
+fn bind_v4(port: u16) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+    Ok(socket)
+}
+
+fn set_int(socket: &Socket, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: a valid socket descriptor and a pointer to a live c_int of the stated length.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn force_buffer(socket: &Socket, name: libc::c_int, bytes: usize) -> io::Result<()> {
+    set_int(
+        socket,
+        libc::SOL_SOCKET,
+        name,
+        libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX),
+    )
+}
+
+fn poll_fd(socket: &Socket, events: libc::c_short, timeout: Duration) -> io::Result<()> {
+    let mut fd = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd for the duration of the call.
+    let rc = unsafe { libc::poll(&mut fd, 1, millis) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(());
+        }
+        return Err(e);
+    }
+    Ok(())
+}
