@@ -5,7 +5,7 @@
 
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
@@ -38,9 +38,7 @@ impl UdpTransport {
                 Err(e) => return Err(e),
             },
         };
-        if fwmark != 0 {
-            socket.set_mark(fwmark)?;
-        }
+        socket.set_mark(fwmark)?;
         // As root the limits of net.core.[rw]mem_max do not apply; otherwise take what we get.
         force_buffer(&socket, libc::SO_RCVBUFFORCE, SOCKET_BUFFER)
             .or_else(|_| socket.set_recv_buffer_size(SOCKET_BUFFER))
@@ -51,7 +49,13 @@ impl UdpTransport {
         let state = UdpSocketState::new((&socket).into())?;
         // WireGuard lets the outer packet be fragmented rather than dropped on a path with a
         // small MTU (quinn-udp sets "don't fragment" for QUIC's path MTU discovery).
-        set_int(&socket, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DONT).ok();
+        set_int(
+            &socket,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DONT,
+        )
+        .ok();
         if dual_stack {
             set_int(
                 &socket,
@@ -71,6 +75,15 @@ impl UdpTransport {
             dual_stack,
             port,
         })
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
+    /// Marks the socket's packets (so they bypass the mesh's own routes).
+    pub fn set_mark(&self, fwmark: u32) -> io::Result<()> {
+        self.socket.set_mark(fwmark)
     }
 
     pub fn port(&self) -> u16 {
@@ -163,11 +176,6 @@ impl UdpTransport {
             Err(e) => Err(e),
         }
     }
-
-    /// Waits until a datagram is queued or `timeout` passes.
-    pub fn wait_readable(&self, timeout: Duration) -> io::Result<()> {
-        poll_fd(&self.socket, libc::POLLIN, timeout)
-    }
 }
 
 fn bind_dual_stack(port: u16) -> io::Result<Socket> {
@@ -183,7 +191,12 @@ fn bind_v4(port: u16) -> io::Result<Socket> {
     Ok(socket)
 }
 
-fn set_int(socket: &Socket, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+fn set_int(
+    socket: &Socket,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: a valid socket descriptor and a pointer to a live c_int of the stated length.
     let rc = unsafe {
         libc::setsockopt(
@@ -210,7 +223,8 @@ fn force_buffer(socket: &Socket, name: libc::c_int, bytes: usize) -> io::Result<
     )
 }
 
-fn poll_fd(socket: &Socket, events: libc::c_short, timeout: Duration) -> io::Result<()> {
+/// Whether the socket became ready for `events` within `timeout`.
+fn poll_fd(socket: &Socket, events: libc::c_short, timeout: Duration) -> io::Result<bool> {
     let mut fd = libc::pollfd {
         fd: socket.as_raw_fd(),
         events,
@@ -222,9 +236,9 @@ fn poll_fd(socket: &Socket, events: libc::c_short, timeout: Duration) -> io::Res
     if rc < 0 {
         let e = io::Error::last_os_error();
         if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(());
+            return Ok(false);
         }
         return Err(e);
     }
-    Ok(())
+    Ok(rc > 0)
 }

@@ -8,8 +8,8 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::device::Device;
@@ -106,7 +106,10 @@ impl WireGuard for UserspaceWireGuard {
     }
 
     fn describe(&self) -> String {
-        format!("userspace (openspan device, boringtun noise) on {}", self.interface)
+        format!(
+            "userspace (openspan device, boringtun noise) on {}",
+            self.interface
+        )
     }
 
     fn configure(&mut self, settings: &DeviceSettings) -> Result<(), WgError> {

@@ -690,7 +690,11 @@ fn ping(args: &Args, client: &Node, target: &str) -> anyhow::Result<Ping> {
         .find(|l| l.contains("min/avg/max"))
         .and_then(|l| l.split('=').nth(1)?.trim().split('/').nth(1)?.parse().ok())
         .with_context(|| format!("ping {target}: no reply ({loss_percent}% loss)"))?;
-    eprintln!("   ping {target}: avg {avg_ms} ms, {loss_percent}% loss");
+    let summary = text
+        .lines()
+        .find(|l| l.contains("min/avg/max"))
+        .unwrap_or_default();
+    eprintln!("   ping {target}: {summary}, {loss_percent}% loss");
     Ok(Ping {
         avg_ms,
         loss_percent,

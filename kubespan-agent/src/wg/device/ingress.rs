@@ -1,0 +1,231 @@
+//! Network → TUN: receives batches of datagrams (UDP GRO), decrypts them, keeps the packets
+//! whose source the sending peer owns and writes them to the TUN device, coalescing the TCP
+//! segments of a flow into super-packets.
+
+use std::io::IoSliceMut;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, TunnResult};
+use quinn_udp::RecvMeta;
+use tun_rs::{GROTable, VIRTIO_NET_HDR_LEN};
+
+use super::egress::{Pumped, hand_over_tun};
+use super::peers::{Peer, PeerTable};
+use super::wake::wait_readable;
+use super::{
+    Keys, RX_PUMP_READS, Shared, TUN_BATCH, TUN_BUFFER, UDP_BATCH, UDP_BUFFER, lock, read,
+};
+
+/// Decrypted packets waiting to be written to the TUN device in one coalescing batch.
+struct TunBatch {
+    packets: Vec<Vec<u8>>,
+    count: usize,
+    gro: GROTable,
+}
+
+impl TunBatch {
+    fn new() -> Self {
+        Self {
+            packets: (0..TUN_BATCH)
+                .map(|_| Vec::with_capacity(TUN_BUFFER))
+                .collect(),
+            count: 0,
+            gro: GROTable::new(),
+        }
+    }
+
+    fn flush(&mut self, shared: &Shared) {
+        if self.count == 0 {
+            return;
+        }
+        let written = shared.tun.send_multiple(
+            &mut self.gro,
+            &mut self.packets[..self.count],
+            VIRTIO_NET_HDR_LEN,
+        );
+        if let Err(e) = written {
+            tracing::debug!(interface = %shared.interface, error = %e, "TUN write failed");
+        }
+        self.count = 0;
+    }
+}
+
+/// Peers → TUN: receives batches of datagrams, decrypts them and writes the packets to the TUN
+/// device, coalescing TCP segments of a flow into super-packets.
+pub(super) fn network_to_tun(shared: &Shared) {
+    let mut storage = vec![vec![0u8; UDP_BUFFER]; UDP_BATCH];
+    let mut meta = vec![RecvMeta::default(); UDP_BATCH];
+    let mut batch = TunBatch::new();
+    let mut scratch = vec![0u8; 65_536];
+    while !shared.stop.load(Ordering::Relaxed) {
+        let Some(socket) = shared.socket() else {
+            let _ = wait_readable(&[shared.rx_wake.fd(), shared.stopping.fd()], None);
+            shared.rx_wake.clear();
+            continue;
+        };
+        let received = {
+            let mut slices: Vec<IoSliceMut<'_>> =
+                storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            socket.recv(&mut slices, &mut meta)
+        };
+        let count = match received {
+            Ok(0) => {
+                if !shared.tx_active.load(Ordering::Acquire) {
+                    // The TUN device is ours to watch too.
+                    if let Ok(mut egress) = shared.egress.try_lock()
+                        && let Pumped::Busy = egress.pump(shared, RX_PUMP_READS)
+                    {
+                        hand_over_tun(shared);
+                        continue;
+                    }
+                    let fds = [
+                        socket.raw_fd(),
+                        shared.rx_wake.fd(),
+                        shared.stopping.fd(),
+                        shared.tun.as_raw_fd(),
+                    ];
+                    if let Ok([_, true, _, _]) = wait_readable(&fds, None) {
+                        shared.rx_wake.clear();
+                    }
+                } else {
+                    let fds = [socket.raw_fd(), shared.rx_wake.fd(), shared.stopping.fd()];
+                    if let Ok([_, true, _]) = wait_readable(&fds, None) {
+                        shared.rx_wake.clear();
+                    }
+                }
+                continue;
+            }
+            Ok(count) => count,
+            Err(e) => {
+                tracing::debug!(interface = %shared.interface, error = %e, "UDP receive failed");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let keys = read(&shared.keys);
+        let Some(keys) = keys.as_ref() else {
+            continue;
+        };
+        let peers = read(&shared.peers);
+        for (received, buffer) in meta[..count].iter().zip(&storage) {
+            let stride = received.stride.max(1);
+            for datagram in buffer[..received.len].chunks(stride) {
+                if batch.count == batch.packets.len() {
+                    batch.flush(shared);
+                }
+                receive_datagram(
+                    shared,
+                    keys,
+                    &peers,
+                    received.addr,
+                    datagram,
+                    &mut batch,
+                    &mut scratch,
+                );
+            }
+        }
+        drop(peers);
+        batch.flush(shared);
+        // Writing to the TUN device usually made the kernel answer at once (an ACK, an echo
+        // reply): send it from here unless the transmit thread has the TUN device.
+        if !shared.tx_active.load(Ordering::Acquire)
+            && let Ok(mut egress) = shared.egress.try_lock()
+            && let Pumped::Busy = egress.pump(shared, RX_PUMP_READS)
+        {
+            hand_over_tun(shared);
+        }
+    }
+}
+
+fn receive_datagram(
+    shared: &Shared,
+    keys: &Keys,
+    peers: &PeerTable,
+    from: SocketAddr,
+    datagram: &[u8],
+    batch: &mut TunBatch,
+    scratch: &mut [u8],
+) {
+    let packet = match keys
+        .rate_limiter
+        .verify_packet(Some(from.ip()), datagram, scratch)
+    {
+        Ok(packet) => packet,
+        Err(TunnResult::WriteToNetwork(cookie)) => {
+            // Under a handshake flood: answer with a cookie instead of doing the DH.
+            shared.send_to(Some(from), cookie);
+            return;
+        }
+        Err(_) => return,
+    };
+    let peer = match &packet {
+        Packet::HandshakeInit(init) => parse_handshake_anon(&keys.private, &keys.public, init)
+            .ok()
+            .and_then(|half| peers.by_key.get(&half.peer_static_public)),
+        Packet::HandshakeResponse(response) => peers.by_index.get(&(response.receiver_idx >> 8)),
+        Packet::PacketCookieReply(reply) => peers.by_index.get(&(reply.receiver_idx >> 8)),
+        Packet::PacketData(data) => peers.by_index.get(&(data.receiver_idx >> 8)),
+    };
+    let Some(peer) = peer else {
+        return;
+    };
+    let is_data = matches!(packet, Packet::PacketData(_));
+    let buffer = &mut batch.packets[batch.count];
+    buffer.resize(VIRTIO_NET_HDR_LEN + datagram.len(), 0);
+    let mut tunn = lock(&peer.tunn);
+    match tunn.decapsulate(Some(from.ip()), datagram, &mut buffer[VIRTIO_NET_HDR_LEN..]) {
+        TunnResult::WriteToTunnelV4(inner, source) => {
+            let len = inner.len();
+            accept_inner(peers, peer, IpAddr::V4(source), len, batch, from);
+        }
+        TunnResult::WriteToTunnelV6(inner, source) => {
+            let len = inner.len();
+            accept_inner(peers, peer, IpAddr::V6(source), len, batch, from);
+        }
+        TunnResult::WriteToNetwork(message) => {
+            // A handshake answer; then whatever waited for the new session.
+            peer.roam(from);
+            shared.send_to(Some(from), message);
+            while let TunnResult::WriteToNetwork(queued) = tunn.decapsulate(None, &[], scratch) {
+                shared.send_to(Some(from), queued);
+            }
+        }
+        TunnResult::Done => {
+            // A keepalive (or a cookie): authenticated data moves the endpoint too.
+            if is_data {
+                peer.roam(from);
+            }
+        }
+        TunnResult::Err(e) => {
+            tracing::trace!(peer = %hex::encode(peer.public_key), error = ?e, "decapsulate failed");
+        }
+    }
+}
+
+/// Keeps a decrypted packet when its source address belongs to the peer that sent it
+/// (WireGuard's cryptokey routing); anything else is dropped.
+fn accept_inner(
+    peers: &PeerTable,
+    peer: &Arc<Peer>,
+    source: IpAddr,
+    len: usize,
+    batch: &mut TunBatch,
+    from: SocketAddr,
+) {
+    let owned = peers
+        .routes
+        .lookup(source)
+        .is_some_and(|owner| Arc::ptr_eq(owner, peer));
+    if !owned {
+        tracing::trace!(%source, "dropped a packet from an address the peer does not own");
+        return;
+    }
+    peer.roam(from);
+    batch.packets[batch.count].truncate(VIRTIO_NET_HDR_LEN + len);
+    batch.count += 1;
+}

@@ -1,0 +1,436 @@
+//! openspan's userspace WireGuard device: boringtun's noise protocol (handshakes, sessions,
+//! timers, cookies) driven by I/O loops built for throughput. The TUN device runs with
+//! virtio-net offloads, so the kernel hands over TCP super-packets of up to 64 KiB and takes
+//! coalesced ones back (`tun-rs` splits and coalesces), and the UDP socket sends and receives
+//! batches of datagrams with one call (UDP GSO/GRO). A bulk TCP flow costs a few system calls
+//! per 64 KiB instead of four per 1.4 KiB packet.
+//!
+//! Threads, named after the interface so `top -H` shows them: `wg-<if>-rx` (UDP → decrypt →
+//! TUN, and at low load also TUN → encrypt → UDP), `wg-<if>-tx` (TUN → encrypt → UDP when the
+//! receive thread hands it the TUN device under load) and `wg-<if>-timer` (handshake retries,
+//! keepalives, rekeys, handshake rate-limit resets).
+//!
+//! Modules: [`peers`] (who owns which address, receiver indexes), [`egress`] (TUN → network),
+//! [`ingress`] (network → TUN), [`wake`] (blocking waits that stopping can interrupt).
+
+mod egress;
+mod ingress;
+mod peers;
+mod wake;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use tun_rs::{DeviceBuilder, SyncDevice, VIRTIO_NET_HDR_LEN};
+
+use self::egress::{Egress, tun_to_network};
+use self::ingress::network_to_tun;
+use self::peers::{Peer, PeerTable};
+use self::wake::{Wake, wait_readable};
+use super::udp::UdpTransport;
+use super::{DeviceSettings, Key, PeerConfig, PeerState, WgError};
+
+/// Handshake initiations per second before cookies are demanded (boringtun's device default).
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// boringtun's timers want a tick at least this often.
+const TIMER_TICK: Duration = Duration::from_millis(250);
+/// TUN reads the receive thread does itself before it hands the TUN device to the transmit
+/// thread (a bulk flow fills them at once; requests and answers do not).
+const RX_PUMP_READS: usize = 4;
+/// How long the TUN device stays with the transmit thread after it went quiet.
+const HELPER_IDLE: Duration = Duration::from_millis(2);
+/// Packets taken from the TUN device per read (a 64 KiB super-packet splits into ~48).
+const TUN_BATCH: usize = 128;
+/// Receive buffers per UDP read; each holds up to 64 KiB of coalesced datagrams.
+const UDP_BATCH: usize = 8;
+const UDP_BUFFER: usize = 65_536;
+/// A decrypted packet plus room for the TUN's virtio header; coalescing grows the first
+/// packet of a flow to up to 64 KiB.
+const TUN_BUFFER: usize = VIRTIO_NET_HDR_LEN + 65_536;
+/// Encrypted size of a packet: WireGuard's 16-byte header and 16-byte tag.
+const DATA_OVERHEAD: usize = 32;
+/// boringtun needs this much room for any message it may write (a handshake initiation).
+const MIN_MESSAGE_ROOM: usize = 148;
+const DATA_MESSAGE: u8 = 4;
+
+struct Keys {
+    private: StaticSecret,
+    public: PublicKey,
+    rate_limiter: Arc<RateLimiter>,
+}
+
+struct Shared {
+    interface: String,
+    stop: AtomicBool,
+    keys: RwLock<Option<Keys>>,
+    fwmark: RwLock<u32>,
+    peers: RwLock<PeerTable>,
+    socket: RwLock<Option<Arc<UdpTransport>>>,
+    tun: SyncDevice,
+    /// Set (for good) when the device stops: wakes every thread.
+    stopping: Wake,
+    /// Wakes the receive thread to pick up a new socket or to watch the TUN device again.
+    rx_wake: Wake,
+    /// Wakes the transmit thread to take the TUN device over.
+    tx_wake: Wake,
+    /// Whether the transmit thread is watching the TUN device (under load); otherwise the
+    /// receive thread does, and one thread carries everything.
+    tx_active: AtomicBool,
+    egress: Mutex<Egress>,
+}
+
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn socket(&self) -> Option<Arc<UdpTransport>> {
+        read(&self.socket).clone()
+    }
+
+    fn send_to(&self, destination: Option<SocketAddr>, message: &[u8]) {
+        let (Some(destination), Some(socket)) = (destination, self.socket()) else {
+            return;
+        };
+        if let Err(e) = socket.send(destination, message, None) {
+            tracing::debug!(interface = %self.interface, %destination, error = %e, "WireGuard send failed");
+        }
+    }
+}
+
+/// The running device. Dropping it stops the threads and removes the interface.
+pub struct Device {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+fn device_error(interface: &str, message: String) -> WgError {
+    WgError::Device {
+        interface: interface.to_owned(),
+        message,
+    }
+}
+
+impl Device {
+    /// Creates the TUN interface (with offloads) and starts the device threads. The interface
+    /// is brought up and addressed by the caller.
+    pub fn create(interface: &str) -> Result<Self, WgError> {
+        let tun = DeviceBuilder::new()
+            .name(interface)
+            .offload(true)
+            .build_sync()
+            .map_err(|e| {
+                device_error(
+                    interface,
+                    format!(
+                        "cannot create the TUN device ({e}); is /dev/net/tun available and are we root (CAP_NET_ADMIN)?"
+                    ),
+                )
+            })?;
+        tun.set_nonblocking(true)?;
+        if !tun.tcp_gso() {
+            tracing::info!(
+                interface,
+                "the TUN device has no offloads here; packets are handled one by one"
+            );
+        }
+        let shared = Arc::new(Shared {
+            interface: interface.to_owned(),
+            stop: AtomicBool::new(false),
+            keys: RwLock::new(None),
+            fwmark: RwLock::new(0),
+            peers: RwLock::new(PeerTable {
+                next_index: rand::random::<u32>() & 0x00ff_ffff,
+                ..PeerTable::default()
+            }),
+            socket: RwLock::new(None),
+            tun,
+            stopping: Wake::new()?,
+            rx_wake: Wake::new()?,
+            tx_wake: Wake::new()?,
+            tx_active: AtomicBool::new(false),
+            egress: Mutex::new(Egress::new()),
+        });
+        let mut threads = Vec::new();
+        for (role, body) in [
+            ("tx", tun_to_network as fn(&Shared)),
+            ("rx", network_to_tun),
+            ("timer", timers),
+        ] {
+            let worker = shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("wg-{interface}-{role}"))
+                .spawn(move || body(&worker));
+            match spawned {
+                Ok(handle) => threads.push(handle),
+                Err(e) => {
+                    let device = Self { shared, threads };
+                    drop(device);
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(Self { shared, threads })
+    }
+
+    /// Sets the private key, listen port and fwmark. A new key ends every session (peers
+    /// handshake again); a new port or mark re-binds the socket.
+    pub fn configure(&self, settings: &DeviceSettings) -> Result<(), WgError> {
+        let private = StaticSecret::from(settings.private_key);
+        let public = PublicKey::from(&private);
+        let key_changed = read(&self.shared.keys)
+            .as_ref()
+            .is_none_or(|keys| keys.public != public);
+        if key_changed {
+            let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+            for peer in read(&self.shared.peers).by_key.values() {
+                lock(&peer.tunn).set_static_private(
+                    private.clone(),
+                    public,
+                    Some(rate_limiter.clone()),
+                );
+            }
+            *write(&self.shared.keys) = Some(Keys {
+                private,
+                public,
+                rate_limiter,
+            });
+        }
+        let current = self.shared.socket();
+        let port_changed = current
+            .as_ref()
+            .is_none_or(|s| settings.listen_port != 0 && s.port() != settings.listen_port);
+        if port_changed {
+            let socket = UdpTransport::bind(settings.listen_port, settings.fwmark).map_err(|e| {
+                device_error(
+                    &self.shared.interface,
+                    format!(
+                        "cannot listen on UDP port {} ({e}); is another WireGuard or agent using it?",
+                        settings.listen_port
+                    ),
+                )
+            })?;
+            tracing::debug!(
+                interface = %self.shared.interface,
+                port = socket.port(),
+                gso_segments = socket.max_segments(),
+                gro_segments = socket.gro_segments(),
+                "WireGuard socket bound"
+            );
+            // The receive thread lets go of the old socket (closing it) when woken.
+            *write(&self.shared.socket) = Some(Arc::new(socket));
+            self.shared.rx_wake.notify();
+        } else if let Some(socket) = current
+            && *read(&self.shared.fwmark) != settings.fwmark
+        {
+            socket.set_mark(settings.fwmark).map_err(|e| {
+                device_error(
+                    &self.shared.interface,
+                    format!("cannot set fwmark {} on the socket ({e})", settings.fwmark),
+                )
+            })?;
+        }
+        *write(&self.shared.fwmark) = settings.fwmark;
+        Ok(())
+    }
+
+    /// Adds or updates a peer. Allowed IPs, keepalive-free changes and endpoints are updated in
+    /// place (the session stays); with `reset_session` (or a new preshared key or keepalive)
+    /// the peer gets a fresh session and a handshake toward its endpoint starts at once.
+    pub fn set_peer(&self, config: &PeerConfig, reset_session: bool) -> Result<(), WgError> {
+        let keys = read(&self.shared.keys);
+        let Some(keys) = keys.as_ref() else {
+            return Err(device_error(
+                &self.shared.interface,
+                "set the private key before adding peers".into(),
+            ));
+        };
+        let mut peers = write(&self.shared.peers);
+        let existing = peers.by_key.get(&config.public_key).cloned();
+        let keeps_session = existing.as_ref().is_some_and(|old| {
+            !reset_session
+                && old.preshared_key == config.preshared_key
+                && old.keepalive == config.persistent_keepalive
+        });
+        let endpoint = config
+            .endpoint
+            .or_else(|| existing.as_ref().and_then(|old| old.endpoint()));
+        if let (true, Some(old)) = (keeps_session, &existing) {
+            if old.allowed_ips != config.allowed_ips {
+                // Same peer, new allowed IPs: a new entry sharing the session (the Tunn moves
+                // over under the table's write lock, so no packet sees the peer missing).
+                let tunn =
+                    std::mem::replace(&mut *lock(&old.tunn), new_tunn(keys, config, old.index));
+                let peer = Arc::new(Peer {
+                    public_key: config.public_key,
+                    preshared_key: config.preshared_key,
+                    keepalive: config.persistent_keepalive,
+                    allowed_ips: config.allowed_ips.clone(),
+                    index: old.index,
+                    tunn: Mutex::new(tunn),
+                    endpoint: RwLock::new(endpoint),
+                });
+                peers.insert(peer);
+            } else if endpoint != old.endpoint() {
+                *write(&old.endpoint) = endpoint;
+            }
+            return Ok(());
+        }
+        let index = peers.allocate_index();
+        let peer = Arc::new(Peer {
+            public_key: config.public_key,
+            preshared_key: config.preshared_key,
+            keepalive: config.persistent_keepalive,
+            allowed_ips: config.allowed_ips.clone(),
+            index,
+            tunn: Mutex::new(new_tunn(keys, config, index)),
+            endpoint: RwLock::new(endpoint),
+        });
+        peers.insert(peer.clone());
+        drop(peers);
+        // Start the handshake now rather than on the first packet or keepalive.
+        let mut message = [0u8; MIN_MESSAGE_ROOM];
+        let initiation = match lock(&peer.tunn).format_handshake_initiation(&mut message, false) {
+            TunnResult::WriteToNetwork(m) => Some(m.len()),
+            _ => None,
+        };
+        if let Some(len) = initiation {
+            self.shared.send_to(endpoint, &message[..len]);
+        }
+        Ok(())
+    }
+
+    pub fn remove_peer(&self, public_key: &Key) {
+        write(&self.shared.peers).remove(public_key);
+    }
+
+    pub fn peers(&self) -> Vec<PeerState> {
+        let peers = read(&self.shared.peers);
+        let mut list: Vec<PeerState> = peers.by_key.values().map(|p| peer_state(p)).collect();
+        list.sort_by_key(|p| p.public_key);
+        list
+    }
+
+    /// The device in `wg(8)`'s userspace-API `get` format (without the final `errno=`).
+    pub fn uapi_get(&self) -> String {
+        let mut out = String::new();
+        if let Some(keys) = read(&self.shared.keys).as_ref() {
+            out += &format!("private_key={}\n", hex::encode(keys.private.to_bytes()));
+        }
+        if let Some(socket) = self.shared.socket() {
+            out += &format!("listen_port={}\n", socket.port());
+        }
+        let fwmark = *read(&self.shared.fwmark);
+        if fwmark != 0 {
+            out += &format!("fwmark={fwmark}\n");
+        }
+        let peers = read(&self.shared.peers);
+        let mut list: Vec<&Arc<Peer>> = peers.by_key.values().collect();
+        list.sort_by_key(|p| p.public_key);
+        for peer in list {
+            let state = peer_state(peer);
+            out += &format!("public_key={}\n", hex::encode(peer.public_key));
+            if peer.preshared_key != [0; 32] {
+                out += &format!("preshared_key={}\n", hex::encode(peer.preshared_key));
+            }
+            out += "protocol_version=1\n";
+            if let Some(endpoint) = state.endpoint {
+                out += &format!("endpoint={endpoint}\n");
+            }
+            out += &format!(
+                "persistent_keepalive_interval={}\n",
+                peer.keepalive.as_secs()
+            );
+            for ip in &peer.allowed_ips {
+                out += &format!("allowed_ip={ip}\n");
+            }
+            if let Some(time) = state.last_handshake {
+                let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+                out += &format!(
+                    "last_handshake_time_sec={}\nlast_handshake_time_nsec={}\n",
+                    since.as_secs(),
+                    since.subsec_nanos()
+                );
+            }
+            out += &format!("rx_bytes={}\ntx_bytes={}\n", state.rx_bytes, state.tx_bytes);
+        }
+        out
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.stopping.notify();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn new_tunn(keys: &Keys, config: &PeerConfig, index: u32) -> Tunn {
+    let keepalive = u16::try_from(config.persistent_keepalive.as_secs())
+        .ok()
+        .filter(|&s| s > 0);
+    Tunn::new(
+        keys.private.clone(),
+        PublicKey::from(config.public_key),
+        Some(config.preshared_key),
+        keepalive,
+        index,
+        Some(keys.rate_limiter.clone()),
+    )
+}
+
+fn peer_state(peer: &Peer) -> PeerState {
+    let tunn = lock(&peer.tunn);
+    let (_, tx_bytes, rx_bytes, _, _) = tunn.stats();
+    let last_handshake = tunn.last_handshake_time().map(|since| UNIX_EPOCH + since);
+    drop(tunn);
+    PeerState {
+        public_key: peer.public_key,
+        endpoint: peer.endpoint(),
+        last_handshake,
+        rx_bytes: rx_bytes as u64,
+        tx_bytes: tx_bytes as u64,
+        allowed_ips: peer.allowed_ips.clone(),
+    }
+}
+
+/// boringtun's timers: handshake retries and rekeys, keepalives, session expiry; and the
+/// once-a-second reset of the handshake rate limiter.
+fn timers(shared: &Shared) {
+    let mut message = vec![0u8; 2_048];
+    let mut last_reset = Instant::now();
+    while !shared.stop.load(Ordering::Relaxed) {
+        let _ = wait_readable(&[shared.stopping.fd()], Some(TIMER_TICK));
+        if last_reset.elapsed() >= Duration::from_secs(1) {
+            if let Some(keys) = read(&shared.keys).as_ref() {
+                keys.rate_limiter.reset_count();
+            }
+            last_reset = Instant::now();
+        }
+        let peers: Vec<Arc<Peer>> = read(&shared.peers).by_key.values().cloned().collect();
+        for peer in peers {
+            let len = match lock(&peer.tunn).update_timers(&mut message) {
+                TunnResult::WriteToNetwork(m) => m.len(),
+                _ => continue,
+            };
+            shared.send_to(peer.endpoint(), &message[..len]);
+        }
+    }
+}
