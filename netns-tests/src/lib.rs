@@ -9,7 +9,8 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Once;
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -205,13 +206,113 @@ pub struct AgentOptions {
     pub extra_yaml: String,
 }
 
+/// The prefix of every namespace, interface and directory this process's labs create.
+fn lab_prefix() -> String {
+    format!("os{}x", std::process::id() % 10_000)
+}
+
+/// Removes what this process's labs created: kills the processes inside their namespaces,
+/// deletes the namespaces, control sockets and work directories. For interrupted runs, where
+/// the [`Lab`]s' destructors do not get to run.
+pub fn sweep_labs() {
+    let prefix = lab_prefix();
+    let listed =
+        run("ip", &["netns", "list"]).map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    let namespaces: Vec<String> = listed
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| name.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect();
+    for netns in &namespaces {
+        if let Ok(out) = run("ip", &["netns", "pids", netns]) {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = run("kill", &["-KILL", pid]);
+            }
+        }
+    }
+    for netns in &namespaces {
+        let _ = run("ip", &["netns", "del", netns]);
+    }
+    for (dir, name_prefix) in [
+        (std::env::temp_dir(), format!("openspan-{prefix}")),
+        (PathBuf::from("/var/run/wireguard"), prefix.clone()),
+    ] {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                if entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(&name_prefix)
+                {
+                    let path = entry.path();
+                    let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+                }
+            }
+        }
+    }
+}
+
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn forward_signal(signal: libc::c_int) {
+    let byte = signal as u8;
+    let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
+    // SAFETY: write(2) on a pipe is async-signal-safe; the byte outlives the call.
+    let _ = unsafe { libc::write(fd, (&byte as *const u8).cast(), 1) };
+}
+
+/// On SIGINT, SIGTERM or SIGHUP: [`sweep_labs`], then exit with 128 + the signal. Called by
+/// every [`Lab`]; harmless to call again.
+pub fn clean_up_on_signals() {
+    static INSTALLED: Once = Once::new();
+    INSTALLED.call_once(|| {
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) fills two descriptors we then own.
+        if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+            return;
+        }
+        SIGNAL_PIPE.store(fds[1], Ordering::Relaxed);
+        let reader = fds[0];
+        let spawned = std::thread::Builder::new()
+            .name("lab-signals".into())
+            .spawn(move || {
+                let mut byte = 0u8;
+                // SAFETY: reads one byte into a live u8 from the pipe we own.
+                let n = unsafe { libc::read(reader, (&mut byte as *mut u8).cast(), 1) };
+                if n == 1 {
+                    eprintln!(
+                        "interrupted (signal {byte}): removing the labs' namespaces and processes"
+                    );
+                    sweep_labs();
+                    std::process::exit(128 + i32::from(byte));
+                }
+            });
+        if spawned.is_err() {
+            return;
+        }
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            // SAFETY: a zeroed sigaction with a handler that only calls write(2).
+            unsafe {
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = forward_signal as *const () as usize;
+                action.sa_flags = libc::SA_RESTART;
+                libc::sigemptyset(&mut action.sa_mask);
+                libc::sigaction(signal, &action, std::ptr::null_mut());
+            }
+        }
+    });
+}
+
 impl Lab {
     /// `count` node namespaces on one bridge, 10.77.<lab>.<n>/24; the discovery server runs on
     /// the bridge's own address, 10.77.<lab>.254.
     pub fn new(count: usize) -> anyhow::Result<Self> {
+        clean_up_on_signals();
         let lab = LABS.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id() % 10_000;
-        let id = format!("os{pid}x{lab}");
+        let id = format!("{}{lab}", lab_prefix());
         let root = std::env::temp_dir().join(format!("openspan-{id}"));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root)?;
