@@ -12,6 +12,7 @@ declare -A needed=(
   [ping]=iputils-ping
   [iperf3]=iperf3
   [tcpdump]=tcpdump
+  [wireguard-go]=wireguard-go
 )
 missing=()
 for cmd in "${!needed[@]}"; do

@@ -122,6 +122,89 @@ pub fn parse_get(text: &str) -> Result<Vec<PeerState>, String> {
     Ok(peers)
 }
 
+/// A `wg(8)` `set=1` request: interface settings and peer changes, in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetRequest {
+    pub private_key: Option<Key>,
+    pub listen_port: Option<u16>,
+    pub fwmark: Option<u32>,
+    pub replace_peers: bool,
+    pub peers: Vec<PeerChange>,
+}
+
+/// One peer section of a [`SetRequest`]: only what the request mentions.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerChange {
+    pub public_key: Key,
+    pub remove: bool,
+    pub update_only: bool,
+    pub preshared_key: Option<Key>,
+    pub endpoint: Option<SocketAddr>,
+    pub persistent_keepalive: Option<u16>,
+    pub replace_allowed_ips: bool,
+    pub allowed_ips: Vec<IpNet>,
+}
+
+fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(format!("{key}={value}: expected true or false")),
+    }
+}
+
+/// Parses the lines of a `set=1` request after the `set=1` line (up to, not including, the
+/// blank line that ends it).
+pub fn parse_set(text: &str) -> Result<SetRequest, String> {
+    let mut request = SetRequest::default();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let (key, value) = line
+            .split_once('=')
+            .ok_or_else(|| format!("malformed line {line:?}"))?;
+        let bad = |what: &str| format!("{key}={value}: not {what}");
+        if key == "public_key" {
+            request.peers.push(PeerChange {
+                public_key: parse_key(value).ok_or_else(|| bad("a hex key"))?,
+                ..PeerChange::default()
+            });
+            continue;
+        }
+        match request.peers.last_mut() {
+            None => match key {
+                "private_key" => {
+                    request.private_key = Some(parse_key(value).ok_or_else(|| bad("a hex key"))?)
+                }
+                "listen_port" => {
+                    request.listen_port = Some(value.parse().map_err(|_| bad("a port"))?)
+                }
+                "fwmark" => request.fwmark = Some(value.parse().map_err(|_| bad("a number"))?),
+                "replace_peers" => request.replace_peers = parse_bool(key, value)?,
+                _ => return Err(format!("unknown interface setting {key:?}")),
+            },
+            Some(peer) => match key {
+                "remove" => peer.remove = parse_bool(key, value)?,
+                "update_only" => peer.update_only = parse_bool(key, value)?,
+                "preshared_key" => {
+                    peer.preshared_key = Some(parse_key(value).ok_or_else(|| bad("a hex key"))?)
+                }
+                "endpoint" => {
+                    peer.endpoint = Some(value.parse().map_err(|_| bad("an IP:port endpoint"))?)
+                }
+                "persistent_keepalive_interval" => {
+                    peer.persistent_keepalive = Some(value.parse().map_err(|_| bad("seconds"))?)
+                }
+                "replace_allowed_ips" => peer.replace_allowed_ips = parse_bool(key, value)?,
+                "allowed_ip" => peer
+                    .allowed_ips
+                    .push(value.parse().map_err(|_| bad("an IP network"))?),
+                "protocol_version" if value == "1" => {}
+                _ => return Err(format!("unsupported peer setting {key}={value}")),
+            },
+        }
+    }
+    Ok(request)
+}
+
 /// One request over the control socket at `socket`; returns the body before `errno=0`.
 pub fn request(socket: &Path, body: &str) -> Result<String, WgError> {
     let mut stream = UnixStream::connect(socket)?;
@@ -202,6 +285,44 @@ mod tests {
             !set_peer(&peer(), false, None).contains("remove=true")
                 && !set_peer(&peer(), false, None).contains("endpoint")
         );
+    }
+
+    #[test]
+    fn parses_set_requests_as_wg_sends_them() {
+        let text = format!(
+            "private_key={}\nlisten_port=51820\nfwmark=32\nreplace_peers=true\npublic_key={}\n\
+             preshared_key={}\nendpoint=[fd00::1]:51820\npersistent_keepalive_interval=25\n\
+             replace_allowed_ips=true\nallowed_ip=10.0.0.2/32\nallowed_ip=fd00::2/128\n\
+             protocol_version=1\npublic_key={}\nremove=true\n",
+            "aa".repeat(32),
+            "01".repeat(32),
+            "02".repeat(32),
+            "03".repeat(32)
+        );
+        let request = parse_set(&text).unwrap();
+        assert_eq!(request.private_key, Some([0xaa; 32]));
+        assert_eq!(
+            (request.listen_port, request.fwmark),
+            (Some(51820), Some(32))
+        );
+        assert!(request.replace_peers);
+        assert_eq!(request.peers.len(), 2);
+        let first = &request.peers[0];
+        assert_eq!(first.endpoint, Some("[fd00::1]:51820".parse().unwrap()));
+        assert_eq!(first.persistent_keepalive, Some(25));
+        assert_eq!(first.preshared_key, Some([2; 32]));
+        assert!(first.replace_allowed_ips && !first.remove);
+        assert_eq!(first.allowed_ips.len(), 2);
+        assert!(request.peers[1].remove && request.peers[1].public_key == [3; 32]);
+        for bad in [
+            "listen_port=99999",
+            "bogus=1",
+            "public_key=zz",
+            &format!("public_key={}\nendpoint=nowhere", "01".repeat(32)),
+            "replace_peers=yes",
+        ] {
+            assert!(parse_set(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

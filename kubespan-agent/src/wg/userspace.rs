@@ -3,7 +3,8 @@
 //!
 //! The agent configures the device directly; WireGuard's standard control socket
 //! `/var/run/wireguard/<interface>.sock` is served read-only so `wg show` works, while changes
-//! go only through the agent (a foreign `wg set` would fight the agent's reconciler).
+//! go only through the agent (a foreign `wg set` would fight the agent's reconciler). The
+//! standalone device (`openspan-wireguard`) serves the socket writable, like wireguard-go.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -24,12 +25,35 @@ pub struct UserspaceWireGuard {
 }
 
 impl UserspaceWireGuard {
-    /// Creates the TUN interface and starts the device.
+    /// Creates the TUN interface and starts the device, with a read-only control socket.
     pub fn create(interface: &str) -> Result<Self, WgError> {
+        let this = Self::start(interface, Access::ReadOnly)?;
+        Ok(this)
+    }
+
+    /// Creates the TUN interface and starts the device, configured through its control socket
+    /// with `wg(8)`; fails when the socket cannot be served.
+    pub fn create_standalone(interface: &str) -> Result<Self, WgError> {
+        Self::start(interface, Access::ReadWrite)
+    }
+
+    fn start(interface: &str, access: Access) -> Result<Self, WgError> {
         let device = Arc::new(Device::create(interface)?);
         let socket = uapi::socket_path(interface);
         let stop_control = Arc::new(AtomicBool::new(false));
-        if let Err(e) = serve_read_only(&socket, device.clone(), stop_control.clone(), interface) {
+        if let Err(e) = serve_control(
+            &socket,
+            device.clone(),
+            stop_control.clone(),
+            interface,
+            access,
+        ) {
+            if access == Access::ReadWrite {
+                return Err(WgError::Device {
+                    interface: interface.to_owned(),
+                    message: format!("cannot serve the control socket {} ({e})", socket.display()),
+                });
+            }
             tracing::warn!(socket = %socket.display(), error = %e, "`wg show` will not see this interface");
         }
         Ok(Self {
@@ -48,12 +72,20 @@ impl Drop for UserspaceWireGuard {
     }
 }
 
-/// Serves `get` requests of `wg(8)` on the standard socket; refuses `set` with EPERM.
-fn serve_read_only(
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    /// `get` only; `set` is refused with EPERM.
+    ReadOnly,
+    ReadWrite,
+}
+
+/// Serves `wg(8)` requests on the standard control socket.
+fn serve_control(
     socket: &PathBuf,
     device: Arc<Device>,
     stop: Arc<AtomicBool>,
     interface: &str,
+    access: Access,
 ) -> std::io::Result<()> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)?;
@@ -74,7 +106,7 @@ fn serve_read_only(
                         let _ = client.set_nonblocking(false);
                         let _ = client.set_read_timeout(Some(Duration::from_secs(2)));
                         let _ = client.set_write_timeout(Some(Duration::from_secs(2)));
-                        answer(client, &device, &name);
+                        answer(client, &device, &name, access);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(100)),
                 }
@@ -83,7 +115,8 @@ fn serve_read_only(
     Ok(())
 }
 
-fn answer(client: UnixStream, device: &Device, name: &str) {
+/// Answers one request; the connection is closed after it (as `wg(8)` expects).
+fn answer(client: UnixStream, device: &Device, name: &str, access: Access) {
     let mut reader = BufReader::new(&client);
     let mut first = String::new();
     if reader.read_line(&mut first).is_err() {
@@ -93,11 +126,41 @@ fn answer(client: UnixStream, device: &Device, name: &str) {
     let _ = match first.trim() {
         "get=1" => write!(writer, "{}errno=0\n\n", device.uapi_get()),
         "set=1" => {
-            tracing::warn!(interface = %name, "refused a change through the WireGuard control socket: the agent owns this device");
-            write!(writer, "errno=1\n\n")
+            let mut body = String::new();
+            loop {
+                let mut line = String::new();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) if line.trim().is_empty() => break,
+                    Ok(_) => body += &line,
+                }
+            }
+            let errno = set(device, name, access, &body);
+            write!(writer, "errno={errno}\n\n")
         }
         _ => write!(writer, "errno=22\n\n"),
     };
+}
+
+/// Applies a `set` request; returns the errno to answer (0 on success).
+fn set(device: &Device, name: &str, access: Access, body: &str) -> i32 {
+    if access == Access::ReadOnly {
+        tracing::warn!(interface = %name, "refused a change through the WireGuard control socket: the agent owns this device");
+        return libc::EPERM;
+    }
+    match uapi::parse_set(body)
+        .map_err(|e| (libc::EINVAL, e))
+        .and_then(|request| {
+            device
+                .apply(&request)
+                .map_err(|e| (libc::EIO, e.to_string()))
+        }) {
+        Ok(()) => 0,
+        Err((errno, message)) => {
+            tracing::warn!(interface = %name, error = %message, "refused a change through the WireGuard control socket");
+            errno
+        }
+    }
 }
 
 impl WireGuard for UserspaceWireGuard {

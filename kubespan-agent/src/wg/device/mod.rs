@@ -33,6 +33,7 @@ use self::egress::{Egress, tun_to_network};
 use self::ingress::network_to_tun;
 use self::peers::{Peer, PeerTable};
 use self::wake::{Wake, wait_readable};
+use super::uapi::SetRequest;
 use super::udp::UdpTransport;
 use super::{DeviceSettings, Key, PeerConfig, PeerState, WgError};
 
@@ -190,7 +191,13 @@ impl Device {
     /// Sets the private key, listen port and fwmark. A new key ends every session (peers
     /// handshake again); a new port or mark re-binds the socket.
     pub fn configure(&self, settings: &DeviceSettings) -> Result<(), WgError> {
-        let private = StaticSecret::from(settings.private_key);
+        self.set_private_key(&settings.private_key);
+        self.listen(settings.listen_port, settings.fwmark)
+    }
+
+    /// Sets the private key; a new key ends every session (peers handshake again).
+    pub fn set_private_key(&self, private_key: &Key) {
+        let private = StaticSecret::from(*private_key);
         let public = PublicKey::from(&private);
         let key_changed = read(&self.shared.keys)
             .as_ref()
@@ -210,17 +217,21 @@ impl Device {
                 rate_limiter,
             });
         }
+    }
+
+    /// Listens on `port` (0: keep the current port, or any free one) with `fwmark` on the
+    /// socket's packets; a new port re-binds the socket.
+    pub fn listen(&self, port: u16, fwmark: u32) -> Result<(), WgError> {
         let current = self.shared.socket();
         let port_changed = current
             .as_ref()
-            .is_none_or(|s| settings.listen_port != 0 && s.port() != settings.listen_port);
+            .is_none_or(|s| port != 0 && s.port() != port);
         if port_changed {
-            let socket = UdpTransport::bind(settings.listen_port, settings.fwmark).map_err(|e| {
+            let socket = UdpTransport::bind(port, fwmark).map_err(|e| {
                 device_error(
                     &self.shared.interface,
                     format!(
-                        "cannot listen on UDP port {} ({e}); is another WireGuard or agent using it?",
-                        settings.listen_port
+                        "cannot listen on UDP port {port} ({e}); is another WireGuard or agent using it?"
                     ),
                 )
             })?;
@@ -235,16 +246,16 @@ impl Device {
             *write(&self.shared.socket) = Some(Arc::new(socket));
             self.shared.rx_wake.notify();
         } else if let Some(socket) = current
-            && *read(&self.shared.fwmark) != settings.fwmark
+            && *read(&self.shared.fwmark) != fwmark
         {
-            socket.set_mark(settings.fwmark).map_err(|e| {
+            socket.set_mark(fwmark).map_err(|e| {
                 device_error(
                     &self.shared.interface,
-                    format!("cannot set fwmark {} on the socket ({e})", settings.fwmark),
+                    format!("cannot set fwmark {fwmark} on the socket ({e})"),
                 )
             })?;
         }
-        *write(&self.shared.fwmark) = settings.fwmark;
+        *write(&self.shared.fwmark) = fwmark;
         Ok(())
     }
 
@@ -310,6 +321,74 @@ impl Device {
         };
         if let Some(len) = initiation {
             self.shared.send_to(endpoint, &message[..len]);
+        }
+        Ok(())
+    }
+
+    /// A peer as it is configured now (its current endpoint, which may have roamed).
+    pub fn peer_config(&self, public_key: &Key) -> Option<PeerConfig> {
+        let peers = read(&self.shared.peers);
+        let peer = peers.by_key.get(public_key)?;
+        Some(PeerConfig {
+            public_key: peer.public_key,
+            preshared_key: peer.preshared_key,
+            endpoint: peer.endpoint(),
+            allowed_ips: peer.allowed_ips.clone(),
+            persistent_keepalive: peer.keepalive,
+        })
+    }
+
+    /// Applies a `wg(8)` `set` request (for the standalone device, configured like
+    /// wireguard-go).
+    pub fn apply(&self, request: &SetRequest) -> Result<(), WgError> {
+        if let Some(key) = &request.private_key {
+            self.set_private_key(key);
+        }
+        if request.listen_port.is_some() || request.fwmark.is_some() {
+            let port = request
+                .listen_port
+                .unwrap_or_else(|| self.shared.socket().map_or(0, |s| s.port()));
+            let fwmark = request.fwmark.unwrap_or_else(|| *read(&self.shared.fwmark));
+            self.listen(port, fwmark)?;
+        }
+        if request.replace_peers {
+            let keys: Vec<Key> = read(&self.shared.peers).by_key.keys().copied().collect();
+            keys.iter().for_each(|key| self.remove_peer(key));
+        }
+        for change in &request.peers {
+            if change.remove {
+                self.remove_peer(&change.public_key);
+                continue;
+            }
+            let existing = self.peer_config(&change.public_key);
+            if change.update_only && existing.is_none() {
+                continue;
+            }
+            let mut config = existing.unwrap_or(PeerConfig {
+                public_key: change.public_key,
+                preshared_key: [0; 32],
+                endpoint: None,
+                allowed_ips: Vec::new(),
+                persistent_keepalive: Duration::ZERO,
+            });
+            if let Some(psk) = change.preshared_key {
+                config.preshared_key = psk;
+            }
+            if change.endpoint.is_some() {
+                config.endpoint = change.endpoint;
+            }
+            if let Some(seconds) = change.persistent_keepalive {
+                config.persistent_keepalive = Duration::from_secs(seconds.into());
+            }
+            if change.replace_allowed_ips {
+                config.allowed_ips.clear();
+            }
+            for ip in &change.allowed_ips {
+                if !config.allowed_ips.contains(ip) {
+                    config.allowed_ips.push(*ip);
+                }
+            }
+            self.set_peer(&config, false)?;
         }
         Ok(())
     }

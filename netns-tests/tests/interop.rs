@@ -1,0 +1,323 @@
+//! openspan's userspace WireGuard device against an independent implementation (Debian's
+//! wireguard-go), both configured with wg(8): handshakes, TCP both ways through the offload
+//! paths (segmentation, coalescing, checksums: a wrong one stalls TCP), UDP, ICMP, and changes
+//! made with `wg set` on a running tunnel.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use netns_tests::{Lab, Node, binary, require_root, run, sh};
+
+/// A WireGuard daemon in a namespace, killed when dropped (also when the test fails).
+struct Daemon {
+    child: Child,
+    socket: String,
+}
+
+impl Daemon {
+    fn spawn(node: &Node, program: &Path, args: &[&str], interface: &str) -> anyhow::Result<Self> {
+        let log = std::fs::File::create(node.dir.join(format!("{interface}.log")))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &node.netns])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", program.display()))?;
+        let daemon = Self {
+            child,
+            socket: format!("/var/run/wireguard/{interface}.sock"),
+        };
+        wait_until(
+            &format!("{} to serve {}", program.display(), daemon.socket),
+            || Path::new(&daemon.socket).exists(),
+        )?;
+        Ok(daemon)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(15) {
+        if done() {
+            return Ok(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("timed out waiting for {what}")
+}
+
+fn ns_sh(node: &Node, program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let mut all = vec!["netns", "exec", &node.netns, program];
+    all.extend_from_slice(args);
+    sh("ip", &all)
+}
+
+/// Bits per second received in an iperf3 run from `client` to `server_address`.
+fn iperf(
+    client: &Node,
+    server: &Node,
+    server_address: &str,
+    extra: &[&str],
+) -> anyhow::Result<f64> {
+    let mut server_process = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &server.netns,
+            "iperf3",
+            "-s",
+            "-1",
+            "-B",
+            server_address,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let mut args = vec!["-c", server_address, "-t", "2", "-J"];
+    args.extend_from_slice(extra);
+    let result = ns_sh(client, "timeout", &[&["20", "iperf3"][..], &args].concat());
+    let _ = server_process.kill();
+    let _ = server_process.wait();
+    let report: serde_json::Value = serde_json::from_str(&result?).context("iperf3 -J")?;
+    let end = &report["end"];
+    let bps = end["sum_received"]["bits_per_second"]
+        .as_f64()
+        .or_else(|| end["sum"]["bits_per_second"].as_f64())
+        .context("iperf3 reported no throughput")?;
+    Ok(bps)
+}
+
+#[test]
+fn the_userspace_device_interoperates_with_wireguard_go() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let Some(wireguard_go) = run("sh", &["-c", "command -v wireguard-go"])
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    else {
+        bail!(
+            "wireguard-go is not installed (apt-get install --no-install-recommends wireguard-go; scripts/test.sh does)"
+        );
+    };
+    let lab = Lab::new(2)?;
+    let (ours_node, theirs_node) = (lab.node(1), lab.node(2));
+    let ours = format!("{}o", lab.id);
+    let theirs = format!("{}g", lab.id);
+    let _ours_daemon = Daemon::spawn(ours_node, &binary("openspan-wireguard"), &[&ours], &ours)?;
+    let _theirs_daemon = Daemon::spawn(
+        theirs_node,
+        Path::new(&wireguard_go),
+        &["-f", &theirs],
+        &theirs,
+    )?;
+
+    // Underlay 10.77.<s>.<n>; tunnel 10.79.<s>.<n> and fd79::<n>.
+    let tunnel = |node: &Node| node.address.replacen("10.77.", "10.79.", 1);
+    let host = |node: &Node| node.address.rsplit('.').next().unwrap_or("0").to_owned();
+    let nodes = [(ours_node, &ours), (theirs_node, &theirs)];
+    let mut public = Vec::new();
+    for (node, _) in nodes {
+        let private = sh("wg", &["genkey"])?;
+        let key_file = node.dir.join("wg.key");
+        std::fs::write(&key_file, format!("{}\n", private.trim()))?;
+        public.push(
+            sh(
+                "sh",
+                &["-c", &format!("wg pubkey < {}", key_file.display())],
+            )?
+            .trim()
+            .to_owned(),
+        );
+    }
+    for (n, (node, interface)) in nodes.iter().enumerate() {
+        let peer = nodes[1 - n].0;
+        let key_file = node.dir.join("wg.key");
+        let allowed = format!("{}/32,fd79::{}/128", tunnel(peer), host(peer));
+        let endpoint = format!("{}:51820", peer.address);
+        ns_sh(
+            node,
+            "wg",
+            &[
+                "set",
+                interface,
+                "private-key",
+                key_file.to_str().unwrap_or_default(),
+                "listen-port",
+                "51820",
+                "peer",
+                &public[1 - n],
+                "allowed-ips",
+                &allowed,
+                "endpoint",
+                &endpoint,
+            ],
+        )?;
+        ns_sh(
+            node,
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", tunnel(node)),
+                "dev",
+                interface,
+            ],
+        )?;
+        ns_sh(
+            node,
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("fd79::{}/64", host(node)),
+                "dev",
+                interface,
+                "nodad",
+            ],
+        )?;
+        ns_sh(node, "ip", &["link", "set", interface, "mtu", "1420", "up"])?;
+    }
+
+    let ours_tunnel = tunnel(ours_node);
+    let theirs_tunnel = tunnel(theirs_node);
+    let waited = wait_until("a ping through the tunnel", || {
+        ours_node.ping(&theirs_tunnel)
+    })?;
+    eprintln!("tunnel to wireguard-go up {waited:?} after configuration");
+    assert!(
+        theirs_node.ping(&ours_tunnel),
+        "wireguard-go cannot ping back"
+    );
+    assert!(
+        ours_node.ping(&format!("fd79::{}", host(theirs_node))),
+        "no IPv6 through the tunnel"
+    );
+
+    // Bulk TCP both ways: our TSO split and UDP GSO out, our UDP GRO and TCP coalescing in.
+    let sent = iperf(ours_node, theirs_node, &theirs_tunnel, &[])?;
+    let received = iperf(theirs_node, ours_node, &ours_tunnel, &[])?;
+    let received_v6 = iperf(
+        theirs_node,
+        ours_node,
+        &format!("fd79::{}", host(ours_node)),
+        &[],
+    )?;
+    let udp = iperf(
+        ours_node,
+        theirs_node,
+        &theirs_tunnel,
+        &["-u", "-b", "50M", "-l", "1200"],
+    )?;
+    eprintln!(
+        "to wireguard-go {:.0} Mbit/s, from it {:.0} (IPv4) / {:.0} (IPv6), UDP {:.0}",
+        sent / 1e6,
+        received / 1e6,
+        received_v6 / 1e6,
+        udp / 1e6
+    );
+    for (what, bps) in [
+        ("to", sent),
+        ("from", received),
+        ("from (IPv6)", received_v6),
+        ("UDP to", udp),
+    ] {
+        assert!(
+            bps > 10e6,
+            "TCP/UDP {what} wireguard-go stalled: {bps} bit/s"
+        );
+    }
+
+    // wg(8) reads both ends the same way.
+    for (node, interface) in nodes {
+        let handshakes = ns_sh(node, "wg", &["show", interface, "latest-handshakes"])?;
+        let seconds: u64 = handshakes
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("0")
+            .parse()?;
+        assert!(
+            seconds > 0,
+            "{interface}: no handshake in `wg show`: {handshakes}"
+        );
+    }
+    let transfer = ns_sh(ours_node, "wg", &["show", &ours, "transfer"])?;
+    let counters: Vec<u64> = transfer
+        .split_whitespace()
+        .skip(1)
+        .map(|c| c.parse().unwrap_or(0))
+        .collect();
+    assert!(
+        counters.iter().all(|&c| c > 1_000_000),
+        "transfer counters: {transfer}"
+    );
+
+    // Changes through `wg set` on the running device: more allowed IPs keep the tunnel…
+    let more = format!(
+        "{}/32,fd79::{}/128,10.80.0.0/16",
+        theirs_tunnel,
+        host(theirs_node)
+    );
+    ns_sh(
+        ours_node,
+        "wg",
+        &["set", &ours, "peer", &public[1], "allowed-ips", &more],
+    )?;
+    let allowed = ns_sh(ours_node, "wg", &["show", &ours, "allowed-ips"])?;
+    assert!(
+        allowed.contains("10.80.0.0/16"),
+        "allowed IPs not updated: {allowed}"
+    );
+    assert!(
+        ours_node.ping(&theirs_tunnel),
+        "the tunnel broke on an allowed-IPs change"
+    );
+    // … and removing the peer ends it.
+    ns_sh(
+        ours_node,
+        "wg",
+        &["set", &ours, "peer", &public[1], "remove"],
+    )?;
+    assert!(
+        ns_sh(ours_node, "wg", &["show", &ours, "peers"])?
+            .trim()
+            .is_empty()
+    );
+    assert!(
+        !ours_node.ping(&theirs_tunnel),
+        "a removed peer still answers"
+    );
+    // A new port through `wg set` re-binds; a malformed request is refused and changes nothing.
+    ns_sh(ours_node, "wg", &["set", &ours, "listen-port", "51821"])?;
+    assert_eq!(
+        ns_sh(ours_node, "wg", &["show", &ours, "listen-port"])?.trim(),
+        "51821"
+    );
+    let mut control = UnixStream::connect(format!("/var/run/wireguard/{ours}.sock"))?;
+    control.write_all(b"set=1\nlisten_port=1\nbogus=1\n\n")?;
+    let mut answer = String::new();
+    BufReader::new(&control).read_line(&mut answer)?;
+    assert_eq!(answer.trim(), "errno=22");
+    assert_eq!(
+        ns_sh(ours_node, "wg", &["show", &ours, "listen-port"])?.trim(),
+        "51821"
+    );
+    Ok(())
+}
