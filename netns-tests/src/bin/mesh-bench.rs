@@ -17,7 +17,7 @@ use anyhow::{Context, anyhow, bail};
 use clap::Parser;
 use netns_tests::{AgentOptions, Lab, Node, run};
 
-/// Throughput and latency of the openspan data plane (kubespan-agent, userspace boringtun) next
+/// Throughput and latency of the openspan data plane (kubespan-agent, userspace device) next
 /// to a plain veth link, boringtun-cli and wireguard-go.
 ///
 /// Two network namespaces on one bridge; for each setup a fresh pair of them:
@@ -26,12 +26,14 @@ use netns_tests::{AgentOptions, Lab, Node, run};
 ///  2. openspan mesh: a discovery server and two kubespan-agents (backend userspace), measured to
 ///     the peer's mesh address (IPv6 ULA) and to its underlay IPv4 address, which the agent
 ///     force-routes through the tunnel;
-///  3. boringtun-cli: Cloudflare's userspace WireGuard, configured with wg(8);
-///  4. wireguard-go: the Go userspace WireGuard, configured with wg(8).
+///  3. openspan device (bare): the agent's WireGuard device alone (`openspan-wireguard`),
+///     configured with wg(8) exactly like the references;
+///  4. boringtun-cli: Cloudflare's userspace WireGuard, configured with wg(8);
+///  5. wireguard-go: the Go userspace WireGuard, configured with wg(8).
 ///
 /// Throughput is one iperf3 TCP stream (`iperf3 -c <peer> -t <duration> -J`, the server runs
 /// with `-1` in the receiving namespace); latency is the average of `ping -q -c <count> -i
-/// <interval>`. Both tunnel ends, iperf3 client and server share this machine's CPUs.
+/// <interval>` (min/avg/max are printed; the table shows the average). Both tunnel ends, iperf3 client and server share this machine's CPUs.
 ///
 /// Needs root, iperf3, ping, wg (wireguard-tools), ss, timeout, and wireguard-go unless skipped:
 /// `apt-get install -y --no-install-recommends iperf3 wireguard-tools wireguard-go iputils-ping`.
@@ -123,6 +125,18 @@ fn main() -> anyhow::Result<()> {
     record(&mut rows, "plain veth", bench_veth(&args));
     eprintln!("== openspan mesh");
     record(&mut rows, "openspan mesh", bench_mesh(&args, &bins));
+    eprintln!("== openspan device (bare)");
+    record(
+        &mut rows,
+        "openspan device (bare)",
+        bench_reference(
+            &args,
+            &Reference::OpenspanDevice {
+                path: bins.wireguard.clone(),
+            },
+            "openspan device (bare)",
+        ),
+    );
 
     let bt_label = format!("boringtun-cli ({} threads)", args.boringtun_cli_threads);
     if args.skip_boringtun_cli {
@@ -183,6 +197,7 @@ struct Binaries {
     agent: PathBuf,
     server: PathBuf,
     ctl: PathBuf,
+    wireguard: PathBuf,
 }
 
 impl Binaries {
@@ -207,9 +222,10 @@ impl Binaries {
             agent: dir.join("kubespan-agent"),
             server: dir.join("discovery-server"),
             ctl: dir.join("kubespanctl"),
+            wireguard: dir.join("openspan-wireguard"),
             dir,
         };
-        for path in [&this.agent, &this.server, &this.ctl] {
+        for path in [&this.agent, &this.server, &this.ctl, &this.wireguard] {
             if !path.exists() {
                 bail!(
                     "{} is missing: run `cargo build --release -p netns-tests -p kubespan-agent -p discovery-server --bins` first",
@@ -856,8 +872,18 @@ fn bench_mesh(args: &Args, bins: &Binaries) -> anyhow::Result<Vec<Row>> {
 }
 
 enum Reference {
-    BoringtunCli { path: PathBuf, threads: u32 },
-    WireguardGo { path: PathBuf },
+    /// openspan's own device on its own (`openspan-wireguard`): the mesh minus the agent's
+    /// policy routing and nftables.
+    OpenspanDevice {
+        path: PathBuf,
+    },
+    BoringtunCli {
+        path: PathBuf,
+        threads: u32,
+    },
+    WireguardGo {
+        path: PathBuf,
+    },
 }
 
 impl Reference {
@@ -865,6 +891,7 @@ impl Reference {
     /// namespaces.
     fn letter(&self) -> char {
         match self {
+            Self::OpenspanDevice { .. } => 'o',
             Self::BoringtunCli { .. } => 'b',
             Self::WireguardGo { .. } => 'g',
         }
@@ -872,6 +899,7 @@ impl Reference {
 
     fn command(&self, node: &Node, interface: &str, limit: u64) -> Command {
         match self {
+            Self::OpenspanDevice { path } => in_netns(&node.netns, limit, path, &[interface]),
             Self::BoringtunCli { path, threads } => {
                 let log = node.dir.join("boringtun.log");
                 in_netns(
@@ -1085,12 +1113,15 @@ fn print_report(args: &Args, rows: &[Row]) {
     for mesh in [
         find("openspan mesh", "(mesh"),
         find("openspan mesh", "(underlay"),
+        find("openspan device", ""),
     ]
     .into_iter()
     .flatten()
     {
         let which = if mesh.path.contains("(mesh") {
             "mesh address"
+        } else if mesh.setup.starts_with("openspan device") {
+            "bare device"
         } else {
             "underlay IPv4"
         };
