@@ -1,15 +1,14 @@
 //! WireGuard's cross-platform userspace API (the text protocol `wg(8)` speaks over
-//! `/var/run/wireguard/<interface>.sock`): building `set` requests and parsing `get` answers.
+//! `/var/run/wireguard/<interface>.sock`): parsing `set` requests, writing and parsing `get`
+//! answers.
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 
-use super::{DeviceSettings, Key, PeerConfig, PeerState, WgError};
+use super::{Key, PeerState};
 
 /// Where wireguard-tools looks for a userspace interface's control socket.
 pub const SOCKET_DIR: &str = "/var/run/wireguard";
@@ -18,46 +17,65 @@ pub fn socket_path(interface: &str) -> PathBuf {
     Path::new(SOCKET_DIR).join(format!("{interface}.sock"))
 }
 
-fn hex_key(key: &Key) -> String {
-    hex::encode(key)
+/// A device as `get` reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceView {
+    pub private_key: Option<Key>,
+    pub listen_port: Option<u16>,
+    pub fwmark: u32,
+    pub peers: Vec<PeerView>,
 }
 
-/// `set=1` body for interface settings.
-pub fn set_device(settings: &DeviceSettings) -> String {
-    format!(
-        "set=1\nprivate_key={}\nlisten_port={}\nfwmark={}\n\n",
-        hex_key(&settings.private_key),
-        settings.listen_port,
-        settings.fwmark
-    )
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerView {
+    pub state: PeerState,
+    pub preshared_key: Key,
+    pub keepalive: Duration,
 }
 
-/// `set=1` body that (re)creates one peer. `exists` first removes the old peer in the same
-/// transaction: the device applies the whole request under one lock, so packets never see the
-/// peer missing (boringtun also cannot modify a peer in place).
-pub fn set_peer(peer: &PeerConfig, exists: bool, endpoint: Option<SocketAddr>) -> String {
-    let key = hex_key(&peer.public_key);
-    let mut body = String::from("set=1\n");
-    if exists {
-        body += &format!("public_key={key}\nremove=true\n");
+/// The answer to `get=1` (without the final `errno=` line).
+pub fn render_get(view: &DeviceView) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if let Some(key) = &view.private_key {
+        let _ = writeln!(out, "private_key={}", hex::encode(key));
     }
-    // `remove=false` explicitly: boringtun carries `remove` over from the previous section.
-    body += &format!(
-        "public_key={key}\nremove=false\npreshared_key={}\npersistent_keepalive_interval={}\nreplace_allowed_ips=true\n",
-        hex_key(&peer.preshared_key),
-        peer.persistent_keepalive.as_secs()
-    );
-    if let Some(endpoint) = endpoint {
-        body += &format!("endpoint={endpoint}\n");
+    if let Some(port) = view.listen_port {
+        let _ = writeln!(out, "listen_port={port}");
     }
-    for ip in &peer.allowed_ips {
-        body += &format!("allowed_ip={ip}\n");
+    if view.fwmark != 0 {
+        let _ = writeln!(out, "fwmark={}", view.fwmark);
     }
-    body + "\n"
-}
-
-pub fn remove_peer(public_key: &Key) -> String {
-    format!("set=1\npublic_key={}\nremove=true\n\n", hex_key(public_key))
+    for peer in &view.peers {
+        let state = &peer.state;
+        let _ = writeln!(out, "public_key={}", hex::encode(state.public_key));
+        if peer.preshared_key != [0; 32] {
+            let _ = writeln!(out, "preshared_key={}", hex::encode(peer.preshared_key));
+        }
+        out += "protocol_version=1\n";
+        if let Some(endpoint) = state.endpoint {
+            let _ = writeln!(out, "endpoint={endpoint}");
+        }
+        let _ = writeln!(
+            out,
+            "persistent_keepalive_interval={}",
+            peer.keepalive.as_secs()
+        );
+        for ip in &state.allowed_ips {
+            let _ = writeln!(out, "allowed_ip={ip}");
+        }
+        if let Some(time) = state.last_handshake {
+            let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+            let _ = writeln!(out, "last_handshake_time_sec={}", since.as_secs());
+            let _ = writeln!(out, "last_handshake_time_nsec={}", since.subsec_nanos());
+        }
+        let _ = writeln!(
+            out,
+            "rx_bytes={}\ntx_bytes={}",
+            state.rx_bytes, state.tx_bytes
+        );
+    }
+    out
 }
 
 fn parse_key(value: &str) -> Option<Key> {
@@ -205,46 +223,6 @@ pub fn parse_set(text: &str) -> Result<SetRequest, String> {
     Ok(request)
 }
 
-/// One request over the control socket at `socket`; returns the body before `errno=0`.
-pub fn request(socket: &Path, body: &str) -> Result<String, WgError> {
-    let mut stream = UnixStream::connect(socket)?;
-    exchange(&mut stream, body, &socket.display().to_string())
-}
-
-/// Sends one request on an open control stream and reads the answer up to its `errno=` line.
-/// An empty `body` only reads an answer (one owed from an earlier, timed-out request).
-pub fn exchange(stream: &mut UnixStream, body: &str, name: &str) -> Result<String, WgError> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    if !body.is_empty() {
-        stream.write_all(body.as_bytes())?;
-    }
-    let mut reader = BufReader::new(&*stream);
-    let mut answer = String::new();
-    loop {
-        let mut line = String::new();
-        // Byte-wise reads would be slow; a BufReader may read ahead, but the device writes
-        // nothing after the errno line and its blank line, which we consume here.
-        if reader.read_line(&mut line)? == 0 {
-            return Err(WgError::Device {
-                interface: name.to_owned(),
-                message: "the control channel closed without an answer".into(),
-            });
-        }
-        if let Some(errno) = line.trim().strip_prefix("errno=") {
-            let mut blank = String::new();
-            let _ = reader.read_line(&mut blank);
-            return match errno {
-                "0" => Ok(answer),
-                other => Err(WgError::Device {
-                    interface: name.to_owned(),
-                    message: format!("the device refused the request (errno {other})"),
-                }),
-            };
-        }
-        answer += &line;
-    }
-}
-
 /// Seconds since the Unix epoch, for status output.
 pub fn unix_ms(time: SystemTime) -> i64 {
     time.duration_since(UNIX_EPOCH)
@@ -255,36 +233,47 @@ pub fn unix_ms(time: SystemTime) -> i64 {
 mod tests {
     use super::*;
 
-    fn peer() -> PeerConfig {
-        PeerConfig {
-            public_key: [1; 32],
-            preshared_key: [2; 32],
-            endpoint: Some("192.0.2.1:51820".parse().unwrap()),
-            allowed_ips: vec![
-                "10.0.0.1/32".parse().unwrap(),
-                "fd00::1/128".parse().unwrap(),
-            ],
-            persistent_keepalive: Duration::from_secs(10),
-        }
-    }
-
     #[test]
-    fn set_peer_recreates_in_one_transaction() {
-        let body = set_peer(&peer(), true, peer().endpoint);
-        let key = "01".repeat(32);
-        assert_eq!(
-            body,
-            format!(
-                "set=1\npublic_key={key}\nremove=true\npublic_key={key}\nremove=false\npreshared_key={}\n\
-                 persistent_keepalive_interval=10\nreplace_allowed_ips=true\nendpoint=192.0.2.1:51820\n\
-                 allowed_ip=10.0.0.1/32\nallowed_ip=fd00::1/128\n\n",
-                "02".repeat(32)
-            )
-        );
-        assert!(
-            !set_peer(&peer(), false, None).contains("remove=true")
-                && !set_peer(&peer(), false, None).contains("endpoint")
-        );
+    fn get_answers_parse_back() {
+        let view = DeviceView {
+            private_key: Some([9; 32]),
+            listen_port: Some(51820),
+            fwmark: 32,
+            peers: vec![
+                PeerView {
+                    state: PeerState {
+                        public_key: [1; 32],
+                        endpoint: Some("[fd00::1]:51820".parse().unwrap()),
+                        last_handshake: Some(UNIX_EPOCH + Duration::new(1_700_000_000, 5)),
+                        rx_bytes: 100,
+                        tx_bytes: 200,
+                        allowed_ips: vec![
+                            "10.0.0.1/32".parse().unwrap(),
+                            "fd00::1/128".parse().unwrap(),
+                        ],
+                    },
+                    preshared_key: [2; 32],
+                    keepalive: Duration::from_secs(10),
+                },
+                PeerView {
+                    state: PeerState {
+                        public_key: [3; 32],
+                        ..PeerState::default()
+                    },
+                    ..PeerView::default()
+                },
+            ],
+        };
+        let text = render_get(&view);
+        assert!(text.starts_with(&format!(
+            "private_key={}\nlisten_port=51820\nfwmark=32\n",
+            "09".repeat(32)
+        )));
+        let parsed = parse_get(&text).unwrap();
+        let states: Vec<PeerState> = view.peers.iter().map(|p| p.state.clone()).collect();
+        assert_eq!(parsed, states);
+        // A zero preshared key is not shown, as wireguard-go does.
+        assert_eq!(text.matches("preshared_key=").count(), 1);
     }
 
     #[test]

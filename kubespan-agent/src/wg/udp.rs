@@ -3,9 +3,11 @@
 //! receiving in batches with UDP GSO/GRO through `quinn-udp` (which falls back to one datagram
 //! per call where the kernel or the NIC cannot).
 
+use std::collections::HashSet;
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
@@ -23,6 +25,8 @@ pub struct UdpTransport {
     state: UdpSocketState,
     dual_stack: bool,
     port: u16,
+    /// Destinations a GSO send was refused for (e.g. a path MTU below the datagram size).
+    unsegmented: Mutex<HashSet<SocketAddr>>,
 }
 
 impl UdpTransport {
@@ -64,6 +68,7 @@ impl UdpTransport {
                 libc::IP_PMTUDISC_DONT,
             )
             .ok();
+            set_int(&socket, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0).ok();
         }
         let port = socket
             .local_addr()?
@@ -74,6 +79,7 @@ impl UdpTransport {
             state,
             dual_stack,
             port,
+            unsegmented: Mutex::new(HashSet::new()),
         })
     }
 
@@ -84,6 +90,11 @@ impl UdpTransport {
     /// Marks the socket's packets (so they bypass the mesh's own routes).
     pub fn set_mark(&self, fwmark: u32) -> io::Result<()> {
         self.socket.set_mark(fwmark)
+    }
+
+    fn unsegmented(&self, destination: &SocketAddr) -> bool {
+        let set = self.unsegmented.lock().unwrap_or_else(|p| p.into_inner());
+        !set.is_empty() && set.contains(destination)
     }
 
     pub fn port(&self) -> u16 {
@@ -114,24 +125,30 @@ impl UdpTransport {
             }
             other => other,
         };
-        match segment {
-            // Without GSO (or once the kernel refused it) a batch goes out datagram by datagram.
-            Some(size) if size < contents.len() && self.max_segments() == 1 => contents
+        let one_by_one = |contents: &[u8], size: usize| {
+            contents
                 .chunks(size)
-                .try_for_each(|d| self.send_one(destination, d, None)),
+                .try_for_each(|d| self.send_one(destination, d, None))
+        };
+        match segment {
             Some(size) if size < contents.len() => {
-                self.send_one(destination, contents, Some(size))
-                    .or_else(|e| {
-                        // The kernel refused segmentation offload (quinn-udp has now turned it
-                        // off): resend this batch datagram by datagram.
-                        if self.max_segments() == 1 {
-                            contents
-                                .chunks(size)
-                                .try_for_each(|d| self.send_one(destination, d, None))
-                        } else {
-                            Err(e)
-                        }
-                    })
+                if self.max_segments() == 1 || self.unsegmented(&destination) {
+                    return one_by_one(contents, size);
+                }
+                match self.send_one(destination, contents, Some(size)) {
+                    Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
+                        // Refused: no GSO here, or datagrams larger than the route's MTU (which
+                        // the kernel fragments only when they are sent one by one). Resend this
+                        // batch that way, and keep doing so for this destination.
+                        tracing::debug!(%destination, error = %e, "GSO send refused; sending datagram by datagram");
+                        self.unsegmented
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(destination);
+                        one_by_one(contents, size)
+                    }
+                    other => other,
+                }
             }
             _ => self.send_one(destination, contents, None),
         }

@@ -7,10 +7,12 @@
 //! standalone device (`openspan-wireguard`) serves the socket writable, like wireguard-go.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::device::Device;
@@ -22,6 +24,7 @@ pub struct UserspaceWireGuard {
     device: Arc<Device>,
     socket: PathBuf,
     stop_control: Arc<AtomicBool>,
+    control: Option<JoinHandle<()>>,
 }
 
 impl UserspaceWireGuard {
@@ -41,33 +44,44 @@ impl UserspaceWireGuard {
         let device = Arc::new(Device::create(interface)?);
         let socket = uapi::socket_path(interface);
         let stop_control = Arc::new(AtomicBool::new(false));
-        if let Err(e) = serve_control(
+        let served = serve_control(
             &socket,
-            device.clone(),
+            Arc::downgrade(&device),
             stop_control.clone(),
             interface,
             access,
-        ) {
-            if access == Access::ReadWrite {
+        );
+        let control = match served {
+            Ok(thread) => Some(thread),
+            Err(e) if access == Access::ReadWrite => {
                 return Err(WgError::Device {
                     interface: interface.to_owned(),
                     message: format!("cannot serve the control socket {} ({e})", socket.display()),
                 });
             }
-            tracing::warn!(socket = %socket.display(), error = %e, "`wg show` will not see this interface");
-        }
+            Err(e) => {
+                tracing::warn!(socket = %socket.display(), error = %e, "`wg show` will not see this interface");
+                None
+            }
+        };
         Ok(Self {
             interface: interface.to_owned(),
             device,
             socket,
             stop_control,
+            control,
         })
     }
 }
 
 impl Drop for UserspaceWireGuard {
     fn drop(&mut self) {
+        // The control thread only holds a weak reference: once it is gone, the device (and the
+        // interface and port) go with this value, not later.
         self.stop_control.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.control.take() {
+            let _ = thread.join();
+        }
         let _ = std::fs::remove_file(&self.socket);
     }
 }
@@ -82,11 +96,11 @@ enum Access {
 /// Serves `wg(8)` requests on the standard control socket.
 fn serve_control(
     socket: &PathBuf,
-    device: Arc<Device>,
+    device: Weak<Device>,
     stop: Arc<AtomicBool>,
     interface: &str,
     access: Access,
-) -> std::io::Result<()> {
+) -> std::io::Result<JoinHandle<()>> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -95,9 +109,11 @@ fn serve_control(
         let _ = std::fs::remove_file(socket);
     }
     let listener = UnixListener::bind(socket)?;
+    // `get` shows the private key: root only.
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
     listener.set_nonblocking(true)?;
     let name = interface.to_owned();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name(format!("wg-{interface}-uapi"))
         .spawn(move || {
             while !stop.load(Ordering::SeqCst) {
@@ -106,13 +122,16 @@ fn serve_control(
                         let _ = client.set_nonblocking(false);
                         let _ = client.set_read_timeout(Some(Duration::from_secs(2)));
                         let _ = client.set_write_timeout(Some(Duration::from_secs(2)));
+                        let Some(device) = device.upgrade() else {
+                            return;
+                        };
                         answer(client, &device, &name, access);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(100)),
                 }
             }
         })?;
-    Ok(())
+    Ok(thread)
 }
 
 /// Answers one request; the connection is closed after it (as `wg(8)` expects).

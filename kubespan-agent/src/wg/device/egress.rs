@@ -70,6 +70,11 @@ pub(super) struct Egress {
     batches: Vec<Batch>,
 }
 
+/// TUN read buffer per segment: one MTU fits (jumbo frames included); grown to [`MAX_SEGMENT`]
+/// for larger MTUs.
+const SEGMENT: usize = 16_384;
+const MAX_SEGMENT: usize = 65_536;
+
 /// What [`Egress::pump`] left behind.
 pub(super) enum Pumped {
     /// The TUN device has nothing more to read.
@@ -82,8 +87,8 @@ impl Egress {
     pub(super) fn new() -> Self {
         // With offloads a segment is at most one MTU; without them the first buffer takes a
         // whole packet.
-        let mut packets = vec![vec![0u8; 65_536]];
-        packets.extend((1..TUN_BATCH).map(|_| vec![0u8; 16_384]));
+        let mut packets = vec![vec![0u8; MAX_SEGMENT]];
+        packets.extend((1..TUN_BATCH).map(|_| vec![0u8; SEGMENT]));
         Self {
             original: vec![0u8; VIRTIO_NET_HDR_LEN + 65_536],
             packets,
@@ -106,7 +111,14 @@ impl Egress {
                 Ok(count) => self.forward(shared, count),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Pumped::Drained,
                 Err(e) => {
-                    if !shared.stop.load(Ordering::Relaxed) {
+                    if self.packets.iter().any(|p| p.len() < MAX_SEGMENT) {
+                        // Segments larger than our buffers: an MTU above 16 KiB. Grow them
+                        // (the super-packet that did not fit is lost; TCP resends it).
+                        tracing::info!(interface = %shared.interface, error = %e, "large MTU: growing the TUN read buffers");
+                        self.packets
+                            .iter_mut()
+                            .for_each(|p| p.resize(MAX_SEGMENT, 0));
+                    } else if !shared.stop.load(Ordering::Relaxed) {
                         tracing::debug!(interface = %shared.interface, error = %e, "TUN read failed");
                     }
                     return Pumped::Drained;

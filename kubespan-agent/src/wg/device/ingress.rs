@@ -18,7 +18,8 @@ use super::egress::{Pumped, hand_over_tun};
 use super::peers::{Peer, PeerTable};
 use super::wake::wait_readable;
 use super::{
-    Keys, RX_PUMP_READS, Shared, TUN_BATCH, TUN_BUFFER, UDP_BATCH, UDP_BUFFER, lock, read,
+    DATA_MESSAGE, HANDSHAKE_RESPONSE, Keys, RX_PUMP_READS, Shared, TUN_BATCH, TUN_BUFFER,
+    UDP_BATCH, UDP_BUFFER, lock, read,
 };
 
 /// Decrypted packets waiting to be written to the TUN device in one coalescing batch.
@@ -61,7 +62,10 @@ pub(super) fn network_to_tun(shared: &Shared) {
     let mut storage = vec![vec![0u8; UDP_BUFFER]; UDP_BATCH];
     let mut meta = vec![RecvMeta::default(); UDP_BATCH];
     let mut batch = TunBatch::new();
-    let mut scratch = vec![0u8; 65_536];
+    // Room for any message boringtun may write, including a queued packet of the largest MTU.
+    let mut scratch = vec![0u8; 2 * 65_536];
+    // Handshake answers and packets released by a new session, sent once no lock is held.
+    let mut outbox: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
     while !shared.stop.load(Ordering::Relaxed) {
         let Some(socket) = shared.socket() else {
             let _ = wait_readable(&[shared.rx_wake.fd(), shared.stopping.fd()], None);
@@ -107,8 +111,8 @@ pub(super) fn network_to_tun(shared: &Shared) {
                 continue;
             }
         };
-        let keys = read(&shared.keys);
-        let Some(keys) = keys.as_ref() else {
+        let keys_guard = read(&shared.keys);
+        let Some(keys) = keys_guard.as_ref() else {
             continue;
         };
         let peers = read(&shared.peers);
@@ -119,18 +123,22 @@ pub(super) fn network_to_tun(shared: &Shared) {
                     batch.flush(shared);
                 }
                 receive_datagram(
-                    shared,
                     keys,
                     &peers,
                     received.addr,
                     datagram,
                     &mut batch,
                     &mut scratch,
+                    &mut outbox,
                 );
             }
         }
         drop(peers);
+        drop(keys_guard);
         batch.flush(shared);
+        for (destination, message) in outbox.drain(..) {
+            shared.send_to(Some(destination), &message);
+        }
         // Writing to the TUN device usually made the kernel answer at once (an ACK, an echo
         // reply): send it from here unless the transmit thread has the TUN device.
         if !shared.tx_active.load(Ordering::Acquire)
@@ -142,14 +150,15 @@ pub(super) fn network_to_tun(shared: &Shared) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn receive_datagram(
-    shared: &Shared,
     keys: &Keys,
     peers: &PeerTable,
     from: SocketAddr,
     datagram: &[u8],
     batch: &mut TunBatch,
     scratch: &mut [u8],
+    outbox: &mut Vec<(SocketAddr, Vec<u8>)>,
 ) {
     let packet = match keys
         .rate_limiter
@@ -158,7 +167,7 @@ fn receive_datagram(
         Ok(packet) => packet,
         Err(TunnResult::WriteToNetwork(cookie)) => {
             // Under a handshake flood: answer with a cookie instead of doing the DH.
-            shared.send_to(Some(from), cookie);
+            outbox.push((from, cookie.to_vec()));
             return;
         }
         Err(_) => return,
@@ -188,11 +197,17 @@ fn receive_datagram(
             accept_inner(peers, peer, IpAddr::V6(source), len, batch, from);
         }
         TunnResult::WriteToNetwork(message) => {
-            // A handshake answer; then whatever waited for the new session.
-            peer.roam(from);
-            shared.send_to(Some(from), message);
-            while let TunnResult::WriteToNetwork(queued) = tunn.decapsulate(None, &[], scratch) {
-                shared.send_to(Some(from), queued);
+            let authenticated =
+                matches!(message.first(), Some(&HANDSHAKE_RESPONSE | &DATA_MESSAGE));
+            outbox.push((from, message.to_vec()));
+            // A handshake answer (to an authenticated initiation or response) moves the peer
+            // here and releases what waited for the session; a cookie reply does neither.
+            if authenticated {
+                peer.roam(from);
+                while let TunnResult::WriteToNetwork(queued) = tunn.decapsulate(None, &[], scratch)
+                {
+                    outbox.push((from, queued.to_vec()));
+                }
             }
         }
         TunnResult::Done => {
@@ -223,6 +238,12 @@ fn accept_inner(
         .is_some_and(|owner| Arc::ptr_eq(owner, peer));
     if !owned {
         tracing::trace!(%source, "dropped a packet from an address the peer does not own");
+        return;
+    }
+    // boringtun checks the IP length field against the packet, not a minimum; a header-less
+    // packet would make the TUN write of the whole batch fail.
+    let minimum = if source.is_ipv4() { 20 } else { 40 };
+    if len < minimum {
         return;
     }
     peer.roam(from);

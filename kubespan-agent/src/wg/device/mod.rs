@@ -33,7 +33,7 @@ use self::egress::{Egress, tun_to_network};
 use self::ingress::network_to_tun;
 use self::peers::{Peer, PeerTable};
 use self::wake::{Wake, wait_readable};
-use super::uapi::SetRequest;
+use super::uapi::{DeviceView, PeerView, SetRequest, render_get};
 use super::udp::UdpTransport;
 use super::{DeviceSettings, Key, PeerConfig, PeerState, WgError};
 
@@ -58,12 +58,17 @@ const TUN_BUFFER: usize = VIRTIO_NET_HDR_LEN + 65_536;
 const DATA_OVERHEAD: usize = 32;
 /// boringtun needs this much room for any message it may write (a handshake initiation).
 const MIN_MESSAGE_ROOM: usize = 148;
+const HANDSHAKE_RESPONSE: u8 = 2;
 const DATA_MESSAGE: u8 = 4;
 
 struct Keys {
     private: StaticSecret,
     public: PublicKey,
+    /// The device's handshake limiter: checked once per datagram, before any DH.
     rate_limiter: Arc<RateLimiter>,
+    /// What the peers' Tunns check again internally: never under load, so a datagram is
+    /// counted once and a Tunn never answers with a cookie of its own.
+    unlimited: Arc<RateLimiter>,
 }
 
 struct Shared {
@@ -204,17 +209,19 @@ impl Device {
             .is_none_or(|keys| keys.public != public);
         if key_changed {
             let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+            let unlimited = Arc::new(RateLimiter::new(&public, u64::MAX));
             for peer in read(&self.shared.peers).by_key.values() {
                 lock(&peer.tunn).set_static_private(
                     private.clone(),
                     public,
-                    Some(rate_limiter.clone()),
+                    Some(unlimited.clone()),
                 );
             }
             *write(&self.shared.keys) = Some(Keys {
                 private,
                 public,
                 rate_limiter,
+                unlimited,
             });
         }
     }
@@ -406,48 +413,25 @@ impl Device {
 
     /// The device in `wg(8)`'s userspace-API `get` format (without the final `errno=`).
     pub fn uapi_get(&self) -> String {
-        let mut out = String::new();
-        if let Some(keys) = read(&self.shared.keys).as_ref() {
-            out += &format!("private_key={}\n", hex::encode(keys.private.to_bytes()));
-        }
-        if let Some(socket) = self.shared.socket() {
-            out += &format!("listen_port={}\n", socket.port());
-        }
-        let fwmark = *read(&self.shared.fwmark);
-        if fwmark != 0 {
-            out += &format!("fwmark={fwmark}\n");
-        }
         let peers = read(&self.shared.peers);
         let mut list: Vec<&Arc<Peer>> = peers.by_key.values().collect();
         list.sort_by_key(|p| p.public_key);
-        for peer in list {
-            let state = peer_state(peer);
-            out += &format!("public_key={}\n", hex::encode(peer.public_key));
-            if peer.preshared_key != [0; 32] {
-                out += &format!("preshared_key={}\n", hex::encode(peer.preshared_key));
-            }
-            out += "protocol_version=1\n";
-            if let Some(endpoint) = state.endpoint {
-                out += &format!("endpoint={endpoint}\n");
-            }
-            out += &format!(
-                "persistent_keepalive_interval={}\n",
-                peer.keepalive.as_secs()
-            );
-            for ip in &peer.allowed_ips {
-                out += &format!("allowed_ip={ip}\n");
-            }
-            if let Some(time) = state.last_handshake {
-                let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
-                out += &format!(
-                    "last_handshake_time_sec={}\nlast_handshake_time_nsec={}\n",
-                    since.as_secs(),
-                    since.subsec_nanos()
-                );
-            }
-            out += &format!("rx_bytes={}\ntx_bytes={}\n", state.rx_bytes, state.tx_bytes);
-        }
-        out
+        let view = DeviceView {
+            private_key: read(&self.shared.keys)
+                .as_ref()
+                .map(|keys| keys.private.to_bytes()),
+            listen_port: self.shared.socket().map(|s| s.port()),
+            fwmark: *read(&self.shared.fwmark),
+            peers: list
+                .into_iter()
+                .map(|peer| PeerView {
+                    state: peer_state(peer),
+                    preshared_key: peer.preshared_key,
+                    keepalive: peer.keepalive,
+                })
+                .collect(),
+        };
+        render_get(&view)
     }
 }
 
@@ -471,7 +455,7 @@ fn new_tunn(keys: &Keys, config: &PeerConfig, index: u32) -> Tunn {
         Some(config.preshared_key),
         keepalive,
         index,
-        Some(keys.rate_limiter.clone()),
+        Some(keys.unlimited.clone()),
     )
 }
 
