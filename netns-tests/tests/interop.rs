@@ -269,6 +269,21 @@ fn the_userspace_device_interoperates_with_wireguard_go() -> anyhow::Result<()> 
         "transfer counters: {transfer}"
     );
 
+    // A path MTU below the tunnel's datagrams (1452 B + headers): the kernel refuses the GSO
+    // sends, the device resends datagram by datagram, the kernel fragments, and TCP still flows.
+    ns_sh(ours_node, "ip", &["link", "set", "eth0", "mtu", "1400"])?;
+    let small_mtu = iperf(ours_node, theirs_node, &theirs_tunnel, &[]);
+    ns_sh(ours_node, "ip", &["link", "set", "eth0", "mtu", "1500"])?;
+    let small_mtu = small_mtu?;
+    eprintln!(
+        "to wireguard-go over a 1400-byte path MTU: {:.0} Mbit/s",
+        small_mtu / 1e6
+    );
+    assert!(
+        small_mtu > 10e6,
+        "TCP stalled over a small path MTU: {small_mtu} bit/s"
+    );
+
     // Changes through `wg set` on the running device: more allowed IPs keep the tunnel…
     let more = format!(
         "{}/32,fd79::{}/128,10.80.0.0/16",

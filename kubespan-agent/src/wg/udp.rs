@@ -1,22 +1,26 @@
 //! The userspace device's UDP socket: one dual-stack socket (IPv4-only where the host has no
-//! IPv6), marked with the WireGuard fwmark so its own packets bypass the mesh routes, sending and
-//! receiving in batches with UDP GSO/GRO through `quinn-udp` (which falls back to one datagram
-//! per call where the kernel or the NIC cannot).
+//! IPv6), marked with the WireGuard fwmark so its own packets bypass the mesh routes. It
+//! receives batches through `quinn-udp` (UDP GRO: one call returns many datagrams) and sends
+//! runs of equal-sized datagrams with one `sendmsg` (UDP GSO); where the kernel has no GSO, or a
+//! destination refuses it (a path MTU below the datagram size), datagrams go one by one and
+//! the kernel fragments them, as kernel WireGuard does.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use quinn_udp::{RecvMeta, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Socket buffers large enough for a few 64 KiB batches in flight.
 const SOCKET_BUFFER: usize = 4 << 20;
 /// How long a send waits for room in a full socket buffer before the batch is dropped.
 const SEND_WAIT: Duration = Duration::from_millis(200);
+/// How long a destination that refused a GSO send gets datagrams one by one.
+const GSO_RETRY: Duration = Duration::from_secs(60);
 /// The largest UDP payload one GSO send may carry (the IP packet length field is 16 bits).
 pub const MAX_GSO_BYTES: usize = 65_000;
 
@@ -25,8 +29,11 @@ pub struct UdpTransport {
     state: UdpSocketState,
     dual_stack: bool,
     port: u16,
-    /// Destinations a GSO send was refused for (e.g. a path MTU below the datagram size).
-    unsegmented: Mutex<HashSet<SocketAddr>>,
+    /// What the kernel supports (probed by quinn-udp when the socket was made).
+    max_segments: usize,
+    /// Destinations a GSO send was refused for (e.g. a path MTU below the datagram size), and
+    /// since when: they get datagrams one by one for a while, then GSO is tried again.
+    unsegmented: Mutex<HashMap<SocketAddr, Instant>>,
 }
 
 impl UdpTransport {
@@ -75,11 +82,12 @@ impl UdpTransport {
             .as_socket()
             .map_or(port, |addr| addr.port());
         Ok(Self {
+            max_segments: state.max_gso_segments().max(1),
             socket,
             state,
             dual_stack,
             port,
-            unsegmented: Mutex::new(HashSet::new()),
+            unsegmented: Mutex::new(HashMap::new()),
         })
     }
 
@@ -93,8 +101,18 @@ impl UdpTransport {
     }
 
     fn unsegmented(&self, destination: &SocketAddr) -> bool {
-        let set = self.unsegmented.lock().unwrap_or_else(|p| p.into_inner());
-        !set.is_empty() && set.contains(destination)
+        let mut refused = self.unsegmented.lock().unwrap_or_else(|p| p.into_inner());
+        if refused.is_empty() {
+            return false;
+        }
+        match refused.get(destination) {
+            Some(since) if since.elapsed() < GSO_RETRY => true,
+            Some(_) => {
+                refused.remove(destination);
+                false
+            }
+            None => false,
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -103,7 +121,7 @@ impl UdpTransport {
 
     /// How many equal-sized datagrams one send may carry.
     pub fn max_segments(&self) -> usize {
-        self.state.max_gso_segments().max(1)
+        self.max_segments
     }
 
     /// How many datagrams one receive buffer may hold.
@@ -144,7 +162,7 @@ impl UdpTransport {
                         self.unsegmented
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
-                            .insert(destination);
+                            .insert(destination, Instant::now());
                         one_by_one(contents, size)
                     }
                     other => other,
@@ -160,16 +178,9 @@ impl UdpTransport {
         contents: &[u8],
         segment_size: Option<usize>,
     ) -> io::Result<()> {
-        let transmit = Transmit {
-            destination,
-            ecn: None,
-            contents,
-            segment_size,
-            src_ip: None,
-        };
         let mut waited = false;
         loop {
-            match self.state.try_send((&self.socket).into(), &transmit) {
+            match send_segmented(&self.socket, destination, contents, segment_size) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && !waited => {
                     waited = true;
                     poll_fd(&self.socket, libc::POLLOUT, SEND_WAIT)?;
@@ -191,6 +202,55 @@ impl UdpTransport {
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
             Err(e) => Err(e),
+        }
+    }
+}
+
+/// One `sendmsg(2)`: `contents` as one datagram, or as datagrams of `segment` bytes (UDP GSO;
+/// the last may be shorter). Our own rather than quinn-udp's, whose first refused GSO send
+/// turns GSO off for the whole socket: here a refusal concerns one destination.
+fn send_segmented(
+    socket: &Socket,
+    destination: SocketAddr,
+    contents: &[u8],
+    segment: Option<usize>,
+) -> io::Result<()> {
+    let address = socket2::SockAddr::from(destination);
+    let mut iov = libc::iovec {
+        iov_base: contents.as_ptr() as *mut libc::c_void,
+        iov_len: contents.len(),
+    };
+    // Aligned room for one cmsghdr carrying a u16.
+    let mut control = [0u64; 4];
+    // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call.
+    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+    message.msg_name = address.as_ptr() as *mut libc::c_void;
+    message.msg_namelen = address.len();
+    message.msg_iov = &mut iov;
+    message.msg_iovlen = 1;
+    if let Some(size) = segment.filter(|&size| size < contents.len()) {
+        let size = u16::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: the control buffer is 32 bytes, aligned for cmsghdr, and CMSG_SPACE(2) is 24;
+        // CMSG_FIRSTHDR of a msghdr with that buffer is non-null.
+        unsafe {
+            message.msg_control = control.as_mut_ptr().cast();
+            message.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) as usize;
+            let header = libc::CMSG_FIRSTHDR(&message);
+            (*header).cmsg_level = libc::SOL_UDP;
+            (*header).cmsg_type = libc::UDP_SEGMENT;
+            (*header).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<u16>(), size);
+        }
+    }
+    loop {
+        // SAFETY: a valid socket and a msghdr whose buffers are live for the call.
+        let sent = unsafe { libc::sendmsg(socket.as_raw_fd(), &message, 0) };
+        if sent >= 0 {
+            return Ok(());
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
         }
     }
 }
