@@ -32,7 +32,7 @@ pub struct PeerStatusView {
 
 /// The data plane as the API sees it.
 pub trait PeerStatusProvider: Send + Sync + 'static {
-    /// A short description, e.g. "userspace (boringtun) on kubespan".
+    /// A short description, e.g. "kernel WireGuard on kubespan".
     fn describe(&self) -> String;
     fn peer_status(&self, public_key: &str) -> Option<PeerStatusView>;
 }

@@ -182,7 +182,7 @@ pub enum Backend {
     /// Kernel WireGuard when the kernel can create a WireGuard link, else userspace.
     Auto,
     Kernel,
-    /// boringtun inside the agent, on a TUN device.
+    /// openspan's own WireGuard device inside the agent, on a TUN device.
     Userspace,
     /// Membership only: no interface, routes or firewall rules.
     None,

@@ -147,7 +147,7 @@ pub fn choose_backend(
             Err(e) => Ok((
                 Chosen::Userspace,
                 format!(
-                    "backend auto: kernel WireGuard is not usable ({e}); using userspace (boringtun)"
+                    "backend auto: kernel WireGuard is not usable ({e}); using the userspace device"
                 ),
             )),
         },

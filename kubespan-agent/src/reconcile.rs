@@ -25,7 +25,8 @@ pub struct Policy {
     pub peer_down_after: Duration,
     pub keepalive: Duration,
     /// The device changes a peer's allowed IPs in place, keeping its session (kernel
-    /// WireGuard); otherwise it re-creates the peer (boringtun) and a new handshake is needed.
+    /// WireGuard, openspan's userspace device); otherwise the peer is re-created and a new
+    /// handshake is needed.
     pub updates_in_place: bool,
 }
 
@@ -491,7 +492,7 @@ mod tests {
         };
         assert!(
             reset_session,
-            "a fresh handshake is started (boringtun re-creates the peer)"
+            "a fresh handshake is started (the device re-creates the peer)"
         );
         assert_eq!(config.endpoint, None, "the device keeps its endpoint");
         assert_eq!(config.allowed_ips.len(), 3);

@@ -1,5 +1,5 @@
-//! WireGuard devices behind one small trait: kernel WireGuard (netlink) or boringtun in the
-//! agent on a TUN device. Both are configured with the same [`PeerConfig`] and report the same
+//! WireGuard devices behind one small trait: kernel WireGuard (netlink) or openspan's own
+//! userspace device (boringtun's protocol core) in the agent on a TUN device. Both are configured with the same [`PeerConfig`] and report the same
 //! [`PeerState`].
 
 use std::net::SocketAddr;
@@ -61,7 +61,7 @@ pub struct PeerState {
 pub trait WireGuard: Send {
     /// The network interface name.
     fn interface(&self) -> &str;
-    /// e.g. "userspace (boringtun) on kubespan".
+    /// e.g. "kernel WireGuard on kubespan".
     fn describe(&self) -> String;
     fn configure(&mut self, settings: &DeviceSettings) -> Result<(), WgError>;
     /// Adds or updates a peer. With `reset_session`, the peer is re-created so a handshake
