@@ -170,29 +170,19 @@ fn the_userspace_device_interoperates_with_wireguard_go() -> anyhow::Result<()> 
                 &endpoint,
             ],
         )?;
-        ns_sh(
-            node,
-            "ip",
-            &[
-                "addr",
-                "add",
-                &format!("{}/24", tunnel(node)),
-                "dev",
-                interface,
-            ],
-        )?;
-        ns_sh(
-            node,
-            "ip",
-            &[
-                "addr",
-                "add",
-                &format!("fd79::{}/64", host(node)),
-                "dev",
-                interface,
-                "nodad",
-            ],
-        )?;
+        for address in [
+            format!("{}/24", tunnel(node)),
+            format!("fd79::{}/64", host(node)),
+        ] {
+            let add = ["addr", "add", &address, "dev", interface, "nodad"];
+            // `nodad` is for IPv6 only.
+            let words = if address.contains(':') {
+                &add[..]
+            } else {
+                &add[..5]
+            };
+            ns_sh(node, "ip", words)?;
+        }
         ns_sh(node, "ip", &["link", "set", interface, "mtu", "1420", "up"])?;
     }
 

@@ -488,6 +488,15 @@ impl Daemons {
         self.0.iter_mut().try_for_each(Daemon::check)
     }
 
+    /// The largest peak resident set among the daemons proper, KiB.
+    fn peak_rss_kib(&self) -> Option<u64> {
+        self.0
+            .iter()
+            .filter_map(Daemon::worker_pid)
+            .filter_map(peak_rss_kib)
+            .max()
+    }
+
     /// CPU ticks used so far by the daemon proper of each entry.
     fn cpu_ticks(&self) -> u64 {
         self.0
@@ -502,6 +511,13 @@ impl Drop for Daemons {
     fn drop(&mut self) {
         self.stop_all();
     }
+}
+
+/// Peak resident set (VmHWM) of a process, KiB.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// utime + stime of a process, all threads, in clock ticks.
@@ -564,10 +580,13 @@ struct Throughput {
     /// CPU used by the tunnel processes of both ends during the iperf3 runs, in percent of one
     /// core.
     tunnel_cpu: Option<f64>,
+    /// Peak resident memory of the larger tunnel process (VmHWM), MiB.
+    tunnel_rss_mib: Option<f64>,
 }
 
 #[derive(Clone, Debug)]
 struct Ping {
+    min_ms: f64,
     avg_ms: f64,
     loss_percent: f64,
 }
@@ -612,12 +631,16 @@ fn iperf(
     let tunnel_cpu = tunnel.zip(ticks_before).map(|(t, before)| {
         (t.cpu_ticks().saturating_sub(before)) as f64 / clock_ticks_per_second() / elapsed * 100.0
     });
+    let tunnel_rss_mib = tunnel
+        .and_then(Daemons::peak_rss_kib)
+        .map(|kib| kib as f64 / 1024.0);
     runs.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (bps, retransmits) = runs[runs.len() / 2];
     Ok(Throughput {
         mbps: bps / 1e6,
         retransmits,
         tunnel_cpu,
+        tunnel_rss_mib,
     })
 }
 
@@ -701,10 +724,18 @@ fn ping(args: &Args, client: &Node, target: &str) -> anyhow::Result<Ping> {
         .and_then(|part| part.trim().split('%').next()?.parse().ok())
         .with_context(|| format!("ping {target} printed no loss figure: {text}"))?;
     // rtt min/avg/max/mdev = 0.031/0.045/0.090/0.011 ms
-    let avg_ms = text
-        .lines()
-        .find(|l| l.contains("min/avg/max"))
-        .and_then(|l| l.split('=').nth(1)?.trim().split('/').nth(1)?.parse().ok())
+    let rtt = |field: usize| -> Option<f64> {
+        let line = text.lines().find(|l| l.contains("min/avg/max"))?;
+        line.split('=')
+            .nth(1)?
+            .trim()
+            .split('/')
+            .nth(field)?
+            .parse()
+            .ok()
+    };
+    let (min_ms, avg_ms) = rtt(0)
+        .zip(rtt(1))
         .with_context(|| format!("ping {target}: no reply ({loss_percent}% loss)"))?;
     let summary = text
         .lines()
@@ -712,6 +743,7 @@ fn ping(args: &Args, client: &Node, target: &str) -> anyhow::Result<Ping> {
         .unwrap_or_default();
     eprintln!("   ping {target}: {summary}, {loss_percent}% loss");
     Ok(Ping {
+        min_ms,
         avg_ms,
         loss_percent,
     })
@@ -1036,10 +1068,11 @@ fn print_report(args: &Args, rows: &[Row]) {
         "Mbit/s",
         "retr",
         "tunnel CPU",
-        "ping avg ms",
+        "tunnel RSS",
+        "ping min/avg ms",
         "loss",
     ];
-    let mut table: Vec<[String; 7]> = vec![header.map(str::to_owned)];
+    let mut table: Vec<[String; 8]> = vec![header.map(str::to_owned)];
     for row in rows {
         let t = row.throughput.as_ref();
         let p = row.ping.as_ref();
@@ -1051,11 +1084,13 @@ fn print_report(args: &Args, rows: &[Row]) {
                 .map_or("-".into(), |r| r.to_string()),
             t.and_then(|t| t.tunnel_cpu)
                 .map_or("-".into(), |c| format!("{c:.0}%")),
-            p.map_or("-".into(), |p| format!("{:.3}", p.avg_ms)),
+            t.and_then(|t| t.tunnel_rss_mib)
+                .map_or("-".into(), |m| format!("{m:.1} MiB")),
+            p.map_or("-".into(), |p| format!("{:.3}/{:.3}", p.min_ms, p.avg_ms)),
             p.map_or("-".into(), |p| format!("{}%", p.loss_percent)),
         ]);
     }
-    let mut widths = [0usize; 7];
+    let mut widths = [0usize; 8];
     for line in &table {
         for (w, cell) in widths.iter_mut().zip(line) {
             *w = (*w).max(cell.chars().count());
@@ -1098,6 +1133,7 @@ fn print_report(args: &Args, rows: &[Row]) {
     }
     println!();
     println!("tunnel CPU: the tunnel processes of both ends during the iperf3 runs, % of one core");
+    println!("tunnel RSS: peak resident memory (VmHWM) of the larger of the two tunnel processes");
 
     let find = |setup: &str, path: &str| {
         rows.iter()
