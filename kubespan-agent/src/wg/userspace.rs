@@ -7,15 +7,16 @@
 //! standalone device (`openspan-wireguard`) serves the socket writable, like wireguard-go.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::device::Device;
+use super::device::wake::{Wake, wait_readable};
 use super::uapi;
 use super::{DeviceSettings, Key, PeerConfig, PeerState, WgError, WireGuard};
 
@@ -23,7 +24,7 @@ pub struct UserspaceWireGuard {
     interface: String,
     device: Arc<Device>,
     socket: PathBuf,
-    stop_control: Arc<AtomicBool>,
+    stop_control: Arc<Wake>,
     control: Option<JoinHandle<()>>,
 }
 
@@ -43,7 +44,7 @@ impl UserspaceWireGuard {
     fn start(interface: &str, access: Access) -> Result<Self, WgError> {
         let device = Arc::new(Device::create(interface)?);
         let socket = uapi::socket_path(interface);
-        let stop_control = Arc::new(AtomicBool::new(false));
+        let stop_control = Arc::new(Wake::new()?);
         let served = serve_control(
             &socket,
             Arc::downgrade(&device),
@@ -78,7 +79,7 @@ impl Drop for UserspaceWireGuard {
     fn drop(&mut self) {
         // The control thread only holds a weak reference: once it is gone, the device (and the
         // interface and port) go with this value, not later.
-        self.stop_control.store(true, Ordering::SeqCst);
+        self.stop_control.notify();
         if let Some(thread) = self.control.take() {
             let _ = thread.join();
         }
@@ -97,7 +98,7 @@ enum Access {
 fn serve_control(
     socket: &PathBuf,
     device: Weak<Device>,
-    stop: Arc<AtomicBool>,
+    stop: Arc<Wake>,
     interface: &str,
     access: Access,
 ) -> std::io::Result<JoinHandle<()>> {
@@ -112,11 +113,13 @@ fn serve_control(
     // `get` shows the private key: root only.
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
     listener.set_nonblocking(true)?;
+    let listener_fd = listener.as_raw_fd();
     let name = interface.to_owned();
     let thread = std::thread::Builder::new()
         .name(format!("wg-{interface}-uapi"))
         .spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
+            // Sleeps until a client connects or the device stops (no timed polling).
+            while let Ok([_, false]) = wait_readable(&[listener_fd, stop.fd()], None) {
                 match listener.accept() {
                     Ok((client, _)) => {
                         let _ = client.set_nonblocking(false);
@@ -127,6 +130,7 @@ fn serve_control(
                         };
                         answer(client, &device, &name, access);
                     }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(_) => std::thread::sleep(Duration::from_millis(100)),
                 }
             }

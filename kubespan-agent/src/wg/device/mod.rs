@@ -16,7 +16,7 @@
 mod egress;
 mod ingress;
 mod peers;
-mod wake;
+pub(crate) mod wake;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -6,10 +6,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 /// An eventfd that wakes a thread blocked in [`wait_readable`].
-pub(super) struct Wake(OwnedFd);
+pub(crate) struct Wake(OwnedFd);
 
 impl Wake {
-    pub(super) fn new() -> io::Result<Self> {
+    pub(crate) fn new() -> io::Result<Self> {
         // SAFETY: eventfd returns a new descriptor we own, or -1.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
@@ -19,17 +19,17 @@ impl Wake {
         Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
-    pub(super) fn fd(&self) -> RawFd {
+    pub(crate) fn fd(&self) -> RawFd {
         self.0.as_raw_fd()
     }
 
-    pub(super) fn notify(&self) {
+    pub(crate) fn notify(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64 to our eventfd.
         let _ = unsafe { libc::write(self.fd(), (&one as *const u64).cast(), 8) };
     }
 
-    pub(super) fn clear(&self) {
+    pub(crate) fn clear(&self) {
         let mut value: u64 = 0;
         // SAFETY: reads 8 bytes into a live u64 from our (non-blocking) eventfd.
         let _ = unsafe { libc::read(self.fd(), (&mut value as *mut u64).cast(), 8) };
@@ -37,7 +37,7 @@ impl Wake {
 }
 
 /// Blocks until one of `fds` is readable or `timeout` passes; returns which are readable.
-pub(super) fn wait_readable<const N: usize>(
+pub(crate) fn wait_readable<const N: usize>(
     fds: &[RawFd; N],
     timeout: Option<Duration>,
 ) -> io::Result<[bool; N]> {
