@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -105,14 +105,9 @@ impl UdpTransport {
         if refused.is_empty() {
             return false;
         }
-        match refused.get(destination) {
-            Some(since) if since.elapsed() < GSO_RETRY => true,
-            Some(_) => {
-                refused.remove(destination);
-                false
-            }
-            None => false,
-        }
+        // A handful of entries at most; expired ones (and peers that moved away) go here.
+        refused.retain(|_, since| since.elapsed() < GSO_RETRY);
+        refused.contains_key(destination)
     }
 
     pub fn port(&self) -> u16 {
@@ -154,15 +149,22 @@ impl UdpTransport {
                     return one_by_one(contents, size);
                 }
                 match self.send_one(destination, contents, Some(size)) {
-                    Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
-                        // Refused: no GSO here, or datagrams larger than the route's MTU (which
-                        // the kernel fragments only when they are sent one by one). Resend this
-                        // batch that way, and keep doing so for this destination.
+                    // Refused: datagrams larger than the route's MTU (EINVAL before Linux 6.14,
+                    // EMSGSIZE since), or no checksum offload (EIO). The kernel fragments them
+                    // only when they are sent one by one: resend this batch that way, and keep
+                    // doing so for this destination for a while.
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EINVAL | libc::EMSGSIZE | libc::EIO)
+                        ) =>
+                    {
                         tracing::debug!(%destination, error = %e, "GSO send refused; sending datagram by datagram");
-                        self.unsegmented
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(destination, Instant::now());
+                        let mut refused =
+                            self.unsegmented.lock().unwrap_or_else(|p| p.into_inner());
+                        refused.retain(|_, since| since.elapsed() < GSO_RETRY);
+                        refused.insert(destination, Instant::now());
+                        drop(refused);
                         one_by_one(contents, size)
                     }
                     other => other,
@@ -196,7 +198,13 @@ impl UdpTransport {
         match self.state.recv((&self.socket).into(), bufs, meta) {
             Ok(n) => {
                 for m in &mut meta[..n] {
-                    m.addr = SocketAddr::new(m.addr.ip().to_canonical(), m.addr.port());
+                    // Only IPv4-mapped sources change: a native IPv6 source keeps its scope id
+                    // (a link-local endpoint must stay bound to its interface).
+                    if let IpAddr::V6(v6) = m.addr.ip()
+                        && let Some(v4) = v6.to_ipv4_mapped()
+                    {
+                        m.addr = SocketAddr::new(v4.into(), m.addr.port());
+                    }
                 }
                 Ok(n)
             }
