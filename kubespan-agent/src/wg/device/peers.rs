@@ -110,3 +110,98 @@ impl PeerTable {
         Some(old)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use boringtun::x25519::{PublicKey, StaticSecret};
+
+    use super::*;
+
+    fn peer(table: &mut PeerTable, key: u8, allowed: &[&str]) -> Arc<Peer> {
+        let index = table.allocate_index();
+        Arc::new(Peer {
+            public_key: [key; 32],
+            preshared_key: [0; 32],
+            keepalive: Duration::ZERO,
+            allowed_ips: allowed.iter().map(|a| a.parse().unwrap()).collect(),
+            index,
+            tunn: Mutex::new(Tunn::new(
+                StaticSecret::from([1; 32]),
+                PublicKey::from(&StaticSecret::from([key; 32])),
+                None,
+                None,
+                index,
+                None,
+            )),
+            endpoint: RwLock::new(None),
+        })
+    }
+
+    fn owner(table: &PeerTable, address: &str) -> Option<u8> {
+        let address: IpAddr = address.parse().unwrap();
+        table.routes.lookup(address).map(|p| p.public_key[0])
+    }
+
+    #[test]
+    fn the_longest_prefix_owns_an_address() {
+        let mut table = PeerTable::default();
+        let a = peer(&mut table, 1, &["10.0.0.0/8", "fd00::/64"]);
+        let b = peer(&mut table, 2, &["10.1.0.0/16", "10.1.2.3/32"]);
+        table.insert(a);
+        table.insert(b);
+        assert_eq!(owner(&table, "10.2.0.1"), Some(1));
+        assert_eq!(owner(&table, "10.1.9.9"), Some(2));
+        assert_eq!(owner(&table, "fd00::5"), Some(1));
+        assert_eq!(owner(&table, "192.0.2.1"), None);
+        // Host bits in an allowed IP are ignored, as WireGuard does.
+        let c = peer(&mut table, 3, &["192.168.1.77/24"]);
+        table.insert(c);
+        assert_eq!(owner(&table, "192.168.1.1"), Some(3));
+    }
+
+    #[test]
+    fn replacing_a_peer_swaps_its_networks_and_keeps_others() {
+        let mut table = PeerTable::default();
+        let a = peer(&mut table, 1, &["10.0.0.0/24", "10.0.1.0/24"]);
+        let b = peer(&mut table, 2, &["10.0.2.0/24"]);
+        table.insert(a);
+        table.insert(b.clone());
+        let a2 = peer(&mut table, 1, &["10.0.1.0/24", "10.0.3.0/24"]);
+        table.insert(a2.clone());
+        assert_eq!(
+            owner(&table, "10.0.0.1"),
+            None,
+            "a network the peer no longer has"
+        );
+        assert_eq!(owner(&table, "10.0.1.1"), Some(1));
+        assert_eq!(owner(&table, "10.0.3.1"), Some(1));
+        assert_eq!(owner(&table, "10.0.2.1"), Some(2));
+        assert_eq!(table.by_key.len(), 2);
+        assert!(table.by_index.contains_key(&a2.index) && table.by_index.len() == 2);
+        // A network moved to another peer stays with it when the first one goes.
+        let b2 = peer(&mut table, 2, &["10.0.2.0/24", "10.0.3.0/24"]);
+        table.insert(b2);
+        table.remove(&[1; 32]);
+        assert_eq!(owner(&table, "10.0.3.1"), Some(2));
+        assert_eq!(owner(&table, "10.0.1.1"), None);
+        assert_eq!(table.by_index.len(), 1);
+        assert!(table.remove(&[1; 32]).is_none());
+    }
+
+    #[test]
+    fn receiver_indexes_are_24_bit_and_unique() {
+        let mut table = PeerTable {
+            next_index: 0x00ff_fffe,
+            ..PeerTable::default()
+        };
+        let first = peer(&mut table, 1, &[]);
+        table.insert(first.clone());
+        assert_eq!(first.index, 0x00ff_ffff);
+        let second = peer(&mut table, 2, &[]);
+        assert_eq!(second.index, 0, "wraps within 24 bits");
+        table.insert(second);
+        table.next_index = 0x00ff_fffe;
+        let third = peer(&mut table, 3, &[]);
+        assert_eq!(third.index, 1, "skips indexes in use");
+    }
+}
