@@ -254,7 +254,9 @@ pub fn kernel_available() -> Result<(), WgError> {
 
 /// Runs the future made by `body` on a helper thread with its own current-thread runtime (see
 /// the module documentation).
-fn on_netlink_thread<T, F, Fut>(interface: &str, body: F) -> Result<T, WgError>
+/// Runs a netlink conversation on its own thread with its own runtime (callers may already be
+/// inside one).
+pub(super) fn on_netlink_thread<T, F, Fut>(interface: &str, body: F) -> Result<T, WgError>
 where
     T: Send,
     F: FnOnce() -> Fut + Send,
@@ -315,7 +317,7 @@ fn link_error(interface: &str, action: &str, error: &rtnetlink::Error) -> WgErro
     }
 }
 
-async fn rtnl_handle(interface: &str) -> Result<rtnetlink::Handle, WgError> {
+pub(super) async fn rtnl_handle(interface: &str) -> Result<rtnetlink::Handle, WgError> {
     let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| {
         device(
             interface,

@@ -200,6 +200,11 @@ impl Device {
         self.listen(settings.listen_port, settings.fwmark)
     }
 
+    /// The most segments one TUN read is split into.
+    pub fn max_tun_segments(&self) -> u32 {
+        TUN_BATCH as u32
+    }
+
     /// Sets the private key; a new key ends every session (peers handshake again).
     pub fn set_private_key(&self, private_key: &Key) {
         let private = StaticSecret::from(*private_key);
