@@ -113,97 +113,133 @@ fn iperf(
         .context("iperf3 reported no throughput")
 }
 
+fn wireguard_go() -> anyhow::Result<String> {
+    run("sh", &["-c", "command -v wireguard-go"])
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .context(
+            "wireguard-go is not installed (apt-get install --no-install-recommends wireguard-go; scripts/test.sh does)",
+        )
+}
+
+/// Underlay 10.77.<s>.<n>; tunnel 10.79.<s>.<n> and fd79::<n>.
+fn tunnel(node: &Node) -> String {
+    node.address.replacen("10.77.", "10.79.", 1)
+}
+
+fn host(node: &Node) -> String {
+    node.address.rsplit('.').next().unwrap_or("0").to_owned()
+}
+
+/// Our device in node 1 and wireguard-go in node 2, configured with wg(8) and addressed.
+struct Pair {
+    // Dropped before the lab: the daemons stop before their namespaces go.
+    _daemons: [Daemon; 2],
+    lab: Lab,
+    ours: String,
+    theirs: String,
+    /// Public keys: ours, theirs.
+    public: [String; 2],
+}
+
+impl Pair {
+    fn new() -> anyhow::Result<Self> {
+        let wireguard_go = wireguard_go()?;
+        let lab = Lab::new(2)?;
+        let (ours_node, theirs_node) = (lab.node(1), lab.node(2));
+        let ours = format!("{}o", lab.id);
+        let theirs = format!("{}g", lab.id);
+        let daemons = [
+            Daemon::spawn(ours_node, &binary("openspan-wireguard"), &[&ours], &ours)?,
+            Daemon::spawn(
+                theirs_node,
+                Path::new(&wireguard_go),
+                &["-f", &theirs],
+                &theirs,
+            )?,
+        ];
+        let nodes = [(ours_node, &ours), (theirs_node, &theirs)];
+        let mut public = Vec::new();
+        for (node, _) in nodes {
+            let private = sh("wg", &["genkey"])?;
+            let key_file = node.dir.join("wg.key");
+            std::fs::write(&key_file, format!("{}\n", private.trim()))?;
+            let key = sh(
+                "sh",
+                &["-c", &format!("wg pubkey < {}", key_file.display())],
+            )?;
+            public.push(key.trim().to_owned());
+        }
+        // wireguard-go first: our device starts a handshake as soon as it has the peer, and an
+        // initiation the other side cannot answer yet is only retried after 5 s (REKEY_TIMEOUT).
+        for (n, (node, interface)) in nodes.iter().enumerate().rev() {
+            let peer = nodes[1 - n].0;
+            let key_file = node.dir.join("wg.key");
+            let allowed = format!("{}/32,fd79::{}/128", tunnel(peer), host(peer));
+            let endpoint = format!("{}:51820", peer.address);
+            ns_sh(
+                node,
+                "wg",
+                &[
+                    "set",
+                    interface,
+                    "private-key",
+                    key_file.to_str().unwrap_or_default(),
+                    "listen-port",
+                    "51820",
+                    "peer",
+                    &public[1 - n],
+                    "allowed-ips",
+                    &allowed,
+                    "endpoint",
+                    &endpoint,
+                ],
+            )?;
+            for address in [
+                format!("{}/24", tunnel(node)),
+                format!("fd79::{}/64", host(node)),
+            ] {
+                let add = ["addr", "add", &address, "dev", interface, "nodad"];
+                // `nodad` is for IPv6 only.
+                let words = if address.contains(':') {
+                    &add[..]
+                } else {
+                    &add[..5]
+                };
+                ns_sh(node, "ip", words)?;
+            }
+            ns_sh(node, "ip", &["link", "set", interface, "mtu", "1420", "up"])?;
+        }
+        let waited = wait_until("a ping through the tunnel", || {
+            ours_node.ping(&tunnel(theirs_node))
+        })?;
+        eprintln!("tunnel to wireguard-go up {waited:?} after configuration");
+        let [ours_key, theirs_key]: [String; 2] = public
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("two keys expected"))?;
+        Ok(Self {
+            _daemons: daemons,
+            lab,
+            ours,
+            theirs,
+            public: [ours_key, theirs_key],
+        })
+    }
+}
+
 #[test]
 fn the_userspace_device_interoperates_with_wireguard_go() -> anyhow::Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let Some(wireguard_go) = run("sh", &["-c", "command -v wireguard-go"])
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-    else {
-        bail!(
-            "wireguard-go is not installed (apt-get install --no-install-recommends wireguard-go; scripts/test.sh does)"
-        );
-    };
-    let lab = Lab::new(2)?;
-    let (ours_node, theirs_node) = (lab.node(1), lab.node(2));
-    let ours = format!("{}o", lab.id);
-    let theirs = format!("{}g", lab.id);
-    let _ours_daemon = Daemon::spawn(ours_node, &binary("openspan-wireguard"), &[&ours], &ours)?;
-    let _theirs_daemon = Daemon::spawn(
-        theirs_node,
-        Path::new(&wireguard_go),
-        &["-f", &theirs],
-        &theirs,
-    )?;
-
-    // Underlay 10.77.<s>.<n>; tunnel 10.79.<s>.<n> and fd79::<n>.
-    let tunnel = |node: &Node| node.address.replacen("10.77.", "10.79.", 1);
-    let host = |node: &Node| node.address.rsplit('.').next().unwrap_or("0").to_owned();
-    let nodes = [(ours_node, &ours), (theirs_node, &theirs)];
-    let mut public = Vec::new();
-    for (node, _) in nodes {
-        let private = sh("wg", &["genkey"])?;
-        let key_file = node.dir.join("wg.key");
-        std::fs::write(&key_file, format!("{}\n", private.trim()))?;
-        public.push(
-            sh(
-                "sh",
-                &["-c", &format!("wg pubkey < {}", key_file.display())],
-            )?
-            .trim()
-            .to_owned(),
-        );
-    }
-    // wireguard-go first: our device starts a handshake as soon as it has the peer, and an
-    // initiation the other side cannot answer yet is only retried after 5 s (REKEY_TIMEOUT).
-    for (n, (node, interface)) in nodes.iter().enumerate().rev() {
-        let peer = nodes[1 - n].0;
-        let key_file = node.dir.join("wg.key");
-        let allowed = format!("{}/32,fd79::{}/128", tunnel(peer), host(peer));
-        let endpoint = format!("{}:51820", peer.address);
-        ns_sh(
-            node,
-            "wg",
-            &[
-                "set",
-                interface,
-                "private-key",
-                key_file.to_str().unwrap_or_default(),
-                "listen-port",
-                "51820",
-                "peer",
-                &public[1 - n],
-                "allowed-ips",
-                &allowed,
-                "endpoint",
-                &endpoint,
-            ],
-        )?;
-        for address in [
-            format!("{}/24", tunnel(node)),
-            format!("fd79::{}/64", host(node)),
-        ] {
-            let add = ["addr", "add", &address, "dev", interface, "nodad"];
-            // `nodad` is for IPv6 only.
-            let words = if address.contains(':') {
-                &add[..]
-            } else {
-                &add[..5]
-            };
-            ns_sh(node, "ip", words)?;
-        }
-        ns_sh(node, "ip", &["link", "set", interface, "mtu", "1420", "up"])?;
-    }
-
+    let pair = Pair::new()?;
+    let (ours_node, theirs_node) = (pair.lab.node(1), pair.lab.node(2));
+    let (ours, theirs) = (pair.ours.as_str(), pair.theirs.as_str());
+    let nodes = [(ours_node, ours), (theirs_node, theirs)];
+    let public = &pair.public;
     let ours_tunnel = tunnel(ours_node);
     let theirs_tunnel = tunnel(theirs_node);
-    let waited = wait_until("a ping through the tunnel", || {
-        ours_node.ping(&theirs_tunnel)
-    })?;
-    eprintln!("tunnel to wireguard-go up {waited:?} after configuration");
     assert!(
         theirs_node.ping(&ours_tunnel),
         "wireguard-go cannot ping back"
@@ -238,7 +274,7 @@ fn the_userspace_device_interoperates_with_wireguard_go() -> anyhow::Result<()> 
     // A tiny MSS: the kernel may put at most as many segments in a super-packet as the device
     // splits per read (the device sets the interface's gso_max_segs); bigger ones would be
     // dropped whole (measured without the cap: 17–26 Mbit/s here instead of 170–180).
-    let link = ns_sh(ours_node, "ip", &["-d", "link", "show", &ours])?;
+    let link = ns_sh(ours_node, "ip", &["-d", "link", "show", ours])?;
     assert!(
         link.contains("gso_max_segs 128 "),
         "gso_max_segs not capped: {link}"
@@ -282,7 +318,7 @@ fn the_userspace_device_interoperates_with_wireguard_go() -> anyhow::Result<()> 
             "{interface}: no handshake in `wg show`: {handshakes}"
         );
     }
-    let transfer = ns_sh(ours_node, "wg", &["show", &ours, "transfer"])?;
+    let transfer = ns_sh(ours_node, "wg", &["show", ours, "transfer"])?;
     let counters: Vec<u64> = transfer
         .split_whitespace()
         .skip(1)
@@ -313,7 +349,7 @@ fn the_userspace_device_interoperates_with_wireguard_go() -> anyhow::Result<()> 
         )?;
     }
     let over_v6 = iperf(ours_node, theirs_node, &theirs_tunnel, &["-t", "1"])?;
-    let endpoint = ns_sh(ours_node, "wg", &["show", &ours, "endpoints"])?;
+    let endpoint = ns_sh(ours_node, "wg", &["show", ours, "endpoints"])?;
     eprintln!(
         "to wireguard-go over an IPv6 underlay: {:.0} Mbit/s ({})",
         over_v6 / 1e6,
@@ -357,9 +393,9 @@ fn the_userspace_device_interoperates_with_wireguard_go() -> anyhow::Result<()> 
     ns_sh(
         ours_node,
         "wg",
-        &["set", &ours, "peer", &public[1], "allowed-ips", &more],
+        &["set", ours, "peer", &public[1], "allowed-ips", &more],
     )?;
-    let allowed = ns_sh(ours_node, "wg", &["show", &ours, "allowed-ips"])?;
+    let allowed = ns_sh(ours_node, "wg", &["show", ours, "allowed-ips"])?;
     assert!(
         allowed.contains("10.80.0.0/16"),
         "allowed IPs not updated: {allowed}"
@@ -372,10 +408,10 @@ fn the_userspace_device_interoperates_with_wireguard_go() -> anyhow::Result<()> 
     ns_sh(
         ours_node,
         "wg",
-        &["set", &ours, "peer", &public[1], "remove"],
+        &["set", ours, "peer", &public[1], "remove"],
     )?;
     assert!(
-        ns_sh(ours_node, "wg", &["show", &ours, "peers"])?
+        ns_sh(ours_node, "wg", &["show", ours, "peers"])?
             .trim()
             .is_empty()
     );
@@ -384,9 +420,9 @@ fn the_userspace_device_interoperates_with_wireguard_go() -> anyhow::Result<()> 
         "a removed peer still answers"
     );
     // A new port through `wg set` re-binds; a malformed request is refused and changes nothing.
-    ns_sh(ours_node, "wg", &["set", &ours, "listen-port", "51821"])?;
+    ns_sh(ours_node, "wg", &["set", ours, "listen-port", "51821"])?;
     assert_eq!(
-        ns_sh(ours_node, "wg", &["show", &ours, "listen-port"])?.trim(),
+        ns_sh(ours_node, "wg", &["show", ours, "listen-port"])?.trim(),
         "51821"
     );
     let mut control = UnixStream::connect(format!("/var/run/wireguard/{ours}.sock"))?;
@@ -395,8 +431,76 @@ fn the_userspace_device_interoperates_with_wireguard_go() -> anyhow::Result<()> 
     BufReader::new(&control).read_line(&mut answer)?;
     assert_eq!(answer.trim(), "errno=22");
     assert_eq!(
-        ns_sh(ours_node, "wg", &["show", &ours, "listen-port"])?.trim(),
+        ns_sh(ours_node, "wg", &["show", ours, "listen-port"])?.trim(),
         "51821"
+    );
+    Ok(())
+}
+
+/// `wg show <interface> latest-handshakes` of the only peer, in Unix seconds.
+fn latest_handshake(node: &Node, interface: &str) -> anyhow::Result<u64> {
+    let text = ns_sh(node, "wg", &["show", interface, "latest-handshakes"])?;
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no handshake time in {text:?}"))
+}
+
+/// WireGuard replaces a session after 2 minutes (REKEY_AFTER_TIME); with traffic flowing the
+/// whole time, the new handshake must happen and the tunnel must not lose packets over it.
+#[test]
+fn the_tunnel_carries_on_through_a_rekey() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let pair = Pair::new()?;
+    let (ours_node, theirs_node) = (pair.lab.node(1), pair.lab.node(2));
+    let first = latest_handshake(ours_node, &pair.ours)?;
+    // 700 pings 0.2 s apart: 140 s, past the 120 s rekey.
+    let target = tunnel(theirs_node);
+    let out = run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &ours_node.netns,
+            "ping",
+            "-q",
+            "-n",
+            "-i",
+            "0.2",
+            "-c",
+            "700",
+            "-W",
+            "1",
+            &target,
+        ],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let received: u64 = text
+        .split(',')
+        .find(|part| part.contains("received"))
+        .and_then(|part| part.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("ping printed no summary: {text}"))?;
+    let last = latest_handshake(ours_node, &pair.ours)?;
+    let theirs_last = latest_handshake(theirs_node, &pair.theirs)?;
+    eprintln!(
+        "handshakes at +0 s and +{} s; {received} of 700 pings answered",
+        last.saturating_sub(first)
+    );
+    assert!(
+        last >= first + 100,
+        "no rekey after 140 s: {first} → {last}"
+    );
+    // Each end stamps the handshake when it completes there: at most a second apart.
+    assert!(
+        last.abs_diff(theirs_last) <= 1,
+        "the ends disagree on the last handshake: {last} vs {theirs_last}"
+    );
+    assert!(
+        received >= 693,
+        "lost {} pings across the rekey",
+        700 - received
     );
     Ok(())
 }
