@@ -250,3 +250,161 @@ fn accept_inner(
     batch.packets[batch.count].truncate(VIRTIO_NET_HDR_LEN + len);
     batch.count += 1;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Mutex, RwLock};
+    use std::time::Duration;
+
+    use boringtun::noise::Tunn;
+    use boringtun::noise::rate_limiter::RateLimiter;
+    use boringtun::x25519::{PublicKey, StaticSecret};
+
+    use super::*;
+    use crate::wg::PeerConfig;
+
+    const OURS: [u8; 32] = [7; 32];
+    const THEIRS: [u8; 32] = [9; 32];
+
+    fn keys(handshake_limit: u64) -> Keys {
+        let private = StaticSecret::from(OURS);
+        let public = PublicKey::from(&private);
+        Keys {
+            rate_limiter: Arc::new(RateLimiter::new(&public, handshake_limit)),
+            unlimited: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            private,
+            public,
+        }
+    }
+
+    /// Our device's table with the one peer `THEIRS`, last seen at `endpoint`.
+    fn table(keys: &Keys, endpoint: SocketAddr) -> PeerTable {
+        let mut table = PeerTable::default();
+        let index = table.allocate_index();
+        let config = PeerConfig {
+            public_key: PublicKey::from(&StaticSecret::from(THEIRS)).to_bytes(),
+            preshared_key: [0; 32],
+            endpoint: Some(endpoint),
+            allowed_ips: vec!["10.0.0.2/32".parse().unwrap()],
+            persistent_keepalive: Duration::ZERO,
+        };
+        table.insert(Arc::new(Peer {
+            public_key: config.public_key,
+            preshared_key: config.preshared_key,
+            keepalive: config.persistent_keepalive,
+            allowed_ips: config.allowed_ips.clone(),
+            index,
+            tunn: Mutex::new(super::super::new_tunn(keys, &config, index)),
+            endpoint: RwLock::new(Some(endpoint)),
+        }));
+        table
+    }
+
+    /// A genuine handshake initiation from the peer.
+    fn initiation(remote: &mut Tunn) -> Vec<u8> {
+        let mut buffer = [0u8; 256];
+        match remote.format_handshake_initiation(&mut buffer, true) {
+            TunnResult::WriteToNetwork(message) => message.to_vec(),
+            other => panic!("no initiation: {other:?}"),
+        }
+    }
+
+    fn endpoint(table: &PeerTable) -> Option<SocketAddr> {
+        table.by_key.values().next().and_then(|p| p.endpoint())
+    }
+
+    #[test]
+    fn an_initiation_is_answered_and_moves_the_peer_but_a_cookie_never_does() {
+        let keys = keys(1);
+        let home: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let roamed: SocketAddr = "192.0.2.2:51820".parse().unwrap();
+        let flooder: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+        let peers = table(&keys, home);
+        let mut remote = Tunn::new(
+            StaticSecret::from(THEIRS),
+            keys.public,
+            Some([0; 32]),
+            None,
+            1,
+            None,
+        );
+        let mut batch = TunBatch::new();
+        let mut scratch = vec![0u8; 2 * 65_536];
+        let mut outbox = Vec::new();
+
+        // Within the limit: answered with a handshake response, and the peer roams.
+        let first = initiation(&mut remote);
+        receive_datagram(
+            &keys,
+            &peers,
+            roamed,
+            &first,
+            &mut batch,
+            &mut scratch,
+            &mut outbox,
+        );
+        assert_eq!(outbox.len(), 1);
+        assert_eq!((outbox[0].0, outbox[0].1[0]), (roamed, HANDSHAKE_RESPONSE));
+        assert_eq!(endpoint(&peers), Some(roamed));
+
+        // Over the limit: a cookie reply (type 3) to the sender, no DH, and no roaming.
+        outbox.clear();
+        let second = initiation(&mut remote);
+        receive_datagram(
+            &keys,
+            &peers,
+            flooder,
+            &second,
+            &mut batch,
+            &mut scratch,
+            &mut outbox,
+        );
+        assert_eq!(outbox.len(), 1);
+        assert_eq!((outbox[0].0, outbox[0].1[0]), (flooder, 3));
+        assert_eq!(
+            endpoint(&peers),
+            Some(roamed),
+            "a cookie reply moved the peer"
+        );
+        assert_eq!(batch.count, 0);
+    }
+
+    #[test]
+    fn garbage_and_unknown_senders_change_nothing() {
+        let keys = keys(100);
+        let home: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let stranger: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+        let peers = table(&keys, home);
+        let mut batch = TunBatch::new();
+        let mut scratch = vec![0u8; 2 * 65_536];
+        let mut outbox = Vec::new();
+        // An initiation from a key that is not a peer.
+        let mut unknown = Tunn::new(
+            StaticSecret::from([5; 32]),
+            keys.public,
+            None,
+            None,
+            1,
+            None,
+        );
+        let foreign = initiation(&mut unknown);
+        // A data message for a receiver index nobody has, and bytes that are no message.
+        let mut data = vec![4u8, 0, 0, 0];
+        data.extend_from_slice(&0x00ab_cdefu32.to_le_bytes());
+        data.extend_from_slice(&[0; 40]);
+        for datagram in [&foreign[..], &data[..], &[1, 2, 3][..], &[][..]] {
+            receive_datagram(
+                &keys,
+                &peers,
+                stranger,
+                datagram,
+                &mut batch,
+                &mut scratch,
+                &mut outbox,
+            );
+        }
+        assert!(outbox.is_empty(), "answered garbage: {outbox:?}");
+        assert_eq!(batch.count, 0);
+        assert_eq!(endpoint(&peers), Some(home));
+    }
+}
