@@ -209,10 +209,6 @@ pub async fn run(mut inputs: Inputs, stop: CancellationToken) -> anyhow::Result<
     }
 
     let mut device = tokio::task::block_in_place(|| create_device(&config))?;
-    *status
-        .description
-        .write()
-        .unwrap_or_else(|p| p.into_inner()) = device.describe();
     let result = async {
         tokio::task::block_in_place(|| {
             device.configure(&DeviceSettings {
@@ -222,6 +218,11 @@ pub async fn run(mut inputs: Inputs, stop: CancellationToken) -> anyhow::Result<
             })
         })
         .context("cannot configure the WireGuard device")?;
+        // Described once configured: the userspace device then knows its socket's offloads.
+        *status
+            .description
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = device.describe();
         routing::apply(&routing).await.context("cannot set up routing")?;
         apply_firewall(&firewall, Vec::new()).await?;
         tracing::info!(device = %device.describe(), listen_port = config.listen_port, "data plane up");

@@ -232,7 +232,8 @@ impl WireGuard for UserspaceWireGuard {
 
     fn describe(&self) -> String {
         format!(
-            "userspace (openspan device, boringtun noise) on {}",
+            "userspace (openspan device; {}) on {}",
+            self.device.offloads(),
             self.interface
         )
     }

@@ -200,6 +200,23 @@ impl Device {
         self.listen(settings.listen_port, settings.fwmark)
     }
 
+    /// What the kernel lets the device batch, e.g. "TSO on, GSO 64, GRO 64".
+    pub fn offloads(&self) -> String {
+        let tso = if self.shared.tun.tcp_gso() {
+            "on"
+        } else {
+            "off"
+        };
+        match self.shared.socket() {
+            Some(socket) => format!(
+                "TSO {tso}, GSO {}, GRO {}",
+                socket.max_segments(),
+                socket.gro_segments()
+            ),
+            None => format!("TSO {tso}"),
+        }
+    }
+
     /// The most segments one TUN read is split into.
     pub fn max_tun_segments(&self) -> u32 {
         TUN_BATCH as u32
