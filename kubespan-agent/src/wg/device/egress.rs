@@ -74,6 +74,8 @@ pub(super) struct Egress {
 /// for larger MTUs.
 const SEGMENT: usize = 16_384;
 const MAX_SEGMENT: usize = 65_536;
+/// Slack over the MTU a segment buffer keeps (the segmenting may add nothing, but be safe).
+const SEGMENT_HEADROOM: usize = 64;
 
 /// What [`Egress::pump`] left behind.
 pub(super) enum Pumped {
@@ -111,10 +113,11 @@ impl Egress {
                 Ok(count) => self.forward(shared, count),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Pumped::Drained,
                 Err(e) => {
-                    if self.packets.iter().any(|p| p.len() < MAX_SEGMENT) {
+                    let mtu = shared.tun.mtu().map_or(0, usize::from);
+                    if mtu + SEGMENT_HEADROOM > self.packets[1].len() {
                         // Segments larger than our buffers: an MTU above 16 KiB. Grow them
                         // (the super-packet that did not fit is lost; TCP resends it).
-                        tracing::info!(interface = %shared.interface, error = %e, "large MTU: growing the TUN read buffers");
+                        tracing::info!(interface = %shared.interface, mtu, error = %e, "large MTU: growing the TUN read buffers");
                         self.packets
                             .iter_mut()
                             .for_each(|p| p.resize(MAX_SEGMENT, 0));
