@@ -22,6 +22,7 @@ use crate::http::{HttpState, landing_router, metrics_router};
 use crate::limits::Limits;
 use crate::metrics::{KindLabels, Metrics};
 use crate::persist;
+use crate::ratelimit::RateLimit;
 use crate::store::Store;
 use crate::tls::{ReloadingTls, TlsFiles, accept_tls};
 
@@ -66,6 +67,27 @@ impl Default for Config {
             limits: Limits::default(),
             watch_buffer: 32,
             shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Config {
+    /// A server embedded in another program (or a test): gRPC on `grpc_addr` only, no HTTP
+    /// pages or metrics listener, no snapshots, no per-IP rate limit, a 2 s shutdown grace.
+    pub fn embedded(grpc_addr: &str) -> Self {
+        Self {
+            grpc_addr: Some(grpc_addr.into()),
+            landing_addr: None,
+            metrics_addr: None,
+            admission: AdmissionConfig {
+                rate_limit: RateLimit {
+                    per_second: 0.0,
+                    burst: 0,
+                },
+                ..AdmissionConfig::default()
+            },
+            shutdown_grace: Duration::from_secs(2),
+            ..Self::default()
         }
     }
 }

@@ -7,8 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use discovery_server::clock::{Clock, ManualClock};
-use discovery_server::grpc::AdmissionConfig;
-use discovery_server::ratelimit::RateLimit;
 use discovery_server::server::{self, Config as ServerConfig, Running, SnapshotConfig};
 use hyper_util::rt::TokioIo;
 use openspan_proto::openspan::agent::v1::{self as pb, agent_client::AgentClient};
@@ -19,19 +17,8 @@ const OTHER_SECRET: &str = "HxwdHhsZGhcYFRYTFBESDxAODQsMCQoHCAUGAwQBAgA=";
 
 fn server_config(addr: &str) -> ServerConfig {
     ServerConfig {
-        grpc_addr: Some(addr.into()),
-        landing_addr: None,
-        metrics_addr: None,
-        admission: AdmissionConfig {
-            rate_limit: RateLimit {
-                per_second: 0.0,
-                burst: 0,
-            },
-            ..AdmissionConfig::default()
-        },
         gc_interval: Duration::from_millis(50),
-        shutdown_grace: Duration::from_secs(2),
-        ..ServerConfig::default()
+        ..ServerConfig::embedded(addr)
     }
 }
 

@@ -6,8 +6,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use discovery_server::clock::{Clock, ManualClock};
-use discovery_server::grpc::AdmissionConfig;
-use discovery_server::ratelimit::RateLimit;
 use discovery_server::server::{self, Config, Running};
 use openspan_proto::discovery::server::{
     AffiliateUpdateRequest, ListRequest, WatchRequest, WatchResponse, cluster_client::ClusterClient,
@@ -19,20 +17,7 @@ pub type Client = ClusterClient<Channel>;
 
 /// Loopback only, no HTTP pages, no snapshots, no rate limit unless a test asks for them.
 pub fn test_config() -> Config {
-    Config {
-        grpc_addr: Some("127.0.0.1:0".into()),
-        landing_addr: None,
-        metrics_addr: None,
-        admission: AdmissionConfig {
-            rate_limit: RateLimit {
-                per_second: 0.0,
-                burst: 0,
-            },
-            ..AdmissionConfig::default()
-        },
-        shutdown_grace: Duration::from_secs(2),
-        ..Config::default()
-    }
+    Config::embedded("127.0.0.1:0")
 }
 
 pub async fn start(config: Config) -> Running {
