@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+mod process;
+pub use process::{Daemon, in_netns, ns_output, ns_sh, tail, wait_until};
+
 pub const CLUSTER_SECRET: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
 /// Fails unless running as root; `OPENSPAN_SKIP_ROOT_TESTS=1` turns that into an explicit skip.
@@ -485,24 +488,14 @@ impl Lab {
         timeout: Duration,
         mut check: impl FnMut() -> bool,
     ) -> anyhow::Result<Duration> {
-        let started = Instant::now();
-        loop {
-            if check() {
-                return Ok(started.elapsed());
-            }
-            if started.elapsed() > timeout {
-                let logs: Vec<String> = self
-                    .nodes
-                    .iter()
-                    .map(|n| format!("--- {} log (tail)\n{}", n.name, tail(&n.log(), 25)))
-                    .collect();
-                bail!(
-                    "timed out after {timeout:?} waiting for {what}\n{}",
-                    logs.join("\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_until(what, timeout, || Ok(check())).map_err(|timed_out| {
+            let logs: Vec<String> = self
+                .nodes
+                .iter()
+                .map(|n| format!("--- {} log (tail)\n{}", n.name, tail(&n.log(), 25)))
+                .collect();
+            anyhow::anyhow!("{timed_out}\n{}", logs.join("\n"))
+        })
     }
 
     /// Starts `tcpdump` on every port of the switch (a bridge device itself does not see frames
@@ -545,11 +538,6 @@ impl Lab {
         )?;
         Ok(capture)
     }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 pub struct Capture {

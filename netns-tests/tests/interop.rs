@@ -5,66 +5,41 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use anyhow::{Context, bail};
-use netns_tests::{Lab, Node, binary, require_root, run, sh};
+use anyhow::Context;
+use netns_tests::{Daemon, Lab, Node, binary, in_netns, ns_sh, require_root, run, sh, wait_until};
 
-/// A WireGuard daemon in a namespace, killed when dropped (also when the test fails).
-struct Daemon {
-    child: Child,
-    socket: String,
-}
+/// Longest the tunnel daemons may live (the rekey test needs about 150 s).
+const DAEMON_LIMIT_SECS: u64 = 600;
 
-impl Daemon {
-    fn spawn(node: &Node, program: &Path, args: &[&str], interface: &str) -> anyhow::Result<Self> {
-        let log = std::fs::File::create(node.dir.join(format!("{interface}.log")))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &node.netns])
-            .arg(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {}", program.display()))?;
-        let daemon = Self {
-            child,
-            socket: format!("/var/run/wireguard/{interface}.sock"),
-        };
-        wait_until(
-            &format!("{} to serve {}", program.display(), daemon.socket),
-            || Path::new(&daemon.socket).exists(),
-        )?;
-        Ok(daemon)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.socket);
-    }
-}
-
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(15) {
-        if done() {
-            return Ok(start.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    bail!("timed out waiting for {what}")
-}
-
-fn ns_sh(node: &Node, program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let mut all = vec!["netns", "exec", &node.netns, program];
-    all.extend_from_slice(args);
-    sh("ip", &all)
+/// A userspace WireGuard daemon serving `interface` in `node`'s namespace, stopped when
+/// dropped (also when the test fails).
+fn wireguard_daemon(
+    node: &Node,
+    program: &Path,
+    args: &[&str],
+    interface: &str,
+) -> anyhow::Result<Daemon> {
+    let mut daemon = Daemon::spawn(
+        &format!("{} {interface}", program.display()),
+        in_netns(&node.netns, DAEMON_LIMIT_SECS, program, args),
+        node.dir.join(format!("{interface}.log")),
+        Duration::from_secs(5),
+    )?;
+    let socket = PathBuf::from(format!("/var/run/wireguard/{interface}.sock"));
+    daemon.leftovers.push(socket.clone());
+    wait_until(
+        &format!("{interface}'s control socket"),
+        Duration::from_secs(15),
+        || {
+            daemon.check()?;
+            Ok(socket.exists())
+        },
+    )?;
+    Ok(daemon)
 }
 
 /// The JSON report of one iperf3 run from `client` to `server_address` (2 s unless `extra`
@@ -92,7 +67,7 @@ fn iperf_report(
     std::thread::sleep(Duration::from_millis(300));
     let mut args = vec!["-c", server_address, "-t", "2", "-J"];
     args.extend_from_slice(extra);
-    let result = ns_sh(client, "timeout", &[&["20", "iperf3"][..], &args].concat());
+    let result = ns_sh(&client.netns, "iperf3", &args);
     let _ = server_process.kill();
     let _ = server_process.wait();
     serde_json::from_str(&result?).context("iperf3 -J printed no JSON")
@@ -151,8 +126,8 @@ impl Pair {
         let ours = format!("{}o", lab.id);
         let theirs = format!("{}g", lab.id);
         let daemons = [
-            Daemon::spawn(ours_node, &binary("openspan-wireguard"), &[&ours], &ours)?,
-            Daemon::spawn(
+            wireguard_daemon(ours_node, &binary("openspan-wireguard"), &[&ours], &ours)?,
+            wireguard_daemon(
                 theirs_node,
                 Path::new(&wireguard_go),
                 &["-f", &theirs],
@@ -179,7 +154,7 @@ impl Pair {
             let allowed = format!("{}/32,fd79::{}/128", tunnel(peer), host(peer));
             let endpoint = format!("{}:51820", peer.address);
             ns_sh(
-                node,
+                &node.netns,
                 "wg",
                 &[
                     "set",
@@ -207,12 +182,16 @@ impl Pair {
                 } else {
                     &add[..5]
                 };
-                ns_sh(node, "ip", words)?;
+                ns_sh(&node.netns, "ip", words)?;
             }
-            ns_sh(node, "ip", &["link", "set", interface, "mtu", "1420", "up"])?;
+            ns_sh(
+                &node.netns,
+                "ip",
+                &["link", "set", interface, "mtu", "1420", "up"],
+            )?;
         }
-        let waited = wait_until("a ping through the tunnel", || {
-            ours_node.ping(&tunnel(theirs_node))
+        let waited = wait_until("a ping through the tunnel", Duration::from_secs(15), || {
+            Ok(ours_node.ping(&tunnel(theirs_node)))
         })?;
         eprintln!("tunnel to wireguard-go up {waited:?} after configuration");
         let [ours_key, theirs_key]: [String; 2] = public
@@ -274,7 +253,7 @@ fn the_userspace_device_interoperates_with_wireguard_go() -> anyhow::Result<()> 
     // A tiny MSS: the kernel may put at most as many segments in a super-packet as the device
     // splits per read (the device sets the interface's gso_max_segs); bigger ones would be
     // dropped whole (measured without the cap: 17–26 Mbit/s here instead of 170–180).
-    let link = ns_sh(ours_node, "ip", &["-d", "link", "show", ours])?;
+    let link = ns_sh(&ours_node.netns, "ip", &["-d", "link", "show", ours])?;
     assert!(
         link.contains("gso_max_segs 128 "),
         "gso_max_segs not capped: {link}"
@@ -307,7 +286,7 @@ fn the_userspace_device_interoperates_with_wireguard_go() -> anyhow::Result<()> 
 
     // wg(8) reads both ends the same way.
     for (node, interface) in nodes {
-        let handshakes = ns_sh(node, "wg", &["show", interface, "latest-handshakes"])?;
+        let handshakes = ns_sh(&node.netns, "wg", &["show", interface, "latest-handshakes"])?;
         let seconds: u64 = handshakes
             .split_whitespace()
             .nth(1)
@@ -318,7 +297,7 @@ fn the_userspace_device_interoperates_with_wireguard_go() -> anyhow::Result<()> 
             "{interface}: no handshake in `wg show`: {handshakes}"
         );
     }
-    let transfer = ns_sh(ours_node, "wg", &["show", ours, "transfer"])?;
+    let transfer = ns_sh(&ours_node.netns, "wg", &["show", ours, "transfer"])?;
     let counters: Vec<u64> = transfer
         .split_whitespace()
         .skip(1)
@@ -333,10 +312,14 @@ fn the_userspace_device_interoperates_with_wireguard_go() -> anyhow::Result<()> 
     // (batches included).
     for (n, (node, interface)) in nodes.iter().enumerate() {
         let own = format!("fd77::{}/64", host(node));
-        ns_sh(node, "ip", &["addr", "add", &own, "dev", "eth0", "nodad"])?;
+        ns_sh(
+            &node.netns,
+            "ip",
+            &["addr", "add", &own, "dev", "eth0", "nodad"],
+        )?;
         let peer_endpoint = format!("[fd77::{}]:51820", host(nodes[1 - n].0));
         ns_sh(
-            node,
+            &node.netns,
             "wg",
             &[
                 "set",
@@ -349,7 +332,7 @@ fn the_userspace_device_interoperates_with_wireguard_go() -> anyhow::Result<()> 
         )?;
     }
     let over_v6 = iperf(ours_node, theirs_node, &theirs_tunnel, &["-t", "1"])?;
-    let endpoint = ns_sh(ours_node, "wg", &["show", ours, "endpoints"])?;
+    let endpoint = ns_sh(&ours_node.netns, "wg", &["show", ours, "endpoints"])?;
     eprintln!(
         "to wireguard-go over an IPv6 underlay: {:.0} Mbit/s ({})",
         over_v6 / 1e6,
@@ -371,9 +354,17 @@ fn the_userspace_device_interoperates_with_wireguard_go() -> anyhow::Result<()> 
 
     // A path MTU below the tunnel's datagrams (1452 B + headers): the kernel refuses the GSO
     // sends, the device resends datagram by datagram, the kernel fragments, and TCP still flows.
-    ns_sh(ours_node, "ip", &["link", "set", "eth0", "mtu", "1400"])?;
+    ns_sh(
+        &ours_node.netns,
+        "ip",
+        &["link", "set", "eth0", "mtu", "1400"],
+    )?;
     let small_mtu = iperf(ours_node, theirs_node, &theirs_tunnel, &[]);
-    ns_sh(ours_node, "ip", &["link", "set", "eth0", "mtu", "1500"])?;
+    ns_sh(
+        &ours_node.netns,
+        "ip",
+        &["link", "set", "eth0", "mtu", "1500"],
+    )?;
     let small_mtu = small_mtu?;
     eprintln!(
         "to wireguard-go over a 1400-byte path MTU: {:.0} Mbit/s",
@@ -391,11 +382,11 @@ fn the_userspace_device_interoperates_with_wireguard_go() -> anyhow::Result<()> 
         host(theirs_node)
     );
     ns_sh(
-        ours_node,
+        &ours_node.netns,
         "wg",
         &["set", ours, "peer", &public[1], "allowed-ips", &more],
     )?;
-    let allowed = ns_sh(ours_node, "wg", &["show", ours, "allowed-ips"])?;
+    let allowed = ns_sh(&ours_node.netns, "wg", &["show", ours, "allowed-ips"])?;
     assert!(
         allowed.contains("10.80.0.0/16"),
         "allowed IPs not updated: {allowed}"
@@ -406,12 +397,12 @@ fn the_userspace_device_interoperates_with_wireguard_go() -> anyhow::Result<()> 
     );
     // … and removing the peer ends it.
     ns_sh(
-        ours_node,
+        &ours_node.netns,
         "wg",
         &["set", ours, "peer", &public[1], "remove"],
     )?;
     assert!(
-        ns_sh(ours_node, "wg", &["show", ours, "peers"])?
+        ns_sh(&ours_node.netns, "wg", &["show", ours, "peers"])?
             .trim()
             .is_empty()
     );
@@ -420,9 +411,13 @@ fn the_userspace_device_interoperates_with_wireguard_go() -> anyhow::Result<()> 
         "a removed peer still answers"
     );
     // A new port through `wg set` re-binds; a malformed request is refused and changes nothing.
-    ns_sh(ours_node, "wg", &["set", ours, "listen-port", "51821"])?;
+    ns_sh(
+        &ours_node.netns,
+        "wg",
+        &["set", ours, "listen-port", "51821"],
+    )?;
     assert_eq!(
-        ns_sh(ours_node, "wg", &["show", ours, "listen-port"])?.trim(),
+        ns_sh(&ours_node.netns, "wg", &["show", ours, "listen-port"])?.trim(),
         "51821"
     );
     let mut control = UnixStream::connect(format!("/var/run/wireguard/{ours}.sock"))?;
@@ -431,7 +426,7 @@ fn the_userspace_device_interoperates_with_wireguard_go() -> anyhow::Result<()> 
     BufReader::new(&control).read_line(&mut answer)?;
     assert_eq!(answer.trim(), "errno=22");
     assert_eq!(
-        ns_sh(ours_node, "wg", &["show", ours, "listen-port"])?.trim(),
+        ns_sh(&ours_node.netns, "wg", &["show", ours, "listen-port"])?.trim(),
         "51821"
     );
     Ok(())
@@ -439,7 +434,7 @@ fn the_userspace_device_interoperates_with_wireguard_go() -> anyhow::Result<()> 
 
 /// `wg show <interface> latest-handshakes` of the only peer, in Unix seconds.
 fn latest_handshake(node: &Node, interface: &str) -> anyhow::Result<u64> {
-    let text = ns_sh(node, "wg", &["show", interface, "latest-handshakes"])?;
+    let text = ns_sh(&node.netns, "wg", &["show", interface, "latest-handshakes"])?;
     text.split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())

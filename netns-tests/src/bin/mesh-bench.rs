@@ -8,14 +8,15 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use clap::Parser;
-use netns_tests::{AgentOptions, Lab, Node, run};
+use netns_tests::{
+    AgentOptions, Daemon, Lab, Node, in_netns, ns_output, ns_sh, run, tail, wait_until,
+};
 
 /// Throughput and latency of the openspan data plane (kubespan-agent, userspace device) next
 /// to a plain veth link, boringtun-cli and wireguard-go.
@@ -304,42 +305,6 @@ fn boringtun_cli(args: &Args, bins: &Binaries) -> anyhow::Result<PathBuf> {
 // ---------------------------------------------------------------------------------------------
 // Processes: everything runs under timeout(1), in its own process group.
 
-/// `ip netns exec <netns> timeout -k 5 <limit>s <program> <args>`. `ip netns exec` execs, so the
-/// child's pid is timeout's, which leads the process group.
-fn in_netns(netns: &str, limit_secs: u64, program: impl AsRef<OsStr>, args: &[&str]) -> Command {
-    let mut command = Command::new("ip");
-    command
-        .args(["netns", "exec", netns, "timeout", "-k", "5"])
-        .arg(format!("{limit_secs}s"))
-        .arg(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .process_group(0);
-    command
-}
-
-/// Runs a bounded command in a namespace and returns its output, successful or not.
-fn ns_output(netns: &str, limit_secs: u64, program: &str, args: &[&str]) -> anyhow::Result<Output> {
-    in_netns(netns, limit_secs, program, args)
-        .output()
-        .with_context(|| format!("cannot run {program} in {netns}"))
-}
-
-/// Runs a bounded command in a namespace and fails with its output unless it succeeds.
-fn ns_sh(netns: &str, program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let output = ns_output(netns, 30, program, args)?;
-    if !output.status.success() {
-        bail!(
-            "`{program} {}` in {netns} failed ({}): {}{}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stdout).trim(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
 /// A bounded command in the root namespace (key generation, `wg show`, kubespanctl).
 fn host_sh(
     program: impl AsRef<OsStr>,
@@ -374,97 +339,6 @@ fn host_sh(
         );
     }
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
-}
-
-/// A long-running process; stopped (SIGTERM, then SIGKILL to its whole group) when dropped.
-struct Daemon {
-    what: String,
-    child: Child,
-    log: PathBuf,
-    grace: Duration,
-    /// Files removed once the process is gone (userspace WireGuard control sockets).
-    leftovers: Vec<PathBuf>,
-}
-
-impl Daemon {
-    fn spawn(
-        what: &str,
-        mut command: Command,
-        log: PathBuf,
-        grace: Duration,
-    ) -> anyhow::Result<Self> {
-        let file =
-            File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-        let child = command
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .spawn()
-            .with_context(|| format!("cannot start {what}"))?;
-        Ok(Self {
-            what: what.to_owned(),
-            child,
-            log,
-            grace,
-            leftovers: Vec::new(),
-        })
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Fails with the log's tail if the process has exited.
-    fn check(&mut self) -> anyhow::Result<()> {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            bail!(
-                "{} exited ({status}):\n{}",
-                self.what,
-                tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), 15)
-            );
-        }
-        Ok(())
-    }
-
-    /// The process timeout(1) runs (the daemon proper), for CPU accounting.
-    fn worker_pid(&self) -> Option<u32> {
-        let pid = self.child.id();
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-            .ok()?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
-    }
-
-    fn stop(&mut self) {
-        if self.running() {
-            let pid = self.child.id();
-            // timeout(1) passes SIGTERM on to the daemon and waits for it: a graceful stop.
-            let _ = run("kill", &["-TERM", &pid.to_string()]);
-            let deadline = Instant::now() + self.grace;
-            while self.running() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if self.running() {
-                eprintln!(
-                    "mesh-bench: {} ignored SIGTERM for {:?}; killing it",
-                    self.what, self.grace
-                );
-                let _ = run("kill", &["-KILL", "--", &format!("-{pid}")]);
-                let _ = self.child.kill();
-            }
-            let _ = self.child.wait();
-        }
-        for file in self.leftovers.drain(..) {
-            let _ = std::fs::remove_file(file);
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 /// Daemons stopped in reverse start order when dropped. Declare it after the [`Lab`] whose
@@ -535,28 +409,6 @@ fn clock_ticks_per_second() -> f64 {
         .ok()
         .and_then(|t| t.parse().ok())
         .unwrap_or(100.0)
-}
-
-fn wait_until(
-    what: &str,
-    timeout: Duration,
-    mut check: impl FnMut() -> anyhow::Result<bool>,
-) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    loop {
-        if check()? {
-            return Ok(started.elapsed());
-        }
-        if started.elapsed() > timeout {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// The first line of an error; when it ends with a colon, the next line too.
