@@ -13,6 +13,7 @@ pub mod kernel;
 pub mod uapi;
 mod udp;
 pub mod userspace;
+mod wake;
 
 pub type Key = [u8; 32];
 

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use quinn_udp::{RecvMeta, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use super::wake::wait_writable;
+
 /// Socket buffers large enough for a few 64 KiB batches in flight.
 const SOCKET_BUFFER: usize = 4 << 20;
 /// How long a send waits for room in a full socket buffer before the batch is dropped.
@@ -185,7 +187,7 @@ impl UdpTransport {
             match send_segmented(&self.socket, destination, contents, segment_size) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && !waited => {
                     waited = true;
-                    poll_fd(&self.socket, libc::POLLOUT, SEND_WAIT)?;
+                    wait_writable(self.socket.as_raw_fd(), SEND_WAIT)?;
                 }
                 other => return other,
             }
@@ -306,24 +308,4 @@ fn force_buffer(socket: &Socket, name: libc::c_int, bytes: usize) -> io::Result<
         name,
         libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX),
     )
-}
-
-/// Whether the socket became ready for `events` within `timeout`.
-fn poll_fd(socket: &Socket, events: libc::c_short, timeout: Duration) -> io::Result<bool> {
-    let mut fd = libc::pollfd {
-        fd: socket.as_raw_fd(),
-        events,
-        revents: 0,
-    };
-    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: one valid pollfd for the duration of the call.
-    let rc = unsafe { libc::poll(&mut fd, 1, millis) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(false);
-        }
-        return Err(e);
-    }
-    Ok(rc > 0)
 }

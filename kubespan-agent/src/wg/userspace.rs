@@ -20,9 +20,9 @@ use netlink_packet_route::link::LinkAttribute;
 use rtnetlink::LinkUnspec;
 
 use super::device::Device;
-use super::device::wake::{Wake, wait_readable};
 use super::kernel::{on_netlink_thread, rtnl_handle};
 use super::uapi;
+use super::wake::{Wake, wait_readable};
 use super::{DeviceSettings, Key, PeerConfig, PeerState, WgError, WireGuard};
 
 pub struct UserspaceWireGuard {

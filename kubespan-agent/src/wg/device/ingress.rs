@@ -16,11 +16,11 @@ use tun_rs::{GROTable, VIRTIO_NET_HDR_LEN};
 
 use super::egress::{Pumped, hand_over_tun};
 use super::peers::{Peer, PeerTable};
-use super::wake::wait_readable;
 use super::{
     DATA_MESSAGE, HANDSHAKE_RESPONSE, Keys, RX_PUMP_READS, Shared, TUN_BATCH, TUN_BUFFER,
     UDP_BATCH, UDP_BUFFER, lock, read,
 };
+use crate::wg::wake::wait_readable;
 
 /// Decrypted packets waiting to be written to the TUN device in one coalescing batch.
 struct TunBatch {

@@ -11,12 +11,11 @@
 //! keepalives, rekeys, handshake rate-limit resets).
 //!
 //! Modules: [`peers`] (who owns which address, receiver indexes), [`egress`] (TUN → network),
-//! [`ingress`] (network → TUN), [`wake`] (blocking waits that stopping can interrupt).
+//! [`ingress`] (network → TUN); blocking waits are in [`crate::wg::wake`].
 
 mod egress;
 mod ingress;
 mod peers;
-pub(crate) mod wake;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,9 +31,9 @@ use tun_rs::{DeviceBuilder, SyncDevice, VIRTIO_NET_HDR_LEN};
 use self::egress::{Egress, tun_to_network};
 use self::ingress::network_to_tun;
 use self::peers::{Peer, PeerTable};
-use self::wake::{Wake, wait_readable};
 use super::uapi::{DeviceView, PeerView, SetRequest, render_get};
 use super::udp::UdpTransport;
+use super::wake::{Wake, wait_readable};
 use super::{DeviceSettings, Key, PeerConfig, PeerState, WgError};
 
 /// Handshake initiations per second before cookies are demanded (boringtun's device default).

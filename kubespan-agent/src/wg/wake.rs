@@ -41,9 +41,23 @@ pub(crate) fn wait_readable<const N: usize>(
     fds: &[RawFd; N],
     timeout: Option<Duration>,
 ) -> io::Result<[bool; N]> {
+    wait_for(fds, libc::POLLIN, timeout)
+}
+
+/// Blocks until `fd` has room to write or `timeout` passes; returns whether it has.
+pub(crate) fn wait_writable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
+    wait_for(&[fd], libc::POLLOUT, Some(timeout)).map(|[ready]| ready)
+}
+
+/// `poll(2)` for `events` on each of `fds`; a signal interrupting it counts as nothing ready.
+fn wait_for<const N: usize>(
+    fds: &[RawFd; N],
+    events: libc::c_short,
+    timeout: Option<Duration>,
+) -> io::Result<[bool; N]> {
     let mut polled = fds.map(|fd| libc::pollfd {
         fd,
-        events: libc::POLLIN,
+        events,
         revents: 0,
     });
     let millis = timeout.map_or(-1, |t| {
@@ -59,5 +73,5 @@ pub(crate) fn wait_readable<const N: usize>(
             Err(e)
         };
     }
-    Ok(polled.map(|p| p.revents & libc::POLLIN != 0))
+    Ok(polled.map(|p| p.revents & events != 0))
 }
