@@ -36,8 +36,7 @@ pub struct UserspaceWireGuard {
 impl UserspaceWireGuard {
     /// Creates the TUN interface and starts the device, with a read-only control socket.
     pub fn create(interface: &str) -> Result<Self, WgError> {
-        let this = Self::start(interface, Access::ReadOnly)?;
-        Ok(this)
+        Self::start(interface, Access::ReadOnly)
     }
 
     /// Creates the TUN interface and starts the device, configured through its control socket

@@ -253,7 +253,6 @@ fn accept_inner(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Mutex, RwLock};
     use std::time::Duration;
 
     use boringtun::noise::Tunn;
@@ -288,15 +287,8 @@ mod tests {
             allowed_ips: vec!["10.0.0.2/32".parse().unwrap()],
             persistent_keepalive: Duration::ZERO,
         };
-        table.insert(Arc::new(Peer {
-            public_key: config.public_key,
-            preshared_key: config.preshared_key,
-            keepalive: config.persistent_keepalive,
-            allowed_ips: config.allowed_ips.clone(),
-            index,
-            tunn: Mutex::new(super::super::new_tunn(keys, &config, index)),
-            endpoint: RwLock::new(Some(endpoint)),
-        }));
+        let tunn = super::super::new_tunn(keys, &config, index);
+        table.insert(Peer::new(&config, index, tunn, Some(endpoint)));
         table
     }
 

@@ -314,31 +314,14 @@ impl Device {
                 // over under the table's write lock, so no packet sees the peer missing).
                 let tunn =
                     std::mem::replace(&mut *lock(&old.tunn), new_tunn(keys, config, old.index));
-                let peer = Arc::new(Peer {
-                    public_key: config.public_key,
-                    preshared_key: config.preshared_key,
-                    keepalive: config.persistent_keepalive,
-                    allowed_ips: config.allowed_ips.clone(),
-                    index: old.index,
-                    tunn: Mutex::new(tunn),
-                    endpoint: RwLock::new(endpoint),
-                });
-                peers.insert(peer);
+                peers.insert(Peer::new(config, old.index, tunn, endpoint));
             } else if endpoint != old.endpoint() {
                 *write(&old.endpoint) = endpoint;
             }
             return Ok(());
         }
         let index = peers.allocate_index();
-        let peer = Arc::new(Peer {
-            public_key: config.public_key,
-            preshared_key: config.preshared_key,
-            keepalive: config.persistent_keepalive,
-            allowed_ips: config.allowed_ips.clone(),
-            index,
-            tunn: Mutex::new(new_tunn(keys, config, index)),
-            endpoint: RwLock::new(endpoint),
-        });
+        let peer = Peer::new(config, index, new_tunn(keys, config, index), endpoint);
         peers.insert(peer.clone());
         drop(peers);
         // Start the handshake now rather than on the first packet or keepalive.

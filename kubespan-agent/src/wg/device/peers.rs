@@ -12,7 +12,7 @@ use ip_network_table::IpNetworkTable;
 use ipnet::IpNet;
 
 use super::{read, write};
-use crate::wg::Key;
+use crate::wg::{Key, PeerConfig};
 
 pub(super) struct Peer {
     pub(super) public_key: Key,
@@ -26,6 +26,23 @@ pub(super) struct Peer {
 }
 
 impl Peer {
+    pub(super) fn new(
+        config: &PeerConfig,
+        index: u32,
+        tunn: Tunn,
+        endpoint: Option<SocketAddr>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            public_key: config.public_key,
+            preshared_key: config.preshared_key,
+            keepalive: config.persistent_keepalive,
+            allowed_ips: config.allowed_ips.clone(),
+            index,
+            tunn: Mutex::new(tunn),
+            endpoint: RwLock::new(endpoint),
+        })
+    }
+
     pub(super) fn endpoint(&self) -> Option<SocketAddr> {
         *read(&self.endpoint)
     }
@@ -119,22 +136,22 @@ mod tests {
 
     fn peer(table: &mut PeerTable, key: u8, allowed: &[&str]) -> Arc<Peer> {
         let index = table.allocate_index();
-        Arc::new(Peer {
+        let config = PeerConfig {
             public_key: [key; 32],
             preshared_key: [0; 32],
-            keepalive: Duration::ZERO,
+            endpoint: None,
             allowed_ips: allowed.iter().map(|a| a.parse().unwrap()).collect(),
+            persistent_keepalive: Duration::ZERO,
+        };
+        let tunn = Tunn::new(
+            StaticSecret::from([1; 32]),
+            PublicKey::from(&StaticSecret::from([key; 32])),
+            None,
+            None,
             index,
-            tunn: Mutex::new(Tunn::new(
-                StaticSecret::from([1; 32]),
-                PublicKey::from(&StaticSecret::from([key; 32])),
-                None,
-                None,
-                index,
-                None,
-            )),
-            endpoint: RwLock::new(None),
-        })
+            None,
+        );
+        Peer::new(&config, index, tunn, None)
     }
 
     fn owner(table: &PeerTable, address: &str) -> Option<u8> {
