@@ -141,20 +141,20 @@ impl Egress {
         let mut used = 0;
         let mut index = 0;
         while index < count {
-            let Some(peer) = Tunn::dst_address(&self.packets[index][..self.sizes[index]])
-                .and_then(|dst| peers.routes.lookup(dst))
-                .cloned()
-            else {
+            let run_dst = Tunn::dst_address(&self.packets[index][..self.sizes[index]]);
+            let Some(peer) = run_dst.and_then(|dst| peers.routes.lookup(dst)).cloned() else {
                 index += 1;
                 continue;
             };
             let destination = peer.endpoint();
             let mut tunn = lock(&peer.tunn);
-            // This peer's consecutive packets (one super-packet's segments share a peer).
+            // This peer's consecutive packets (one super-packet's segments share a
+            // destination, so the lookup is only repeated when the address changes).
             while index < count {
                 let packet = &self.packets[index][..self.sizes[index]];
-                if index > 0
-                    && Tunn::dst_address(packet)
+                let dst = Tunn::dst_address(packet);
+                if dst != run_dst
+                    && dst
                         .and_then(|dst| peers.routes.lookup(dst))
                         .is_none_or(|p| !Arc::ptr_eq(p, &peer))
                 {
