@@ -1,5 +1,5 @@
 //! WireGuard's cross-platform userspace API (the text protocol `wg(8)` speaks over
-//! `/var/run/wireguard/<interface>.sock`): parsing `set` requests, writing and parsing `get`
+//! `/var/run/wireguard/<interface>.sock`): parsing `set` requests and writing `get`
 //! answers.
 
 use std::net::SocketAddr;
@@ -81,63 +81,6 @@ pub fn render_get(view: &DeviceView) -> String {
 fn parse_key(value: &str) -> Option<Key> {
     let bytes = hex::decode(value).ok()?;
     bytes.try_into().ok()
-}
-
-/// Parses a `get=1` answer (without the final `errno=` line) into the peers it lists.
-pub fn parse_get(text: &str) -> Result<Vec<PeerState>, String> {
-    let mut peers: Vec<PeerState> = Vec::new();
-    let mut handshake_sec = 0u64;
-    let mut handshake_nsec = 0u32;
-    let finish_handshake = |peer: Option<&mut PeerState>, sec: &mut u64, nsec: &mut u32| {
-        if let Some(peer) = peer
-            && (*sec != 0 || *nsec != 0)
-        {
-            peer.last_handshake = Some(UNIX_EPOCH + Duration::new(*sec, *nsec));
-        }
-        *sec = 0;
-        *nsec = 0;
-    };
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
-        }
-        let Some((key, value)) = line.split_once('=') else {
-            return Err(format!("malformed line {line:?}"));
-        };
-        match key {
-            "public_key" => {
-                finish_handshake(peers.last_mut(), &mut handshake_sec, &mut handshake_nsec);
-                let public_key =
-                    parse_key(value).ok_or_else(|| format!("bad public key {value:?}"))?;
-                peers.push(PeerState {
-                    public_key,
-                    ..PeerState::default()
-                });
-            }
-            _ => {
-                // Lines before the first peer describe the interface.
-                let Some(peer) = peers.last_mut() else {
-                    continue;
-                };
-                match key {
-                    "endpoint" => peer.endpoint = value.parse().ok(),
-                    "allowed_ip" => {
-                        if let Ok(net) = value.parse::<IpNet>() {
-                            peer.allowed_ips.push(net);
-                        }
-                    }
-                    "last_handshake_time_sec" => handshake_sec = value.parse().unwrap_or(0),
-                    "last_handshake_time_nsec" => handshake_nsec = value.parse().unwrap_or(0),
-                    "rx_bytes" => peer.rx_bytes = value.parse().unwrap_or(0),
-                    "tx_bytes" => peer.tx_bytes = value.parse().unwrap_or(0),
-                    _ => {}
-                }
-            }
-        }
-    }
-    finish_handshake(peers.last_mut(), &mut handshake_sec, &mut handshake_nsec);
-    Ok(peers)
 }
 
 /// A `wg(8)` `set=1` request: interface settings and peer changes, in order.
@@ -232,6 +175,64 @@ pub fn unix_ms(time: SystemTime) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reads a `get=1` answer (without the final `errno=` line) back into the peers it lists,
+    /// as `wg(8)` does: checks [`render_get`].
+    fn parse_get(text: &str) -> Result<Vec<PeerState>, String> {
+        let mut peers: Vec<PeerState> = Vec::new();
+        let mut handshake_sec = 0u64;
+        let mut handshake_nsec = 0u32;
+        let finish_handshake = |peer: Option<&mut PeerState>, sec: &mut u64, nsec: &mut u32| {
+            if let Some(peer) = peer
+                && (*sec != 0 || *nsec != 0)
+            {
+                peer.last_handshake = Some(UNIX_EPOCH + Duration::new(*sec, *nsec));
+            }
+            *sec = 0;
+            *nsec = 0;
+        };
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=') else {
+                return Err(format!("malformed line {line:?}"));
+            };
+            match key {
+                "public_key" => {
+                    finish_handshake(peers.last_mut(), &mut handshake_sec, &mut handshake_nsec);
+                    let public_key =
+                        parse_key(value).ok_or_else(|| format!("bad public key {value:?}"))?;
+                    peers.push(PeerState {
+                        public_key,
+                        ..PeerState::default()
+                    });
+                }
+                _ => {
+                    // Lines before the first peer describe the interface.
+                    let Some(peer) = peers.last_mut() else {
+                        continue;
+                    };
+                    match key {
+                        "endpoint" => peer.endpoint = value.parse().ok(),
+                        "allowed_ip" => {
+                            if let Ok(net) = value.parse::<IpNet>() {
+                                peer.allowed_ips.push(net);
+                            }
+                        }
+                        "last_handshake_time_sec" => handshake_sec = value.parse().unwrap_or(0),
+                        "last_handshake_time_nsec" => handshake_nsec = value.parse().unwrap_or(0),
+                        "rx_bytes" => peer.rx_bytes = value.parse().unwrap_or(0),
+                        "tx_bytes" => peer.tx_bytes = value.parse().unwrap_or(0),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        finish_handshake(peers.last_mut(), &mut handshake_sec, &mut handshake_nsec);
+        Ok(peers)
+    }
 
     #[test]
     fn get_answers_parse_back() {
