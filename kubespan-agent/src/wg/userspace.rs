@@ -15,7 +15,6 @@ use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use futures::TryStreamExt;
 use netlink_packet_route::link::LinkAttribute;
 use rtnetlink::LinkUnspec;
 
@@ -47,7 +46,10 @@ impl UserspaceWireGuard {
 
     fn start(interface: &str, access: Access) -> Result<Self, WgError> {
         let device = Arc::new(Device::create(interface)?);
-        if let Err(e) = limit_gso_segments(interface, device.max_tun_segments()) {
+        let limited = device
+            .if_index()
+            .and_then(|index| limit_gso_segments(interface, index, device.max_tun_segments()));
+        if let Err(e) = limited {
             tracing::warn!(interface, error = %e, "cannot cap TCP super-packets at what the device splits; flows with a very small MSS may stall");
         }
         let socket = uapi::socket_path(interface);
@@ -97,20 +99,10 @@ impl Drop for UserspaceWireGuard {
 /// Tells the kernel how many segments one TCP super-packet to this interface may hold (its
 /// default is 65,535): the device splits at most that many per read, and a flow with a tiny MSS
 /// would otherwise build super-packets it has to drop.
-fn limit_gso_segments(interface: &str, segments: u32) -> Result<(), WgError> {
+fn limit_gso_segments(interface: &str, index: u32, segments: u32) -> Result<(), WgError> {
     let name = interface.to_owned();
     on_netlink_thread(interface, move || async move {
         let handle = rtnl_handle(&name).await?;
-        let mut links = handle.link().get().match_name(name.clone()).execute();
-        let index = match links.try_next().await {
-            Ok(Some(link)) => link.header.index,
-            _ => {
-                return Err(WgError::Device {
-                    interface: name.clone(),
-                    message: "the new interface is not listed".into(),
-                });
-            }
-        };
         let mut message = LinkUnspec::new_with_index(index).build();
         message.attributes.push(LinkAttribute::GsoMaxSegs(segments));
         handle

@@ -216,6 +216,11 @@ impl Device {
         }
     }
 
+    /// The TUN interface's index.
+    pub fn if_index(&self) -> Result<u32, WgError> {
+        self.shared.tun.if_index().map_err(WgError::from)
+    }
+
     /// The most segments one TUN read is split into.
     pub fn max_tun_segments(&self) -> u32 {
         TUN_BATCH as u32
