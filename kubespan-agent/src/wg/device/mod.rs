@@ -414,33 +414,38 @@ impl Device {
     }
 
     pub fn peers(&self) -> Vec<PeerState> {
+        self.peer_views()
+            .into_iter()
+            .map(|view| view.state)
+            .collect()
+    }
+
+    /// Every peer's state and settings, by public key.
+    fn peer_views(&self) -> Vec<PeerView> {
         let peers = read(&self.shared.peers);
-        let mut list: Vec<PeerState> = peers.by_key.values().map(|p| peer_state(p)).collect();
-        list.sort_by_key(|p| p.public_key);
-        list
+        let mut views: Vec<PeerView> = peers
+            .by_key
+            .values()
+            .map(|peer| PeerView {
+                state: peer_state(peer),
+                preshared_key: peer.preshared_key,
+                keepalive: peer.keepalive,
+            })
+            .collect();
+        views.sort_by_key(|view| view.state.public_key);
+        views
     }
 
     /// The device in `wg(8)`'s userspace-API `get` format (without the final `errno=`).
     pub fn uapi_get(&self) -> String {
-        let peers = read(&self.shared.peers);
-        let mut list: Vec<&Arc<Peer>> = peers.by_key.values().collect();
-        list.sort_by_key(|p| p.public_key);
-        let view = DeviceView {
+        render_get(&DeviceView {
             private_key: read(&self.shared.keys)
                 .as_ref()
                 .map(|keys| keys.private.to_bytes()),
             listen_port: self.shared.socket().map(|s| s.port()),
             fwmark: *read(&self.shared.fwmark),
-            peers: list
-                .into_iter()
-                .map(|peer| PeerView {
-                    state: peer_state(peer),
-                    preshared_key: peer.preshared_key,
-                    keepalive: peer.keepalive,
-                })
-                .collect(),
-        };
-        render_get(&view)
+            peers: self.peer_views(),
+        })
     }
 }
 
