@@ -2,10 +2,10 @@
 //! discovery clients, merges what they learn, and derives members and peer specs for the API
 //! (and the data plane).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::{IpNet, Ipv6Net};
 use tokio::sync::{mpsc, watch};
@@ -14,13 +14,19 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::crypto::ClusterKeys;
 use crate::discovery::{
-    self, ClientSettings, ConnectionStatus, Publication, RegistryCache, SharedStatus,
+    self, ClientSettings, ConnectionStatus, DiscoveryCounters, Publication, RegistryCache,
+    SharedStatus,
 };
 use crate::endpoints::{local_endpoints, routable_addresses};
 use crate::members::{Member, PeerSpec, PeerWarning, members, merge_affiliates, peer_specs};
 use crate::model::{AffiliateRecord, KubeSpanInfo};
 use crate::netset::PrefixSet;
 use crate::record;
+use crate::warm;
+
+/// How often the warm-start cache is written at most (when the members changed), and how often
+/// expiry runs.
+const HOUSEKEEPING: Duration = Duration::from_secs(5);
 
 /// Who this node is; fixed for the agent's lifetime.
 #[derive(Clone, Debug)]
@@ -42,6 +48,8 @@ pub struct MembershipView {
     pub members: BTreeMap<String, Member>,
     pub peers: Vec<PeerSpec>,
     pub warnings: Vec<String>,
+    /// Members no discovery service lists, kept because their tunnels are alive.
+    pub retained: usize,
 }
 
 /// State shared between the control loop and the API.
@@ -51,6 +59,9 @@ pub struct Shared {
     pub view: watch::Receiver<Arc<MembershipView>>,
     pub connections: Vec<SharedStatus>,
     pub publication: watch::Sender<Publication>,
+    pub counters: Arc<DiscoveryCounters>,
+    /// Set by the data plane: node ids of peers whose tunnels are alive.
+    pub alive: watch::Sender<BTreeSet<String>>,
 }
 
 impl Shared {
@@ -151,6 +162,7 @@ pub fn membership(local: &AffiliateRecord, cache: &RegistryCache) -> MembershipV
         members,
         peers,
         warnings,
+        retained: cache.retained(),
     }
 }
 
@@ -211,7 +223,9 @@ pub async fn run(
         ttl: discovery::DEFAULT_TTL,
         client_version: format!("openspan-agent v{}", env!("CARGO_PKG_VERSION")),
         backoff: discovery::Backoff::default(),
+        counters: Arc::new(DiscoveryCounters::default()),
     };
+    let (alive_tx, mut alive_rx) = watch::channel(BTreeSet::new());
 
     let mut facts = HostFacts {
         addresses: read_addresses(&config.interface).await.unwrap_or_default(),
@@ -221,6 +235,17 @@ pub async fn run(
     let mut plaintext = record::encode(&local);
     publication_tx.send_modify(|p| p.own = Some(record::seal(&keys, &local)));
     let mut cache = RegistryCache::new(endpoints.len());
+    match warm::load(&keys, &config.cluster_id, &config.state_dir, unix_ms()) {
+        Ok(members) if members.is_empty() => {}
+        Ok(members) => {
+            tracing::info!(
+                members = members.len(),
+                "configuring the last known members from the warm-start cache until a discovery service answers"
+            );
+            cache.load_warm(members);
+        }
+        Err(e) => tracing::warn!(error = %e, "warm-start cache not used"),
+    }
     let (view_tx, view_rx) = watch::channel(Arc::new(membership(&local, &cache)));
 
     // Clients stop on their own token, after the loop below has flagged `leaving`.
@@ -244,11 +269,16 @@ pub async fn run(
         view: view_rx,
         connections,
         publication: publication_tx.clone(),
+        counters: settings.counters.clone(),
+        alive: alive_tx,
     });
     ready(shared.clone());
 
     let mut address_poll = tokio::time::interval(Duration::from_secs(5));
     address_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+    housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut members_dirty = false;
     let mut last_warnings: Vec<String> = Vec::new();
     loop {
         let mut facts_changed = false;
@@ -257,15 +287,29 @@ pub async fn run(
             _ = stop.cancelled() => break,
             event = events_rx.recv() => {
                 let Some(event) = event else { break };
-                view_changed |= cache.apply(event);
+                let now = Instant::now();
+                view_changed |= cache.apply(event, now);
                 // Take everything already queued before recomputing.
                 while let Ok(event) = events_rx.try_recv() {
-                    view_changed |= cache.apply(event);
+                    view_changed |= cache.apply(event, now);
                 }
                 let public_ips = cache.public_ips();
                 if public_ips != facts.public_ips {
                     facts.public_ips = public_ips;
                     facts_changed = true;
+                }
+            }
+            changed = alive_rx.changed() => {
+                if changed.is_ok() {
+                    let alive = alive_rx.borrow_and_update().clone();
+                    view_changed |= cache.set_alive(alive);
+                }
+            }
+            _ = housekeeping.tick() => {
+                view_changed |= cache.expire(Instant::now(), unix_ms(), discovery::DEFAULT_TTL);
+                if members_dirty {
+                    members_dirty = false;
+                    save_members(&keys, &config, &cache).await;
                 }
             }
             _ = address_poll.tick() => {
@@ -298,6 +342,7 @@ pub async fn run(
             }
         }
         if view_changed {
+            members_dirty = true;
             let view = membership(&local, &cache);
             for warning in &view.warnings {
                 if !last_warnings.contains(warning) {
@@ -314,6 +359,9 @@ pub async fn run(
         }
     }
 
+    if members_dirty {
+        save_members(&keys, &config, &cache).await;
+    }
     // Graceful shutdown: delete this node's record, then stop the clients. Their events are
     // drained meanwhile, so a client blocked on a full channel still gets to the delete.
     let drain = tokio::spawn(async move { while events_rx.recv().await.is_some() {} });
@@ -329,6 +377,28 @@ pub async fn run(
     }
     let _ = drain.await;
     Ok(())
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Writes the warm-start cache (sealed) off the async threads; a failure is logged, not fatal.
+async fn save_members(keys: &Arc<ClusterKeys>, config: &Config, cache: &RegistryCache) {
+    let sealed = warm::seal(
+        keys,
+        &config.cluster_id,
+        &cache.to_persist(unix_ms(), discovery::DEFAULT_TTL),
+    );
+    let dir = config.state_dir.clone();
+    let saved = tokio::task::spawn_blocking(move || warm::save(&dir, &sealed)).await;
+    match saved {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot write the warm-start cache"),
+        Err(e) => tracing::warn!(error = %e, "warm-start cache task failed"),
+    }
 }
 
 /// `None` when netlink fails: the caller keeps what it had rather than publishing no addresses.

@@ -88,6 +88,8 @@ pub const INFO_ENDPOINT_ENC: &str = "openspan/v1 endpoint-enc";
 pub const INFO_ENDPOINT_MAC: &str = "openspan/v1 endpoint-mac";
 /// HKDF info for the `native` WireGuard preshared key.
 pub const INFO_WIREGUARD_PSK: &str = "openspan/v1 wireguard-psk";
+/// HKDF info of the key that seals the agent's own state files (both suites).
+pub const INFO_STATE_FILE: &str = "openspan/v1 state-file";
 /// The largest encrypted endpoint the reference discovery server accepts.
 pub const MAX_ENDPOINT_BLOB: usize = 32;
 
@@ -201,6 +203,8 @@ enum SuiteKeys {
 pub struct ClusterKeys {
     cipher: Cipher,
     keys: SuiteKeys,
+    /// Seals files the agent keeps in its state directory (never sent anywhere).
+    state_file: [u8; 32],
 }
 
 impl fmt::Debug for ClusterKeys {
@@ -235,7 +239,21 @@ impl ClusterKeys {
                 }
             }
         };
-        ClusterKeys { cipher, keys }
+        let state_file = hkdf_expand(
+            &Hkdf::<Sha256>::new(Some(cluster_id.as_bytes()), secret),
+            INFO_STATE_FILE,
+        );
+        ClusterKeys {
+            cipher,
+            keys,
+            state_file,
+        }
+    }
+
+    /// The XChaCha20-Poly1305 key for the agent's sealed state files (the warm-start cache):
+    /// HKDF-SHA256 of the cluster secret, salted with the cluster id, for both suites.
+    pub fn state_file_key(&self) -> [u8; 32] {
+        self.state_file
     }
 
     /// The suite these keys belong to.

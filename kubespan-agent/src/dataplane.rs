@@ -2,11 +2,11 @@
 //! runs the pure [`reconcile`](crate::reconcile) on every membership change and every second.
 //! Everything it creates is removed when it stops; leftovers of a crashed run are removed first.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use base64::Engine;
@@ -176,6 +176,9 @@ pub struct Inputs {
     /// Where harvested endpoints are published (with `harvestExtraEndpoints`).
     pub publication: watch::Sender<Publication>,
     pub status: Arc<StatusBoard>,
+    /// Node ids of the peers whose tunnels are alive (something arrived within the peer-down
+    /// interval): the control loop keeps them as members when discovery stops listing them.
+    pub alive: watch::Sender<BTreeSet<String>>,
 }
 
 /// Sets up the interface, routing and firewall, then reconciles until `stop`; tears all of it
@@ -336,8 +339,14 @@ async fn reconcile_loop(
             &mut good,
             &preshared_key,
             timers,
-            SystemTime::now(),
+            Instant::now(),
         );
+        let (now, wall_now) = (Instant::now(), SystemTime::now());
+        let to_unix_ms = |at: Option<Instant>| {
+            at.map_or(0, |at| {
+                uapi::unix_ms(wall_now - now.saturating_duration_since(at))
+            })
+        };
         for action in &outcome.actions {
             let result = tokio::task::block_in_place(|| match action {
                 Action::SetPeer {
@@ -404,14 +413,24 @@ async fn reconcile_loop(
                         last_handshake_unix_ms: report.last_handshake.map_or(0, uapi::unix_ms),
                         rx_bytes: report.rx_bytes,
                         tx_bytes: report.tx_bytes,
-                        last_endpoint_change_unix_ms: report
-                            .last_endpoint_change
-                            .map_or(0, uapi::unix_ms),
+                        last_endpoint_change_unix_ms: to_unix_ms(report.last_endpoint_change),
                     },
                 );
             }
         }
         last_states = states.clone();
+        let alive: BTreeSet<String> = outcome
+            .reports
+            .iter()
+            .zip(&wanted)
+            .filter(|(report, _)| report.alive)
+            .map(|(_, want)| want.spec.node_id.clone())
+            .collect();
+        inputs.alive.send_if_modified(|current| {
+            let changed = *current != alive;
+            *current = alive;
+            changed
+        });
         if config.harvest_extra_endpoints {
             let harvested = harvest(&outcome.reports, &wanted, &inputs.keys);
             inputs.publication.send_if_modified(|p| {

@@ -2,14 +2,19 @@
 //!
 //! Each task connects, says Hello (following redirects, learning this node's public IP), opens
 //! the Watch stream, publishes this node's sealed record, and then keeps publishing on change and
-//! every TTL/2 while it turns watch messages into decrypted [`DiscoveryEvent`]s. Errors end the
-//! session and a new one starts after a jittered exponential backoff; the last known affiliates
-//! are kept meanwhile, so a discovery outage never tears down the mesh.
+//! every TTL/2 while it turns watch messages into decrypted [`DiscoveryEvent`]s. Publishing and
+//! watching are independent: a refused update is retried on its own back-off
+//! ([`PublishPlan`]) and never ends the watch. When the service shows this node's record deleted
+//! or changed by someone else, it is restored ([`check_own`]). A record that does not open never
+//! replaces the last good one. Watch errors end the session and a new one starts after a
+//! jittered exponential backoff; the last known affiliates are kept meanwhile, so a discovery
+//! outage never tears down the mesh.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use openspan_proto::discovery::server::{
@@ -23,6 +28,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use crate::config::DiscoveryEndpoint;
 use crate::crypto::ClusterKeys;
 use crate::model::AffiliateRecord;
+use crate::publish::{PublishPlan, PublishStep, Published, Warn, WarnLimiter, check_own};
 use crate::record::{self, SealedAffiliate};
 
 pub const DEFAULT_TTL: Duration = Duration::from_secs(30 * 60);
@@ -30,6 +36,10 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_REDIRECTS: usize = 5;
 const MAX_FAILURES_AT_REDIRECT: usize = 3;
+/// Unreadable records remembered (to log each once) per connection.
+const WARN_MEMORY: usize = 4096;
+/// At most one line about unreadable records per this interval.
+const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What this node publishes, shared by every client.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -49,10 +59,17 @@ pub enum DiscoveryEvent {
         index: usize,
         public_ip: Option<IpAddr>,
     },
-    /// The watch snapshot: replaces everything this endpoint said before.
+    /// The watch snapshot: replaces everything this endpoint said before, except the records
+    /// named in `unreadable`, whose last good version is kept.
     Snapshot {
         index: usize,
         affiliates: Vec<AffiliateRecord>,
+        unreadable: Vec<String>,
+    },
+    /// A record that does not open (garbage, another secret): the last good one is kept.
+    Unreadable {
+        index: usize,
+        node_id: String,
     },
     Upsert {
         index: usize,
@@ -83,6 +100,23 @@ pub struct ConnectionStatus {
 
 pub type SharedStatus = Arc<Mutex<ConnectionStatus>>;
 
+/// What went wrong with discovery, for metrics (shared by every client of the agent).
+#[derive(Debug, Default)]
+pub struct DiscoveryCounters {
+    /// This node's record found deleted or changed by someone else.
+    pub own_record_tampered: AtomicU64,
+    /// Updates of this node's record that failed (any reason).
+    pub publish_failures: AtomicU64,
+    /// This node's endpoints refused because its endpoint list was full.
+    pub endpoints_refused: AtomicU64,
+    /// Records of other affiliates that did not open.
+    pub unreadable_records: AtomicU64,
+}
+
+fn count(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -109,10 +143,11 @@ pub struct ClientSettings {
     pub ttl: Duration,
     pub client_version: String,
     pub backoff: Backoff,
+    pub counters: Arc<DiscoveryCounters>,
 }
 
 /// Exponential backoff with jitter: 0.5 s, ×1.5, at most 60 s, ±50 % (the discovery client's).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Backoff {
     pub initial: Duration,
     pub factor: f64,
@@ -158,13 +193,17 @@ pub async fn run_client(
 ) {
     let mut session = Session {
         index,
+        plan: PublishPlan::new(settings.backoff),
         settings,
         publication,
         events,
         status,
-        warned: HashSet::new(),
+        warned: WarnLimiter::new(WARN_MEMORY, WARN_INTERVAL),
         known: HashSet::new(),
         reached_watch: false,
+        published: Published::default(),
+        expect_own_delete: false,
+        publish_failing: false,
     };
     let mut target = endpoint.clone();
     let mut redirects = 0;
@@ -237,11 +276,26 @@ struct Session {
     publication: watch::Receiver<Publication>,
     events: mpsc::Sender<DiscoveryEvent>,
     status: SharedStatus,
-    /// (affiliate id, blob hash) pairs already reported as unreadable: log each once.
-    warned: HashSet<(String, u64)>,
+    /// Unreadable records already reported: log each once, at a bounded rate.
+    warned: WarnLimiter,
     /// Readable affiliates this session currently knows, for the status count.
     known: HashSet<String>,
     reached_watch: bool,
+    /// When to publish this node's record next.
+    plan: PublishPlan,
+    /// What this client last got accepted (kept across sessions).
+    published: Published,
+    /// This client just deleted its own record to clear it: that delete's echo is not tampering.
+    expect_own_delete: bool,
+    /// The last publish failed (log the failure and the recovery once each).
+    publish_failing: bool,
+}
+
+/// How one publish went.
+enum PublishOutcome {
+    Done,
+    /// The data was taken but the endpoints were refused (the endpoint list is full).
+    EndpointsRefused(String),
 }
 
 fn connect_endpoint(target: &DiscoveryEndpoint, ttl: Duration) -> Result<Endpoint, String> {
@@ -342,13 +396,27 @@ impl Session {
         tracing::info!(endpoint = %target.authority, ?public_ip, "connected to discovery service");
 
         let mut publication = self.publication.borrow_and_update().clone();
-        self.publish(&mut client, &publication).await?;
+        self.plan.publish_now(Instant::now());
         let mut refresh = tokio::time::interval_at(
             tokio::time::Instant::now() + self.settings.ttl / 2,
             self.settings.ttl / 2,
         );
         let mut first = true;
         loop {
+            let due = match self.plan.step(Instant::now()) {
+                PublishStep::Publish { clear_first } => {
+                    self.publish_step(&mut client, &publication, clear_first)
+                        .await;
+                    continue;
+                }
+                PublishStep::Wait(due) => due,
+            };
+            let publish_due = async {
+                match due {
+                    Some(due) => tokio::time::sleep_until(due.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = stop.cancelled() => return Ok(SessionEnd::Stopped),
                 changed = self.publication.changed() => {
@@ -356,13 +424,14 @@ impl Session {
                         return Ok(SessionEnd::Stopped);
                     }
                     publication = self.publication.borrow_and_update().clone();
-                    self.publish(&mut client, &publication).await?;
+                    self.plan.publish_now(Instant::now());
                 }
-                _ = refresh.tick() => self.publish(&mut client, &publication).await?,
+                _ = refresh.tick() => self.plan.publish_now(Instant::now()),
+                _ = publish_due => {}
                 message = stream.message() => match message {
                     Ok(Some(message)) => {
                         self.reached_watch = true;
-                        self.handle_watch(message, first).await?;
+                        self.handle_watch(message, first, publication.leaving).await?;
                         first = false;
                     }
                     Ok(None) => return Err("the discovery service closed the watch stream".into()),
@@ -372,59 +441,134 @@ impl Session {
         }
     }
 
+    /// Publishes (or, when leaving, deletes) this node's record and schedules what comes next.
+    async fn publish_step(
+        &mut self,
+        client: &mut ClusterClient<Channel>,
+        publication: &Publication,
+        clear_first: bool,
+    ) {
+        let now = Instant::now();
+        match self.publish(client, publication, clear_first).await {
+            Ok(PublishOutcome::Done) => {
+                if self.publish_failing {
+                    tracing::info!("this node's record is published again");
+                    self.publish_failing = false;
+                }
+                self.plan.succeeded();
+            }
+            Ok(PublishOutcome::EndpointsRefused(error)) => {
+                count(&self.settings.counters.endpoints_refused);
+                let response = self.plan.endpoints_refused(now);
+                tracing::warn!(%error, retry_in = ?response.delay, "the discovery service refused this node's endpoints (its endpoint list is full, possibly filled by someone else); the data is published, and the record will be cleared and published again");
+                if response.backing_off {
+                    tracing::warn!(
+                        "this node's record keeps being tampered with; restoring it with a growing delay (metric kubespan_discovery_own_record_tampered_total)"
+                    );
+                }
+            }
+            Err(error) => {
+                count(&self.settings.counters.publish_failures);
+                let delay = self.plan.failed(now, rand::random_range(0.0..1.0));
+                if !self.publish_failing {
+                    tracing::warn!(%error, retry_in = ?delay, "cannot publish this node's record; retrying (watching goes on)");
+                    self.publish_failing = true;
+                } else {
+                    tracing::debug!(%error, retry_in = ?delay, "publishing still fails");
+                }
+                set_state(&self.status, "connected", Some(error));
+            }
+        }
+    }
+
     async fn publish(
         &mut self,
         client: &mut ClusterClient<Channel>,
         publication: &Publication,
-    ) -> Result<(), String> {
+        clear_first: bool,
+    ) -> Result<PublishOutcome, String> {
         if publication.leaving {
             self.delete_own(client).await;
-            return Ok(());
+            return Ok(PublishOutcome::Done);
         }
         let Some(own) = &publication.own else {
-            return Ok(());
+            return Ok(PublishOutcome::Done);
         };
+        if clear_first {
+            // Endpoints can only be added, never removed, by updates: deleting the record is the
+            // one way to drop what someone else filled the list with. Peers keep this node
+            // meanwhile (its tunnels are alive).
+            let mut request = tonic::Request::new(AffiliateDeleteRequest {
+                cluster_id: self.settings.cluster_id.clone(),
+                affiliate_id: self.settings.node_id.clone(),
+            });
+            request.set_timeout(CALL_TIMEOUT);
+            client.affiliate_delete(request).await.map_err(|s| {
+                format!(
+                    "AffiliateDelete (to clear the record) failed: {:?}: {}",
+                    s.code(),
+                    s.message()
+                )
+            })?;
+            self.expect_own_delete = true;
+            tracing::info!("cleared this node's record (foreign endpoints) to publish it again");
+        }
         let ttl = prost_types::Duration::try_from(self.settings.ttl).ok();
-        let mut updates = vec![AffiliateUpdateRequest {
-            cluster_id: self.settings.cluster_id.clone(),
-            affiliate_id: self.settings.node_id.clone(),
-            affiliate_data: Some(own.data.clone()),
-            affiliate_endpoints: own.endpoints.clone(),
-            ttl,
-        }];
+        let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
+        let own_update = |endpoints: Vec<Bytes>| {
+            let mut request = tonic::Request::new(AffiliateUpdateRequest {
+                cluster_id: self.settings.cluster_id.clone(),
+                affiliate_id: self.settings.node_id.clone(),
+                affiliate_data: Some(own.data.clone()),
+                affiliate_endpoints: endpoints,
+                ttl,
+            });
+            request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            request
+        };
+        let mut outcome = PublishOutcome::Done;
+        match client
+            .affiliate_update(own_update(own.endpoints.clone()))
+            .await
+        {
+            Ok(_) => {}
+            Err(s) if s.code() == tonic::Code::ResourceExhausted && !own.endpoints.is_empty() => {
+                // Possibly the endpoint list is full: the data (and the record's TTL) must still
+                // get through, so peers keep reading this node.
+                client
+                    .affiliate_update(own_update(Vec::new()))
+                    .await
+                    .map_err(|s| {
+                        format!("AffiliateUpdate failed: {:?}: {}", s.code(), s.message())
+                    })?;
+                outcome = PublishOutcome::EndpointsRefused(s.message().to_owned());
+            }
+            Err(s) => {
+                return Err(format!(
+                    "AffiliateUpdate failed: {:?}: {}",
+                    s.code(),
+                    s.message()
+                ));
+            }
+        }
+        self.published.set(own.clone(), Instant::now());
         for (affiliate_id, endpoints) in &publication.harvested {
-            updates.push(AffiliateUpdateRequest {
+            let mut request = tonic::Request::new(AffiliateUpdateRequest {
                 cluster_id: self.settings.cluster_id.clone(),
                 affiliate_id: affiliate_id.clone(),
                 affiliate_data: None,
                 affiliate_endpoints: endpoints.clone(),
                 ttl,
             });
-        }
-        let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
-        for (index, update) in updates.into_iter().enumerate() {
-            let affiliate = update.affiliate_id.clone();
-            let mut request = tonic::Request::new(update);
             request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
-            match client.affiliate_update(request).await {
-                Ok(_) => {}
-                // This node's own record must get through; otherwise the session starts over.
-                Err(s) if index == 0 => {
-                    return Err(format!(
-                        "AffiliateUpdate failed: {:?}: {}",
-                        s.code(),
-                        s.message()
-                    ));
-                }
-                // Endpoints harvested for another node are best effort (the server may refuse
-                // them, e.g. at its per-affiliate endpoint limit); they never end the session.
-                Err(s) => {
-                    tracing::debug!(%affiliate, code = ?s.code(), error = %s.message(), "harvested endpoints not published")
-                }
+            // Endpoints harvested for another node are best effort (the server may refuse
+            // them, e.g. at its per-affiliate endpoint limit); they never end the session.
+            if let Err(s) = client.affiliate_update(request).await {
+                tracing::debug!(affiliate = %affiliate_id, code = ?s.code(), error = %s.message(), "harvested endpoints not published");
             }
         }
         self.status.lock().unwrap_or_else(|p| p.into_inner()).left = false;
-        Ok(())
+        Ok(outcome)
     }
 
     async fn delete_own(&mut self, client: &mut ClusterClient<Channel>) {
@@ -444,13 +588,13 @@ impl Session {
         }
     }
 
-    /// Decrypts what can be decrypted; skips this node, records without data, and (logging each
-    /// once) records that do not open with this cluster's keys.
+    /// Decrypts what can be decrypted. `None` for records without data and (logging each once,
+    /// at a bounded rate) records that do not open with this cluster's keys.
     fn open(
         &mut self,
         affiliate: &openspan_proto::discovery::server::Affiliate,
     ) -> Option<AffiliateRecord> {
-        if affiliate.id == self.settings.node_id || affiliate.data.is_empty() {
+        if affiliate.data.is_empty() {
             return None;
         }
         match record::open(
@@ -466,35 +610,101 @@ impl Session {
                 Some(record)
             }
             Err(error) => {
-                if self
+                count(&self.settings.counters.unreadable_records);
+                match self
                     .warned
-                    .insert((affiliate.id.clone(), hash(&affiliate.data)))
+                    .unreadable(&affiliate.id, hash(&affiliate.data), Instant::now())
                 {
-                    tracing::warn!(affiliate = %affiliate.id, %error, "ignoring a discovery record");
+                    Warn::Log { suppressed: 0 } => {
+                        tracing::warn!(affiliate = %affiliate.id, %error, "ignoring a discovery record (the last good one is kept)")
+                    }
+                    Warn::Log { suppressed } => {
+                        tracing::warn!(affiliate = %affiliate.id, %error, more = suppressed, "ignoring discovery records (the last good ones are kept)")
+                    }
+                    Warn::Quiet => {}
                 }
                 None
             }
         }
     }
 
-    async fn handle_watch(&mut self, message: WatchResponse, first: bool) -> Result<(), String> {
+    /// Restores this node's record when the service shows it deleted or changed by someone
+    /// else (not while leaving, and not for the echo of its own clearing delete).
+    fn check_own_record(
+        &mut self,
+        affiliate: &openspan_proto::discovery::server::Affiliate,
+        deleted: bool,
+        leaving: bool,
+    ) {
+        if leaving {
+            return;
+        }
+        if deleted && std::mem::take(&mut self.expect_own_delete) {
+            return;
+        }
+        let now = Instant::now();
+        let seen = (!deleted).then_some((&affiliate.data[..], &affiliate.endpoints[..]));
+        let verdict = check_own(
+            &self.settings.keys,
+            &self.settings.node_id,
+            &self.published,
+            seen,
+            now,
+        );
+        if let Some(response) = self.plan.own_record_seen(verdict, now) {
+            count(&self.settings.counters.own_record_tampered);
+            tracing::warn!(
+                change = verdict.as_str(),
+                restore_in = ?response.delay,
+                "this node's record was changed by someone else at the discovery service; restoring it"
+            );
+            if response.backing_off {
+                tracing::warn!(
+                    "this node's record keeps being tampered with; restoring it with a growing delay (metric kubespan_discovery_own_record_tampered_total)"
+                );
+            }
+        }
+    }
+
+    async fn handle_watch(
+        &mut self,
+        message: WatchResponse,
+        first: bool,
+        leaving: bool,
+    ) -> Result<(), String> {
         let index = self.index;
         if first {
-            let affiliates: Vec<_> = message
-                .affiliates
-                .iter()
-                .filter_map(|a| self.open(a))
-                .collect();
+            // This node's own entry is not judged here: the snapshot predates the publish this
+            // session starts with.
+            let mut affiliates = Vec::new();
+            let mut unreadable = Vec::new();
+            for affiliate in &message.affiliates {
+                if affiliate.id == self.settings.node_id {
+                    continue;
+                }
+                match self.open(affiliate) {
+                    Some(record) => affiliates.push(record),
+                    None => unreadable.push(affiliate.id.clone()),
+                }
+            }
             self.known = affiliates.iter().map(|r| r.node_id.clone()).collect();
             self.status
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .affiliates = self.known.len();
             return self
-                .send(DiscoveryEvent::Snapshot { index, affiliates })
+                .send(DiscoveryEvent::Snapshot {
+                    index,
+                    affiliates,
+                    unreadable,
+                })
                 .await;
         }
         for affiliate in &message.affiliates {
+            if affiliate.id == self.settings.node_id {
+                self.check_own_record(affiliate, message.deleted, leaving);
+                continue;
+            }
             let event = if message.deleted {
                 DiscoveryEvent::Remove {
                     index,
@@ -506,12 +716,12 @@ impl Session {
                         index,
                         record: Box::new(record),
                     },
-                    // Unreadable now: whatever we knew of it is no longer current.
-                    None if affiliate.id != self.settings.node_id => DiscoveryEvent::Remove {
+                    // Unreadable now: the last good record stays (a writer without the cluster
+                    // secret cannot evict a node).
+                    None => DiscoveryEvent::Unreadable {
                         index,
                         node_id: affiliate.id.clone(),
                     },
-                    None => continue,
                 }
             };
             match &event {
@@ -529,11 +739,32 @@ impl Session {
     }
 }
 
-/// What each endpoint last told us, merged by the agent.
+/// One record as a source last told it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Entry {
+    record: AffiliateRecord,
+    /// When the source last sent a readable version.
+    seen_at: Instant,
+    /// The source now holds a version that does not open; this one is kept until its own expiry.
+    shadowed: bool,
+}
+
+/// What the agent knows of the other members, merged from every discovery service, the warm-start
+/// cache and the members kept for their live tunnels.
+///
+/// A member stays while *either* a source lists it *or* its tunnel is alive (the data plane
+/// reports that with [`RegistryCache::set_alive`]): a discovery service restarted without its
+/// state, an aborted watch or someone deleting records cannot remove a working peer, and so can
+/// never open a window where its traffic leaves unencrypted. It is removed once both are gone.
 #[derive(Debug, Default)]
 pub struct RegistryCache {
-    per_endpoint: Vec<HashMap<String, AffiliateRecord>>,
+    per_endpoint: Vec<HashMap<String, Entry>>,
     public_ips: Vec<Option<IpAddr>>,
+    /// Loaded from the warm-start cache at start; dropped at the first snapshot of any service.
+    warm: HashMap<String, (AffiliateRecord, i64)>,
+    /// No longer listed anywhere, kept while the tunnel is alive.
+    retained: HashMap<String, AffiliateRecord>,
+    alive: BTreeSet<String>,
 }
 
 impl RegistryCache {
@@ -541,11 +772,38 @@ impl RegistryCache {
         Self {
             per_endpoint: vec![HashMap::new(); endpoints],
             public_ips: vec![None; endpoints],
+            ..Self::default()
         }
     }
 
-    /// Applies one event; returns true when the set of known records changed.
-    pub fn apply(&mut self, event: DiscoveryEvent) -> bool {
+    /// Members from the warm-start cache (with their expiry, unix ms), used until a discovery
+    /// service answers.
+    pub fn load_warm(&mut self, records: Vec<(AffiliateRecord, i64)>) {
+        self.warm = records
+            .into_iter()
+            .map(|(record, expires)| (record.node_id.clone(), (record, expires)))
+            .collect();
+    }
+
+    fn listed(&self, node_id: &str) -> bool {
+        self.per_endpoint.iter().any(|c| c.contains_key(node_id)) || self.warm.contains_key(node_id)
+    }
+
+    /// `record` is no longer listed by any source: keep it if its tunnel is alive.
+    fn unlisted(&mut self, record: AffiliateRecord) -> bool {
+        if self.listed(&record.node_id) {
+            return false;
+        }
+        if self.alive.contains(&record.node_id) {
+            tracing::info!(node = %record.node_id, nodename = %record.nodename, "discovery no longer lists a member whose tunnel is alive; keeping it as a peer");
+            self.retained.insert(record.node_id.clone(), record);
+            return false;
+        }
+        true
+    }
+
+    /// Applies one event at `now`; returns true when the merged set of records changed.
+    pub fn apply(&mut self, event: DiscoveryEvent, now: Instant) -> bool {
         match event {
             DiscoveryEvent::Connected { index, public_ip } => {
                 if let Some(slot) = self.public_ips.get_mut(index) {
@@ -555,34 +813,146 @@ impl RegistryCache {
                 }
                 false
             }
-            DiscoveryEvent::Snapshot { index, affiliates } => {
+            DiscoveryEvent::Snapshot {
+                index,
+                affiliates,
+                unreadable,
+            } => {
                 let Some(cache) = self.per_endpoint.get_mut(index) else {
                     return false;
                 };
-                let fresh: HashMap<_, _> = affiliates
+                let mut fresh: HashMap<String, Entry> = affiliates
                     .into_iter()
-                    .map(|r| (r.node_id.clone(), r))
+                    .map(|record| {
+                        let entry = Entry {
+                            record,
+                            seen_at: now,
+                            shadowed: false,
+                        };
+                        (entry.record.node_id.clone(), entry)
+                    })
                     .collect();
-                let changed = *cache != fresh;
-                *cache = fresh;
+                for node_id in unreadable {
+                    if let Some(mut entry) = cache.remove(&node_id) {
+                        entry.shadowed = true;
+                        fresh.insert(node_id, entry);
+                    }
+                }
+                let before: Vec<AffiliateRecord> = std::mem::replace(cache, fresh)
+                    .into_values()
+                    .map(|e| e.record)
+                    .collect();
+                let mut changed = false;
+                let after = &self.per_endpoint[index];
+                let previous: HashMap<&str, &AffiliateRecord> =
+                    before.iter().map(|r| (r.node_id.as_str(), r)).collect();
+                if after.len() != previous.len()
+                    || after
+                        .values()
+                        .any(|e| previous.get(e.record.node_id.as_str()) != Some(&&e.record))
+                {
+                    changed = true;
+                }
+                // The first word of any service replaces the warm-start cache.
+                let warm: Vec<AffiliateRecord> =
+                    self.warm.drain().map(|(_, (record, _))| record).collect();
+                changed |= !warm.is_empty();
+                for record in before.into_iter().chain(warm) {
+                    self.unlisted(record);
+                }
+                for node_id in self.per_endpoint[index].keys() {
+                    changed |= self.retained.remove(node_id).is_some();
+                }
                 changed
             }
             DiscoveryEvent::Upsert { index, record } => {
                 let Some(cache) = self.per_endpoint.get_mut(index) else {
                     return false;
                 };
-                cache.insert(record.node_id.clone(), (*record).clone()) != Some(*record)
+                let node_id = record.node_id.clone();
+                let entry = Entry {
+                    record: *record,
+                    seen_at: now,
+                    shadowed: false,
+                };
+                let changed = cache
+                    .insert(node_id.clone(), entry.clone())
+                    .is_none_or(|old| old.record != entry.record);
+                self.retained.remove(&node_id);
+                changed
             }
-            DiscoveryEvent::Remove { index, node_id } => self
-                .per_endpoint
-                .get_mut(index)
-                .is_some_and(|cache| cache.remove(&node_id).is_some()),
+            DiscoveryEvent::Unreadable { index, node_id } => {
+                if let Some(entry) = self
+                    .per_endpoint
+                    .get_mut(index)
+                    .and_then(|cache| cache.get_mut(&node_id))
+                {
+                    entry.shadowed = true;
+                }
+                false
+            }
+            DiscoveryEvent::Remove { index, node_id } => {
+                let Some(entry) = self
+                    .per_endpoint
+                    .get_mut(index)
+                    .and_then(|cache| cache.remove(&node_id))
+                else {
+                    return false;
+                };
+                self.unlisted(entry.record);
+                true
+            }
             // Keep what we knew: a discovery outage must not tear down the mesh.
             DiscoveryEvent::Disconnected { .. } => false,
         }
     }
 
-    /// Raw records keyed `service/<endpoint index>/<node id>`, for merging.
+    /// Which peers' tunnels are alive. Retained members whose tunnel died are dropped; returns
+    /// true when that changed the merged set.
+    pub fn set_alive(&mut self, alive: BTreeSet<String>) -> bool {
+        self.alive = alive;
+        let before = self.retained.len();
+        let alive = &self.alive;
+        self.retained.retain(|node_id, record| {
+            let keep = alive.contains(node_id);
+            if !keep {
+                tracing::info!(node = %node_id, nodename = %record.nodename, "member gone: not listed by discovery and its tunnel is silent");
+            }
+            keep
+        });
+        before != self.retained.len()
+    }
+
+    /// Drops what has expired at `now` (monotonic) / `now_unix_ms` (wall, for the warm-start
+    /// cache's TTLs): records kept over an unreadable replacement live `ttl` after they were last
+    /// seen. Returns true when the merged set changed.
+    pub fn expire(&mut self, now: Instant, now_unix_ms: i64, ttl: Duration) -> bool {
+        let mut gone = Vec::new();
+        for cache in &mut self.per_endpoint {
+            cache.retain(|_, entry| {
+                let keep = !entry.shadowed || now.saturating_duration_since(entry.seen_at) < ttl;
+                if !keep {
+                    gone.push(entry.record.clone());
+                }
+                keep
+            });
+        }
+        self.warm.retain(|_, (record, expires)| {
+            let keep = *expires > now_unix_ms;
+            if !keep {
+                gone.push(record.clone());
+            }
+            keep
+        });
+        let changed = !gone.is_empty();
+        for record in gone {
+            self.unlisted(record);
+        }
+        changed
+    }
+
+    /// Raw records keyed `<source>/<node id>`, for merging: the services in endpoint order, then
+    /// the warm-start cache, then the members kept for their live tunnels.
     pub fn raw(&self) -> Vec<(String, &AffiliateRecord)> {
         let mut raw: Vec<_> = self
             .per_endpoint
@@ -591,11 +961,47 @@ impl RegistryCache {
             .flat_map(|(i, cache)| {
                 cache
                     .values()
-                    .map(move |r| (format!("service/{i:03}/{}", r.node_id), r))
+                    .map(move |e| (format!("service/{i:03}/{}", e.record.node_id), &e.record))
             })
             .collect();
+        raw.extend(
+            self.warm
+                .values()
+                .map(|(r, _)| (format!("warm/{}", r.node_id), r)),
+        );
+        raw.extend(
+            self.retained
+                .values()
+                .map(|r| (format!("zretained/{}", r.node_id), r)),
+        );
         raw.sort_by(|a, b| a.0.cmp(&b.0));
         raw
+    }
+
+    /// The members to remember across a restart, with their expiry (unix ms): the listed and
+    /// retained ones expire `ttl` from `now_unix_ms`, warm-start ones keep theirs.
+    pub fn to_persist(&self, now_unix_ms: i64, ttl: Duration) -> Vec<(AffiliateRecord, i64)> {
+        let expires = now_unix_ms.saturating_add(ttl.as_millis() as i64);
+        let mut out: HashMap<&str, (AffiliateRecord, i64)> = HashMap::new();
+        for (record, at) in self.warm.values() {
+            out.insert(&record.node_id, (record.clone(), *at));
+        }
+        for record in self
+            .per_endpoint
+            .iter()
+            .flat_map(|c| c.values().map(|e| &e.record))
+            .chain(self.retained.values())
+        {
+            out.insert(&record.node_id, (record.clone(), expires));
+        }
+        let mut out: Vec<_> = out.into_values().collect();
+        out.sort_by(|a, b| a.0.node_id.cmp(&b.0.node_id));
+        out
+    }
+
+    /// How many members are kept only for their live tunnels.
+    pub fn retained(&self) -> usize {
+        self.retained.len()
     }
 
     /// Distinct public IPs reported by the discovery services, in endpoint order.
@@ -632,49 +1038,157 @@ mod tests {
         }
     }
 
+    fn snapshot(index: usize, ids: &[&str]) -> DiscoveryEvent {
+        DiscoveryEvent::Snapshot {
+            index,
+            affiliates: ids.iter().map(|id| rec(id)).collect(),
+            unreadable: vec![],
+        }
+    }
+
+    fn ids(cache: &RegistryCache) -> Vec<String> {
+        cache.raw().into_iter().map(|(id, _)| id).collect()
+    }
+
+    fn alive(ids: &[&str]) -> BTreeSet<String> {
+        ids.iter().map(|id| id.to_string()).collect()
+    }
+
     #[test]
     fn cache_snapshot_replaces_and_disconnect_keeps() {
+        let t = Instant::now();
         let mut cache = RegistryCache::new(2);
-        assert!(cache.apply(DiscoveryEvent::Snapshot {
-            index: 0,
-            affiliates: vec![rec("a"), rec("b")]
-        }));
-        assert!(cache.apply(DiscoveryEvent::Upsert {
+        assert!(cache.apply(snapshot(0, &["a", "b"]), t));
+        let upsert = || DiscoveryEvent::Upsert {
             index: 1,
-            record: Box::new(rec("a"))
-        }));
-        assert!(
-            !cache.apply(DiscoveryEvent::Upsert {
-                index: 1,
-                record: Box::new(rec("a"))
-            }),
-            "same record: no change"
-        );
-        assert!(!cache.apply(DiscoveryEvent::Disconnected {
+            record: Box::new(rec("a")),
+        };
+        assert!(cache.apply(upsert(), t));
+        assert!(!cache.apply(upsert(), t), "same record: no change");
+        let disconnected = DiscoveryEvent::Disconnected {
             index: 0,
-            error: "x".into()
-        }));
+            error: "x".into(),
+        };
+        assert!(!cache.apply(disconnected, t));
         assert_eq!(cache.raw().len(), 3);
-        assert!(cache.apply(DiscoveryEvent::Snapshot {
-            index: 0,
-            affiliates: vec![rec("b")]
-        }));
-        assert!(cache.apply(DiscoveryEvent::Remove {
+        assert!(cache.apply(snapshot(0, &["b"]), t));
+        let remove = DiscoveryEvent::Remove {
             index: 1,
-            node_id: "a".into()
-        }));
-        let ids: Vec<_> = cache.raw().into_iter().map(|(id, _)| id).collect();
-        assert_eq!(ids, ["service/000/b"]);
+            node_id: "a".into(),
+        };
+        assert!(cache.apply(remove, t));
+        assert_eq!(ids(&cache), ["service/000/b"]);
+    }
+
+    #[test]
+    fn a_member_with_a_live_tunnel_survives_an_empty_snapshot_and_deletes() {
+        let t = Instant::now();
+        let mut cache = RegistryCache::new(1);
+        cache.apply(snapshot(0, &["a", "b", "c"]), t);
+        cache.set_alive(alive(&["a", "b"]));
+        // The service restarted without its state: an empty snapshot.
+        assert!(cache.apply(snapshot(0, &[]), t));
+        assert_eq!(
+            ids(&cache),
+            ["zretained/a", "zretained/b"],
+            "c (silent) is gone"
+        );
+        assert_eq!(cache.retained(), 2);
+        // a publishes again: listed again, no longer retained.
+        cache.apply(
+            DiscoveryEvent::Upsert {
+                index: 0,
+                record: Box::new(rec("a")),
+            },
+            t,
+        );
+        assert_eq!(ids(&cache), ["service/000/a", "zretained/b"]);
+        // b's tunnel goes silent (it left, or died): removed.
+        assert!(cache.set_alive(alive(&["a"])));
+        assert_eq!(ids(&cache), ["service/000/a"]);
+        // A delete of a live member keeps it too (someone who knows only the cluster id).
+        cache.apply(
+            DiscoveryEvent::Remove {
+                index: 0,
+                node_id: "a".into(),
+            },
+            t,
+        );
+        assert_eq!(ids(&cache), ["zretained/a"]);
+    }
+
+    #[test]
+    fn another_service_still_listing_a_member_keeps_it_listed() {
+        let t = Instant::now();
+        let mut cache = RegistryCache::new(2);
+        cache.apply(snapshot(0, &["a"]), t);
+        cache.apply(snapshot(1, &["a"]), t);
+        cache.apply(snapshot(0, &[]), t);
+        assert_eq!(ids(&cache), ["service/001/a"]);
+        assert_eq!(cache.retained(), 0);
+    }
+
+    #[test]
+    fn an_unreadable_record_never_replaces_the_last_good_one_until_its_expiry() {
+        let t = Instant::now();
+        let ttl = Duration::from_secs(1800);
+        let mut cache = RegistryCache::new(1);
+        cache.apply(snapshot(0, &["a", "b"]), t);
+        assert!(!cache.apply(
+            DiscoveryEvent::Unreadable {
+                index: 0,
+                node_id: "a".into()
+            },
+            t
+        ));
+        // A new session's snapshot still holds the garbage for a: kept.
+        cache.apply(
+            DiscoveryEvent::Snapshot {
+                index: 0,
+                affiliates: vec![rec("b")],
+                unreadable: vec!["a".into(), "never-seen".into()],
+            },
+            t + Duration::from_secs(60),
+        );
+        assert_eq!(ids(&cache), ["service/000/a", "service/000/b"]);
+        // Its own expiry (from when it was last readable) still applies; b is not shadowed.
+        assert!(!cache.expire(t + ttl - Duration::from_secs(1), 0, ttl));
+        assert!(cache.expire(t + ttl, 0, ttl));
+        assert_eq!(ids(&cache), ["service/000/b"]);
+    }
+
+    #[test]
+    fn the_warm_start_cache_serves_until_a_service_answers_and_expires_on_its_ttl() {
+        let t = Instant::now();
+        let ttl = Duration::from_secs(1800);
+        let mut cache = RegistryCache::new(1);
+        cache.load_warm(vec![(rec("a"), 5_000), (rec("b"), 9_000)]);
+        assert_eq!(ids(&cache), ["warm/a", "warm/b"]);
+        assert!(cache.expire(t, 6_000, ttl), "a's record expired");
+        assert_eq!(ids(&cache), ["warm/b"]);
+        // Persisted: warm entries keep their expiry, listed ones get a fresh TTL.
+        cache.set_alive(alive(&["b"]));
+        assert_eq!(cache.to_persist(6_000, ttl), vec![(rec("b"), 9_000)]);
+        // The service answers (without b): b's tunnel is alive, so it stays.
+        cache.apply(snapshot(0, &["c"]), t);
+        assert_eq!(ids(&cache), ["service/000/c", "zretained/b"]);
+        assert_eq!(
+            cache.to_persist(6_000, ttl),
+            vec![(rec("b"), 1_806_000), (rec("c"), 1_806_000)]
+        );
     }
 
     #[test]
     fn public_ips_are_distinct_in_endpoint_order() {
         let mut cache = RegistryCache::new(3);
         for (index, ip) in [(0, "203.0.113.1"), (1, "203.0.113.1"), (2, "198.51.100.2")] {
-            cache.apply(DiscoveryEvent::Connected {
-                index,
-                public_ip: Some(ip.parse().unwrap()),
-            });
+            cache.apply(
+                DiscoveryEvent::Connected {
+                    index,
+                    public_ip: Some(ip.parse().unwrap()),
+                },
+                Instant::now(),
+            );
         }
         assert_eq!(
             cache.public_ips(),

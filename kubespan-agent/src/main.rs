@@ -118,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
                 view: shared.view.clone(),
                 publication: shared.publication.clone(),
                 status: board.clone(),
+                alive: shared.alive.clone(),
             };
             let task = tokio::spawn(dataplane::run(inputs, stop.clone()));
             (board, Some(task))

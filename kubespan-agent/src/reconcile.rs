@@ -9,10 +9,14 @@
 //! - an established peer is `up` while anything (handshake or data, keepalives included) arrived
 //!   within `peer_down_after`, and `down` after that, which starts rotation again;
 //! - an endpoint the peer roamed to (it reached us from elsewhere, e.g. through NAT) is kept.
+//!
+//! Time is monotonic ([`Instant`]): a wall clock step (VM resume, NTP fixing a bad clock) changes
+//! nothing. The device reports handshakes in wall-clock time; only a *change* of that value is
+//! used, stamped with the monotonic time at which it was noticed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::IpNet;
 
@@ -53,10 +57,14 @@ impl State {
 pub struct PeerMemory {
     /// The endpoint the agent last configured.
     pub last_used_endpoint: Option<SocketAddr>,
-    pub last_endpoint_change: Option<SystemTime>,
+    pub last_endpoint_change: Option<Instant>,
     /// When the received byte count last grew: the peer's last answer of any kind.
     pub last_rx_bytes: u64,
-    pub last_rx_change: Option<SystemTime>,
+    pub last_rx_change: Option<Instant>,
+    /// The device's last-handshake time as last read (wall clock, only compared for change).
+    pub seen_handshake: Option<SystemTime>,
+    /// When a new handshake was noticed.
+    pub handshake_at: Option<Instant>,
     /// What was last written to the device (endpoint excluded), to detect changes.
     pub applied_allowed_ips: Vec<IpNet>,
     pub state: State,
@@ -84,10 +92,14 @@ pub struct PeerReport {
     pub public_key: Key,
     pub state: State,
     pub endpoint: Option<SocketAddr>,
+    /// As the device reports it (wall clock), for display.
     pub last_handshake: Option<SystemTime>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
-    pub last_endpoint_change: Option<SystemTime>,
+    pub last_endpoint_change: Option<Instant>,
+    /// Something (handshake or data) arrived from the peer within `peer_down_after`: its tunnel
+    /// is alive, whatever discovery says.
+    pub alive: bool,
 }
 
 /// A peer wanted by discovery, with its key decoded.
@@ -116,8 +128,8 @@ fn next_endpoint(endpoints: &[SocketAddr], last_used: Option<SocketAddr>) -> Opt
     Some(endpoints[index])
 }
 
-fn since(now: SystemTime, then: Option<SystemTime>) -> Option<Duration> {
-    then.map(|t| now.duration_since(t).unwrap_or_default())
+fn since(now: Instant, then: Option<Instant>) -> Option<Duration> {
+    then.map(|t| now.saturating_duration_since(t))
 }
 
 /// Decides what to change. `memory` is updated in place; `good_endpoints` holds, per peer, the
@@ -130,7 +142,7 @@ pub fn reconcile(
     good_endpoints: &mut BTreeMap<String, SocketAddr>,
     preshared_key: &Key,
     timers: Policy,
-    now: SystemTime,
+    now: Instant,
 ) -> Outcome {
     let mut actions = Vec::new();
     let mut reports = Vec::new();
@@ -153,14 +165,7 @@ pub fn reconcile(
         let endpoints = &want.spec.endpoints;
         let remembered = good_endpoints.get(&want.spec.node_id).copied();
 
-        // A wall clock stepped backwards (NTP on a host without RTC) must not leave change times
-        // in the future, where no timeout would ever expire.
-        for time in [&mut mem.last_endpoint_change, &mut mem.last_rx_change] {
-            if time.is_some_and(|t| t > now) {
-                *time = Some(now);
-            }
-        }
-        // Track the last answer through the received byte counter.
+        // Track the last answer through the received byte counter and the handshake time.
         if let Some(device_peer) = state_on_device
             && device_peer.rx_bytes != mem.last_rx_bytes
         {
@@ -170,12 +175,18 @@ pub fn reconcile(
             mem.last_rx_bytes = device_peer.rx_bytes;
         }
         let last_handshake = state_on_device.and_then(|p| p.last_handshake);
+        if last_handshake.is_some() && last_handshake != mem.seen_handshake {
+            mem.handshake_at = Some(now);
+        }
+        mem.seen_handshake = last_handshake;
         let changed_at = mem.last_endpoint_change;
         let answered_since_change = match changed_at {
             None => false,
-            Some(t) => last_handshake.is_some_and(|h| h >= t),
+            // Strictly later: a handshake noticed in the very reconcile that changed the endpoint
+            // answered the previous one.
+            Some(t) => mem.handshake_at.is_some_and(|h| h > t),
         };
-        let last_answer = [last_handshake, mem.last_rx_change]
+        let last_answer = [mem.handshake_at, mem.last_rx_change]
             .into_iter()
             .flatten()
             .max();
@@ -274,6 +285,7 @@ pub fn reconcile(
             rx_bytes: state_on_device.map_or(0, |p| p.rx_bytes),
             tx_bytes: state_on_device.map_or(0, |p| p.tx_bytes),
             last_endpoint_change: mem.last_endpoint_change,
+            alive: since(now, last_answer).is_some_and(|age| age <= timers.peer_down_after),
         });
     }
     Outcome { actions, reports }
@@ -322,7 +334,10 @@ mod tests {
     struct Harness {
         memory: HashMap<Key, PeerMemory>,
         good: BTreeMap<String, SocketAddr>,
-        t0: SystemTime,
+        /// Monotonic base.
+        t0: Instant,
+        /// Wall-clock base for what the device reports.
+        wall0: SystemTime,
     }
 
     impl Harness {
@@ -330,7 +345,8 @@ mod tests {
             Self {
                 memory: HashMap::new(),
                 good: BTreeMap::new(),
-                t0: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000),
+                t0: Instant::now(),
+                wall0: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000),
             }
         }
         fn at(&mut self, secs: u64, wanted: &[WantedPeer], device: &[PeerState]) -> Outcome {
@@ -344,8 +360,9 @@ mod tests {
                 self.t0 + Duration::from_secs(secs),
             )
         }
+        /// The wall-clock time the device would report at `secs`.
         fn time(&self, secs: u64) -> SystemTime {
-            self.t0 + Duration::from_secs(secs)
+            self.wall0 + Duration::from_secs(secs)
         }
     }
 
@@ -550,18 +567,39 @@ mod tests {
     }
 
     #[test]
-    fn a_clock_stepped_backwards_does_not_stall_rotation() {
-        let mut h = Harness::new();
-        let w = [want(&["10.9.0.2:51820", "10.0.0.2:51820"])];
-        h.at(100, &w, &[]);
-        let dev = [on_device(Some("10.9.0.2:51820"), None, 0)];
-        // The clock jumps back 60 s; the dead endpoint is still left one timeout later.
-        assert!(h.at(40, &w, &dev).actions.is_empty());
-        let out = h.at(45, &w, &dev);
-        assert_eq!(
-            endpoint_set(&out),
-            Some(Some("10.0.0.2:51820".parse().unwrap()))
-        );
+    fn wall_clock_steps_change_nothing() {
+        for step in [-7_200i64, 7_200] {
+            let mut h = Harness::new();
+            let w = [want(&["10.9.0.2:51820", "10.0.0.2:51820"])];
+            h.at(0, &w, &[]);
+            let dev = [on_device(Some("10.9.0.2:51820"), Some(h.time(1)), 100)];
+            assert_eq!(h.at(1, &w, &dev).reports[0].state, State::Up);
+            // The wall clock jumps two hours (either way): the device's handshake time is now far
+            // in the past or the future. Keepalives keep arriving: still up, nothing rotates.
+            h.wall0 = if step < 0 {
+                h.wall0 - Duration::from_secs(7_200)
+            } else {
+                h.wall0 + Duration::from_secs(7_200)
+            };
+            for (t, rx) in [(2, 132), (10, 164), (20, 196)] {
+                let out = h.at(
+                    t,
+                    &w,
+                    &[on_device(Some("10.9.0.2:51820"), Some(h.wall0), rx)],
+                );
+                assert_eq!(out.reports[0].state, State::Up, "step {step} at {t}s");
+                assert!(
+                    out.actions.is_empty(),
+                    "step {step} at {t}s: {:?}",
+                    out.actions
+                );
+                assert!(out.reports[0].alive);
+            }
+            // Rotation still runs on monotonic time: silence for peer_down_after → down.
+            let dev = [on_device(Some("10.9.0.2:51820"), Some(h.wall0), 196)];
+            assert_eq!(h.at(51, &w, &dev).reports[0].state, State::Down);
+            assert!(!h.at(52, &w, &dev).reports[0].alive);
+        }
     }
 
     #[test]
