@@ -8,6 +8,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -47,6 +48,41 @@ pub fn render(shared: &Shared, data_plane: &dyn PeerStatusProvider) -> String {
         "Active membership warnings (see kubespanctl status)",
         warnings,
     );
+
+    let retained = Gauge::<i64>::default();
+    retained.set(view.retained as i64);
+    registry.register(
+        "members_retained",
+        "Members no discovery service lists, kept as peers because their tunnels are alive",
+        retained,
+    );
+    let counters = &shared.counters;
+    for (name, help, value) in [
+        (
+            "discovery_own_record_tampered",
+            "Times this node's record was found deleted or changed by someone else (and restored)",
+            &counters.own_record_tampered,
+        ),
+        (
+            "discovery_publish_failures",
+            "Updates of this node's record that failed (retried with back-off)",
+            &counters.publish_failures,
+        ),
+        (
+            "discovery_endpoints_refused",
+            "Times the discovery service refused this node's endpoints (endpoint list full)",
+            &counters.endpoints_refused,
+        ),
+        (
+            "discovery_unreadable_records",
+            "Records of other affiliates that did not open with this cluster's keys (ignored)",
+            &counters.unreadable_records,
+        ),
+    ] {
+        let counter = Counter::<u64>::default();
+        counter.inc_by(value.load(std::sync::atomic::Ordering::Relaxed));
+        registry.register(name, help, counter);
+    }
 
     let connected = Family::<EndpointLabels, Gauge>::default();
     let affiliates = Family::<EndpointLabels, Gauge>::default();

@@ -556,3 +556,178 @@ async fn agents_follow_the_discovery_redirect() {
     redirector.shutdown().await.unwrap();
     target.shutdown().await.unwrap();
 }
+
+/// The discovery client a writer who knows only the cluster id can use.
+async fn discovery_client(
+    addr: &str,
+) -> openspan_proto::discovery::server::cluster_client::ClusterClient<Channel> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to the discovery server");
+    openspan_proto::discovery::server::cluster_client::ClusterClient::new(channel)
+}
+
+/// B's record as the server holds it: (data, endpoints), `None` when absent.
+async fn stored(
+    client: &mut openspan_proto::discovery::server::cluster_client::ClusterClient<Channel>,
+    affiliate: &str,
+) -> Option<(Vec<u8>, Vec<Vec<u8>>)> {
+    use openspan_proto::discovery::server::ListRequest;
+    client
+        .list(ListRequest {
+            cluster_id: "test-cluster-id".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .affiliates
+        .into_iter()
+        .find(|a| a.id == affiliate)
+        .map(|a| {
+            (
+                a.data.to_vec(),
+                a.endpoints.iter().map(|e| e.to_vec()).collect(),
+            )
+        })
+}
+
+/// Polls until `check` holds for B's stored record; returns how long it took.
+async fn wait_stored(
+    client: &mut openspan_proto::discovery::server::cluster_client::ClusterClient<Channel>,
+    affiliate: &str,
+    what: &str,
+    within: Duration,
+    check: impl Fn(&Option<(Vec<u8>, Vec<Vec<u8>>)>) -> bool,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let record = stored(client, affiliate).await;
+        if check(&record) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "{what} not within {within:?}: {record:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_with_only_the_cluster_id_cannot_evict_a_node() {
+    use openspan_proto::discovery::server::{AffiliateDeleteRequest, AffiliateUpdateRequest};
+    let server = start_server("127.0.0.1:0").await;
+    let addr = server.grpc_addr.unwrap().to_string();
+    let root = tempfile::tempdir().unwrap();
+    let metrics_port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let a = agent(root.path(), "node-a", "02:00:00:00:00:0a", &addr);
+    let b = spawn_agent_with(
+        root.path(),
+        AgentSpec {
+            name: "node-b",
+            secret: SECRET,
+            cipher: "native",
+            mac: "02:00:00:00:00:0b",
+        },
+        &addr,
+        &format!("metricsAddr: \"127.0.0.1:{metrics_port}\"\n"),
+    );
+    wait_members(&a, &["node-a", "node-b"]).await;
+    let b_id = api(&b)
+        .await
+        .get_identity(pb::GetIdentityRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .node_id;
+    let mut attacker = discovery_client(&addr).await;
+    let (good_data, good_endpoints) = stored(&mut attacker, &b_id).await.expect("B published");
+    let update = |data: Option<Vec<u8>>, endpoints: Vec<Vec<u8>>| AffiliateUpdateRequest {
+        cluster_id: "test-cluster-id".into(),
+        affiliate_id: b_id.clone(),
+        affiliate_data: data.map(Into::into),
+        affiliate_endpoints: endpoints.into_iter().map(Into::into).collect(),
+        ttl: Some(prost_types::Duration {
+            seconds: 600,
+            nanos: 0,
+        }),
+    };
+
+    // 1. Garbage data: A keeps B's last good record, B restores its own within 1 s.
+    attacker
+        .affiliate_update(update(Some(b"not a sealed record".to_vec()), vec![]))
+        .await
+        .unwrap();
+    let restored = wait_stored(
+        &mut attacker,
+        &b_id,
+        "B's data restored",
+        Duration::from_secs(1),
+        |r| r.as_ref().is_some_and(|(data, _)| *data == good_data),
+    )
+    .await;
+    assert_eq!(member_names(&a).await, ["node-a", "node-b"]);
+    assert!(
+        a.log().contains("the last good one is kept"),
+        "A says why it ignored the record\n{}",
+        a.log()
+    );
+
+    // 2. Delete: B publishes again within 1 s.
+    attacker
+        .affiliate_delete(AffiliateDeleteRequest {
+            cluster_id: "test-cluster-id".into(),
+            affiliate_id: b_id.clone(),
+        })
+        .await
+        .unwrap();
+    let recreated = wait_stored(
+        &mut attacker,
+        &b_id,
+        "B's record re-created",
+        Duration::from_secs(1),
+        |r| r.as_ref().is_some_and(|(data, _)| *data == good_data),
+    )
+    .await;
+    wait_members(&a, &["node-a", "node-b"]).await;
+
+    // 3. The endpoint list filled to the server's limit (64) with garbage: B clears its record
+    //    and publishes it again, so its own endpoints are all that is left.
+    let room = 64 - stored(&mut attacker, &b_id).await.unwrap().1.len();
+    let garbage: Vec<Vec<u8>> = (0..room).map(|i| vec![0xEE, i as u8, 7, 7, 7]).collect();
+    attacker
+        .affiliate_update(update(None, garbage.clone()))
+        .await
+        .unwrap();
+    let cleared = wait_stored(
+        &mut attacker,
+        &b_id,
+        "B's endpoint list cleared of garbage",
+        Duration::from_secs(10),
+        |r| {
+            r.as_ref().is_some_and(|(data, endpoints)| {
+                *data == good_data
+                    && !endpoints.iter().any(|e| garbage.contains(e))
+                    && good_endpoints.iter().all(|e| endpoints.contains(e))
+            })
+        },
+    )
+    .await;
+    wait_members(&a, &["node-a", "node-b"]).await;
+    let metrics = http_get(&format!("127.0.0.1:{metrics_port}"), "/metrics").await;
+    let tampered = metrics
+        .lines()
+        .find(|l| l.starts_with("kubespan_discovery_own_record_tampered_total"))
+        .and_then(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no tamper counter in\n{metrics}"));
+    assert!(tampered >= 3, "three tamperings counted, got {tampered}");
+    eprintln!(
+        "restored after garbage data in {restored:?}, after a delete in {recreated:?}, after stuffing in {cleared:?}"
+    );
+    server.shutdown().await.unwrap();
+}
