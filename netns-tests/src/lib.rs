@@ -20,6 +20,27 @@ pub use process::{Daemon, in_netns, ns_output, ns_sh, tail, wait_until};
 
 pub const CLUSTER_SECRET: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
+/// Runs `f` on a new thread that has entered the network namespace `netns`, and waits for it.
+pub fn in_namespace<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/var/run/netns/{netns}");
+    let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+    std::thread::spawn(move || {
+        // SAFETY: setns(2) on an open namespace descriptor that outlives the call; it only moves
+        // this new thread into that network namespace.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            bail!("setns({path}): {}", std::io::Error::last_os_error());
+        }
+        Ok(f())
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
 /// Fails unless running as root; `OPENSPAN_SKIP_ROOT_TESTS=1` turns that into an explicit skip.
 /// Returns false when the test should skip.
 pub fn require_root() -> bool {
@@ -337,6 +358,9 @@ impl Lab {
             &["-n", &switch, "link", "add", "br0", "type", "bridge"],
         )?;
         sh("ip", &["-n", &switch, "link", "set", "br0", "up"])?;
+        // Clients inside the switch namespace (tests acting as other hosts) reach the server's
+        // address over loopback.
+        sh("ip", &["-n", &switch, "link", "set", "lo", "up"])?;
         // The discovery server lives on the switch, outside the mesh, as in a real deployment:
         // hosted on a mesh node, force routing would send its answers to a restarting node into
         // a tunnel that node cannot open yet.
@@ -413,8 +437,13 @@ impl Lab {
         Ok(this)
     }
 
+    /// Starts the discovery server (again, after [`Lab::stop_server`]: without state, as
+    /// snapshots are off).
     pub fn start_server(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::File::create(self.root.join("server.log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join("server.log"))?;
         let server = binary("discovery-server");
         let child = Command::new("ip")
             .args(["netns", "exec", &self.switch])
@@ -431,6 +460,23 @@ impl Lab {
             .context("start discovery-server")?;
         self.server = Some(child);
         Ok(())
+    }
+
+    /// SIGKILL to the discovery server: an outage (its state is lost).
+    pub fn stop_server(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+    }
+
+    /// Runs `f` on a thread that has entered the switch's namespace, where the discovery server
+    /// listens: a client there reaches it as any node would.
+    pub fn in_switch<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        in_namespace(&self.switch, f)
     }
 
     pub fn node(&self, n: usize) -> &Node {
