@@ -84,7 +84,53 @@ struct RawConfig {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawDiscovery {
     #[serde(default)]
-    endpoints: Vec<String>,
+    endpoints: Vec<RawEndpoint>,
+}
+
+/// A `discovery.endpoints` entry: a plain URL (Talos's form), or a map with the URL and the TLS
+/// settings for a private CA, mutual TLS or a server name override.
+#[derive(Debug)]
+enum RawEndpoint {
+    Url(String),
+    Extended(RawEndpointDetails),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawEndpointDetails {
+    url: String,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    server_name: Option<String>,
+}
+
+// By hand rather than `#[serde(untagged)]`: untagged enums replace every error inside the map
+// (an unknown or misspelt key) with "did not match any variant", which names nothing.
+impl<'de> Deserialize<'de> for RawEndpoint {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawEndpoint;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "a discovery URL, or a map with `url` and optionally `caFile`, `certFile`, \
+                     `keyFile`, `serverName`",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawEndpoint, E> {
+                Ok(RawEndpoint::Url(v.to_owned()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawEndpoint, A::Error> {
+                RawEndpointDetails::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawEndpoint::Extended)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -105,6 +151,26 @@ pub struct DiscoveryEndpoint {
     pub host: String,
     /// Plaintext gRPC (only for `http://`).
     pub insecure: bool,
+    /// TLS settings beyond the defaults (system roots, the URL's host as server name).
+    pub tls: TlsOptions,
+}
+
+/// How a TLS discovery connection is verified and authenticated.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// PEM CA certificates to trust instead of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key for servers that require them (mutual TLS).
+    pub client_identity: Option<ClientIdentity>,
+    /// Name to send (SNI) and verify the server certificate against instead of the URL's host.
+    pub server_name: Option<String>,
+}
+
+/// PEM files of a client certificate (chain) and its private key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientIdentity {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 impl DiscoveryEndpoint {
@@ -147,7 +213,24 @@ impl DiscoveryEndpoint {
             authority,
             host,
             insecure,
+            tls: TlsOptions::default(),
         })
+    }
+
+    /// The endpoint a discovery service redirected us to (`host:port`), in the same scheme.
+    ///
+    /// The CA and client certificate are kept: the redirect came from a server that proved
+    /// itself with that CA, and the target belongs to the same deployment. The server name
+    /// override is dropped: it stands for the configured host's certificate, and the target is
+    /// verified against its own name.
+    pub fn redirected(&self, authority: &str) -> Result<Self, String> {
+        let scheme = if self.insecure { "http" } else { "https" };
+        let mut next = Self::parse(&format!("{scheme}://{authority}"))?;
+        next.tls = TlsOptions {
+            server_name: None,
+            ..self.tls.clone()
+        };
+        Ok(next)
     }
 }
 
@@ -294,16 +377,15 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         ));
     }
     let mut discovery_endpoints = Vec::new();
-    for (i, url) in raw.discovery.endpoints.iter().enumerate() {
-        let endpoint = DiscoveryEndpoint::parse(url.trim())
-            .map_err(|m| invalid(format!("discovery.endpoints[{i}]"), m))?;
+    for (i, entry) in raw.discovery.endpoints.into_iter().enumerate() {
+        let endpoint = validate_endpoint(&format!("discovery.endpoints[{i}]"), entry)?;
         if discovery_endpoints
             .iter()
             .any(|e: &DiscoveryEndpoint| e.authority == endpoint.authority)
         {
             return Err(invalid(
                 format!("discovery.endpoints[{i}]"),
-                format!("{url:?} is listed twice"),
+                format!("{:?} is listed twice", endpoint.url),
             ));
         }
         discovery_endpoints.push(endpoint);
@@ -435,6 +517,75 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         mac_address,
         data_plane,
     })
+}
+
+fn validate_endpoint(key: &str, entry: RawEndpoint) -> Result<DiscoveryEndpoint, ConfigError> {
+    let details = match entry {
+        RawEndpoint::Url(url) => {
+            return DiscoveryEndpoint::parse(url.trim()).map_err(|m| invalid(key, m));
+        }
+        RawEndpoint::Extended(details) => details,
+    };
+    let url_key = format!("{key}.url");
+    let mut endpoint =
+        DiscoveryEndpoint::parse(details.url.trim()).map_err(|m| invalid(&url_key, m))?;
+    let has_tls_settings = details.ca_file.is_some()
+        || details.cert_file.is_some()
+        || details.key_file.is_some()
+        || details.server_name.is_some();
+    if endpoint.insecure && has_tls_settings {
+        return Err(invalid(
+            &url_key,
+            format!(
+                "{:?} is plaintext (http://), so caFile, certFile, keyFile and serverName would \
+                 be ignored: use https:// for TLS, or drop those keys",
+                endpoint.url
+            ),
+        ));
+    }
+    let client_identity = match (details.cert_file, details.key_file) {
+        (Some(cert_file), Some(key_file)) => Some(ClientIdentity {
+            cert_file,
+            key_file,
+        }),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(invalid(
+                format!("{key}.keyFile"),
+                "is required with certFile: the client certificate's private key (PEM)",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                format!("{key}.certFile"),
+                "is required with keyFile: the client certificate (PEM) for that key",
+            ));
+        }
+    };
+    let server_name = match details.server_name.map(|n| n.trim().to_owned()) {
+        Some(name) => {
+            if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                return Err(invalid(
+                    format!("{key}.serverName"),
+                    format!(
+                        "{name:?} is not a DNS name or IP address: use the name in the discovery \
+                         server's certificate, e.g. discovery.example"
+                    ),
+                ));
+            }
+            Some(name)
+        }
+        None => None,
+    };
+    endpoint.tls = TlsOptions {
+        ca_file: details.ca_file,
+        client_identity,
+        server_name,
+    };
+    // The files are read now so that a wrong path or a broken PEM stops the agent at start with
+    // the key named, instead of failing every connection attempt in the background.
+    crate::discovery_tls::client_tls(&endpoint).map_err(|e| invalid(key, e.to_string()))?;
+    Ok(endpoint)
 }
 
 fn validate_data_plane(raw: &RawConfig) -> Result<DataPlaneConfig, ConfigError> {

@@ -18,7 +18,7 @@ use openspan_proto::discovery::server::{
 };
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 
 use crate::config::DiscoveryEndpoint;
 use crate::crypto::ClusterKeys;
@@ -255,9 +255,9 @@ fn connect_endpoint(target: &DiscoveryEndpoint, ttl: Duration) -> Result<Endpoin
         .initial_connection_window_size(Some(8 << 20))
         .initial_stream_window_size(Some(4 << 20));
     if !target.insecure {
-        let tls = ClientTlsConfig::new()
-            .with_native_roots()
-            .domain_name(target.host.clone());
+        // Read per connection, so certificates rotated on disk are used at the next reconnect.
+        let tls = crate::discovery_tls::client_tls(target)
+            .map_err(|e| format!("TLS setup for {}: {e}", target.authority))?;
         endpoint = endpoint
             .tls_config(tls)
             .map_err(|e| format!("TLS setup for {}: {e}", target.authority))?;
@@ -315,8 +315,8 @@ impl Session {
             .map_err(|s| format!("Hello failed: {}", s.message()))?
             .into_inner();
         if let Some(redirect) = hello.redirect.filter(|r| !r.endpoint.is_empty()) {
-            let scheme = if target.insecure { "http" } else { "https" };
-            let next = DiscoveryEndpoint::parse(&format!("{scheme}://{}", redirect.endpoint))
+            let next = target
+                .redirected(&redirect.endpoint)
                 .map_err(|e| format!("bad redirect {:?}: {e}", redirect.endpoint))?;
             return Ok(SessionEnd::Redirect(next));
         }
