@@ -881,4 +881,155 @@ mod tests {
         assert_eq!(v6_default.authority, "[2001:db8::1]:443");
         assert!(DiscoveryEndpoint::parse("ftp://x").is_err());
     }
+
+    /// A throwaway directory with a CA (`ca.pem`) and a client certificate it signed
+    /// (`client.pem`, `client-key.pem`), plus a key of another certificate (`other-key.pem`).
+    fn tls_files() -> tempfile::TempDir {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let client_key = KeyPair::generate().unwrap();
+        let client = CertificateParams::new(vec!["node-1".to_string()])
+            .unwrap()
+            .signed_by(&client_key, &issuer)
+            .unwrap();
+        let write = |name: &str, text: String| std::fs::write(dir.path().join(name), text).unwrap();
+        write("ca.pem", ca.pem());
+        write("client.pem", client.pem());
+        write("client-key.pem", client_key.serialize_pem());
+        write(
+            "other-key.pem",
+            KeyPair::generate().unwrap().serialize_pem(),
+        );
+        dir
+    }
+
+    fn with_endpoint(entry: &str) -> String {
+        format!(
+            "clusterID: test-cluster\nclusterSecret: {SECRET}\ndiscovery:\n  endpoints:\n{entry}"
+        )
+    }
+
+    #[test]
+    fn an_endpoint_may_name_a_ca_a_client_certificate_and_a_server_name() {
+        let dir = tls_files();
+        let d = dir.path().display();
+        let config = parse(&with_endpoint(&format!(
+            "    - http://127.0.0.1:3000\n    - url: https://10.0.0.5:3000\n      caFile: {d}/ca.pem\n      \
+             certFile: {d}/client.pem\n      keyFile: {d}/client-key.pem\n      serverName: discovery.test\n"
+        )))
+        .unwrap();
+        let plain = &config.discovery_endpoints[0];
+        assert_eq!(plain.tls, TlsOptions::default());
+        let extended = &config.discovery_endpoints[1];
+        assert_eq!(
+            (extended.authority.as_str(), extended.insecure),
+            ("10.0.0.5:3000", false)
+        );
+        assert_eq!(
+            extended.tls,
+            TlsOptions {
+                ca_file: Some(dir.path().join("ca.pem")),
+                client_identity: Some(ClientIdentity {
+                    cert_file: dir.path().join("client.pem"),
+                    key_file: dir.path().join("client-key.pem"),
+                }),
+                server_name: Some("discovery.test".into()),
+            }
+        );
+        // The map form with only a URL is the plain form.
+        let config = parse(&with_endpoint("    - url: https://discovery.example\n")).unwrap();
+        assert_eq!(
+            config.discovery_endpoints[0],
+            DiscoveryEndpoint::parse("https://discovery.example").unwrap()
+        );
+    }
+
+    #[test]
+    fn a_redirect_keeps_the_ca_and_client_certificate_but_not_the_server_name() {
+        let mut configured = DiscoveryEndpoint::parse("https://10.0.0.5:3000").unwrap();
+        configured.tls = TlsOptions {
+            ca_file: Some("/ca.pem".into()),
+            client_identity: Some(ClientIdentity {
+                cert_file: "/c.pem".into(),
+                key_file: "/k.pem".into(),
+            }),
+            server_name: Some("discovery.test".into()),
+        };
+        let next = configured.redirected("other.example:3001").unwrap();
+        assert_eq!(next.authority, "other.example:3001");
+        assert!(!next.insecure);
+        assert_eq!(next.tls.ca_file, configured.tls.ca_file);
+        assert_eq!(next.tls.client_identity, configured.tls.client_identity);
+        assert_eq!(next.tls.server_name, None);
+    }
+
+    #[test]
+    fn bad_tls_settings_are_errors_that_name_the_key_and_the_file() {
+        let dir = tls_files();
+        let d = dir.path().display();
+        std::fs::write(dir.path().join("garbage.pem"), "not a certificate").unwrap();
+        let cases = [
+            (
+                format!("    - url: https://x:1\n      certFile: {d}/client.pem\n"),
+                "`discovery.endpoints[0].keyFile`: is required with certFile".to_string(),
+            ),
+            (
+                format!("    - url: https://x:1\n      keyFile: {d}/client-key.pem\n"),
+                "`discovery.endpoints[0].certFile`: is required with keyFile".to_string(),
+            ),
+            (
+                format!("    - url: https://x:1\n      caFile: {d}/missing.pem\n"),
+                format!("`discovery.endpoints[0]`: caFile {d}/missing.pem: cannot read it"),
+            ),
+            (
+                format!("    - url: https://x:1\n      caFile: {d}/garbage.pem\n"),
+                format!("caFile {d}/garbage.pem: no certificate found"),
+            ),
+            (
+                format!(
+                    "    - url: https://x:1\n      certFile: {d}/client.pem\n      keyFile: {d}/ca.pem\n"
+                ),
+                format!("keyFile {d}/ca.pem: no private key found"),
+            ),
+            (
+                format!(
+                    "    - url: https://x:1\n      certFile: {d}/client.pem\n      keyFile: {d}/other-key.pem\n"
+                ),
+                format!("certFile {d}/client.pem and keyFile {d}/other-key.pem do not go together"),
+            ),
+            (
+                format!("    - url: http://x:1\n      caFile: {d}/ca.pem\n"),
+                "`discovery.endpoints[0].url`: \"http://x:1\" is plaintext".to_string(),
+            ),
+            (
+                "    - url: https://x:1\n      serverName: \"not a name\"\n".to_string(),
+                "`discovery.endpoints[0].serverName`: \"not a name\"".to_string(),
+            ),
+            (
+                "    - url: ftp://x\n".to_string(),
+                "`discovery.endpoints[0].url`: scheme \"ftp\"".to_string(),
+            ),
+            (
+                "    - url: https://x:1\n      cafile: /ca.pem\n".to_string(),
+                "unknown field `cafile`, expected one of".to_string(),
+            ),
+            (
+                "    - caFile: /ca.pem\n".to_string(),
+                "missing field `url`".to_string(),
+            ),
+        ];
+        for (entry, expected) in cases {
+            let text = with_endpoint(&entry);
+            let message = error(&text);
+            assert!(
+                message.contains(&expected),
+                "for\n{text}\nexpected {expected:?} in {message:?}"
+            );
+        }
+    }
 }

@@ -95,7 +95,12 @@ pub fn client_tls(endpoint: &DiscoveryEndpoint) -> Result<ClientTlsConfig, TlsSe
         CertifiedKey::from_der(chain, key, &provider).map_err(|e| TlsSetupError::Mismatch {
             cert: identity.cert_file.clone(),
             key: identity.key_file.clone(),
-            problem: e.to_string(),
+            problem: match e {
+                rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                    "the key does not belong to the first certificate of certFile".into()
+                }
+                other => other.to_string(),
+            },
         })?;
         tls = tls.identity(Identity::from_pem(cert_pem, key_pem));
     }
