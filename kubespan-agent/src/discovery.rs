@@ -258,9 +258,13 @@ fn connect_endpoint(target: &DiscoveryEndpoint, ttl: Duration) -> Result<Endpoin
         // Read per connection, so certificates rotated on disk are used at the next reconnect.
         let tls = crate::discovery_tls::client_tls(target)
             .map_err(|e| format!("TLS setup for {}: {e}", target.authority))?;
-        endpoint = endpoint
-            .tls_config(tls)
-            .map_err(|e| format!("TLS setup for {}: {e}", target.authority))?;
+        endpoint = endpoint.tls_config(tls).map_err(|e| {
+            format!(
+                "TLS setup for {}: {}",
+                target.authority,
+                crate::discovery_tls::error_chain(&e)
+            )
+        })?;
     }
     Ok(endpoint)
 }
@@ -299,7 +303,7 @@ impl Session {
     ) -> Result<SessionEnd, String> {
         let channel: Channel = tokio::select! {
             _ = stop.cancelled() => return Ok(SessionEnd::Stopped),
-            c = async { connect_endpoint(target, self.settings.ttl)?.connect().await.map_err(|e| format!("cannot connect to {}: {e}", target.authority)) } => c?,
+            c = async { connect_endpoint(target, self.settings.ttl)?.connect().await.map_err(|e| format!("cannot connect to {}: {}", target.authority, crate::discovery_tls::error_chain(&e))) } => c?,
         };
         let mut client = ClusterClient::new(channel).max_decoding_message_size(64 << 20);
         let cluster_id = self.settings.cluster_id.clone();
@@ -312,7 +316,7 @@ impl Session {
         let hello = client
             .hello(hello)
             .await
-            .map_err(|s| format!("Hello failed: {}", s.message()))?
+            .map_err(|s| format!("Hello failed: {}", crate::discovery_tls::status_chain(&s)))?
             .into_inner();
         if let Some(redirect) = hello.redirect.filter(|r| !r.endpoint.is_empty()) {
             let next = target

@@ -133,3 +133,36 @@ fn certificates(
     }
     Ok(certs)
 }
+
+/// `error` and its sources, joined with ": ".
+///
+/// tonic's connection errors display as a bare "transport error"; the cause that tells an
+/// operator what to fix (an unknown issuer, a name the certificate does not cover, a client
+/// certificate the server wants) is in the source chain.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    with_sources(error.to_string(), error.source())
+}
+
+/// A failed call's message and the transport errors behind it, like [`error_chain`].
+pub fn status_chain(status: &tonic::Status) -> String {
+    with_sources(
+        status.message().to_owned(),
+        std::error::Error::source(status),
+    )
+}
+
+fn with_sources(
+    mut text: String,
+    mut source: Option<&(dyn std::error::Error + 'static)>,
+) -> String {
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Some layers repeat their source's message in their own.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
