@@ -704,6 +704,14 @@ discovery:
   # https:// (or grpc://) is TLS.
   endpoints:
     - http://127.0.0.1:3000
+    # A TLS service with a private CA (trusted instead of the system roots), a client
+    # certificate when it requires mutual TLS, and the name its certificate carries when the URL
+    # names an address:
+    # - url: https://10.0.0.5:3000
+    #   caFile: /etc/kubespan/discovery-ca.pem
+    #   certFile: /etc/kubespan/discovery-client.pem
+    #   keyFile: /etc/kubespan/discovery-client-key.pem
+    #   serverName: discovery.internal
 
 # Record encryption: native (XChaCha20-Poly1305, default) or talos (to join Talos clusters).
 cipher: native
@@ -791,6 +799,18 @@ mod tests {
         let config = parse(&example("abc", SECRET)).unwrap();
         assert_eq!(config.cluster_id, "abc");
         assert_eq!(config.metrics_addr.as_deref(), Some("127.0.0.1:9560"));
+        // The commented TLS entry has the right shape: uncommented, only its files are missing.
+        let uncommented = example("abc", SECRET)
+            .replace("    # - url:", "    - url:")
+            .replace("    #   ", "      ");
+        assert!(uncommented.contains("    - url: https://10.0.0.5:3000\n      caFile:"));
+        assert!(
+            error(&uncommented).contains(
+                "`discovery.endpoints[1]`: caFile /etc/kubespan/discovery-ca.pem: cannot read it"
+            ),
+            "{}",
+            error(&uncommented)
+        );
     }
 
     #[test]
