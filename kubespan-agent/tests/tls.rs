@@ -472,3 +472,60 @@ fn bad_tls_files_stop_the_agent_at_start_naming_the_key_and_the_file() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_keeps_the_private_ca_and_client_certificate() {
+    let pki = tempfile::tempdir().unwrap();
+    let ca = Ca::new(pki.path(), "private-ca");
+    let client_ca = Ca::new(pki.path(), "client-ca");
+    let target = tls_server(
+        ca.issue(pki.path(), "target", &["127.0.0.1"]),
+        Some(&client_ca.file),
+    )
+    .await;
+    let target_addr = target.grpc_addr.unwrap().to_string();
+    let (cert, key) = ca.issue(pki.path(), "redirector", &["127.0.0.1"]);
+    let mut config = ServerConfig::embedded("127.0.0.1:0");
+    config.tls = Some(TlsFiles {
+        certificate: cert,
+        key,
+        client_ca: Some(client_ca.file.clone()),
+    });
+    config.redirect_endpoint = Some(target_addr.clone());
+    let redirector = server::start(config).await.unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let identity_a = client_ca.issue(pki.path(), "client-a", &["node-a"]);
+    let identity_b = client_ca.issue(pki.path(), "client-b", &["node-b"]);
+    // node-a is sent on to the target, which only a client that still trusts the private CA and
+    // still presents its certificate can reach; node-b talks to the target directly.
+    let a = spawn_agent(
+        root.path(),
+        "node-a",
+        "02:00:00:00:00:0a",
+        &EndpointSpec {
+            url: format!("https://{}", redirector.grpc_addr.unwrap()),
+            ca_file: Some(&ca.file),
+            cert_file: Some(&identity_a.0),
+            key_file: Some(&identity_a.1),
+            ..Default::default()
+        },
+    );
+    let b = spawn_agent(
+        root.path(),
+        "node-b",
+        "02:00:00:00:00:0b",
+        &EndpointSpec {
+            url: format!("https://{target_addr}"),
+            ca_file: Some(&ca.file),
+            cert_file: Some(&identity_b.0),
+            key_file: Some(&identity_b.1),
+            ..Default::default()
+        },
+    );
+    wait_members(&a, &["node-a", "node-b"]).await;
+    wait_members(&b, &["node-a", "node-b"]).await;
+    assert!(a.log().contains("redirected"), "{}", a.log());
+    drop((a, b));
+    redirector.shutdown().await.unwrap();
+    target.shutdown().await.unwrap();
+}
