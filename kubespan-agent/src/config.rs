@@ -84,7 +84,53 @@ struct RawConfig {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawDiscovery {
     #[serde(default)]
-    endpoints: Vec<String>,
+    endpoints: Vec<RawEndpoint>,
+}
+
+/// A `discovery.endpoints` entry: a plain URL (Talos's form), or a map with the URL and the TLS
+/// settings for a private CA, mutual TLS or a server name override.
+#[derive(Debug)]
+enum RawEndpoint {
+    Url(String),
+    Extended(RawEndpointDetails),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawEndpointDetails {
+    url: String,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    server_name: Option<String>,
+}
+
+// By hand rather than `#[serde(untagged)]`: untagged enums replace every error inside the map
+// (an unknown or misspelt key) with "did not match any variant", which names nothing.
+impl<'de> Deserialize<'de> for RawEndpoint {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawEndpoint;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "a discovery URL, or a map with `url` and optionally `caFile`, `certFile`, \
+                     `keyFile`, `serverName`",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawEndpoint, E> {
+                Ok(RawEndpoint::Url(v.to_owned()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawEndpoint, A::Error> {
+                RawEndpointDetails::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawEndpoint::Extended)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -105,6 +151,26 @@ pub struct DiscoveryEndpoint {
     pub host: String,
     /// Plaintext gRPC (only for `http://`).
     pub insecure: bool,
+    /// TLS settings beyond the defaults (system roots, the URL's host as server name).
+    pub tls: TlsOptions,
+}
+
+/// How a TLS discovery connection is verified and authenticated.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// PEM CA certificates to trust instead of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key for servers that require them (mutual TLS).
+    pub client_identity: Option<ClientIdentity>,
+    /// Name to send (SNI) and verify the server certificate against instead of the URL's host.
+    pub server_name: Option<String>,
+}
+
+/// PEM files of a client certificate (chain) and its private key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientIdentity {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 impl DiscoveryEndpoint {
@@ -147,7 +213,24 @@ impl DiscoveryEndpoint {
             authority,
             host,
             insecure,
+            tls: TlsOptions::default(),
         })
+    }
+
+    /// The endpoint a discovery service redirected us to (`host:port`), in the same scheme.
+    ///
+    /// The CA and client certificate are kept: the redirect came from a server that proved
+    /// itself with that CA, and the target belongs to the same deployment. The server name
+    /// override is dropped: it stands for the configured host's certificate, and the target is
+    /// verified against its own name.
+    pub fn redirected(&self, authority: &str) -> Result<Self, String> {
+        let scheme = if self.insecure { "http" } else { "https" };
+        let mut next = Self::parse(&format!("{scheme}://{authority}"))?;
+        next.tls = TlsOptions {
+            server_name: None,
+            ..self.tls.clone()
+        };
+        Ok(next)
     }
 }
 
@@ -294,16 +377,15 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         ));
     }
     let mut discovery_endpoints = Vec::new();
-    for (i, url) in raw.discovery.endpoints.iter().enumerate() {
-        let endpoint = DiscoveryEndpoint::parse(url.trim())
-            .map_err(|m| invalid(format!("discovery.endpoints[{i}]"), m))?;
+    for (i, entry) in raw.discovery.endpoints.into_iter().enumerate() {
+        let endpoint = validate_endpoint(&format!("discovery.endpoints[{i}]"), entry)?;
         if discovery_endpoints
             .iter()
             .any(|e: &DiscoveryEndpoint| e.authority == endpoint.authority)
         {
             return Err(invalid(
                 format!("discovery.endpoints[{i}]"),
-                format!("{url:?} is listed twice"),
+                format!("{:?} is listed twice", endpoint.url),
             ));
         }
         discovery_endpoints.push(endpoint);
@@ -437,6 +519,75 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     })
 }
 
+fn validate_endpoint(key: &str, entry: RawEndpoint) -> Result<DiscoveryEndpoint, ConfigError> {
+    let details = match entry {
+        RawEndpoint::Url(url) => {
+            return DiscoveryEndpoint::parse(url.trim()).map_err(|m| invalid(key, m));
+        }
+        RawEndpoint::Extended(details) => details,
+    };
+    let url_key = format!("{key}.url");
+    let mut endpoint =
+        DiscoveryEndpoint::parse(details.url.trim()).map_err(|m| invalid(&url_key, m))?;
+    let has_tls_settings = details.ca_file.is_some()
+        || details.cert_file.is_some()
+        || details.key_file.is_some()
+        || details.server_name.is_some();
+    if endpoint.insecure && has_tls_settings {
+        return Err(invalid(
+            &url_key,
+            format!(
+                "{:?} is plaintext (http://), so caFile, certFile, keyFile and serverName would \
+                 be ignored: use https:// for TLS, or drop those keys",
+                endpoint.url
+            ),
+        ));
+    }
+    let client_identity = match (details.cert_file, details.key_file) {
+        (Some(cert_file), Some(key_file)) => Some(ClientIdentity {
+            cert_file,
+            key_file,
+        }),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(invalid(
+                format!("{key}.keyFile"),
+                "is required with certFile: the client certificate's private key (PEM)",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                format!("{key}.certFile"),
+                "is required with keyFile: the client certificate (PEM) for that key",
+            ));
+        }
+    };
+    let server_name = match details.server_name.map(|n| n.trim().to_owned()) {
+        Some(name) => {
+            if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                return Err(invalid(
+                    format!("{key}.serverName"),
+                    format!(
+                        "{name:?} is not a DNS name or IP address: use the name in the discovery \
+                         server's certificate, e.g. discovery.example"
+                    ),
+                ));
+            }
+            Some(name)
+        }
+        None => None,
+    };
+    endpoint.tls = TlsOptions {
+        ca_file: details.ca_file,
+        client_identity,
+        server_name,
+    };
+    // The files are read now so that a wrong path or a broken PEM stops the agent at start with
+    // the key named, instead of failing every connection attempt in the background.
+    crate::discovery_tls::client_tls(&endpoint).map_err(|e| invalid(key, e.to_string()))?;
+    Ok(endpoint)
+}
+
 fn validate_data_plane(raw: &RawConfig) -> Result<DataPlaneConfig, ConfigError> {
     let defaults = DataPlaneConfig::default();
     let backend = match raw.backend.as_deref().map(str::trim) {
@@ -553,6 +704,14 @@ discovery:
   # https:// (or grpc://) is TLS.
   endpoints:
     - http://127.0.0.1:3000
+    # A TLS service with a private CA (trusted instead of the system roots), a client
+    # certificate when it requires mutual TLS, and the name its certificate carries when the URL
+    # names an address:
+    # - url: https://10.0.0.5:3000
+    #   caFile: /etc/kubespan/discovery-ca.pem
+    #   certFile: /etc/kubespan/discovery-client.pem
+    #   keyFile: /etc/kubespan/discovery-client-key.pem
+    #   serverName: discovery.internal
 
 # Record encryption: native (XChaCha20-Poly1305, default) or talos (to join Talos clusters).
 cipher: native
@@ -640,6 +799,18 @@ mod tests {
         let config = parse(&example("abc", SECRET)).unwrap();
         assert_eq!(config.cluster_id, "abc");
         assert_eq!(config.metrics_addr.as_deref(), Some("127.0.0.1:9560"));
+        // The commented TLS entry has the right shape: uncommented, only its files are missing.
+        let uncommented = example("abc", SECRET)
+            .replace("    # - url:", "    - url:")
+            .replace("    #   ", "      ");
+        assert!(uncommented.contains("    - url: https://10.0.0.5:3000\n      caFile:"));
+        assert!(
+            error(&uncommented).contains(
+                "`discovery.endpoints[1]`: caFile /etc/kubespan/discovery-ca.pem: cannot read it"
+            ),
+            "{}",
+            error(&uncommented)
+        );
     }
 
     #[test]
@@ -729,5 +900,156 @@ mod tests {
         let v6_default = DiscoveryEndpoint::parse("https://[2001:db8::1]").unwrap();
         assert_eq!(v6_default.authority, "[2001:db8::1]:443");
         assert!(DiscoveryEndpoint::parse("ftp://x").is_err());
+    }
+
+    /// A throwaway directory with a CA (`ca.pem`) and a client certificate it signed
+    /// (`client.pem`, `client-key.pem`), plus a key of another certificate (`other-key.pem`).
+    fn tls_files() -> tempfile::TempDir {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let client_key = KeyPair::generate().unwrap();
+        let client = CertificateParams::new(vec!["node-1".to_string()])
+            .unwrap()
+            .signed_by(&client_key, &issuer)
+            .unwrap();
+        let write = |name: &str, text: String| std::fs::write(dir.path().join(name), text).unwrap();
+        write("ca.pem", ca.pem());
+        write("client.pem", client.pem());
+        write("client-key.pem", client_key.serialize_pem());
+        write(
+            "other-key.pem",
+            KeyPair::generate().unwrap().serialize_pem(),
+        );
+        dir
+    }
+
+    fn with_endpoint(entry: &str) -> String {
+        format!(
+            "clusterID: test-cluster\nclusterSecret: {SECRET}\ndiscovery:\n  endpoints:\n{entry}"
+        )
+    }
+
+    #[test]
+    fn an_endpoint_may_name_a_ca_a_client_certificate_and_a_server_name() {
+        let dir = tls_files();
+        let d = dir.path().display();
+        let config = parse(&with_endpoint(&format!(
+            "    - http://127.0.0.1:3000\n    - url: https://10.0.0.5:3000\n      caFile: {d}/ca.pem\n      \
+             certFile: {d}/client.pem\n      keyFile: {d}/client-key.pem\n      serverName: discovery.test\n"
+        )))
+        .unwrap();
+        let plain = &config.discovery_endpoints[0];
+        assert_eq!(plain.tls, TlsOptions::default());
+        let extended = &config.discovery_endpoints[1];
+        assert_eq!(
+            (extended.authority.as_str(), extended.insecure),
+            ("10.0.0.5:3000", false)
+        );
+        assert_eq!(
+            extended.tls,
+            TlsOptions {
+                ca_file: Some(dir.path().join("ca.pem")),
+                client_identity: Some(ClientIdentity {
+                    cert_file: dir.path().join("client.pem"),
+                    key_file: dir.path().join("client-key.pem"),
+                }),
+                server_name: Some("discovery.test".into()),
+            }
+        );
+        // The map form with only a URL is the plain form.
+        let config = parse(&with_endpoint("    - url: https://discovery.example\n")).unwrap();
+        assert_eq!(
+            config.discovery_endpoints[0],
+            DiscoveryEndpoint::parse("https://discovery.example").unwrap()
+        );
+    }
+
+    #[test]
+    fn a_redirect_keeps_the_ca_and_client_certificate_but_not_the_server_name() {
+        let mut configured = DiscoveryEndpoint::parse("https://10.0.0.5:3000").unwrap();
+        configured.tls = TlsOptions {
+            ca_file: Some("/ca.pem".into()),
+            client_identity: Some(ClientIdentity {
+                cert_file: "/c.pem".into(),
+                key_file: "/k.pem".into(),
+            }),
+            server_name: Some("discovery.test".into()),
+        };
+        let next = configured.redirected("other.example:3001").unwrap();
+        assert_eq!(next.authority, "other.example:3001");
+        assert!(!next.insecure);
+        assert_eq!(next.tls.ca_file, configured.tls.ca_file);
+        assert_eq!(next.tls.client_identity, configured.tls.client_identity);
+        assert_eq!(next.tls.server_name, None);
+    }
+
+    #[test]
+    fn bad_tls_settings_are_errors_that_name_the_key_and_the_file() {
+        let dir = tls_files();
+        let d = dir.path().display();
+        std::fs::write(dir.path().join("garbage.pem"), "not a certificate").unwrap();
+        let cases = [
+            (
+                format!("    - url: https://x:1\n      certFile: {d}/client.pem\n"),
+                "`discovery.endpoints[0].keyFile`: is required with certFile".to_string(),
+            ),
+            (
+                format!("    - url: https://x:1\n      keyFile: {d}/client-key.pem\n"),
+                "`discovery.endpoints[0].certFile`: is required with keyFile".to_string(),
+            ),
+            (
+                format!("    - url: https://x:1\n      caFile: {d}/missing.pem\n"),
+                format!("`discovery.endpoints[0]`: caFile {d}/missing.pem: cannot read it"),
+            ),
+            (
+                format!("    - url: https://x:1\n      caFile: {d}/garbage.pem\n"),
+                format!("caFile {d}/garbage.pem: no certificate found"),
+            ),
+            (
+                format!(
+                    "    - url: https://x:1\n      certFile: {d}/client.pem\n      keyFile: {d}/ca.pem\n"
+                ),
+                format!("keyFile {d}/ca.pem: no private key found"),
+            ),
+            (
+                format!(
+                    "    - url: https://x:1\n      certFile: {d}/client.pem\n      keyFile: {d}/other-key.pem\n"
+                ),
+                format!("certFile {d}/client.pem and keyFile {d}/other-key.pem do not go together"),
+            ),
+            (
+                format!("    - url: http://x:1\n      caFile: {d}/ca.pem\n"),
+                "`discovery.endpoints[0].url`: \"http://x:1\" is plaintext".to_string(),
+            ),
+            (
+                "    - url: https://x:1\n      serverName: \"not a name\"\n".to_string(),
+                "`discovery.endpoints[0].serverName`: \"not a name\"".to_string(),
+            ),
+            (
+                "    - url: ftp://x\n".to_string(),
+                "`discovery.endpoints[0].url`: scheme \"ftp\"".to_string(),
+            ),
+            (
+                "    - url: https://x:1\n      cafile: /ca.pem\n".to_string(),
+                "unknown field `cafile`, expected one of".to_string(),
+            ),
+            (
+                "    - caFile: /ca.pem\n".to_string(),
+                "missing field `url`".to_string(),
+            ),
+        ];
+        for (entry, expected) in cases {
+            let text = with_endpoint(&entry);
+            let message = error(&text);
+            assert!(
+                message.contains(&expected),
+                "for\n{text}\nexpected {expected:?} in {message:?}"
+            );
+        }
     }
 }

@@ -23,7 +23,7 @@ use openspan_proto::discovery::server::{
 };
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 
 use crate::config::DiscoveryEndpoint;
 use crate::crypto::ClusterKeys;
@@ -309,12 +309,16 @@ fn connect_endpoint(target: &DiscoveryEndpoint, ttl: Duration) -> Result<Endpoin
         .initial_connection_window_size(Some(8 << 20))
         .initial_stream_window_size(Some(4 << 20));
     if !target.insecure {
-        let tls = ClientTlsConfig::new()
-            .with_native_roots()
-            .domain_name(target.host.clone());
-        endpoint = endpoint
-            .tls_config(tls)
+        // Read per connection, so certificates rotated on disk are used at the next reconnect.
+        let tls = crate::discovery_tls::client_tls(target)
             .map_err(|e| format!("TLS setup for {}: {e}", target.authority))?;
+        endpoint = endpoint.tls_config(tls).map_err(|e| {
+            format!(
+                "TLS setup for {}: {}",
+                target.authority,
+                crate::discovery_tls::error_chain(&e)
+            )
+        })?;
     }
     Ok(endpoint)
 }
@@ -353,7 +357,7 @@ impl Session {
     ) -> Result<SessionEnd, String> {
         let channel: Channel = tokio::select! {
             _ = stop.cancelled() => return Ok(SessionEnd::Stopped),
-            c = async { connect_endpoint(target, self.settings.ttl)?.connect().await.map_err(|e| format!("cannot connect to {}: {e}", target.authority)) } => c?,
+            c = async { connect_endpoint(target, self.settings.ttl)?.connect().await.map_err(|e| format!("cannot connect to {}: {}", target.authority, crate::discovery_tls::error_chain(&e))) } => c?,
         };
         let mut client = ClusterClient::new(channel).max_decoding_message_size(64 << 20);
         let cluster_id = self.settings.cluster_id.clone();
@@ -366,11 +370,11 @@ impl Session {
         let hello = client
             .hello(hello)
             .await
-            .map_err(|s| format!("Hello failed: {}", s.message()))?
+            .map_err(|s| format!("Hello failed: {}", crate::discovery_tls::status_chain(&s)))?
             .into_inner();
         if let Some(redirect) = hello.redirect.filter(|r| !r.endpoint.is_empty()) {
-            let scheme = if target.insecure { "http" } else { "https" };
-            let next = DiscoveryEndpoint::parse(&format!("{scheme}://{}", redirect.endpoint))
+            let next = target
+                .redirected(&redirect.endpoint)
                 .map_err(|e| format!("bad redirect {:?}: {e}", redirect.endpoint))?;
             return Ok(SessionEnd::Redirect(next));
         }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod crypto;
 pub mod dataplane;
 pub mod discovery;
+pub mod discovery_tls;
 pub mod endpoints;
 pub mod firewall;
 pub mod host;
