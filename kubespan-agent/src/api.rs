@@ -226,6 +226,12 @@ impl Agent for AgentApi {
             peers_down: count("down"),
             peers_unknown: count("unknown"),
             warnings: view.warnings.clone(),
+            members_retained: view.retained as u32,
+            own_record_tampered: self
+                .shared
+                .counters
+                .own_record_tampered
+                .load(std::sync::atomic::Ordering::Relaxed),
             data_plane: self.data_plane.describe(),
         }))
     }

@@ -336,10 +336,20 @@ fn status_text(status: &pb::AgentStatus) -> String {
             })
             .collect(),
     );
+    let retained = match status.members_retained {
+        0 => String::new(),
+        n => format!(" ({n} kept for their live tunnels: not listed by discovery)"),
+    };
     out += &format!(
-        "\nMembers:     {}\nPeers:       {} (up {}, down {}, unknown {})\n",
+        "\nMembers:     {}{retained}\nPeers:       {} (up {}, down {}, unknown {})\n",
         status.members, status.peers, status.peers_up, status.peers_down, status.peers_unknown
     );
+    if status.own_record_tampered > 0 {
+        out += &format!(
+            "Tampering:   this node's record was changed by someone else {} times (restored)\n",
+            status.own_record_tampered
+        );
+    }
     if status.warnings.is_empty() {
         out += "Warnings:    none\n";
     } else {
