@@ -1,16 +1,18 @@
 //! Agents against a real discovery server on loopback: membership, ciphers, wrong secrets,
 //! leave, expiry, and recovery after server and agent restarts.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod agent_process;
+
+use agent_process::{AgentProcess, api, member_names, wait_members};
 use discovery_server::clock::{Clock, ManualClock};
 use discovery_server::server::{self, Config as ServerConfig, Running, SnapshotConfig};
-use hyper_util::rt::TokioIo;
-use openspan_proto::openspan::agent::v1::{self as pb, agent_client::AgentClient};
-use tonic::transport::{Channel, Endpoint, Uri};
+use openspan_proto::openspan::agent::v1::{self as pb};
+use tonic::transport::{Channel, Endpoint};
 
 const SECRET: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const OTHER_SECRET: &str = "HxwdHhsZGhcYFRYTFBESDxAODQsMCQoHCAUGAwQBAgA=";
@@ -19,58 +21,6 @@ fn server_config(addr: &str) -> ServerConfig {
     ServerConfig {
         gc_interval: Duration::from_millis(50),
         ..ServerConfig::embedded(addr)
-    }
-}
-
-struct AgentProcess {
-    name: String,
-    child: Option<Child>,
-    dir: PathBuf,
-}
-
-impl AgentProcess {
-    fn socket(&self) -> PathBuf {
-        self.dir.join("agent.sock")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
-    }
-
-    /// SIGTERM: the agent deletes its record and exits.
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{} did not stop within 10 s of SIGTERM\n{}",
-                self.name,
-                self.log()
-            );
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -109,20 +59,7 @@ fn spawn_agent_with(
 ) -> AgentProcess {
     let dir = root.join(spec.name);
     write_config(&dir, &spec, server, extra_yaml);
-    let log = std::fs::File::create(dir.join("agent.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_kubespan-agent"))
-        .arg("--config")
-        .arg(dir.join("config.yaml"))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start kubespan-agent");
-    AgentProcess {
-        name: spec.name.into(),
-        child: Some(child),
-        dir,
-    }
+    agent_process::start(&dir, spec.name)
 }
 
 fn agent(root: &Path, name: &str, mac: &str, server: &str) -> AgentProcess {
@@ -136,69 +73,6 @@ fn agent(root: &Path, name: &str, mac: &str, server: &str) -> AgentProcess {
         },
         server,
     )
-}
-
-async fn api(agent: &AgentProcess) -> AgentClient<Channel> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let socket = agent.socket();
-    loop {
-        if socket.exists() {
-            let path = socket.clone();
-            let connector = tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            });
-            if let Ok(channel) = Endpoint::from_static("http://agent")
-                .connect_with_connector(connector)
-                .await
-            {
-                return AgentClient::new(channel);
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}'s API never came up\n{}",
-            agent.name,
-            agent.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn member_names(agent: &AgentProcess) -> Vec<String> {
-    let mut client = api(agent).await;
-    client
-        .list_members(pb::ListMembersRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .members
-        .into_iter()
-        .map(|m| m.nodename)
-        .collect()
-}
-
-/// Waits until `agent` lists exactly `expected` (sorted names); returns how long it took.
-async fn wait_members(agent: &AgentProcess, expected: &[&str]) -> Duration {
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(15);
-    loop {
-        let names = member_names(agent).await;
-        if names == expected {
-            return started.elapsed();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} lists {names:?}, expected {expected:?}\n{}",
-            agent.name,
-            agent.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn http_get(addr: &str, path: &str) -> String {

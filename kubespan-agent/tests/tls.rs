@@ -2,15 +2,16 @@
 //! a private CA: the extended `discovery.endpoints` form (caFile, certFile, keyFile, serverName).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod agent_process;
+
+use agent_process::{AgentProcess as Agent, api, wait_members};
 use discovery_server::server::{self, Config as ServerConfig, Running};
 use discovery_server::tls::TlsFiles;
-use hyper_util::rt::TokioIo;
-use openspan_proto::openspan::agent::v1::{self as pb, agent_client::AgentClient};
+use openspan_proto::openspan::agent::v1::{self as pb};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-use tonic::transport::{Channel, Endpoint, Uri};
 
 const SECRET: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
@@ -96,25 +97,6 @@ impl EndpointSpec<'_> {
     }
 }
 
-struct Agent {
-    name: String,
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Agent {
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn write_config(root: &Path, name: &str, mac: &str, endpoint: &EndpointSpec<'_>) -> PathBuf {
     let dir = root.join(name);
     std::fs::create_dir_all(&dir).unwrap();
@@ -132,78 +114,16 @@ fn write_config(root: &Path, name: &str, mac: &str, endpoint: &EndpointSpec<'_>)
 
 fn spawn_agent(root: &Path, name: &str, mac: &str, endpoint: &EndpointSpec<'_>) -> Agent {
     let dir = write_config(root, name, mac, endpoint);
-    let log = std::fs::File::create(dir.join("agent.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_kubespan-agent"))
-        .arg("--config")
-        .arg(dir.join("config.yaml"))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start kubespan-agent");
-    Agent {
-        name: name.into(),
-        child,
-        dir,
-    }
+    agent_process::start(&dir, name)
 }
 
-async fn api(agent: &Agent) -> AgentClient<Channel> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let socket = agent.dir.join("agent.sock");
-    loop {
-        if socket.exists() {
-            let path = socket.clone();
-            let connector = tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            });
-            if let Ok(channel) = Endpoint::from_static("http://agent")
-                .connect_with_connector(connector)
-                .await
-            {
-                return AgentClient::new(channel);
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}'s API never came up\n{}",
-            agent.name,
-            agent.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Waits until `agent` lists exactly `expected` (sorted names).
-async fn wait_members(agent: &Agent, expected: &[&str]) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut client = api(agent).await;
-    loop {
-        let names: Vec<String> = client
-            .list_members(pb::ListMembersRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .members
-            .into_iter()
-            .map(|m| m.nodename)
-            .collect();
-        if names == expected {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} lists {names:?}, expected {expected:?}\n{}",
-            agent.name,
-            agent.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Starts node-a and node-b with `endpoint` and waits until each lists both.
+async fn a_pair_that_sees_each_other(root: &Path, endpoint: &EndpointSpec<'_>) -> (Agent, Agent) {
+    let a = spawn_agent(root, "node-a", "02:00:00:00:00:0a", endpoint);
+    let b = spawn_agent(root, "node-b", "02:00:00:00:00:0b", endpoint);
+    wait_members(&a, &["node-a", "node-b"]).await;
+    wait_members(&b, &["node-a", "node-b"]).await;
+    (a, b)
 }
 
 /// Waits until the agent's (only) discovery connection reports an error containing one of
@@ -249,10 +169,7 @@ async fn agents_trust_a_private_ca_from_ca_file_and_only_that() {
         ca_file: Some(&ca.file),
         ..Default::default()
     };
-    let a = spawn_agent(root.path(), "node-a", "02:00:00:00:00:0a", &trusting);
-    let b = spawn_agent(root.path(), "node-b", "02:00:00:00:00:0b", &trusting);
-    wait_members(&a, &["node-a", "node-b"]).await;
-    wait_members(&b, &["node-a", "node-b"]).await;
+    let (a, b) = a_pair_that_sees_each_other(root.path(), &trusting).await;
 
     // Without caFile only the system roots are trusted, which never issued this certificate.
     let plain = spawn_agent(
@@ -381,10 +298,7 @@ async fn server_name_verifies_a_certificate_for_another_name_than_the_url_host()
         server_name: Some("discovery.test"),
         ..Default::default()
     };
-    let a = spawn_agent(root.path(), "node-a", "02:00:00:00:00:0a", &named);
-    let b = spawn_agent(root.path(), "node-b", "02:00:00:00:00:0b", &named);
-    wait_members(&a, &["node-a", "node-b"]).await;
-    wait_members(&b, &["node-a", "node-b"]).await;
+    let (a, b) = a_pair_that_sees_each_other(root.path(), &named).await;
 
     let unnamed = spawn_agent(
         root.path(),
