@@ -128,6 +128,32 @@ fn next_endpoint(endpoints: &[SocketAddr], last_used: Option<SocketAddr>) -> Opt
     Some(endpoints[index])
 }
 
+/// A change of the device's wall-clock handshake time smaller than this is read jitter or clock
+/// slewing, not a handshake (handshakes are at least seconds apart).
+const HANDSHAKE_CHANGE: Duration = Duration::from_secs(1);
+
+/// When a new handshake happened, if the device shows one since the last read: its monotonic
+/// age when the device has one (a wall-clock step moves `last_handshake` but not the age), else
+/// now (kernel WireGuard stores the wall time once, so only a real handshake changes it).
+fn new_handshake(
+    last: Option<SystemTime>,
+    seen: Option<SystemTime>,
+    age: Option<Duration>,
+    now: Instant,
+) -> Option<Instant> {
+    let last = last?;
+    let moved = seen.is_none_or(|seen| {
+        let difference = last
+            .duration_since(seen)
+            .unwrap_or_else(|earlier| earlier.duration());
+        difference >= HANDSHAKE_CHANGE
+    });
+    if !moved {
+        return None;
+    }
+    Some(age.map_or(now, |age| now.checked_sub(age).unwrap_or(now)))
+}
+
 fn since(now: Instant, then: Option<Instant>) -> Option<Duration> {
     then.map(|t| now.saturating_duration_since(t))
 }
@@ -175,8 +201,14 @@ pub fn reconcile(
             mem.last_rx_bytes = device_peer.rx_bytes;
         }
         let last_handshake = state_on_device.and_then(|p| p.last_handshake);
-        if last_handshake.is_some() && last_handshake != mem.seen_handshake {
-            mem.handshake_at = Some(now);
+        if let Some(at) = new_handshake(
+            last_handshake,
+            mem.seen_handshake,
+            state_on_device.and_then(|p| p.handshake_age),
+            now,
+        ) && mem.handshake_at.is_none_or(|known| at > known)
+        {
+            mem.handshake_at = Some(at);
         }
         mem.seen_handshake = last_handshake;
         let changed_at = mem.last_endpoint_change;
@@ -325,6 +357,7 @@ mod tests {
             public_key: [1; 32],
             endpoint: endpoint.map(|e| e.parse().unwrap()),
             last_handshake: handshake,
+            handshake_age: None,
             rx_bytes: rx,
             tx_bytes: 0,
             allowed_ips: vec![],
@@ -600,6 +633,53 @@ mod tests {
             assert_eq!(h.at(51, &w, &dev).reports[0].state, State::Down);
             assert!(!h.at(52, &w, &dev).reports[0].alive);
         }
+    }
+
+    #[test]
+    fn a_handshake_time_that_jitters_between_reads_is_not_a_new_handshake() {
+        // openspan's device derives the wall-clock handshake time from the wall clock at each
+        // read: it moves by nanoseconds every time. A dead peer must still go down.
+        let mut h = Harness::new();
+        let w = [want(&["10.0.0.2:51820"])];
+        h.at(0, &w, &[]);
+        let read = |h: &Harness, secs: u64, jitter_ns: u64| {
+            let mut p = on_device(
+                Some("10.0.0.2:51820"),
+                Some(h.time(1) + Duration::from_nanos(jitter_ns)),
+                100,
+            );
+            p.handshake_age = Some(Duration::from_secs(secs.saturating_sub(1)));
+            [p]
+        };
+        assert_eq!(h.at(1, &w, &read(&h, 1, 0)).reports[0].state, State::Up);
+        for t in 2..=31 {
+            let out = h.at(t, &w, &read(&h, t, t * 7));
+            assert_eq!(out.reports[0].state, State::Up, "at {t}s");
+        }
+        let out = h.at(32, &w, &read(&h, 32, 999));
+        assert_eq!(out.reports[0].state, State::Down, "silent for 31 s");
+        assert!(!out.reports[0].alive);
+    }
+
+    #[test]
+    fn a_wall_clock_step_moves_the_devices_handshake_time_but_not_its_age() {
+        let mut h = Harness::new();
+        let w = [want(&["10.0.0.2:51820"])];
+        h.at(0, &w, &[]);
+        let read = |wall: SystemTime, age_secs: u64| {
+            let mut p = on_device(Some("10.0.0.2:51820"), Some(wall), 100);
+            p.handshake_age = Some(Duration::from_secs(age_secs));
+            [p]
+        };
+        assert_eq!(h.at(1, &w, &read(h.time(1), 0)).reports[0].state, State::Up);
+        // Two hours forward: the device now reports a handshake two hours "later", same age.
+        let stepped = h.time(1) + Duration::from_secs(7_200);
+        assert!(h.at(10, &w, &read(stepped, 9)).reports[0].alive);
+        let out = h.at(32, &w, &read(stepped, 31));
+        assert_eq!(out.reports[0].state, State::Down, "no packet for 31 s");
+        // A real rekey later: a new age.
+        let out = h.at(40, &w, &read(stepped + Duration::from_secs(39), 0));
+        assert!(out.reports[0].alive);
     }
 
     #[test]

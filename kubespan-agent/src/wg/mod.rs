@@ -53,6 +53,10 @@ pub struct PeerState {
     pub public_key: Key,
     pub endpoint: Option<SocketAddr>,
     pub last_handshake: Option<SystemTime>,
+    /// How long ago that handshake was, when the device measures it on a monotonic clock
+    /// (openspan's userspace device). Its `last_handshake` is then derived from the wall clock at
+    /// each read and moves with it; kernel WireGuard stores the wall time once (`None` here).
+    pub handshake_age: Option<Duration>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub allowed_ips: Vec<IpNet>,

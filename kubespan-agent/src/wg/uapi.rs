@@ -246,6 +246,7 @@ mod tests {
                         public_key: [1; 32],
                         endpoint: Some("[fd00::1]:51820".parse().unwrap()),
                         last_handshake: Some(UNIX_EPOCH + Duration::new(1_700_000_000, 5)),
+                        handshake_age: None,
                         rx_bytes: 100,
                         tx_bytes: 200,
                         allowed_ips: vec![

@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
@@ -476,12 +476,15 @@ fn new_tunn(keys: &Keys, config: &PeerConfig, index: u32) -> Tunn {
 fn peer_state(peer: &Peer) -> PeerState {
     let tunn = lock(&peer.tunn);
     let (_, tx_bytes, rx_bytes, _, _) = tunn.stats();
-    let last_handshake = tunn.last_handshake_time().map(|since| UNIX_EPOCH + since);
+    let handshake_age = tunn.time_since_last_handshake();
     drop(tunn);
+    // For display; the agent's timers use the age (monotonic).
+    let last_handshake = handshake_age.and_then(|age| SystemTime::now().checked_sub(age));
     PeerState {
         public_key: peer.public_key,
         endpoint: peer.endpoint(),
         last_handshake,
+        handshake_age,
         rx_bytes: rx_bytes as u64,
         tx_bytes: tx_bytes as u64,
         allowed_ips: peer.allowed_ips.clone(),
