@@ -14,14 +14,14 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::crypto::ClusterKeys;
 use crate::discovery::{
-    self, ClientSettings, ConnectionStatus, DiscoveryCounters, Publication, RegistryCache,
-    SharedStatus,
+    self, ClientSettings, ConnectionStatus, DiscoveryCounters, Publication, SharedStatus,
 };
 use crate::endpoints::{local_endpoints, routable_addresses};
 use crate::members::{Member, PeerSpec, PeerWarning, members, merge_affiliates, peer_specs};
 use crate::model::{AffiliateRecord, KubeSpanInfo};
 use crate::netset::PrefixSet;
 use crate::record;
+use crate::registry::RegistryCache;
 use crate::warm;
 
 /// How often the warm-start cache is written at most (when the members changed), and how often
@@ -234,17 +234,27 @@ pub async fn run(
     let mut local = local_record(&config, &identity, &facts);
     let mut plaintext = record::encode(&local);
     publication_tx.send_modify(|p| p.own = Some(record::seal(&keys, &local)));
-    let mut cache = RegistryCache::new(endpoints.len());
-    match warm::load(&keys, &config.cluster_id, &config.state_dir, unix_ms()) {
-        Ok(members) if members.is_empty() => {}
-        Ok(members) => {
+    let mut cache = RegistryCache::new(endpoints.len(), discovery::DEFAULT_TTL);
+    let loaded = tokio::task::spawn_blocking({
+        let (keys, cluster_id, dir) = (
+            keys.clone(),
+            config.cluster_id.clone(),
+            config.state_dir.clone(),
+        );
+        move || warm::load(&keys, &cluster_id, &dir, unix_ms())
+    })
+    .await;
+    match loaded {
+        Ok(Ok(members)) if members.is_empty() => {}
+        Ok(Ok(members)) => {
             tracing::info!(
                 members = members.len(),
                 "configuring the last known members from the warm-start cache until a discovery service answers"
             );
-            cache.load_warm(members);
+            cache.load_warm(members, Instant::now(), unix_ms());
         }
-        Err(e) => tracing::warn!(error = %e, "warm-start cache not used"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "warm-start cache not used"),
+        Err(e) => tracing::warn!(error = %e, "warm-start cache not read"),
     }
     let (view_tx, view_rx) = watch::channel(Arc::new(membership(&local, &cache)));
 
@@ -279,7 +289,12 @@ pub async fn run(
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
     housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut members_dirty = false;
+    let mut saving: Option<tokio::task::JoinHandle<()>> = None;
     let mut last_warnings: Vec<String> = Vec::new();
+    // `kubespanctl leave`: the record is deleted (by the clients) and the tunnels stop, so peers
+    // drop this node within their peer-down interval instead of keeping it for its live tunnel.
+    let mut leave_rx = publication_tx.subscribe();
+    let mut left = false;
     loop {
         let mut facts_changed = false;
         let mut view_changed = false;
@@ -299,17 +314,25 @@ pub async fn run(
                     facts_changed = true;
                 }
             }
+            changed = leave_rx.changed(), if !left => {
+                if changed.is_ok() && leave_rx.borrow_and_update().leaving {
+                    tracing::info!("leaving the cluster: removing every peer");
+                    left = true;
+                    view_changed = true;
+                }
+            }
             changed = alive_rx.changed() => {
                 if changed.is_ok() {
                     let alive = alive_rx.borrow_and_update().clone();
-                    view_changed |= cache.set_alive(alive);
+                    view_changed |= cache.set_alive(alive, Instant::now());
                 }
             }
             _ = housekeeping.tick() => {
-                view_changed |= cache.expire(Instant::now(), unix_ms(), discovery::DEFAULT_TTL);
-                if members_dirty {
+                view_changed |= cache.expire(Instant::now());
+                // Written in the background; a write still running skips this round.
+                if members_dirty && saving.as_ref().is_none_or(|s| s.is_finished()) {
                     members_dirty = false;
-                    save_members(&keys, &config, &cache).await;
+                    saving = Some(save_members(&keys, &config, &cache));
                 }
             }
             _ = address_poll.tick() => {
@@ -343,7 +366,10 @@ pub async fn run(
         }
         if view_changed {
             members_dirty = true;
-            let view = membership(&local, &cache);
+            let mut view = membership(&local, &cache);
+            if left {
+                view.peers.clear();
+            }
             for warning in &view.warnings {
                 if !last_warnings.contains(warning) {
                     tracing::warn!("{warning}");
@@ -359,8 +385,11 @@ pub async fn run(
         }
     }
 
+    if let Some(saving) = saving.take() {
+        let _ = saving.await;
+    }
     if members_dirty {
-        save_members(&keys, &config, &cache).await;
+        let _ = save_members(&keys, &config, &cache).await;
     }
     // Graceful shutdown: delete this node's record, then stop the clients. Their events are
     // drained meanwhile, so a client blocked on a full channel still gets to the delete.
@@ -385,20 +414,24 @@ fn unix_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Writes the warm-start cache (sealed) off the async threads; a failure is logged, not fatal.
-async fn save_members(keys: &Arc<ClusterKeys>, config: &Config, cache: &RegistryCache) {
-    let sealed = warm::seal(
-        keys,
-        &config.cluster_id,
-        &cache.to_persist(unix_ms(), discovery::DEFAULT_TTL),
+/// Writes the warm-start cache (sealed) on a blocking thread; a failure is logged, not fatal.
+fn save_members(
+    keys: &Arc<ClusterKeys>,
+    config: &Config,
+    cache: &RegistryCache,
+) -> tokio::task::JoinHandle<()> {
+    let members = cache.to_persist(Instant::now(), unix_ms());
+    let (keys, cluster_id, dir) = (
+        keys.clone(),
+        config.cluster_id.clone(),
+        config.state_dir.clone(),
     );
-    let dir = config.state_dir.clone();
-    let saved = tokio::task::spawn_blocking(move || warm::save(&dir, &sealed)).await;
-    match saved {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "cannot write the warm-start cache"),
-        Err(e) => tracing::warn!(error = %e, "warm-start cache task failed"),
-    }
+    tokio::task::spawn_blocking(move || {
+        let sealed = warm::seal(&keys, &cluster_id, &members);
+        if let Err(e) = warm::save(&dir, &sealed) {
+            tracing::warn!(error = %e, "cannot write the warm-start cache");
+        }
+    })
 }
 
 /// `None` when netlink fails: the caller keeps what it had rather than publishing no addresses.

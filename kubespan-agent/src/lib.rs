@@ -23,6 +23,7 @@ pub mod netset;
 pub mod publish;
 pub mod reconcile;
 pub mod record;
+pub mod registry;
 pub mod routing;
 pub mod warm;
 pub mod wg;
