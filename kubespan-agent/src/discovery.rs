@@ -28,7 +28,9 @@ use tonic::transport::{Channel, Endpoint};
 use crate::config::DiscoveryEndpoint;
 use crate::crypto::ClusterKeys;
 use crate::model::AffiliateRecord;
-use crate::publish::{PublishPlan, PublishStep, Published, Warn, WarnLimiter, check_own};
+use crate::publish::{
+    ECHO_GRACE, PublishPlan, PublishStep, Published, Warn, WarnLimiter, check_own,
+};
 use crate::record::{self, SealedAffiliate};
 
 pub const DEFAULT_TTL: Duration = Duration::from_secs(30 * 60);
@@ -202,7 +204,8 @@ pub async fn run_client(
         known: HashSet::new(),
         reached_watch: false,
         published: Published::default(),
-        expect_own_delete: false,
+        expect_own_delete: None,
+        own_foreign_endpoints: 0,
         publish_failing: false,
     };
     let mut target = endpoint.clone();
@@ -285,8 +288,11 @@ struct Session {
     plan: PublishPlan,
     /// What this client last got accepted (kept across sessions).
     published: Published,
-    /// This client just deleted its own record to clear it: that delete's echo is not tampering.
-    expect_own_delete: bool,
+    /// This client deleted its own record (to clear it) then: that delete's echo, arriving
+    /// within [`ECHO_GRACE`], is not tampering.
+    expect_own_delete: Option<Instant>,
+    /// Endpoints under this node's id that did not open, in the last own record seen.
+    own_foreign_endpoints: usize,
     /// The last publish failed (log the failure and the recovery once each).
     publish_failing: bool,
 }
@@ -400,6 +406,8 @@ impl Session {
         tracing::info!(endpoint = %target.authority, ?public_ip, "connected to discovery service");
 
         let mut publication = self.publication.borrow_and_update().clone();
+        // What a previous session expected of the service does not carry over.
+        self.expect_own_delete = None;
         self.plan.publish_now(Instant::now());
         let mut refresh = tokio::time::interval_at(
             tokio::time::Instant::now() + self.settings.ttl / 2,
@@ -492,8 +500,7 @@ impl Session {
         clear_first: bool,
     ) -> Result<PublishOutcome, String> {
         if publication.leaving {
-            self.delete_own(client).await;
-            return Ok(PublishOutcome::Done);
+            return self.delete_own(client).await.map(|()| PublishOutcome::Done);
         }
         let Some(own) = &publication.own else {
             return Ok(PublishOutcome::Done);
@@ -514,7 +521,7 @@ impl Session {
                     s.message()
                 )
             })?;
-            self.expect_own_delete = true;
+            self.expect_own_delete = Some(Instant::now());
             tracing::info!("cleared this node's record (foreign endpoints) to publish it again");
         }
         let ttl = prost_types::Duration::try_from(self.settings.ttl).ok();
@@ -545,6 +552,15 @@ impl Session {
                     .map_err(|s| {
                         format!("AffiliateUpdate failed: {:?}: {}", s.code(), s.message())
                     })?;
+                if self.own_foreign_endpoints == 0 {
+                    // Nothing foreign under this node's id: the rate limit or a full cluster,
+                    // not a stuffed list. Retried later, without clearing anything.
+                    return Err(format!(
+                        "AffiliateUpdate refused this node's endpoints: {:?}: {} (its data was published)",
+                        s.code(),
+                        s.message()
+                    ));
+                }
                 outcome = PublishOutcome::EndpointsRefused(s.message().to_owned());
             }
             Err(s) => {
@@ -575,21 +591,24 @@ impl Session {
         Ok(outcome)
     }
 
-    async fn delete_own(&mut self, client: &mut ClusterClient<Channel>) {
+    /// Leaving: deletes this node's record; a failure is retried (and at worst the record
+    /// expires with its TTL).
+    async fn delete_own(&mut self, client: &mut ClusterClient<Channel>) -> Result<(), String> {
         let mut request = tonic::Request::new(AffiliateDeleteRequest {
             cluster_id: self.settings.cluster_id.clone(),
             affiliate_id: self.settings.node_id.clone(),
         });
         request.set_timeout(Duration::from_secs(5));
-        match client.affiliate_delete(request).await {
-            Ok(_) => {
-                tracing::info!("deleted this node's record from the discovery service");
-                self.status.lock().unwrap_or_else(|p| p.into_inner()).left = true;
-            }
-            Err(s) => {
-                tracing::warn!(error = %s.message(), "could not delete this node's record; it expires with its TTL")
-            }
-        }
+        client.affiliate_delete(request).await.map_err(|s| {
+            format!(
+                "could not delete this node's record (it expires with its TTL): {:?}: {}",
+                s.code(),
+                s.message()
+            )
+        })?;
+        tracing::info!("deleted this node's record from the discovery service");
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).left = true;
+        Ok(())
     }
 
     /// Decrypts what can be decrypted. `None` for records without data and (logging each once,
@@ -643,18 +662,24 @@ impl Session {
         if leaving {
             return;
         }
-        if deleted && std::mem::take(&mut self.expect_own_delete) {
+        let now = Instant::now();
+        let expected_delete = self
+            .expect_own_delete
+            .take()
+            .is_some_and(|at| now.saturating_duration_since(at) < ECHO_GRACE);
+        if deleted && expected_delete {
             return;
         }
-        let now = Instant::now();
         let seen = (!deleted).then_some((&affiliate.data[..], &affiliate.endpoints[..]));
         let verdict = check_own(
             &self.settings.keys,
             &self.settings.node_id,
-            &self.published,
+            &mut self.published,
             seen,
             now,
         );
+        self.own_foreign_endpoints = verdict.foreign;
+        let verdict = verdict.record;
         if let Some(response) = self.plan.own_record_seen(verdict, now) {
             count(&self.settings.counters.own_record_tampered);
             tracing::warn!(

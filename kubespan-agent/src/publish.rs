@@ -32,8 +32,12 @@ pub const TAMPER_QUIET: Duration = Duration::from_secs(120);
 /// someone is filling the list (the reference limit is 64): the record is deleted and published
 /// again, which clears them.
 pub const FOREIGN_ENDPOINTS_CLEAR: usize = 16;
-/// A record replaced by this node less than this long ago is still accepted as an echo.
-const ECHO_GRACE: Duration = Duration::from_secs(10);
+/// A record replaced by this node less than this long ago is still accepted as an echo (until
+/// the echo of the new one arrives); the echo of its own delete is expected that long.
+pub const ECHO_GRACE: Duration = Duration::from_secs(10);
+/// Restoring a deleted or replaced record is one cheap update: however often it happens, it is
+/// restored within this (the back-off applies in full only to clearing a stuffed list).
+pub const RESTORE_MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// What the service holds for this node, compared with what it published.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,42 +84,61 @@ impl Published {
         self.current = Some(next);
     }
 
-    fn is_ours(&self, data: &[u8], now: Instant) -> bool {
-        self.current.as_ref().is_some_and(|c| c.data == data)
-            || self.previous.as_ref().is_some_and(|(previous, replaced)| {
-                previous == data && now.saturating_duration_since(*replaced) < ECHO_GRACE
-            })
+    /// `data` is this node's current record, or its previous one shortly after a change and
+    /// before the current one's echo (echoes arrive in order: after it, the previous one can
+    /// only be a replay).
+    fn is_ours(&mut self, data: &[u8], now: Instant) -> bool {
+        if self.current.as_ref().is_some_and(|c| c.data == data) {
+            self.previous = None;
+            return true;
+        }
+        self.previous.as_ref().is_some_and(|(previous, replaced)| {
+            previous == data && now.saturating_duration_since(*replaced) < ECHO_GRACE
+        })
     }
+}
+
+/// The verdict on this node's record, with the number of endpoints under its id that do not
+/// open (someone else's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OwnVerdict {
+    pub record: OwnRecord,
+    pub foreign: usize,
 }
 
 /// Judges the record the service shows for this node (`None`: deleted).
 pub fn check_own(
     keys: &ClusterKeys,
     node_id: &str,
-    published: &Published,
+    published: &mut Published,
     seen: Option<(&[u8], &[Bytes])>,
     now: Instant,
-) -> OwnRecord {
-    let Some(current) = &published.current else {
-        return OwnRecord::Intact;
-    };
-    let Some((data, endpoints)) = seen else {
-        return OwnRecord::Deleted;
-    };
-    if !published.is_ours(data, now) {
-        return OwnRecord::DataReplaced;
+) -> OwnVerdict {
+    let verdict = |record, foreign| OwnVerdict { record, foreign };
+    if published.current.is_none() {
+        return verdict(OwnRecord::Intact, 0);
     }
+    let Some((data, endpoints)) = seen else {
+        return verdict(OwnRecord::Deleted, 0);
+    };
     let foreign = endpoints
         .iter()
         .filter(|blob| keys.open_endpoint(node_id, blob).is_err())
         .count();
+    if !published.is_ours(data, now) {
+        return verdict(OwnRecord::DataReplaced, foreign);
+    }
     if foreign >= FOREIGN_ENDPOINTS_CLEAR {
-        return OwnRecord::EndpointsStuffed;
+        return verdict(OwnRecord::EndpointsStuffed, foreign);
     }
-    if current.endpoints.iter().any(|e| !endpoints.contains(e)) {
-        return OwnRecord::EndpointsMissing;
+    let missing = published
+        .current
+        .as_ref()
+        .is_some_and(|current| current.endpoints.iter().any(|e| !endpoints.contains(e)));
+    if missing {
+        return verdict(OwnRecord::EndpointsMissing, foreign);
     }
-    OwnRecord::Intact
+    verdict(OwnRecord::Intact, foreign)
 }
 
 /// Counts tampering and says how long to wait before restoring the record.
@@ -138,7 +161,11 @@ impl TamperGuard {
         let continues = self
             .last
             .is_some_and(|last| now.saturating_duration_since(last) < TAMPER_QUIET);
-        self.streak = if continues { self.streak + 1 } else { 1 };
+        self.streak = if continues {
+            self.streak.saturating_add(1)
+        } else {
+            1
+        };
         self.last = Some(now);
         if self.streak <= TAMPER_STREAK_BEFORE_BACKOFF {
             return TamperResponse {
@@ -199,14 +226,22 @@ impl PublishPlan {
         self.at(now);
     }
 
-    /// The service shows something else than this node's record.
+    /// The service shows something else than this node's record. `None` when there is nothing
+    /// to restore, or when a publish already due covers it (the echo of a change being made is
+    /// not counted twice).
     pub fn own_record_seen(&mut self, verdict: OwnRecord, now: Instant) -> Option<TamperResponse> {
         if verdict == OwnRecord::Intact {
             return None;
         }
-        let response = self.tamper.tampered(now);
         if verdict == OwnRecord::EndpointsStuffed {
             self.clear_first = true;
+        }
+        if self.due.is_some_and(|due| due <= now + REPUBLISH_DELAY) {
+            return None;
+        }
+        let mut response = self.tamper.tampered(now);
+        if verdict != OwnRecord::EndpointsStuffed {
+            response.delay = response.delay.min(RESTORE_MAX_DELAY);
         }
         self.at(now + response.delay);
         Some(response)
@@ -334,66 +369,95 @@ mod tests {
         let mine = sealed(&keys, 51820);
         let mut published = Published::default();
         published.set(mine.clone(), t);
-        let check = |published: &Published, data: &[u8], endpoints: &[Bytes], at| {
-            check_own(&keys, "me", published, Some((data, endpoints)), at)
+        let check = |published: &mut Published, data: &[u8], endpoints: &[Bytes], at| {
+            check_own(&keys, "me", published, Some((data, endpoints)), at).record
         };
         assert_eq!(
-            check(&published, &mine.data, &mine.endpoints, t),
+            check(&mut published, &mine.data, &mine.endpoints, t),
             OwnRecord::Intact
         );
         assert_eq!(
-            check_own(&keys, "me", &published, None, t),
+            check_own(&keys, "me", &mut published, None, t).record,
             OwnRecord::Deleted
         );
         assert_eq!(
-            check(&published, b"garbage", &mine.endpoints, t),
+            check(&mut published, b"garbage", &mine.endpoints, t),
             OwnRecord::DataReplaced
         );
         assert_eq!(
-            check(&published, &mine.data, &[], t),
+            check(&mut published, &mine.data, &[], t),
             OwnRecord::EndpointsMissing
         );
         // Another node's observation of this node (sealed with the cluster keys) is fine; a few
-        // garbage endpoints are ignored; many mean the list is being filled.
+        // garbage endpoints are ignored (but counted); many mean the list is being filled.
         let mut endpoints = mine.endpoints.clone();
         endpoints.push(Bytes::from(
             keys.seal_endpoint("me", "203.0.113.1:4000".parse().unwrap()),
         ));
         endpoints.extend((0..FOREIGN_ENDPOINTS_CLEAR - 1).map(|i| Bytes::from(vec![i as u8; 20])));
+        let verdict = check_own(
+            &keys,
+            "me",
+            &mut published,
+            Some((&mine.data, &endpoints)),
+            t,
+        );
         assert_eq!(
-            check(&published, &mine.data, &endpoints, t),
-            OwnRecord::Intact
+            verdict,
+            OwnVerdict {
+                record: OwnRecord::Intact,
+                foreign: FOREIGN_ENDPOINTS_CLEAR - 1
+            }
         );
         endpoints.push(Bytes::from_static(b"one more garbage"));
         assert_eq!(
-            check(&published, &mine.data, &endpoints, t),
+            check(&mut published, &mine.data, &endpoints, t),
             OwnRecord::EndpointsStuffed
-        );
-        // After a change, the old record's echo is accepted for a while, then it is a replay.
-        let next = sealed(&keys, 51821);
-        published.set(next.clone(), t);
-        assert_eq!(
-            check(
-                &published,
-                &mine.data,
-                &next.endpoints,
-                t + Duration::from_secs(1)
-            ),
-            OwnRecord::Intact
-        );
-        assert_eq!(
-            check(
-                &published,
-                &mine.data,
-                &next.endpoints,
-                t + Duration::from_secs(30)
-            ),
-            OwnRecord::DataReplaced
         );
         // Nothing published yet: nothing to defend.
         assert_eq!(
-            check_own(&keys, "me", &Published::default(), None, t),
+            check_own(&keys, "me", &mut Published::default(), None, t).record,
             OwnRecord::Intact
+        );
+    }
+
+    #[test]
+    fn the_previous_record_is_an_echo_only_until_the_current_ones_echo() {
+        let keys = keys();
+        let t = Instant::now();
+        let (old, new) = (sealed(&keys, 51820), sealed(&keys, 51821));
+        let check = |published: &mut Published, record: &SealedAffiliate, at| {
+            check_own(
+                &keys,
+                "me",
+                published,
+                Some((&record.data, &new.endpoints)),
+                at,
+            )
+            .record
+        };
+        let mut published = Published::default();
+        published.set(old.clone(), t);
+        published.set(new.clone(), t);
+        let soon = t + Duration::from_secs(1);
+        assert_eq!(
+            check(&mut published, &old, soon),
+            OwnRecord::Intact,
+            "late echo"
+        );
+        assert_eq!(check(&mut published, &new, soon), OwnRecord::Intact);
+        assert_eq!(
+            check(&mut published, &old, soon),
+            OwnRecord::DataReplaced,
+            "after the new record's echo, the old one is a replay"
+        );
+        // Without the new echo, the old one is accepted only for a while.
+        let mut published = Published::default();
+        published.set(old.clone(), t);
+        published.set(new.clone(), t);
+        assert_eq!(
+            check(&mut published, &old, t + ECHO_GRACE),
+            OwnRecord::DataReplaced
         );
     }
 
@@ -460,10 +524,38 @@ mod tests {
         plan.succeeded();
         // A deleted record is restored within the delay, without clearing.
         assert!(plan.own_record_seen(OwnRecord::Intact, t).is_none());
-        plan.own_record_seen(OwnRecord::Deleted, t);
+        assert!(plan.own_record_seen(OwnRecord::Deleted, t).is_some());
+        // Its echo while the restore is due is not counted again.
+        assert!(plan.own_record_seen(OwnRecord::Deleted, t).is_none());
         assert_eq!(
             plan.step(t + REPUBLISH_DELAY),
             PublishStep::Publish { clear_first: false }
+        );
+    }
+
+    #[test]
+    fn restoring_a_deleted_record_is_never_delayed_beyond_a_second() {
+        let mut plan = PublishPlan::new(Backoff::default());
+        let mut t = Instant::now();
+        let mut stuffed_delay = Duration::ZERO;
+        for i in 0..20 {
+            let verdict = if i % 2 == 0 {
+                OwnRecord::Deleted
+            } else {
+                OwnRecord::EndpointsStuffed
+            };
+            let response = plan.own_record_seen(verdict, t).expect("counted");
+            if verdict == OwnRecord::Deleted {
+                assert!(response.delay <= RESTORE_MAX_DELAY, "{i}: {response:?}");
+            } else {
+                stuffed_delay = response.delay;
+            }
+            plan.succeeded();
+            t += Duration::from_secs(2);
+        }
+        assert!(
+            stuffed_delay > RESTORE_MAX_DELAY,
+            "clearing backs off: {stuffed_delay:?}"
         );
     }
 

@@ -371,3 +371,40 @@ fn a_writer_with_only_the_cluster_id_cannot_take_a_node_out_of_the_mesh() -> any
     eprintln!("record restored after {restored:?}; {received} of {sent} pings answered meanwhile");
     Ok(())
 }
+
+#[test]
+fn a_node_that_leaves_disappears_from_its_peers_within_the_peer_down_interval() -> anyhow::Result<()>
+{
+    if !require_root() {
+        return Ok(());
+    }
+    let lab = three_node_mesh()?;
+    let node = lab.node(3);
+    let socket = node.socket();
+    let out = netns_tests::sh(
+        netns_tests::binary("kubespanctl")
+            .to_str()
+            .unwrap_or_default(),
+        &["--socket", socket.to_str().unwrap_or_default(), "leave"],
+    )?;
+    assert!(out.contains("left"), "{out}");
+    // The others saw the delete while the tunnel was still alive; it goes silent now, so they
+    // drop it within peerDownSeconds (6 s in the lab) and a reconcile tick.
+    let waited = lab.wait_for(
+        "node-1 and node-2 to drop node-3",
+        Duration::from_secs(10),
+        || {
+            (1..=2).all(|n| {
+                lab.node(n)
+                    .peers()
+                    .is_ok_and(|p| p.len() == 1 && p.iter().all(|(l, _, _)| l != "node-3"))
+            })
+        },
+    )?;
+    assert!(
+        lab.node(3).peers()?.is_empty(),
+        "the leaving node has no peers"
+    );
+    eprintln!("node-3 left and was dropped by its peers {waited:?} later");
+    Ok(())
+}
