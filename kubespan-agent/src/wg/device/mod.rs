@@ -8,10 +8,11 @@
 //! Threads, named after the interface so `top -H` shows them: `wg-<if>-rx` (UDP → decrypt →
 //! TUN, and at low load also TUN → encrypt → UDP), `wg-<if>-tx` (TUN → encrypt → UDP when the
 //! receive thread hands it the TUN device under load) and `wg-<if>-timer` (handshake retries,
-//! keepalives, rekeys, handshake rate-limit resets).
+//! keepalives, rekeys).
 //!
 //! Modules: [`peers`] (who owns which address, receiver indexes), [`egress`] (TUN → network),
-//! [`ingress`] (network → TUN); blocking waits are in [`crate::wg::wake`].
+//! [`ingress`] (network → TUN), [`gate`] (cookies and per-source limits for handshakes under
+//! load); blocking waits are in [`crate::wg::wake`].
 
 mod egress;
 mod gate;
