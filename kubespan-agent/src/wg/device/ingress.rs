@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, TunnResult};
@@ -15,6 +15,7 @@ use quinn_udp::RecvMeta;
 use tun_rs::{GROTable, VIRTIO_NET_HDR_LEN};
 
 use super::egress::{Pumped, hand_over_tun};
+use super::gate::{Admission, HANDSHAKE_RATE_LIMIT, HandshakeGate};
 use super::peers::{Peer, PeerTable};
 use super::{
     DATA_MESSAGE, HANDSHAKE_RESPONSE, Keys, RX_PUMP_READS, Shared, TUN_BATCH, TUN_BUFFER,
@@ -56,9 +57,23 @@ impl TunBatch {
     }
 }
 
+const HANDSHAKE_INITIATION: u8 = 1;
+
+/// Whether a datagram looks like a handshake message (initiation or response): the ones that
+/// can cost a DH, so the gate decides about them.
+fn is_handshake(datagram: &[u8]) -> bool {
+    matches!(
+        datagram.first(),
+        Some(&HANDSHAKE_INITIATION | &HANDSHAKE_RESPONSE)
+    )
+}
+
 /// Peers → TUN: receives batches of datagrams, decrypts them and writes the packets to the TUN
-/// device, coalescing TCP segments of a flow into super-packets.
+/// device, coalescing TCP segments of a flow into super-packets. In each batch the data goes
+/// first and to the TUN device at once; the handshakes follow, through the [`HandshakeGate`],
+/// so a handshake flood delays no packet of an established session by more than one batch.
 pub(super) fn network_to_tun(shared: &Shared) {
+    let mut gate = HandshakeGate::new(HANDSHAKE_RATE_LIMIT);
     let mut storage = vec![vec![0u8; UDP_BUFFER]; UDP_BATCH];
     let mut meta = vec![RecvMeta::default(); UDP_BATCH];
     let mut batch = TunBatch::new();
@@ -116,22 +131,47 @@ pub(super) fn network_to_tun(shared: &Shared) {
             continue;
         };
         let peers = read(&shared.peers);
-        for (received, buffer) in meta[..count].iter().zip(&storage) {
-            let stride = received.stride.max(1);
-            for datagram in buffer[..received.len].chunks(stride) {
-                if batch.count == batch.packets.len() {
-                    batch.flush(shared);
-                }
-                receive_datagram(
-                    keys,
-                    &peers,
-                    received.addr,
-                    datagram,
-                    &mut batch,
-                    &mut scratch,
-                    &mut outbox,
-                );
+        let datagrams = || {
+            meta[..count]
+                .iter()
+                .zip(&storage)
+                .flat_map(|(received, buffer)| {
+                    buffer[..received.len]
+                        .chunks(received.stride.max(1))
+                        .map(|datagram| (received.addr, datagram))
+                })
+        };
+        for (from, datagram) in datagrams().filter(|(_, d)| !is_handshake(d)) {
+            if batch.count == batch.packets.len() {
+                batch.flush(shared);
             }
+            receive_datagram(
+                keys,
+                &peers,
+                from,
+                datagram,
+                &mut batch,
+                &mut scratch,
+                &mut outbox,
+            );
+        }
+        batch.flush(shared);
+        let now = Instant::now();
+        for (from, datagram) in datagrams().filter(|(_, d)| is_handshake(d)) {
+            if batch.count == batch.packets.len() {
+                batch.flush(shared);
+            }
+            receive_handshake(
+                &mut gate,
+                now,
+                keys,
+                &peers,
+                from,
+                datagram,
+                &mut batch,
+                &mut scratch,
+                &mut outbox,
+            );
         }
         drop(peers);
         drop(keys_guard);
@@ -150,6 +190,28 @@ pub(super) fn network_to_tun(shared: &Shared) {
     }
 }
 
+/// A handshake message: the gate decides whether it is worth a DH, a cookie reply or nothing.
+#[allow(clippy::too_many_arguments)]
+fn receive_handshake(
+    gate: &mut HandshakeGate,
+    now: Instant,
+    keys: &Keys,
+    peers: &PeerTable,
+    from: SocketAddr,
+    datagram: &[u8],
+    batch: &mut TunBatch,
+    scratch: &mut [u8],
+    outbox: &mut Vec<(SocketAddr, Vec<u8>)>,
+) {
+    match gate.admit(keys, now, from, datagram, scratch) {
+        Admission::Drop => {}
+        Admission::CookieReply(len) => outbox.push((from, scratch[..len].to_vec())),
+        Admission::Process => {
+            receive_datagram(keys, peers, from, datagram, batch, scratch, outbox);
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn receive_datagram(
     keys: &Keys,
@@ -160,17 +222,13 @@ fn receive_datagram(
     scratch: &mut [u8],
     outbox: &mut Vec<(SocketAddr, Vec<u8>)>,
 ) {
-    let packet = match keys
-        .rate_limiter
+    // Handshakes passed the gate already (which decided about load and cookies); this parses
+    // and checks mac1.
+    let Ok(packet) = keys
+        .unlimited
         .verify_packet(Some(from.ip()), datagram, scratch)
-    {
-        Ok(packet) => packet,
-        Err(TunnResult::WriteToNetwork(cookie)) => {
-            // Under a handshake flood: answer with a cookie instead of doing the DH.
-            outbox.push((from, cookie.to_vec()));
-            return;
-        }
-        Err(_) => return,
+    else {
+        return;
     };
     let peer = match &packet {
         Packet::HandshakeInit(init) => parse_handshake_anon(&keys.private, &keys.public, init)
@@ -184,6 +242,7 @@ fn receive_datagram(
         return;
     };
     let is_data = matches!(packet, Packet::PacketData(_));
+    let is_cookie = matches!(packet, Packet::PacketCookieReply(_));
     let buffer = &mut batch.packets[batch.count];
     buffer.resize(VIRTIO_NET_HDR_LEN + datagram.len(), 0);
     let mut tunn = lock(&peer.tunn);
@@ -214,6 +273,16 @@ fn receive_datagram(
             // A keepalive (or a cookie): authenticated data moves the endpoint too.
             if is_data {
                 peer.roam(from);
+            }
+            // The responder is under load and sent a valid cookie for our last message: send
+            // the initiation again now, with mac2, rather than after REKEY_TIMEOUT (5 s). A
+            // cookie reply answers one message (it is sealed to that message's mac1), so this
+            // sends at most one initiation per message of ours.
+            if is_cookie
+                && let TunnResult::WriteToNetwork(initiation) =
+                    tunn.format_handshake_initiation(scratch, true)
+            {
+                outbox.push((peer.endpoint().unwrap_or(from), initiation.to_vec()));
             }
         }
         TunnResult::Err(e) => {
@@ -262,14 +331,15 @@ mod tests {
     use super::*;
     use crate::wg::PeerConfig;
 
+    const COOKIE_REPLY: u8 = 3;
     const OURS: [u8; 32] = [7; 32];
     const THEIRS: [u8; 32] = [9; 32];
 
-    fn keys(handshake_limit: u64) -> Keys {
+    fn keys() -> Keys {
         let private = StaticSecret::from(OURS);
         let public = PublicKey::from(&private);
         Keys {
-            rate_limiter: Arc::new(RateLimiter::new(&public, handshake_limit)),
+            cookies: Arc::new(RateLimiter::new(&public, 0)),
             unlimited: Arc::new(RateLimiter::new(&public, u64::MAX)),
             private,
             public,
@@ -305,28 +375,37 @@ mod tests {
         table.by_key.values().next().and_then(|p| p.endpoint())
     }
 
-    #[test]
-    fn an_initiation_is_answered_and_moves_the_peer_but_a_cookie_never_does() {
-        let keys = keys(1);
-        let home: SocketAddr = "192.0.2.1:51820".parse().unwrap();
-        let roamed: SocketAddr = "192.0.2.2:51820".parse().unwrap();
-        let flooder: SocketAddr = "198.51.100.7:40000".parse().unwrap();
-        let peers = table(&keys, home);
-        let mut remote = Tunn::new(
+    /// The peer `THEIRS` as a bare Tunn, talking to our device.
+    fn remote(keys: &Keys) -> Tunn {
+        Tunn::new(
             StaticSecret::from(THEIRS),
             keys.public,
             Some([0; 32]),
             None,
             1,
             None,
-        );
+        )
+    }
+
+    #[test]
+    fn an_initiation_is_answered_and_moves_the_peer_but_a_cookie_never_does() {
+        let keys = keys();
+        let mut gate = HandshakeGate::new(1);
+        let now = Instant::now();
+        let home: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let roamed: SocketAddr = "192.0.2.2:51820".parse().unwrap();
+        let flooder: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+        let peers = table(&keys, home);
+        let mut remote = remote(&keys);
         let mut batch = TunBatch::new();
         let mut scratch = vec![0u8; 2 * 65_536];
         let mut outbox = Vec::new();
 
         // Within the limit: answered with a handshake response, and the peer roams.
         let first = initiation(&mut remote);
-        receive_datagram(
+        receive_handshake(
+            &mut gate,
+            now,
             &keys,
             &peers,
             roamed,
@@ -342,7 +421,9 @@ mod tests {
         // Over the limit: a cookie reply (type 3) to the sender, no DH, and no roaming.
         outbox.clear();
         let second = initiation(&mut remote);
-        receive_datagram(
+        receive_handshake(
+            &mut gate,
+            now,
             &keys,
             &peers,
             flooder,
@@ -352,18 +433,143 @@ mod tests {
             &mut outbox,
         );
         assert_eq!(outbox.len(), 1);
-        assert_eq!((outbox[0].0, outbox[0].1[0]), (flooder, 3));
+        assert_eq!((outbox[0].0, outbox[0].1[0]), (flooder, COOKIE_REPLY));
         assert_eq!(
             endpoint(&peers),
             Some(roamed),
             "a cookie reply moved the peer"
         );
         assert_eq!(batch.count, 0);
+
+        // The flooder's source gets its burst of answers, then nothing.
+        outbox.clear();
+        for _ in 0..20 {
+            receive_handshake(
+                &mut gate,
+                now,
+                &keys,
+                &peers,
+                flooder,
+                &second,
+                &mut batch,
+                &mut scratch,
+                &mut outbox,
+            );
+        }
+        assert_eq!(
+            outbox.len() as u64,
+            super::super::gate::PER_SOURCE_BURST - 1
+        );
+    }
+
+    #[test]
+    fn under_load_an_initiation_with_the_cookie_is_answered() {
+        let keys = keys();
+        let mut gate = HandshakeGate::new(0);
+        let now = Instant::now();
+        let home: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let peers = table(&keys, home);
+        let mut remote = remote(&keys);
+        let mut batch = TunBatch::new();
+        let mut scratch = vec![0u8; 2 * 65_536];
+        let mut outbox = Vec::new();
+        let first = initiation(&mut remote);
+        receive_handshake(
+            &mut gate,
+            now,
+            &keys,
+            &peers,
+            home,
+            &first,
+            &mut batch,
+            &mut scratch,
+            &mut outbox,
+        );
+        let (_, cookie) = outbox.pop().expect("a cookie reply");
+        assert_eq!(cookie[0], COOKIE_REPLY);
+        let mut buffer = [0u8; 256];
+        assert!(matches!(
+            remote.decapsulate(Some(home.ip()), &cookie, &mut buffer),
+            TunnResult::Done
+        ));
+        let second = match remote.format_handshake_initiation(&mut buffer, true) {
+            TunnResult::WriteToNetwork(message) => message.to_vec(),
+            other => panic!("no initiation: {other:?}"),
+        };
+        assert_ne!(second[132..], [0; 16], "no mac2 with the cookie");
+        receive_handshake(
+            &mut gate,
+            now,
+            &keys,
+            &peers,
+            home,
+            &second,
+            &mut batch,
+            &mut scratch,
+            &mut outbox,
+        );
+        assert_eq!(outbox.len(), 1);
+        assert_eq!(outbox[0].1[0], HANDSHAKE_RESPONSE);
+    }
+
+    #[test]
+    fn a_cookie_reply_makes_our_device_initiate_again_at_once_with_mac2() {
+        let keys = keys();
+        let responder: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let ours: IpAddr = "192.0.2.9".parse().unwrap();
+        let peers = table(&keys, responder);
+        let peer = peers.by_key.values().next().unwrap().clone();
+        let mut buffer = [0u8; 256];
+        let first = match lock(&peer.tunn).format_handshake_initiation(&mut buffer, false) {
+            TunnResult::WriteToNetwork(message) => message.to_vec(),
+            other => panic!("no initiation: {other:?}"),
+        };
+        // The responder is under load (a limiter that always is): a cookie reply.
+        let theirs = PublicKey::from(&StaticSecret::from(THEIRS));
+        let under_load = RateLimiter::new(&theirs, 0);
+        let mut reply = [0u8; 64];
+        let cookie = match under_load.verify_packet(Some(ours), &first, &mut reply) {
+            Err(TunnResult::WriteToNetwork(cookie)) => cookie.to_vec(),
+            other => panic!("no cookie reply: {:?}", other.map(|_| ())),
+        };
+        let mut batch = TunBatch::new();
+        let mut scratch = vec![0u8; 2 * 65_536];
+        let mut outbox = Vec::new();
+        receive_datagram(
+            &keys,
+            &peers,
+            responder,
+            &cookie,
+            &mut batch,
+            &mut scratch,
+            &mut outbox,
+        );
+        assert_eq!(outbox.len(), 1, "no new initiation after the cookie");
+        let (to, again) = &outbox[0];
+        assert_eq!((*to, again[0]), (responder, HANDSHAKE_INITIATION));
+        assert!(
+            under_load
+                .verify_packet(Some(ours), again, &mut reply)
+                .is_ok(),
+            "the new initiation has no valid mac2"
+        );
+        // The old cookie reply, replayed, answers nothing any more.
+        outbox.clear();
+        receive_datagram(
+            &keys,
+            &peers,
+            responder,
+            &cookie,
+            &mut batch,
+            &mut scratch,
+            &mut outbox,
+        );
+        assert!(outbox.is_empty(), "a replayed cookie made us initiate");
     }
 
     #[test]
     fn garbage_and_unknown_senders_change_nothing() {
-        let keys = keys(100);
+        let keys = keys();
         let home: SocketAddr = "192.0.2.1:51820".parse().unwrap();
         let stranger: SocketAddr = "198.51.100.7:40000".parse().unwrap();
         let peers = table(&keys, home);

@@ -8,12 +8,14 @@
 //! Threads, named after the interface so `top -H` shows them: `wg-<if>-rx` (UDP → decrypt →
 //! TUN, and at low load also TUN → encrypt → UDP), `wg-<if>-tx` (TUN → encrypt → UDP when the
 //! receive thread hands it the TUN device under load) and `wg-<if>-timer` (handshake retries,
-//! keepalives, rekeys, handshake rate-limit resets).
+//! keepalives, rekeys).
 //!
 //! Modules: [`peers`] (who owns which address, receiver indexes), [`egress`] (TUN → network),
-//! [`ingress`] (network → TUN); blocking waits are in [`crate::wg::wake`].
+//! [`ingress`] (network → TUN), [`gate`] (cookies and per-source limits for handshakes under
+//! load); blocking waits are in [`crate::wg::wake`].
 
 mod egress;
+mod gate;
 mod ingress;
 mod peers;
 
@@ -21,7 +23,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
@@ -36,8 +38,6 @@ use super::udp::UdpTransport;
 use super::wake::{Wake, wait_readable};
 use super::{DeviceSettings, Key, PeerConfig, PeerState, WgError};
 
-/// Handshake initiations per second before cookies are demanded (boringtun's device default).
-const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// boringtun's timers want a tick at least this often.
 const TIMER_TICK: Duration = Duration::from_millis(250);
 /// TUN reads the receive thread does itself before it hands the TUN device to the transmit
@@ -63,10 +63,11 @@ const DATA_MESSAGE: u8 = 4;
 struct Keys {
     private: StaticSecret,
     public: PublicKey,
-    /// The device's handshake limiter: checked once per datagram, before any DH.
-    rate_limiter: Arc<RateLimiter>,
-    /// What the peers' Tunns check again internally: never under load, so a datagram is
-    /// counted once and a Tunn never answers with a cookie of its own.
+    /// Always under load: checks mac1 and mac2 and writes cookie replies, for the handshakes
+    /// the receive thread's [`gate::HandshakeGate`] decides need a cookie.
+    cookies: Arc<RateLimiter>,
+    /// Checks mac1 only; also what the peers' Tunns check again internally, so a Tunn never
+    /// answers with a cookie of its own (the gate decides about load).
     unlimited: Arc<RateLimiter>,
 }
 
@@ -234,7 +235,7 @@ impl Device {
             .as_ref()
             .is_none_or(|keys| keys.public != public);
         if key_changed {
-            let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+            let cookies = Arc::new(RateLimiter::new(&public, 0));
             let unlimited = Arc::new(RateLimiter::new(&public, u64::MAX));
             for peer in read(&self.shared.peers).by_key.values() {
                 lock(&peer.tunn).set_static_private(
@@ -246,7 +247,7 @@ impl Device {
             *write(&self.shared.keys) = Some(Keys {
                 private,
                 public,
-                rate_limiter,
+                cookies,
                 unlimited,
             });
         }
@@ -491,19 +492,11 @@ fn peer_state(peer: &Peer) -> PeerState {
     }
 }
 
-/// boringtun's timers: handshake retries and rekeys, keepalives, session expiry; and the
-/// once-a-second reset of the handshake rate limiter.
+/// boringtun's timers: handshake retries and rekeys, keepalives, session expiry.
 fn timers(shared: &Shared) {
     let mut message = vec![0u8; 2_048];
-    let mut last_reset = Instant::now();
     while !shared.stop.load(Ordering::Relaxed) {
         let _ = wait_readable(&[shared.stopping.fd()], Some(TIMER_TICK));
-        if last_reset.elapsed() >= Duration::from_secs(1) {
-            if let Some(keys) = read(&shared.keys).as_ref() {
-                keys.rate_limiter.reset_count();
-            }
-            last_reset = Instant::now();
-        }
         let peers: Vec<Arc<Peer>> = read(&shared.peers).by_key.values().cloned().collect();
         for peer in peers {
             let len = match lock(&peer.tunn).update_timers(&mut message) {
