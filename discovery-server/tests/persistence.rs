@@ -13,6 +13,7 @@ fn with_snapshot(path: &std::path::Path, interval: Duration) -> discovery_server
     config.snapshot = Some(SnapshotConfig {
         path: path.to_owned(),
         interval,
+        max_size: discovery_server::persist::DEFAULT_MAX_SIZE,
     });
     config
 }
