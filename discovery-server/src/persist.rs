@@ -213,6 +213,14 @@ pub fn decode_into(
     let version = u32::from_be_bytes(bytes[8..12].try_into().unwrap_or_default());
     let snapshot =
         pb::Snapshot::decode(payload).map_err(|e| format!("cannot decode payload: {e}"))?;
+    // The header is outside the checksum; the payload's own copy of the version catches a
+    // damaged header version (read as the other format, every TTL would be wrong).
+    if snapshot.format_version != version {
+        return Err(format!(
+            "the header says format version {version}, the payload says {}",
+            snapshot.format_version
+        ));
+    }
     let max_ttl_ms = i64::try_from(store.limits().max_ttl.as_millis()).unwrap_or(i64::MAX);
     let taken_at = snapshot.taken_at_unix_ms;
     let downtime = Downtime::measure(taken_at, wall_now, max_ttl_ms);
@@ -229,6 +237,7 @@ pub fn decode_into(
     };
     let mut restored = 0;
     for cluster in snapshot.clusters {
+        let mut affiliates = BTreeMap::new();
         for affiliate in cluster.affiliates {
             let remaining = left(affiliate.ttl_remaining_ms, affiliate.expires_at_unix_ms);
             if remaining <= 0 {
@@ -249,9 +258,12 @@ pub fn decode_into(
                     })
                     .collect(),
             };
-            store.restore(cluster.id.clone(), affiliate.id, stored);
-            restored += 1;
+            // A file can repeat an id; the last record wins, as a second update would.
+            if affiliates.insert(affiliate.id, stored).is_none() {
+                restored += 1;
+            }
         }
+        store.restore_cluster(cluster.id, affiliates);
     }
     Ok(Loaded {
         affiliates: restored,
@@ -566,12 +578,17 @@ mod tests {
         flipped[last] ^= 0x40;
         let mut future = bytes.clone();
         future[8..12].copy_from_slice(&3u32.to_be_bytes());
+        // The header's version is outside the checksum: a format-2 payload under a format-1
+        // header would load with every TTL wrong.
+        let mut relabeled = bytes.clone();
+        relabeled[8..12].copy_from_slice(&FORMAT_V1_ABSOLUTE.to_be_bytes());
         for (what, damaged) in [
             ("truncated", &bytes[..bytes.len() - 3]),
             ("flipped bit", &flipped[..]),
             ("empty", &[][..]),
             ("foreign", &b"hello world, this is not a snapshot"[..]),
             ("newer format", &future[..]),
+            ("header version damaged", &relabeled[..]),
         ] {
             let mut store = Store::default();
             assert!(

@@ -240,18 +240,26 @@ impl Store {
         self.clusters.iter()
     }
 
-    /// Inserts restored state verbatim (snapshot load). Limits are not re-checked: a snapshot
-    /// taken under larger limits must not lose data when loaded under smaller ones.
-    pub fn restore(
+    /// Inserts one cluster's restored affiliates verbatim (snapshot load), merged into what is
+    /// there. Limits are not re-checked: a snapshot taken under larger limits must not lose data
+    /// when loaded under smaller ones. Whole clusters, so the id is not copied per affiliate
+    /// (with a long id and many affiliates that copying would be quadratic in the file size).
+    pub fn restore_cluster(
         &mut self,
         cluster_id: String,
-        affiliate_id: String,
-        affiliate: StoredAffiliate,
+        affiliates: BTreeMap<String, StoredAffiliate>,
     ) {
-        self.clusters
-            .entry(cluster_id)
-            .or_default()
-            .insert(affiliate_id, affiliate);
+        if affiliates.is_empty() {
+            return; // A cluster exists here only while it has affiliates.
+        }
+        match self.clusters.entry(cluster_id) {
+            std::collections::hash_map::Entry::Occupied(mut cluster) => {
+                cluster.get_mut().extend(affiliates)
+            }
+            std::collections::hash_map::Entry::Vacant(cluster) => {
+                cluster.insert(affiliates);
+            }
+        }
     }
 }
 
