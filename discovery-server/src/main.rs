@@ -303,6 +303,24 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_max_size_takes_units_and_refuses_nonsense() {
+        let config = Args::try_parse_from(["discovery-server", "--snapshot-max-size=512MiB"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert_eq!(config.snapshot.unwrap().max_size, 512 << 20);
+        let default = Args::try_parse_from(["discovery-server"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert_eq!(default.snapshot.unwrap().max_size, 1 << 30);
+        let error = Args::try_parse_from(["discovery-server", "--snapshot-max-size=lots"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("KiB, MiB or GiB"), "{error}");
+    }
+
+    #[test]
     fn half_a_tls_pair_is_an_error() {
         let args =
             Args::try_parse_from(["discovery-server", "--certificate-path=/tmp/c.pem"]).unwrap();

@@ -4,7 +4,7 @@
 //! input and must answer with a value or an error, never a panic or an unbounded allocation.
 //!
 //! CI runs a small budget (`FUZZ_CASES`, default 64 cases per target, a few seconds in all).
-//! A longer campaign: `FUZZ_CASES=200000 cargo test --release -p discovery-server --test fuzz`
+//! A longer campaign: `FUZZ_CASES=2000000 cargo test --release -p discovery-server --test fuzz`
 //! (see README, "Fuzzing"). A failing case is shrunk and printed with its seed.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -97,8 +97,11 @@ fn cases(default: u32) -> ProptestConfig {
 
 const WALL: i64 = 1_700_000_000_000;
 
-/// Some affiliates as a store would hold them: ids, data, endpoints and TTLs (ms).
-fn records() -> impl Strategy<Value = Vec<(String, String, Vec<u8>, Vec<Vec<u8>>, u64)>> {
+/// One update: cluster id, affiliate id, data, endpoints, TTL in milliseconds.
+type Record = (String, String, Vec<u8>, Vec<Vec<u8>>, u64);
+
+/// Some affiliates as a store would hold them.
+fn records() -> impl Strategy<Value = Vec<Record>> {
     proptest::collection::vec(
         (
             "[a-c]{1,3}",
@@ -111,10 +114,7 @@ fn records() -> impl Strategy<Value = Vec<(String, String, Vec<u8>, Vec<Vec<u8>>
     )
 }
 
-fn store_of(
-    records: &[(String, String, Vec<u8>, Vec<Vec<u8>>, u64)],
-    now: i64,
-) -> Result<Store, TestCaseError> {
+fn store_of(records: &[Record], now: i64) -> Result<Store, TestCaseError> {
     let mut store = Store::default();
     for (cluster, affiliate, data, endpoints, ttl_ms) in records {
         store
