@@ -15,7 +15,7 @@ use openspan_proto::discovery::server::{Affiliate, WatchResponse};
 use prost::Message;
 use tokio::sync::broadcast;
 
-use crate::clock::{Clock, UnixMillis};
+use crate::clock::{Clock, MonoMillis, UnixMillis};
 use crate::limits::{Limits, StoreError, Update};
 use crate::store::{Change, Store, StoredAffiliate, Totals};
 
@@ -123,8 +123,9 @@ impl MemoryBackend {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub fn now(&self) -> UnixMillis {
-        self.clock.now()
+    /// The store's time: monotonic, so a stepped wall clock moves no expiry.
+    pub fn now(&self) -> MonoMillis {
+        self.clock.monotonic()
     }
 
     /// Removes what expired and tells watchers. Returns (affiliates removed, affiliates that lost endpoints).
@@ -155,13 +156,13 @@ impl MemoryBackend {
             .clusters()
             .map(|(id, _)| id.clone())
             .collect();
-        let mut builder = crate::persist::SnapshotBuilder::new(now);
+        let mut builder = crate::persist::SnapshotBuilder::new(self.clock.wall());
         for id in ids {
             let cluster = {
                 let state = self.lock();
                 match state.store.cluster(&id) {
                     Some(affiliates) => {
-                        crate::persist::SnapshotBuilder::cluster_state(&id, affiliates)
+                        crate::persist::SnapshotBuilder::cluster_state(&id, affiliates, now)
                     }
                     None => continue,
                 }
@@ -284,6 +285,8 @@ impl Backend for MemoryBackend {
     }
 
     fn inspect(&self, cluster_id: &str) -> Vec<AffiliateSummary> {
+        // Expiry is monotonic; people read wall-clock times.
+        let (now, wall) = (self.now(), self.clock.wall());
         let state = self.lock();
         state
             .store
@@ -294,7 +297,7 @@ impl Backend for MemoryBackend {
                         id: id.clone(),
                         data_bytes: a.data.len(),
                         endpoints: a.endpoints.len(),
-                        expires_at_unix_ms: a.expires_at,
+                        expires_at_unix_ms: wall.saturating_add(a.expires_at - now),
                     })
                     .collect()
             })

@@ -1,22 +1,56 @@
-//! Time as the store sees it: Unix milliseconds from an injectable clock, so expiry logic is
-//! testable without sleeping and survives restarts (snapshots store absolute times).
+//! Time as the server sees it, from an injectable clock with two faces, so expiry logic is
+//! testable without sleeping and each face can be stepped on its own in tests:
+//!
+//! - **monotonic** milliseconds since an arbitrary origin, which only move forward. Every expiry
+//!   instant in the store is on this clock, so an NTP correction, an operator's `date -s` or a VM
+//!   resume that steps the wall clock neither expires nor extends any record.
+//! - **wall** (Unix milliseconds), used only where a time must mean something outside this
+//!   process: stamping a snapshot so the next process can estimate how long the server was down,
+//!   and showing expiry times to people.
 
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-/// Milliseconds since the Unix epoch.
+/// Milliseconds since the Unix epoch (wall clock; may jump either way).
 pub type UnixMillis = i64;
 
+/// Milliseconds on the server's monotonic clock; only differences between two readings of the
+/// same clock in the same process mean anything.
+pub type MonoMillis = i64;
+
 pub trait Clock: Send + Sync + 'static {
-    fn now(&self) -> UnixMillis;
+    /// Never decreases.
+    fn monotonic(&self) -> MonoMillis;
+    /// The wall clock.
+    fn wall(&self) -> UnixMillis;
 }
 
-/// The wall clock.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SystemClock;
+/// The system clocks: [`Instant`] (CLOCK_MONOTONIC) and [`SystemTime`].
+#[derive(Clone, Copy, Debug)]
+pub struct SystemClock {
+    origin: Instant,
+}
+
+impl SystemClock {
+    pub fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+        }
+    }
+}
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Clock for SystemClock {
-    fn now(&self) -> UnixMillis {
+    fn monotonic(&self) -> MonoMillis {
+        self.origin.elapsed().as_millis() as MonoMillis
+    }
+
+    fn wall(&self) -> UnixMillis {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as UnixMillis)
@@ -24,22 +58,48 @@ impl Clock for SystemClock {
     }
 }
 
-/// A clock that moves only when told to; for tests.
+/// A clock that moves only when told to; for tests. The monotonic face starts at 0.
 #[derive(Debug, Default)]
-pub struct ManualClock(AtomicI64);
+pub struct ManualClock {
+    monotonic: AtomicI64,
+    wall: AtomicI64,
+}
 
 impl ManualClock {
-    pub fn new(start: UnixMillis) -> Self {
-        Self(AtomicI64::new(start))
+    /// A clock whose wall face reads `wall_start`.
+    pub fn new(wall_start: UnixMillis) -> Self {
+        Self {
+            monotonic: AtomicI64::new(0),
+            wall: AtomicI64::new(wall_start),
+        }
     }
 
+    /// Time passes: both faces move forward by `by`.
     pub fn advance(&self, by: std::time::Duration) {
-        self.0.fetch_add(by.as_millis() as i64, Ordering::SeqCst);
+        let ms = by.as_millis() as i64;
+        self.monotonic.fetch_add(ms, Ordering::SeqCst);
+        self.wall.fetch_add(ms, Ordering::SeqCst);
+    }
+
+    /// The wall clock is stepped (forward for positive `by_ms`, backward for negative) while no
+    /// time passes: what NTP or an operator does.
+    pub fn step_wall(&self, by_ms: i64) {
+        self.wall.fetch_add(by_ms, Ordering::SeqCst);
+    }
+
+    /// Only the monotonic face moves (a wall clock held still, e.g. by a slewing NTP daemon).
+    pub fn advance_monotonic(&self, by: std::time::Duration) {
+        self.monotonic
+            .fetch_add(by.as_millis() as i64, Ordering::SeqCst);
     }
 }
 
 impl Clock for ManualClock {
-    fn now(&self) -> UnixMillis {
-        self.0.load(Ordering::SeqCst)
+    fn monotonic(&self) -> MonoMillis {
+        self.monotonic.load(Ordering::SeqCst)
+    }
+
+    fn wall(&self) -> UnixMillis {
+        self.wall.load(Ordering::SeqCst)
     }
 }

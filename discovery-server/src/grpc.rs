@@ -421,7 +421,8 @@ impl<B: Backend> ClusterRoutes<B> {
     }
 }
 
-fn decode_unary_frame<M: Message + Default>(mut body: Bytes) -> Result<M, Status> {
+/// Parses a Watch request body: exactly one uncompressed gRPC frame (public for the fuzz tests).
+pub fn decode_unary_frame<M: Message + Default>(mut body: Bytes) -> Result<M, Status> {
     if body.len() < 5 {
         return Err(Status::invalid_argument("request has no gRPC message"));
     }

@@ -7,6 +7,7 @@
 //! [`tls`] and [`server`] (wiring).
 
 pub mod backend;
+pub mod bytesize;
 pub mod clock;
 pub mod duration;
 pub mod grpc;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use discovery_server::bytesize::parse_byte_size;
 use discovery_server::duration::parse_go_duration;
 use discovery_server::grpc::AdmissionConfig;
 use discovery_server::limits::Limits;
@@ -49,6 +50,11 @@ struct Args {
     /// How often to write a snapshot (Go duration: 30s, 10m, 1h30m).
     #[arg(long, env = "DISCOVERY_SNAPSHOT_INTERVAL", default_value = "10m", value_parser = parse_go_duration)]
     snapshot_interval: Duration,
+
+    /// Largest snapshot file loaded at start (bytes; KiB, MiB, GiB suffixes work). A larger
+    /// file is moved aside, not read, so a foreign or runaway file cannot exhaust memory.
+    #[arg(long, env = "DISCOVERY_SNAPSHOT_MAX_SIZE", default_value = "1GiB", value_parser = parse_byte_size)]
+    snapshot_max_size: u64,
 
     /// How often expired affiliates and endpoints are collected.
     #[arg(long, env = "DISCOVERY_GC_INTERVAL", default_value = "1m", value_parser = parse_go_duration)]
@@ -178,6 +184,7 @@ impl Args {
             snapshot: self.snapshots_enabled.then(|| SnapshotConfig {
                 path: self.snapshot_path.clone(),
                 interval: self.snapshot_interval,
+                max_size: self.snapshot_max_size,
             }),
             gc_interval: self.gc_interval,
             redirect_endpoint: non_empty(&self.redirect_endpoint),
@@ -293,6 +300,24 @@ mod tests {
         assert_eq!(config.gc_interval, Duration::from_secs(30));
         assert!(config.admission.trust_x_real_ip);
         assert_eq!(config.redirect_endpoint.as_deref(), Some("other:3000"));
+    }
+
+    #[test]
+    fn snapshot_max_size_takes_units_and_refuses_nonsense() {
+        let config = Args::try_parse_from(["discovery-server", "--snapshot-max-size=512MiB"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert_eq!(config.snapshot.unwrap().max_size, 512 << 20);
+        let default = Args::try_parse_from(["discovery-server"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert_eq!(default.snapshot.unwrap().max_size, 1 << 30);
+        let error = Args::try_parse_from(["discovery-server", "--snapshot-max-size=lots"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("KiB, MiB or GiB"), "{error}");
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub struct SnapshotConfig {
     pub path: PathBuf,
     pub interval: Duration,
+    /// Larger files are refused at load (moved aside) instead of read into memory.
+    pub max_size: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -137,18 +139,64 @@ pub async fn bind(flag: &str, addr: &str) -> anyhow::Result<TcpListener> {
     })
 }
 
-fn load_snapshot(store: &mut Store, config: &SnapshotConfig, now: i64) {
+fn load_snapshot(store: &mut Store, config: &SnapshotConfig, clock: &dyn Clock) {
     let started = Instant::now();
-    match persist::load(&config.path, store, now) {
-        Ok(Some(count)) => tracing::info!(
-            path = %config.path.display(), affiliates = count, elapsed_ms = started.elapsed().as_millis() as u64,
-            "loaded snapshot"
+    let path = &config.path;
+    // Temp files of writers killed mid-write (SIGKILL, OOM) would otherwise pile up forever.
+    match persist::remove_stale_temp_files(path) {
+        Ok(removed) if !removed.is_empty() => tracing::info!(
+            count = removed.len(), files = ?removed, "removed temporary snapshot files left by a killed server"
         ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(
+            path = %path.display(), error = %e,
+            "cannot clean up temporary snapshot files left by a killed server; remove .<name>.tmp-<pid> files beside the snapshot by hand"
+        ),
+    }
+    let (now, wall) = (clock.monotonic(), clock.wall());
+    match persist::load(path, store, now, wall, config.max_size) {
+        Ok(Some(loaded)) => {
+            let elapsed_ms = started.elapsed().as_millis() as u64;
+            let affiliates = loaded.affiliates;
+            match loaded.downtime {
+                persist::Downtime::Subtracted(ms) => tracing::info!(
+                    path = %path.display(), affiliates, elapsed_ms, downtime_ms = ms,
+                    "loaded snapshot; the downtime was taken off every remaining TTL"
+                ),
+                persist::Downtime::ClockBehind(ms) => tracing::warn!(
+                    path = %path.display(), affiliates, elapsed_ms, clock_behind_ms = ms,
+                    "loaded snapshot; the wall clock reads earlier than the snapshot's write time (stepped back?), so records keep the TTL they had when it was written"
+                ),
+                persist::Downtime::Implausible(ms) => tracing::warn!(
+                    path = %path.display(), affiliates, elapsed_ms, wall_clock_gap_ms = ms,
+                    "loaded snapshot; the wall clock moved on by more than the longest TTL since it was written (a clock step or a long stop), so records keep the TTL they had when it was written and expire within one TTL unless refreshed"
+                ),
+            }
+            if loaded.format_version == persist::FORMAT_V1_ABSOLUTE {
+                tracing::info!(
+                    path = %path.display(), taken_at_unix_ms = loaded.taken_at_unix_ms,
+                    "the snapshot was in format 1 (absolute wall-clock expiry times): converted them to remaining TTLs against its write time; the next snapshot is written in format {}",
+                    persist::FORMAT_VERSION
+                );
+            }
+        }
         Ok(None) => {
-            tracing::info!(path = %config.path.display(), "no snapshot yet; starting empty")
+            tracing::info!(path = %path.display(), "no snapshot yet; starting empty")
+        }
+        Err(e @ persist::SnapshotError::TooLarge { .. }) => {
+            match persist::move_aside(path, "too-large", wall) {
+                Ok(aside) => tracing::error!(
+                    error = %e, moved_to = %aside.display(),
+                    "snapshot refused: moved it aside and starting empty; clients re-publish within their refresh interval"
+                ),
+                Err(move_error) => tracing::error!(
+                    error = %e, move_error = %move_error,
+                    "snapshot refused and could not be moved aside; starting empty"
+                ),
+            }
         }
         Err(persist::SnapshotError::Corrupt { path, reason }) => {
-            match persist::move_aside(&path, now) {
+            match persist::move_aside(&path, "corrupt", wall) {
                 Ok(aside) => tracing::error!(
                     path = %path.display(), moved_to = %aside.display(), %reason,
                     "snapshot is corrupt: moved it aside and starting empty; clients re-publish within their refresh interval"
@@ -163,33 +211,45 @@ fn load_snapshot(store: &mut Store, config: &SnapshotConfig, now: i64) {
     }
 }
 
-fn save_snapshot(backend: &MemoryBackend, metrics: &Metrics, config: &SnapshotConfig) {
+fn save_snapshot(
+    backend: &MemoryBackend,
+    metrics: &Metrics,
+    config: &SnapshotConfig,
+) -> Result<(), persist::SnapshotError> {
     let started = Instant::now();
     let bytes = backend.snapshot_file();
+    if bytes.len() as u64 > config.max_size {
+        tracing::warn!(
+            path = %config.path.display(), bytes = bytes.len(), max = config.max_size,
+            "the snapshot is larger than --snapshot-max-size: the next start will refuse it; raise the cap"
+        );
+    }
     match persist::write_atomic(&config.path, &bytes) {
         Ok(()) => {
             let elapsed = started.elapsed();
             metrics.snapshot_duration.observe(elapsed.as_secs_f64());
             metrics.snapshot_size_bytes.set(bytes.len() as i64);
             tracing::debug!(path = %config.path.display(), bytes = bytes.len(), elapsed_ms = elapsed.as_millis() as u64, "snapshot written");
+            Ok(())
         }
         Err(e) => {
             metrics.snapshot_failures.inc();
             tracing::error!(error = %e, "snapshot not written; the previous one is kept");
+            Err(e)
         }
     }
 }
 
 /// Starts the server with the wall clock.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
-    start_with_clock(config, Arc::new(SystemClock)).await
+    start_with_clock(config, Arc::new(SystemClock::new())).await
 }
 
 pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
     let metrics = Arc::new(Metrics::default());
     let mut store = Store::new(config.limits.clone());
     if let Some(snapshot) = &config.snapshot {
-        load_snapshot(&mut store, snapshot, clock.now());
+        load_snapshot(&mut store, snapshot, clock.as_ref());
     }
     let backend = Arc::new(MemoryBackend::new(
         store,
@@ -234,7 +294,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::
         ready: ready.clone(),
         now: {
             let clock = clock.clone();
-            Arc::new(move || clock.now())
+            Arc::new(move || clock.wall())
         },
         version: VERSION,
     });
@@ -395,8 +455,11 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::
                 }
                 let (backend, metrics, snapshot) =
                     (backend.clone(), metrics.clone(), snapshot.clone());
-                tokio::task::spawn_blocking(move || save_snapshot(&backend, &metrics, &snapshot))
-                    .await?;
+                // A failed timed snapshot is logged and counted; the next tick tries again.
+                let _ = tokio::task::spawn_blocking(move || {
+                    save_snapshot(&backend, &metrics, &snapshot)
+                })
+                .await?;
             }
         }));
     }
@@ -424,8 +487,19 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::
                 }
             }
             if let Some(snapshot) = &snapshot_config {
-                save_snapshot(&backend, &metrics, snapshot);
-                tracing::info!(path = %snapshot.path.display(), "final snapshot written");
+                match save_snapshot(&backend, &metrics, snapshot) {
+                    Ok(()) => {
+                        tracing::info!(path = %snapshot.path.display(), "final snapshot written")
+                    }
+                    Err(e) => {
+                        // Exiting 0 here would tell a supervisor all is well while the state
+                        // since the last good snapshot is lost.
+                        tracing::error!(error = %e, "final snapshot FAILED: the state since the last written snapshot is lost");
+                        failure.get_or_insert(anyhow::Error::new(e).context(
+                            "the final snapshot failed; make the snapshot directory writable (and check free space)",
+                        ));
+                    }
+                }
             }
             match failure {
                 Some(e) => Err(e),

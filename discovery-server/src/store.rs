@@ -1,21 +1,21 @@
 //! The affiliate store: pure state and rules, no I/O, no gRPC, no clock of its own.
 //!
-//! Every operation takes `now` and returns what changed, so the caller decides how to notify
-//! watchers and when to persist. Clusters are isolated maps of affiliates; a cluster exists here
-//! while it has affiliates.
+//! Every operation takes `now` (monotonic milliseconds, see [`crate::clock`]) and returns what
+//! changed, so the caller decides how to notify watchers and when to persist. Clusters are
+//! isolated maps of affiliates; a cluster exists here while it has affiliates.
 
 use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
 
-use crate::clock::UnixMillis;
+use crate::clock::MonoMillis;
 use crate::limits::{Limits, StoreError, Update};
 
 /// One stored endpoint: opaque (client-encrypted) bytes with their own expiry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredEndpoint {
     pub data: Bytes,
-    pub expires_at: UnixMillis,
+    pub expires_at: MonoMillis,
 }
 
 /// One stored affiliate. `data` is empty until an update carries data.
@@ -23,7 +23,7 @@ pub struct StoredEndpoint {
 pub struct StoredAffiliate {
     pub data: Bytes,
     pub endpoints: Vec<StoredEndpoint>,
-    pub expires_at: UnixMillis,
+    pub expires_at: MonoMillis,
 }
 
 impl StoredAffiliate {
@@ -87,7 +87,7 @@ impl Store {
     pub fn update(
         &mut self,
         update: Update,
-        now: UnixMillis,
+        now: MonoMillis,
     ) -> Result<Option<Change>, StoreError> {
         self.limits.check_update(&update)?;
         let expires_at = now.saturating_add(update.ttl.as_millis() as i64);
@@ -196,7 +196,7 @@ impl Store {
     }
 
     /// Drops expired affiliates and expired endpoints. Returns the changes, one per affiliate.
-    pub fn collect_garbage(&mut self, now: UnixMillis) -> Vec<Change> {
+    pub fn collect_garbage(&mut self, now: MonoMillis) -> Vec<Change> {
         let mut changes = Vec::new();
         self.clusters.retain(|cluster_id, affiliates| {
             affiliates.retain(|affiliate_id, affiliate| {
@@ -240,18 +240,26 @@ impl Store {
         self.clusters.iter()
     }
 
-    /// Inserts restored state verbatim (snapshot load). Limits are not re-checked: a snapshot
-    /// taken under larger limits must not lose data when loaded under smaller ones.
-    pub fn restore(
+    /// Inserts one cluster's restored affiliates verbatim (snapshot load), merged into what is
+    /// there. Limits are not re-checked: a snapshot taken under larger limits must not lose data
+    /// when loaded under smaller ones. Whole clusters, so the id is not copied per affiliate
+    /// (with a long id and many affiliates that copying would be quadratic in the file size).
+    pub fn restore_cluster(
         &mut self,
         cluster_id: String,
-        affiliate_id: String,
-        affiliate: StoredAffiliate,
+        affiliates: BTreeMap<String, StoredAffiliate>,
     ) {
-        self.clusters
-            .entry(cluster_id)
-            .or_default()
-            .insert(affiliate_id, affiliate);
+        if affiliates.is_empty() {
+            return; // A cluster exists here only while it has affiliates.
+        }
+        match self.clusters.entry(cluster_id) {
+            std::collections::hash_map::Entry::Occupied(mut cluster) => {
+                cluster.get_mut().extend(affiliates)
+            }
+            std::collections::hash_map::Entry::Vacant(cluster) => {
+                cluster.insert(affiliates);
+            }
+        }
     }
 }
 

@@ -13,6 +13,7 @@ fn with_snapshot(path: &std::path::Path, interval: Duration) -> discovery_server
     config.snapshot = Some(SnapshotConfig {
         path: path.to_owned(),
         interval,
+        max_size: discovery_server::persist::DEFAULT_MAX_SIZE,
     });
     config
 }
@@ -144,7 +145,154 @@ async fn sigkill_loses_at_most_the_changes_since_the_last_snapshot() {
             20,
             "round {round}: every snapshotted affiliate survived SIGKILL"
         );
+        // The killed writer's temp file is gone; only the live server's own may exist.
+        let own = format!(".state.snapshot.tmp-{}", server.0.id());
+        let stale: Vec<_> = temp_files(dir.path())
+            .into_iter()
+            .filter(|name| *name != own)
+            .collect();
+        assert!(
+            stale.is_empty(),
+            "round {round}: stale temp files {stale:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20 + 47 * round)).await;
     }
     drop(server);
+}
+
+fn temp_files(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains(".tmp-"))
+        .collect()
+}
+
+#[tokio::test]
+async fn stale_temp_files_are_removed_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.snapshot");
+    // What 25 SIGKILLs mid-write leave behind, and files that only look similar.
+    for pid in 1000..1025 {
+        std::fs::write(
+            dir.path().join(format!(".state.snapshot.tmp-{pid}")),
+            [0; 4096],
+        )
+        .unwrap();
+    }
+    for unrelated in [".state.snapshot.tmp-x1", ".other.tmp-5", "notes.txt"] {
+        std::fs::write(dir.path().join(unrelated), b"keep").unwrap();
+    }
+    let server = start(with_snapshot(&path, Duration::from_secs(3600))).await;
+    let mut left = temp_files(dir.path());
+    left.sort();
+    assert_eq!(left, [".other.tmp-5", ".state.snapshot.tmp-x1"]);
+    assert!(dir.path().join("notes.txt").exists());
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_snapshot_over_the_size_cap_is_moved_aside_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.snapshot");
+    let server = start(with_snapshot(&path, Duration::from_secs(3600))).await;
+    let mut c = client(&server).await;
+    for i in 0..10 {
+        c.affiliate_update(update("c", &format!("a{i}"), Some(&[7; 512]), &[b"e"]))
+            .await
+            .unwrap();
+    }
+    server.shutdown().await.unwrap();
+    let size = std::fs::metadata(&path).unwrap().len();
+
+    // Exactly at the cap it loads.
+    let mut config = with_snapshot(&path, Duration::from_secs(3600));
+    config.snapshot.as_mut().unwrap().max_size = size;
+    let server = start(config.clone()).await;
+    let mut c = client(&server).await;
+    assert_eq!(list(&mut c, "c").await.len(), 10);
+    server.shutdown().await.unwrap();
+    let original = std::fs::read(&path).unwrap();
+
+    // One byte under it, it is refused, kept aside, and the server starts empty.
+    config.snapshot.as_mut().unwrap().max_size = original.len() as u64 - 1;
+    let server = start(config).await;
+    let mut c = client(&server).await;
+    assert!(list(&mut c, "c").await.is_empty(), "started empty");
+    server.shutdown().await.unwrap();
+    let aside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains(".too-large-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the refused file was moved aside");
+    assert!(
+        std::fs::read(&aside[0]).unwrap() == original,
+        "and kept intact"
+    );
+}
+
+/// Runs the binary with a snapshot at `snapshot`, stops it with SIGTERM once it serves, and
+/// returns its exit status and log.
+async fn run_and_terminate(snapshot: &std::path::Path) -> (std::process::ExitStatus, String) {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_discovery-server"))
+        .args([
+            &format!("--addr=127.0.0.1:{port}"),
+            "--landing-addr=",
+            "--metrics-addr=",
+            &format!("--snapshot-path={}", snapshot.display()),
+            "--ip-rate-limit=0",
+            "--log-format=text",
+        ])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the discovery-server binary");
+    let mut server = ServerProcess(child);
+    let mut c = connect(port).await;
+    c.affiliate_update(update("c", "a", Some(b"d"), &[]))
+        .await
+        .unwrap();
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.0.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut server.0.stderr.take().unwrap(), &mut log).unwrap();
+    (status, log)
+}
+
+#[tokio::test]
+async fn a_failed_final_snapshot_is_reported_and_the_process_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    // Root bypasses permission bits, but nobody can create a file under a regular file.
+    let not_a_directory = dir.path().join("file");
+    std::fs::write(&not_a_directory, b"").unwrap();
+    let (status, log) = run_and_terminate(&not_a_directory.join("state.snapshot")).await;
+    assert!(!status.success(), "exit status {status:?}; log:\n{log}");
+    assert!(log.contains("final snapshot FAILED"), "{log}");
+    assert!(
+        log.contains("make the snapshot directory writable"),
+        "{log}"
+    );
+    assert!(!log.contains("final snapshot written"), "{log}");
+
+    // The same run with a writable directory exits 0.
+    let (status, log) = run_and_terminate(&dir.path().join("state.snapshot")).await;
+    assert!(status.success(), "exit status {status:?}; log:\n{log}");
+    assert!(log.contains("final snapshot written"), "{log}");
 }

@@ -266,6 +266,7 @@ async fn restarts_of_server_and_agents_converge_without_help() {
         snapshot: Some(SnapshotConfig {
             path: snapshot.clone(),
             interval: Duration::from_secs(3600),
+            max_size: discovery_server::persist::DEFAULT_MAX_SIZE,
         }),
         ..server_config(addr)
     };
