@@ -154,6 +154,44 @@ impl Node {
             .unwrap_or_default())
     }
 
+    /// The agent's process id (`ip netns exec` execs, so it is the agent's own).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
+    /// How many peers the device lists, and how many of them completed a handshake: read from
+    /// the device's `wg(8)` control socket, the one `wg show` reads, without starting a process
+    /// (a 100-node poll would otherwise spawn 100 of them per round).
+    pub fn handshakes(&self) -> anyhow::Result<(usize, usize)> {
+        use std::io::{Read, Write};
+        let path = format!("/var/run/wireguard/{}.sock", self.interface);
+        let mut stream = std::os::unix::net::UnixStream::connect(&path)
+            .with_context(|| format!("cannot connect to {path}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"get=1\n\n")?;
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 16 * 1024];
+        // The answer ends with an empty line after `errno=`; the socket may stay open.
+        while !(answer.ends_with(b"\n\n") && answer.windows(6).any(|w| w == b"errno=")) {
+            let n = stream.read(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&chunk[..n]);
+        }
+        let text = String::from_utf8_lossy(&answer);
+        let peers = text
+            .lines()
+            .filter(|l| l.starts_with("public_key="))
+            .count();
+        let done = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("last_handshake_time_sec="))
+            .filter(|sec| *sec != "0")
+            .count();
+        Ok((peers, done))
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.agent
             .as_mut()
@@ -308,11 +346,42 @@ pub fn clean_up_on_signals() {
     });
 }
 
+/// Makes room in the kernel's neighbour (ARP/NDP) tables for a lab of `count` nodes.
+///
+/// Every namespace on a host shares one table per family, and past `gc_thresh3` entries (1024 by
+/// default) no new neighbour can be created: the kernel logs "neighbour: arp_cache: neighbor table
+/// overflow!" and the datagram is dropped. A full mesh of N nodes on one LAN resolves N·(N−1)
+/// neighbours plus the discovery server's, so 40 nodes need ~1600 entries, and the nodes past the
+/// limit never get a handshake out to some of their peers. On real machines each node has its
+/// own table; here the thresholds are raised to fit (never lowered: other labs may be running).
+fn make_room_for_neighbours(count: usize) -> anyhow::Result<()> {
+    let entries = (count + 1) * (count + 1);
+    // Twice the lab's own need below the soft limit, four times below the hard one: headroom
+    // for the host and other labs running at the same time. Small labs change nothing.
+    let wanted = [(2, 2 * entries), (3, 4 * entries)];
+    for family in ["ipv4", "ipv6"] {
+        for (level, floor) in wanted {
+            let path = format!("/proc/sys/net/{family}/neigh/default/gc_thresh{level}");
+            let current: usize = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {path}"))?
+                .trim()
+                .parse()
+                .with_context(|| format!("{path} holds no number"))?;
+            if current < floor {
+                std::fs::write(&path, floor.to_string())
+                    .with_context(|| format!("cannot raise {path} to {floor}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Lab {
     /// `count` node namespaces on one bridge, 10.77.<lab>.<n>/24; the discovery server runs on
     /// the bridge's own address, 10.77.<lab>.254.
     pub fn new(count: usize) -> anyhow::Result<Self> {
         clean_up_on_signals();
+        make_room_for_neighbours(count)?;
         let lab = LABS.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id() % 10_000;
         let id = format!("{}{lab}", lab_prefix());
@@ -514,6 +583,9 @@ impl Lab {
                 "-Z",
                 "root",
                 "--immediate-mode",
+                // 32 MiB of kernel buffer: a mesh of dozens of nodes starting at once bursts.
+                "-B",
+                "32768",
                 "-i",
                 "any",
                 "-n",
