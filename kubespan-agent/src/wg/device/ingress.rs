@@ -270,6 +270,7 @@ mod tests {
         let public = PublicKey::from(&private);
         Keys {
             rate_limiter: Arc::new(RateLimiter::new(&public, handshake_limit)),
+            handshake_limit,
             unlimited: Arc::new(RateLimiter::new(&public, u64::MAX)),
             private,
             public,
