@@ -371,7 +371,12 @@ async fn reconcile_loop(
                                 tracing::info!(peer = %want.spec.label, allowed_ips = ?config.allowed_ips, "peer reconfigured")
                             }
                         }
-                        nudge(want.spec.mesh_address);
+                        // Not for a device that initiated already: the nudge would wait in the
+                        // peer's queue, and when the peer's own initiation is answered first,
+                        // releasing it starts a second, redundant handshake.
+                        if !device.initiates_on_reset() {
+                            nudge(want.spec.mesh_address);
+                        }
                     }
                 }
                 (Action::RemovePeer { .. }, Ok(())) => {

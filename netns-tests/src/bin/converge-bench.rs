@@ -95,9 +95,7 @@ fn run_once(args: &Args, count: usize) -> anyhow::Result<Run> {
         .then(|| lab.capture("udp port 51820"))
         .transpose()?;
     let started = Instant::now();
-    for n in 1..=count {
-        lab.start_agent(n, &AgentOptions::default())?;
-    }
+    lab.start_all_agents(&AgentOptions::default())?;
     let expected = count * (count - 1);
     let deadline = started + Duration::from_secs(args.timeout);
     let mut handshakes = None;
