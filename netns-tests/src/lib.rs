@@ -58,6 +58,29 @@ pub fn binary(name: &str) -> PathBuf {
         })
 }
 
+/// A binary of the workspace's release build (`target/release/`), for tests whose target is a
+/// property of the optimized agent (a debug agent's handshakes and discovery calls are many
+/// times slower): taken from where [`binary`] would find it when this executable is itself a
+/// release build, else from `../release/` beside the profile directory.
+pub fn release_binary(name: &str) -> PathBuf {
+    let found = binary(name);
+    let profile_dir = found.parent().expect("binary directory");
+    if profile_dir.file_name().is_some_and(|d| d == "release") {
+        return found;
+    }
+    let release = profile_dir
+        .parent()
+        .expect("target directory")
+        .join("release")
+        .join(name);
+    assert!(
+        release.exists(),
+        "{} is missing: run `cargo build --release --bins` first (scripts/test.sh does)",
+        release.display()
+    );
+    release
+}
+
 pub fn run(program: &str, args: &[&str]) -> anyhow::Result<Output> {
     Command::new(program)
         .args(args)
@@ -238,6 +261,8 @@ pub struct Lab {
     server: Option<Child>,
     pub server_address: String,
     namespaces: Vec<String>,
+    /// Run the release build of the agent and the discovery server ([`Lab::use_release_binaries`]).
+    release: bool,
 }
 
 /// Settings for one agent's configuration file.
@@ -347,14 +372,14 @@ pub fn clean_up_on_signals() {
 }
 
 /// Starts the agent of `node` with the configuration already written to its directory.
-fn spawn_agent(node: &Node) -> anyhow::Result<Child> {
+fn spawn_agent(node: &Node, agent: &std::path::Path) -> anyhow::Result<Child> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(node.dir.join("agent.log"))?;
     Command::new("ip")
         .args(["netns", "exec", &node.netns])
-        .arg(binary("kubespan-agent"))
+        .arg(agent)
         .arg("--config")
         .arg(node.dir.join("config.yaml"))
         .env("RUST_LOG", "info")
@@ -416,6 +441,7 @@ impl Lab {
             server: None,
             server_address: format!("10.77.{subnet}.254:3000"),
             namespaces: Vec::new(),
+            release: false,
         };
         sh("ip", &["netns", "add", &switch])?;
         this.namespaces.push(switch.clone());
@@ -500,9 +526,22 @@ impl Lab {
         Ok(this)
     }
 
+    /// From now on, start the release builds of `kubespan-agent` and `discovery-server`.
+    pub fn use_release_binaries(&mut self) {
+        self.release = true;
+    }
+
+    fn daemon_binary(&self, name: &str) -> PathBuf {
+        if self.release {
+            release_binary(name)
+        } else {
+            binary(name)
+        }
+    }
+
     pub fn start_server(&mut self) -> anyhow::Result<()> {
         let log = std::fs::File::create(self.root.join("server.log"))?;
-        let server = binary("discovery-server");
+        let server = self.daemon_binary("discovery-server");
         let child = Command::new("ip")
             .args(["netns", "exec", &self.switch])
             .arg(server)
@@ -548,9 +587,10 @@ impl Lab {
     /// Writes node `n`'s configuration and starts its agent.
     pub fn start_agent(&mut self, n: usize, options: &AgentOptions) -> anyhow::Result<()> {
         let config = self.agent_config(n, options);
+        let agent = self.daemon_binary("kubespan-agent");
         let node = &mut self.nodes[n - 1];
         std::fs::write(node.dir.join("config.yaml"), config)?;
-        node.agent = Some(spawn_agent(node)?);
+        node.agent = Some(spawn_agent(node, &agent)?);
         Ok(())
     }
 
@@ -562,6 +602,8 @@ impl Lab {
             let config = self.agent_config(n, options);
             std::fs::write(self.nodes[n - 1].dir.join("config.yaml"), config)?;
         }
+        let agent = self.daemon_binary("kubespan-agent");
+        let agent = &agent;
         let threads = self.nodes.len().clamp(1, 8);
         let chunk = self.nodes.len().div_ceil(threads).max(1);
         std::thread::scope(|scope| {
@@ -571,7 +613,7 @@ impl Lab {
                 .map(|nodes| {
                     scope.spawn(move || {
                         nodes.iter_mut().try_for_each(|node| {
-                            node.agent = Some(spawn_agent(node)?);
+                            node.agent = Some(spawn_agent(node, agent)?);
                             anyhow::Ok(())
                         })
                     })
