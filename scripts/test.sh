@@ -30,6 +30,8 @@ if ((${#missing[@]})); then
   fi
 fi
 
-# The namespace tests run the built binaries (discovery-server, kubespan-agent, kubespanctl).
+# The namespace tests run the built binaries (discovery-server, kubespan-agent, kubespanctl);
+# the 40-node convergence test (netns-tests/tests/scale.rs) runs the release agent and server.
 cargo build --workspace --bins --locked
+cargo build --release -p kubespan-agent -p discovery-server --bins --locked
 cargo test --workspace --locked "$@"

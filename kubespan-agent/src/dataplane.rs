@@ -29,6 +29,9 @@ use crate::wg::userspace::UserspaceWireGuard;
 use crate::wg::{DeviceSettings, Key, WgError, WireGuard, uapi};
 
 const TICK: Duration = Duration::from_secs(1);
+/// How soon to look again while a peer awaits the answer to a handshake: a peer is reported
+/// `up` (and routed to) as soon as it answered, not up to a TICK later.
+const AWAITING_TICK: Duration = Duration::from_millis(100);
 const GOOD_ENDPOINTS_FILE: &str = "good-endpoints.json";
 
 /// Peer statuses for the API and metrics, keyed by base64 public key.
@@ -306,11 +309,13 @@ async fn reconcile_loop(
     let mut last_states: HashMap<String, State> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut awaiting = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             changed = view.changed() => if changed.is_err() { return Ok(()) },
             _ = tick.tick() => {}
+            _ = tokio::time::sleep(AWAITING_TICK), if awaiting => {}
         }
         let current = view.borrow_and_update().clone();
         let wanted: Vec<WantedPeer> = current
@@ -375,7 +380,12 @@ async fn reconcile_loop(
                                 tracing::info!(peer = %want.spec.label, allowed_ips = ?config.allowed_ips, "peer reconfigured")
                             }
                         }
-                        nudge(want.spec.mesh_address);
+                        // Not for a device that initiated already: the nudge would wait in the
+                        // peer's queue, and when the peer's own initiation is answered first,
+                        // releasing it starts a second, redundant handshake.
+                        if !device.initiates_on_reset() {
+                            nudge(want.spec.mesh_address);
+                        }
                     }
                 }
                 (Action::RemovePeer { .. }, Ok(())) => {
@@ -431,6 +441,8 @@ async fn reconcile_loop(
             *current = alive;
             changed
         });
+        // `unknown` lasts at most endpoint_timeout per try, so the fast ticks do too.
+        awaiting = outcome.reports.iter().any(|r| r.state == State::Unknown);
         if config.harvest_extra_endpoints {
             let harvested = harvest(&outcome.reports, &wanted, &inputs.keys);
             inputs.publication.send_if_modified(|p| {

@@ -79,6 +79,29 @@ pub fn binary(name: &str) -> PathBuf {
         })
 }
 
+/// A binary of the workspace's release build (`target/release/`), for tests whose target is a
+/// property of the optimized agent (a debug agent's handshakes and discovery calls are many
+/// times slower): taken from where [`binary`] would find it when this executable is itself a
+/// release build, else from `../release/` beside the profile directory.
+pub fn release_binary(name: &str) -> PathBuf {
+    let found = binary(name);
+    let profile_dir = found.parent().expect("binary directory");
+    if profile_dir.file_name().is_some_and(|d| d == "release") {
+        return found;
+    }
+    let release = profile_dir
+        .parent()
+        .expect("target directory")
+        .join("release")
+        .join(name);
+    assert!(
+        release.exists(),
+        "{} is missing: run `cargo build --release --bins` first (scripts/test.sh does)",
+        release.display()
+    );
+    release
+}
+
 pub fn run(program: &str, args: &[&str]) -> anyhow::Result<Output> {
     Command::new(program)
         .args(args)
@@ -175,6 +198,44 @@ impl Node {
             .unwrap_or_default())
     }
 
+    /// The agent's process id (`ip netns exec` execs, so it is the agent's own).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
+    /// How many peers the device lists, and how many of them completed a handshake: read from
+    /// the device's `wg(8)` control socket, the one `wg show` reads, without starting a process
+    /// (a 100-node poll would otherwise spawn 100 of them per round).
+    pub fn handshakes(&self) -> anyhow::Result<(usize, usize)> {
+        use std::io::{Read, Write};
+        let path = format!("/var/run/wireguard/{}.sock", self.interface);
+        let mut stream = std::os::unix::net::UnixStream::connect(&path)
+            .with_context(|| format!("cannot connect to {path}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"get=1\n\n")?;
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 16 * 1024];
+        // The answer ends with an empty line after `errno=`; the socket may stay open.
+        while !(answer.ends_with(b"\n\n") && answer.windows(6).any(|w| w == b"errno=")) {
+            let n = stream.read(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&chunk[..n]);
+        }
+        let text = String::from_utf8_lossy(&answer);
+        let peers = text
+            .lines()
+            .filter(|l| l.starts_with("public_key="))
+            .count();
+        let done = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("last_handshake_time_sec="))
+            .filter(|sec| *sec != "0")
+            .count();
+        Ok((peers, done))
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.agent
             .as_mut()
@@ -221,6 +282,8 @@ pub struct Lab {
     server: Option<Child>,
     pub server_address: String,
     namespaces: Vec<String>,
+    /// Run the release build of the agent and the discovery server ([`Lab::use_release_binaries`]).
+    release: bool,
 }
 
 /// Settings for one agent's configuration file.
@@ -329,11 +392,60 @@ pub fn clean_up_on_signals() {
     });
 }
 
+/// Starts the agent of `node` with the configuration already written to its directory.
+fn spawn_agent(node: &Node, agent: &std::path::Path) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(node.dir.join("agent.log"))?;
+    Command::new("ip")
+        .args(["netns", "exec", &node.netns])
+        .arg(agent)
+        .arg("--config")
+        .arg(node.dir.join("config.yaml"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("start kubespan-agent")
+}
+
+/// Makes room in the kernel's neighbour (ARP/NDP) tables for a lab of `count` nodes.
+///
+/// Every namespace on a host shares one table per family, and past `gc_thresh3` entries (1024 by
+/// default) no new neighbour can be created: the kernel logs "neighbour: arp_cache: neighbor table
+/// overflow!" and the datagram is dropped. A full mesh of N nodes on one LAN resolves N·(N−1)
+/// neighbours plus the discovery server's, so 40 nodes need ~1600 entries, and the nodes past the
+/// limit never get a handshake out to some of their peers. On real machines each node has its
+/// own table; here the thresholds are raised to fit (never lowered: other labs may be running).
+fn make_room_for_neighbours(count: usize) -> anyhow::Result<()> {
+    let entries = (count + 1) * (count + 1);
+    // Twice the lab's own need below the soft limit, four times below the hard one: headroom
+    // for the host and other labs running at the same time. Small labs change nothing.
+    let wanted = [(2, 2 * entries), (3, 4 * entries)];
+    for family in ["ipv4", "ipv6"] {
+        for (level, floor) in wanted {
+            let path = format!("/proc/sys/net/{family}/neigh/default/gc_thresh{level}");
+            let current: usize = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {path}"))?
+                .trim()
+                .parse()
+                .with_context(|| format!("{path} holds no number"))?;
+            if current < floor {
+                std::fs::write(&path, floor.to_string())
+                    .with_context(|| format!("cannot raise {path} to {floor}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Lab {
     /// `count` node namespaces on one bridge, 10.77.<lab>.<n>/24; the discovery server runs on
     /// the bridge's own address, 10.77.<lab>.254.
     pub fn new(count: usize) -> anyhow::Result<Self> {
         clean_up_on_signals();
+        make_room_for_neighbours(count)?;
         let lab = LABS.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id() % 10_000;
         let id = format!("{}{lab}", lab_prefix());
@@ -350,6 +462,7 @@ impl Lab {
             server: None,
             server_address: format!("10.77.{subnet}.254:3000"),
             namespaces: Vec::new(),
+            release: false,
         };
         sh("ip", &["netns", "add", &switch])?;
         this.namespaces.push(switch.clone());
@@ -437,6 +550,19 @@ impl Lab {
         Ok(this)
     }
 
+    /// From now on, start the release builds of `kubespan-agent` and `discovery-server`.
+    pub fn use_release_binaries(&mut self) {
+        self.release = true;
+    }
+
+    fn daemon_binary(&self, name: &str) -> PathBuf {
+        if self.release {
+            release_binary(name)
+        } else {
+            binary(name)
+        }
+    }
+
     /// Starts the discovery server (again, after [`Lab::stop_server`]: without state, as
     /// snapshots are off).
     pub fn start_server(&mut self) -> anyhow::Result<()> {
@@ -444,7 +570,7 @@ impl Lab {
             .create(true)
             .append(true)
             .open(self.root.join("server.log"))?;
-        let server = binary("discovery-server");
+        let server = self.daemon_binary("discovery-server");
         let child = Command::new("ip")
             .args(["netns", "exec", &self.switch])
             .arg(server)
@@ -507,24 +633,43 @@ impl Lab {
     /// Writes node `n`'s configuration and starts its agent.
     pub fn start_agent(&mut self, n: usize, options: &AgentOptions) -> anyhow::Result<()> {
         let config = self.agent_config(n, options);
+        let agent = self.daemon_binary("kubespan-agent");
         let node = &mut self.nodes[n - 1];
         std::fs::write(node.dir.join("config.yaml"), config)?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(node.dir.join("agent.log"))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &node.netns])
-            .arg(binary("kubespan-agent"))
-            .arg("--config")
-            .arg(node.dir.join("config.yaml"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("start kubespan-agent")?;
-        node.agent = Some(child);
+        node.agent = Some(spawn_agent(node, &agent)?);
         Ok(())
+    }
+
+    /// Starts every node's agent at once, as after a power cut: the configurations are written
+    /// first, then the agents are spawned from several threads (one after the other, 40 spawns
+    /// of `ip netns exec` take most of a second on a busy 2-core machine).
+    pub fn start_all_agents(&mut self, options: &AgentOptions) -> anyhow::Result<()> {
+        for n in 1..=self.nodes.len() {
+            let config = self.agent_config(n, options);
+            std::fs::write(self.nodes[n - 1].dir.join("config.yaml"), config)?;
+        }
+        let agent = self.daemon_binary("kubespan-agent");
+        let agent = &agent;
+        let threads = self.nodes.len().clamp(1, 8);
+        let chunk = self.nodes.len().div_ceil(threads).max(1);
+        std::thread::scope(|scope| {
+            let spawners: Vec<_> = self
+                .nodes
+                .chunks_mut(chunk)
+                .map(|nodes| {
+                    scope.spawn(move || {
+                        nodes.iter_mut().try_for_each(|node| {
+                            node.agent = Some(spawn_agent(node, agent)?);
+                            anyhow::Ok(())
+                        })
+                    })
+                })
+                .collect();
+            spawners.into_iter().try_for_each(|s| {
+                s.join()
+                    .unwrap_or_else(|_| bail!("a spawning thread panicked"))
+            })
+        })
     }
 
     /// Polls `check` every 100 ms until it returns true or `timeout` passes; returns the wait.
@@ -560,6 +705,9 @@ impl Lab {
                 "-Z",
                 "root",
                 "--immediate-mode",
+                // 32 MiB of kernel buffer: a mesh of dozens of nodes starting at once bursts.
+                "-B",
+                "32768",
                 "-i",
                 "any",
                 "-n",

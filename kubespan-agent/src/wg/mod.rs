@@ -76,4 +76,9 @@ pub trait WireGuard: Send {
     fn peers(&mut self) -> Result<Vec<PeerState>, WgError>;
     /// Whether changing a peer's allowed IPs keeps its session (no new handshake needed).
     fn updates_in_place(&self) -> bool;
+    /// Whether `set_peer` with `reset_session` sends the handshake initiation itself; otherwise
+    /// the caller makes the device start one by sending it a packet for the peer.
+    fn initiates_on_reset(&self) -> bool {
+        false
+    }
 }

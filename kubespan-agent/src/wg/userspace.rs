@@ -246,6 +246,10 @@ impl WireGuard for UserspaceWireGuard {
         true
     }
 
+    fn initiates_on_reset(&self) -> bool {
+        true
+    }
+
     fn peers(&mut self) -> Result<Vec<PeerState>, WgError> {
         Ok(self.device.peers())
     }

@@ -163,6 +163,12 @@ impl HandshakeGate {
         }
     }
 
+    /// Demands cookies above `limit` handshake messages a second from now on (the device sizes
+    /// it by its peer count: a whole cluster starting at once is not an attack).
+    pub(super) fn set_limit(&mut self, limit: u64) {
+        self.load.limit = u32::try_from(limit).unwrap_or(u32::MAX);
+    }
+
     /// Decides about a handshake message (initiation or response) from `from` at `now`.
     pub(super) fn admit(
         &mut self,

@@ -157,6 +157,7 @@ pub(super) fn network_to_tun(shared: &Shared) {
         }
         batch.flush(shared);
         let now = Instant::now();
+        gate.set_limit(keys.handshake_limit);
         for (from, datagram) in datagrams().filter(|(_, d)| is_handshake(d)) {
             if batch.count == batch.packets.len() {
                 batch.flush(shared);
@@ -340,6 +341,7 @@ mod tests {
         let public = PublicKey::from(&private);
         Keys {
             cookies: Arc::new(RateLimiter::new(&public, 0)),
+            handshake_limit: 100,
             unlimited: Arc::new(RateLimiter::new(&public, u64::MAX)),
             private,
             public,

@@ -38,6 +38,15 @@ use super::udp::UdpTransport;
 use super::wake::{Wake, wait_readable};
 use super::{DeviceSettings, Key, PeerConfig, PeerState, WgError};
 
+/// Handshake messages per second allowed per configured peer. When a whole cluster starts at
+/// once, each peer sends its initiation, its response to ours and often a second initiation
+/// within the same second: up to 84 from 39 peers in a second (about 2.2 each) were measured in
+/// a 40-node mesh. Past the limit the initiator gets a cookie and boringtun retries only after
+/// REKEY_TIMEOUT (5 s), so a fixed limit of 100 stalled every pair over it by 5 s.
+const HANDSHAKES_PER_PEER: u64 = 4;
+/// The peer count the limit is sized for is rounded up to this step, so adding peers one by one
+/// does not replace the limiter (and the cookies it issued) on every change.
+const PEER_STEP: usize = 32;
 /// boringtun's timers want a tick at least this often.
 const TIMER_TICK: Duration = Duration::from_millis(250);
 /// TUN reads the receive thread does itself before it hands the TUN device to the transmit
@@ -66,6 +75,9 @@ struct Keys {
     /// Always under load: checks mac1 and mac2 and writes cookie replies, for the handshakes
     /// the receive thread's [`gate::HandshakeGate`] decides need a cookie.
     cookies: Arc<RateLimiter>,
+    /// Handshake messages per second before the gate demands cookies: [`handshake_limit`] of
+    /// the peer count.
+    handshake_limit: u64,
     /// Checks mac1 only; also what the peers' Tunns check again internally, so a Tunn never
     /// answers with a cookie of its own (the gate decides about load).
     unlimited: Arc<RateLimiter>,
@@ -236,18 +248,22 @@ impl Device {
             .is_none_or(|keys| keys.public != public);
         if key_changed {
             let cookies = Arc::new(RateLimiter::new(&public, 0));
+            let peers = read(&self.shared.peers);
+            let limit = handshake_limit(peers.by_key.len());
             let unlimited = Arc::new(RateLimiter::new(&public, u64::MAX));
-            for peer in read(&self.shared.peers).by_key.values() {
+            for peer in peers.by_key.values() {
                 lock(&peer.tunn).set_static_private(
                     private.clone(),
                     public,
                     Some(unlimited.clone()),
                 );
             }
+            drop(peers);
             *write(&self.shared.keys) = Some(Keys {
                 private,
                 public,
                 cookies,
+                handshake_limit: limit,
                 unlimited,
             });
         }
@@ -297,8 +313,8 @@ impl Device {
     /// place (the session stays); with `reset_session` (or a new preshared key or keepalive)
     /// the peer gets a fresh session and a handshake toward its endpoint starts at once.
     pub fn set_peer(&self, config: &PeerConfig, reset_session: bool) -> Result<(), WgError> {
-        let keys = read(&self.shared.keys);
-        let Some(keys) = keys.as_ref() else {
+        let keys_guard = read(&self.shared.keys);
+        let Some(keys) = keys_guard.as_ref() else {
             return Err(device_error(
                 &self.shared.interface,
                 "set the private key before adding peers".into(),
@@ -330,6 +346,10 @@ impl Device {
         let peer = Peer::new(config, index, new_tunn(keys, config, index), endpoint);
         peers.insert(peer.clone());
         drop(peers);
+        drop(keys_guard);
+        if existing.is_none() {
+            self.fit_handshake_limit();
+        }
         // Start the handshake now rather than on the first packet or keepalive.
         let mut message = [0u8; MIN_MESSAGE_ROOM];
         let initiation = match lock(&peer.tunn).format_handshake_initiation(&mut message, false) {
@@ -412,6 +432,20 @@ impl Device {
 
     pub fn remove_peer(&self, public_key: &Key) {
         write(&self.shared.peers).remove(public_key);
+        self.fit_handshake_limit();
+    }
+
+    /// Sets the gate's handshake rate for the peer count (the step in [`handshake_limit`]
+    /// keeps changes rare).
+    fn fit_handshake_limit(&self) {
+        let limit = handshake_limit(read(&self.shared.peers).by_key.len());
+        let mut keys = write(&self.shared.keys);
+        if let Some(keys) = keys.as_mut()
+            && keys.handshake_limit != limit
+        {
+            tracing::debug!(interface = %self.shared.interface, limit, "handshake rate limit");
+            keys.handshake_limit = limit;
+        }
     }
 
     pub fn peers(&self) -> Vec<PeerState> {
@@ -460,6 +494,14 @@ impl Drop for Device {
     }
 }
 
+/// Handshake messages per second the device takes from `peers` configured peers before it
+/// answers with cookies: what they legitimately send when all start at once, and never less
+/// than boringtun's default. The peer count is rounded up to [`PEER_STEP`].
+fn handshake_limit(peers: usize) -> u64 {
+    let sized_for = peers.next_multiple_of(PEER_STEP) as u64;
+    u64::from(gate::HANDSHAKE_RATE_LIMIT).max(HANDSHAKES_PER_PEER * sized_for)
+}
+
 fn new_tunn(keys: &Keys, config: &PeerConfig, index: u32) -> Tunn {
     let keepalive = u16::try_from(config.persistent_keepalive.as_secs())
         .ok()
@@ -505,5 +547,22 @@ fn timers(shared: &Shared) {
             };
             shared.send_to(peer.endpoint(), &message[..len]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_handshake_limit_grows_with_the_peers_in_steps() {
+        // No peers: boringtun's default; a few: sized for the first step.
+        assert_eq!(handshake_limit(0), u64::from(gate::HANDSHAKE_RATE_LIMIT));
+        assert_eq!(handshake_limit(3), 32 * HANDSHAKES_PER_PEER);
+        // A 40-node mesh (39 peers) is sized for 64, a 100-node one for 128.
+        assert_eq!(handshake_limit(39), 64 * HANDSHAKES_PER_PEER);
+        assert_eq!(handshake_limit(40), handshake_limit(64));
+        assert_eq!(handshake_limit(99), 128 * HANDSHAKES_PER_PEER);
+        assert!(handshake_limit(1000) >= 1000 * HANDSHAKES_PER_PEER);
     }
 }
