@@ -202,6 +202,9 @@ pub fn raise_fd_limit() -> Option<u64> {
 /// What one connection is doing, for the preface deadline and the idle timeout.
 struct Activity {
     bytes_read: AtomicU64,
+    /// Bytes that make the greeting (the HTTP/2 preface); `greeted` fires once they are in.
+    greeting: u64,
+    greeted: tokio::sync::Notify,
     open_calls: AtomicUsize,
     /// When the last call ended, in ms after `started`.
     idle_since_ms: AtomicU64,
@@ -209,9 +212,11 @@ struct Activity {
 }
 
 impl Activity {
-    fn new() -> Self {
+    fn new(greeting: u64) -> Self {
         Self {
             bytes_read: AtomicU64::new(0),
+            greeting,
+            greeted: tokio::sync::Notify::new(),
             open_calls: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             started: Instant::now(),
@@ -335,9 +340,11 @@ impl AsyncRead for Counted {
         };
         let read = buf.filled().len() - before;
         if read > 0 {
-            this.activity
-                .bytes_read
-                .fetch_add(read as u64, Ordering::Relaxed);
+            let a = &this.activity;
+            let before = a.bytes_read.fetch_add(read as u64, Ordering::Relaxed);
+            if before < a.greeting && before + read as u64 >= a.greeting {
+                a.greeted.notify_one();
+            }
         }
         result
     }
@@ -535,7 +542,11 @@ async fn connection<S, B>(
             }
         }
     };
-    let activity = Arc::new(Activity::new());
+    let (needed, idle_timeout) = match protocol {
+        Protocol::Grpc => (H2_PREFACE_LEN, limits.grpc_idle_timeout),
+        Protocol::Http => (1, limits.http_idle_timeout),
+    };
+    let activity = Arc::new(Activity::new(needed));
     let io = Counted {
         stream,
         activity: activity.clone(),
@@ -547,10 +558,6 @@ async fn connection<S, B>(
     };
     let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
     tokio::pin!(conn);
-    let (needed, idle_timeout) = match protocol {
-        Protocol::Grpc => (H2_PREFACE_LEN, limits.grpc_idle_timeout),
-        Protocol::Http => (1, limits.http_idle_timeout),
-    };
     let mut greeted = false;
     let mut closing: Option<Instant> = None;
     loop {
@@ -566,6 +573,9 @@ async fn connection<S, B>(
                 }
                 return;
             }
+            _ = activity.greeted.notified(), if !greeted => {
+                greeted = true;
+            }
             _ = stop.cancelled(), if closing.is_none() => {
                 conn.as_mut().graceful_shutdown();
                 closing = Some(Instant::now() + limits.close_grace);
@@ -576,10 +586,6 @@ async fn connection<S, B>(
             }
             _ = sleep_until(check), if closing.is_none() => {
                 if !greeted {
-                    if activity.bytes_read.load(Ordering::Relaxed) >= needed {
-                        greeted = true;
-                        continue;
-                    }
                     closed("handshake_timeout");
                     tracing::debug!(%remote, "no protocol preface within --handshake-timeout; closing");
                     return;
