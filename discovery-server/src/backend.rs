@@ -5,27 +5,158 @@
 //! same bytes. A cluster's snapshot is likewise encoded once per version and shared by every
 //! watcher that subscribes while it is current, so a thousand nodes reconnecting at once cost one
 //! encoding and one copy of the cluster, not a thousand.
+//!
+//! Memory is bounded per watcher by construction: each watcher has its own queue of shared
+//! frames, and the bytes queued for it (shared bytes counted in full for every watcher that
+//! holds them, since that is what it pins) count against a byte budget. The publisher, not the
+//! watcher, checks the budget: a client that stops reading is never polled, so only the sender
+//! can notice it. Over the budget or the message buffer the watcher is aborted at once and its
+//! queue dropped, so nothing it pinned outlives the check.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use openspan_proto::discovery::server::{Affiliate, WatchResponse};
+use prometheus_client::metrics::counter::Counter;
 use prost::Message;
-use tokio::sync::broadcast;
 
 use crate::clock::{Clock, MonoMillis, UnixMillis};
 use crate::limits::{Limits, StoreError, Update};
 use crate::store::{Change, Store, StoredAffiliate, Totals};
 
+/// The largest gRPC message a Watch stream sends. Default gRPC clients (Talos's included)
+/// refuse messages over 4 MiB; a little is kept spare for framing.
+pub const MAX_WATCH_MESSAGE: usize = (4 << 20) - (16 << 10);
+
+/// Snapshot frames are cut into separately allocated pieces of at most this size. The HTTP/2
+/// layer holds at most one piece per stream beyond the client's window, so a client that stops
+/// reading pins one piece there, not the whole snapshot.
+pub const SNAPSHOT_PIECE: usize = 64 << 10;
+
+/// How far a watcher may fall behind before it is aborted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WatchLimits {
+    /// Change messages queued and not yet taken by the stream (reference: 32).
+    pub buffer: usize,
+    /// Bytes queued for one watcher (snapshot pieces and changes), shared bytes counted in full.
+    pub max_bytes: usize,
+}
+
+impl Default for WatchLimits {
+    fn default() -> Self {
+        Self {
+            buffer: 32,
+            max_bytes: 8 << 20,
+        }
+    }
+}
+
+/// What a watch stream yields next.
+#[derive(Debug)]
+pub enum WatchItem {
+    /// Wire bytes: a piece of the snapshot or one framed change.
+    Data(Bytes),
+    /// The watcher fell behind and was dropped; it must reconnect for a fresh snapshot.
+    Aborted(String),
+    /// The server is shutting down.
+    Closed,
+}
+
+enum WatcherState {
+    Open,
+    Aborted(String),
+    Closed,
+}
+
+struct WatcherQueue {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
+    changes: usize,
+    state: WatcherState,
+    waker: Option<Waker>,
+}
+
+/// One watcher's queue, shared by the publisher (pushes) and the stream (pops).
+struct Watcher {
+    queue: Mutex<WatcherQueue>,
+}
+
+impl Watcher {
+    fn lock(&self) -> MutexGuard<'_, WatcherQueue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_open(&self) -> bool {
+        matches!(self.lock().state, WatcherState::Open)
+    }
+
+    /// Ends the watcher: drops what it pinned and wakes its stream.
+    fn end(&self, state: WatcherState) {
+        let waker = {
+            let mut queue = self.lock();
+            if !matches!(queue.state, WatcherState::Open) {
+                return;
+            }
+            queue.frames = VecDeque::new();
+            queue.bytes = 0;
+            queue.changes = 0;
+            queue.state = state;
+            queue.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
 /// A new Watch: the cluster's current state and every change after it, as gRPC frames.
+/// Dropping it unsubscribes and frees its queue.
 pub struct WatchSubscription {
-    /// The first message (the snapshot), framed for the wire.
-    pub snapshot: Bytes,
-    /// Each later message, framed for the wire. Lagging past the buffer means the watcher must
-    /// be dropped and re-synced.
-    pub changes: broadcast::Receiver<Bytes>,
+    watcher: Arc<Watcher>,
+}
+
+impl WatchSubscription {
+    /// The next piece of the stream, or `Pending` (waking `cx` when there is more).
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<WatchItem> {
+        let mut queue = self.watcher.lock();
+        if let Some(frame) = queue.frames.pop_front() {
+            queue.bytes -= frame.len();
+            // Snapshot pieces are queued before any change; once they are gone, every frame
+            // left is one change message.
+            if queue.frames.len() < queue.changes {
+                queue.changes = queue.frames.len();
+            }
+            return Poll::Ready(WatchItem::Data(frame));
+        }
+        match &queue.state {
+            WatcherState::Open => {
+                if !queue
+                    .waker
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    queue.waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            WatcherState::Aborted(reason) => Poll::Ready(WatchItem::Aborted(reason.clone())),
+            WatcherState::Closed => Poll::Ready(WatchItem::Closed),
+        }
+    }
+
+    /// Bytes queued for this watcher (for tests and diagnostics).
+    pub fn queued_bytes(&self) -> usize {
+        self.watcher.lock().bytes
+    }
+}
+
+impl Drop for WatchSubscription {
+    fn drop(&mut self) {
+        self.watcher.end(WatcherState::Closed);
+    }
 }
 
 /// One affiliate as the inspect page shows it: sizes and times, never the encrypted bytes.
@@ -80,10 +211,49 @@ pub fn wire_affiliate(id: &str, stored: &StoredAffiliate) -> Affiliate {
     }
 }
 
+/// The framed messages of a cluster snapshot: the first is the snapshot proper, the rest (only
+/// for clusters over [`MAX_WATCH_MESSAGE`]) carry one affiliate each, like ordinary updates.
+pub fn snapshot_messages(affiliates: Vec<Affiliate>) -> Vec<WatchResponse> {
+    let mut messages = vec![WatchResponse {
+        affiliates: Vec::new(),
+        deleted: false,
+    }];
+    let mut first_len = 0;
+    let mut overflow = false;
+    for affiliate in affiliates {
+        let len = prost::encoding::message::encoded_len(1, &affiliate);
+        if !overflow && first_len + len <= MAX_WATCH_MESSAGE {
+            first_len += len;
+            messages[0].affiliates.push(affiliate);
+        } else {
+            overflow = true;
+            messages.push(WatchResponse {
+                affiliates: vec![affiliate],
+                deleted: false,
+            });
+        }
+    }
+    messages
+}
+
+/// The wire bytes of a snapshot, cut into separately allocated pieces (see [`SNAPSHOT_PIECE`]).
+fn snapshot_pieces(affiliates: Vec<Affiliate>) -> Arc<[Bytes]> {
+    let messages = snapshot_messages(affiliates);
+    let mut wire = Vec::with_capacity(messages.iter().map(|m| 5 + m.encoded_len()).sum());
+    for message in &messages {
+        wire.push(0);
+        wire.extend_from_slice(&(message.encoded_len() as u32).to_be_bytes());
+        message.encode_raw(&mut wire);
+    }
+    wire.chunks(SNAPSHOT_PIECE)
+        .map(Bytes::copy_from_slice)
+        .collect()
+}
+
 struct Hub {
-    changes: broadcast::Sender<Bytes>,
+    watchers: Vec<Arc<Watcher>>,
     /// The framed snapshot of the current version, built on first demand after a change.
-    snapshot: Option<Bytes>,
+    snapshot: Option<Arc<[Bytes]>>,
 }
 
 struct State {
@@ -97,12 +267,15 @@ pub struct MemoryBackend {
     state: Mutex<State>,
     clock: Arc<dyn Clock>,
     limits: Limits,
-    watch_buffer: usize,
+    watch: WatchLimits,
+    /// Counts watchers aborted for falling behind (`discovery_watch_aborted_total`).
+    aborted: Counter,
 }
 
 impl MemoryBackend {
-    /// `watch_buffer` is how many messages a watcher may fall behind before it is dropped.
-    pub fn new(store: Store, clock: Arc<dyn Clock>, watch_buffer: usize) -> Self {
+    /// `watch` bounds how far a watcher may fall behind before it is aborted; each abort is
+    /// counted in `aborted`.
+    pub fn new(store: Store, clock: Arc<dyn Clock>, watch: WatchLimits, aborted: Counter) -> Self {
         Self {
             limits: store.limits().clone(),
             state: Mutex::new(State {
@@ -111,7 +284,11 @@ impl MemoryBackend {
                 closed: false,
             }),
             clock,
-            watch_buffer: watch_buffer.max(1),
+            watch: WatchLimits {
+                buffer: watch.buffer.max(1),
+                max_bytes: watch.max_bytes,
+            },
+            aborted,
         }
     }
 
@@ -139,10 +316,13 @@ impl MemoryBackend {
             .count();
         let trimmed = changes.len() - removed;
         for change in changes {
-            state.publish(change);
+            state.publish(change, self.watch, &self.aborted);
         }
         // A cluster exists while it has affiliates or watchers.
-        state.hubs.retain(|_, hub| hub.changes.receiver_count() > 0);
+        state.hubs.retain(|_, hub| {
+            hub.watchers.retain(|w| w.is_open());
+            !hub.watchers.is_empty()
+        });
         (removed, trimmed)
     }
 
@@ -174,7 +354,7 @@ impl MemoryBackend {
 }
 
 impl State {
-    fn publish(&mut self, change: Change) {
+    fn publish(&mut self, change: Change, limits: WatchLimits, aborted: &Counter) {
         let Some(hub) = self.hubs.get_mut(change.cluster_id()) else {
             return;
         };
@@ -202,8 +382,38 @@ impl State {
                 deleted: true,
             },
         };
-        // No receivers is fine: the hub is dropped at the next collection.
-        let _ = hub.changes.send(grpc_frame(&message));
+        let frame = grpc_frame(&message);
+        let mut wake = Vec::new();
+        hub.watchers.retain(|watcher| {
+            let mut queue = watcher.lock();
+            if !matches!(queue.state, WatcherState::Open) {
+                return false;
+            }
+            if queue.changes + 1 > limits.buffer || queue.bytes + frame.len() > limits.max_bytes {
+                let reason = format!(
+                    "subscription canceled: the watcher fell behind ({} messages, {} bytes queued; limits {} and {}); reconnect to get a fresh snapshot",
+                    queue.changes,
+                    queue.bytes,
+                    limits.buffer,
+                    limits.max_bytes
+                );
+                queue.frames = VecDeque::new();
+                queue.bytes = 0;
+                queue.changes = 0;
+                queue.state = WatcherState::Aborted(reason);
+                aborted.inc();
+                wake.extend(queue.waker.take());
+                return false;
+            }
+            queue.frames.push_back(frame.clone());
+            queue.bytes += frame.len();
+            queue.changes += 1;
+            wake.extend(queue.waker.take());
+            true
+        });
+        for waker in wake {
+            waker.wake();
+        }
     }
 }
 
@@ -216,7 +426,7 @@ impl Backend for MemoryBackend {
         let now = self.now();
         let mut state = self.lock();
         if let Some(change) = state.store.update(update, now)? {
-            state.publish(change);
+            state.publish(change, self.watch, &self.aborted);
         }
         Ok(())
     }
@@ -224,7 +434,7 @@ impl Backend for MemoryBackend {
     async fn delete(&self, cluster_id: &str, affiliate_id: &str) -> Result<(), StoreError> {
         let mut state = self.lock();
         if let Some(change) = state.store.delete(cluster_id, affiliate_id)? {
-            state.publish(change);
+            state.publish(change, self.watch, &self.aborted);
         }
         Ok(())
     }
@@ -252,26 +462,43 @@ impl Backend for MemoryBackend {
             .hubs
             .entry(cluster_id.to_owned())
             .or_insert_with(|| Hub {
-                changes: broadcast::channel(self.watch_buffer).0,
+                watchers: Vec::new(),
                 snapshot: None,
             });
         // Subscribing and reading the snapshot under one lock: no change falls between them.
-        let changes = hub.changes.subscribe();
         let snapshot = hub
             .snapshot
             .get_or_insert_with(|| {
-                let affiliates = state
-                    .store
-                    .cluster(cluster_id)
-                    .map(|c| c.iter().map(|(id, a)| wire_affiliate(id, a)).collect())
-                    .unwrap_or_default();
-                grpc_frame(&WatchResponse {
-                    affiliates,
-                    deleted: false,
-                })
+                snapshot_pieces(
+                    state
+                        .store
+                        .cluster(cluster_id)
+                        .map(|c| c.iter().map(|(id, a)| wire_affiliate(id, a)).collect())
+                        .unwrap_or_default(),
+                )
             })
             .clone();
-        Ok(WatchSubscription { snapshot, changes })
+        let bytes: usize = snapshot.iter().map(Bytes::len).sum();
+        if bytes > self.watch.max_bytes {
+            return Err(StoreError::ResourceExhausted(format!(
+                "the cluster's snapshot is {bytes} bytes, over the per-watcher budget of {} bytes; the operator must raise --watch-max-bytes",
+                self.watch.max_bytes
+            )));
+        }
+        // Closed watchers are pruned on every subscription too, so a cluster that is watched
+        // and re-watched but never changes does not collect dead entries.
+        hub.watchers.retain(|w| w.is_open());
+        let watcher = Arc::new(Watcher {
+            queue: Mutex::new(WatcherQueue {
+                frames: snapshot.iter().cloned().collect(),
+                bytes,
+                changes: 0,
+                state: WatcherState::Open,
+                waker: None,
+            }),
+        });
+        hub.watchers.push(watcher.clone());
+        Ok(WatchSubscription { watcher })
     }
 
     fn totals(&self) -> (Totals, usize) {
@@ -279,7 +506,7 @@ impl Backend for MemoryBackend {
         let watchers = state
             .hubs
             .values()
-            .map(|h| h.changes.receiver_count())
+            .map(|h| h.watchers.iter().filter(|w| w.is_open()).count())
             .sum();
         (state.store.totals(), watchers)
     }
@@ -307,6 +534,10 @@ impl Backend for MemoryBackend {
     fn close_watchers(&self) {
         let mut state = self.lock();
         state.closed = true;
-        state.hubs.clear();
+        for (_, hub) in state.hubs.drain() {
+            for watcher in hub.watchers {
+                watcher.end(WatcherState::Closed);
+            }
+        }
     }
 }

@@ -5,6 +5,10 @@
 //! its own ([`ClusterRoutes`]) that writes the backend's pre-framed messages straight into the
 //! HTTP/2 body: every watcher of a cluster sends the very same bytes, so fan-out costs no
 //! per-watcher encoding or copying.
+//!
+//! Every call goes through [`Admitted`] first: the client IP is resolved and the rate limit
+//! applied when the call opens, before its body is read, and the body must then arrive within
+//! a deadline. A client can therefore not hold server memory with calls it never finishes.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -13,8 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use ipnet::IpNet;
+
 use bytes::{Buf, Bytes};
-use futures::Stream;
 use http_body::Frame;
 use http_body_util::BodyExt;
 use openspan_proto::discovery::server::{
@@ -24,27 +29,65 @@ use openspan_proto::discovery::server::{
     cluster_server::{Cluster, ClusterServer},
 };
 use prost::Message;
-use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
 use tonic::transport::server::TcpConnectInfo;
 use tonic::{Code, Request, Response, Status};
 
-use crate::backend::{Backend, WatchSubscription};
+use crate::backend::{Backend, WatchItem, WatchSubscription};
 use crate::limits::{StoreError, Update};
 use crate::metrics::{Metrics, OutcomeLabels};
-use crate::ratelimit::{Admission, RateLimit, RateLimiter};
+use crate::ratelimit::{Admission, RateLimit, RateLimiter, bucket};
 
 /// How requests are let in: where the client IP comes from and how fast one IP may go.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct AdmissionConfig {
+    /// Take the client IP from `X-Real-IP` (reference default: on), but only from a peer
+    /// inside `trusted_proxies`.
     pub trust_x_real_ip: bool,
     pub trust_first_x_forwarded_for: bool,
+    /// TCP peers whose proxy headers are believed. Anyone else could pick a fresh rate-limit
+    /// bucket per request by sending a made-up header.
+    pub trusted_proxies: Vec<IpNet>,
     pub rate_limit: RateLimit,
     /// Bound on the number of client IPs the limiter tracks at once.
     pub max_tracked_clients: usize,
+    /// How long a call may take to send its whole request body once it has been let in.
+    pub request_body_timeout: Duration,
 }
+
+/// Loopback and private ranges: where a reverse proxy in front of the server usually is.
+pub fn default_trusted_proxies() -> Vec<IpNet> {
+    [
+        "127.0.0.0/8",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "::1/128",
+        "fc00::/7",
+    ]
+    .iter()
+    .map(|n| n.parse().expect("valid built-in network"))
+    .collect()
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self {
+            trust_x_real_ip: true,
+            trust_first_x_forwarded_for: false,
+            trusted_proxies: default_trusted_proxies(),
+            rate_limit: RateLimit::default(),
+            max_tracked_clients: 100_000,
+            request_body_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The client IP resolved when a call was let in (a request extension).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientIp(pub Option<IpAddr>);
 
 /// The longest a call without a `grpc-timeout` waits for its rate-limit token.
 pub const MAX_WAIT_WITHOUT_DEADLINE: Duration = Duration::from_secs(30);
@@ -66,20 +109,31 @@ impl Gate {
         }
     }
 
-    /// The caller's IP: a trusted proxy header when enabled and present, else the TCP peer.
+    /// Whether `peer` is a proxy whose client-IP headers are believed.
+    pub fn is_trusted_proxy(&self, peer: IpAddr) -> bool {
+        let peer = canonical_ip(peer);
+        self.config
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(&peer))
+    }
+
+    /// The caller's IP: a proxy header when enabled, present and sent by a trusted proxy,
+    /// else the TCP peer.
     pub fn client_ip(
         &self,
         headers: &http::HeaderMap,
         remote: Option<SocketAddr>,
     ) -> Option<IpAddr> {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        let from_header = if self.config.trust_x_real_ip {
+        let trusted = remote.is_some_and(|r| self.is_trusted_proxy(r.ip()));
+        let from_header = if trusted && self.config.trust_x_real_ip {
             header("x-real-ip").and_then(parse_ip)
         } else {
             None
         };
         let from_header = from_header.or_else(|| {
-            if self.config.trust_first_x_forwarded_for {
+            if trusted && self.config.trust_first_x_forwarded_for {
                 header("x-forwarded-for")
                     .and_then(|v| v.split(',').next())
                     .and_then(parse_ip)
@@ -91,6 +145,7 @@ impl Gate {
     }
 
     /// Waits for the client's token, or refuses at once when it would come after the deadline.
+    /// IPv6 clients share one bucket per /64, the block a single host usually gets.
     /// A call without a deadline waits at most [`MAX_WAIT_WITHOUT_DEADLINE`]: otherwise a client
     /// could push its bucket (or the shared overflow bucket) arbitrarily far into the future.
     pub async fn admit(
@@ -104,7 +159,7 @@ impl Gate {
             .limiter
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .admit(ip, Instant::now(), deadline);
+            .admit(bucket(ip), Instant::now(), deadline);
         match verdict {
             Admission::After(wait) if wait.is_zero() => Ok(()),
             Admission::After(wait) => {
@@ -144,7 +199,7 @@ fn parse_ip(text: &str) -> Option<IpAddr> {
 }
 
 /// IPv4 clients reaching a dual-stack socket appear as `::ffff:a.b.c.d`; report them as IPv4.
-fn canonical_ip(ip: IpAddr) -> IpAddr {
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
@@ -206,14 +261,15 @@ impl<B: Backend> ClusterService<B> {
         result.map(Response::new)
     }
 
-    async fn admit<T>(&self, request: &Request<T>) -> Result<Option<IpAddr>, Status> {
-        let ip = self
-            .gate
-            .client_ip(request.metadata().as_ref(), request.remote_addr());
-        self.gate
-            .admit(ip, grpc_timeout(request.metadata().as_ref()))
-            .await?;
-        Ok(ip)
+    /// The client IP [`Admitted`] resolved when it let the call in.
+    fn admitted<T>(&self, request: &Request<T>) -> Option<IpAddr> {
+        match request.extensions().get::<ClientIp>() {
+            Some(ClientIp(ip)) => *ip,
+            // Served without the admission layer (embedded use): resolve it here.
+            None => self
+                .gate
+                .client_ip(request.metadata().as_ref(), request.remote_addr()),
+        }
     }
 }
 
@@ -224,7 +280,7 @@ impl<B: Backend> Cluster for ClusterService<B> {
         request: Request<HelloRequest>,
     ) -> Result<Response<HelloResponse>, Status> {
         self.observe("Hello", async {
-            let ip = self.admit(&request).await?;
+            let ip = self.admitted(&request);
             let hello = request.get_ref();
             self.backend.limits().check_cluster_id(&hello.cluster_id).map_err(store_status)?;
             tracing::debug!(cluster = %hello.cluster_id, client_version = %hello.client_version, ?ip, "hello");
@@ -241,7 +297,6 @@ impl<B: Backend> Cluster for ClusterService<B> {
         request: Request<AffiliateUpdateRequest>,
     ) -> Result<Response<AffiliateUpdateResponse>, Status> {
         self.observe("AffiliateUpdate", async {
-            self.admit(&request).await?;
             let request = request.into_inner();
             let ttl = match request.ttl {
                 None => Duration::ZERO,
@@ -271,7 +326,6 @@ impl<B: Backend> Cluster for ClusterService<B> {
         request: Request<AffiliateDeleteRequest>,
     ) -> Result<Response<AffiliateDeleteResponse>, Status> {
         self.observe("AffiliateDelete", async {
-            self.admit(&request).await?;
             let request = request.get_ref();
             self.backend
                 .delete(&request.cluster_id, &request.affiliate_id)
@@ -284,7 +338,6 @@ impl<B: Backend> Cluster for ClusterService<B> {
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
         self.observe("List", async {
-            self.admit(&request).await?;
             let affiliates = self
                 .backend
                 .list(&request.get_ref().cluster_id)
@@ -386,12 +439,19 @@ impl<B: Backend> ClusterRoutes<B> {
         &self,
         request: http::Request<Body>,
     ) -> Result<http::Response<Body>, Status> {
-        let remote = request
-            .extensions()
-            .get::<TcpConnectInfo>()
-            .and_then(|i| i.remote_addr);
-        let ip = self.gate.client_ip(request.headers(), remote);
-        self.gate.admit(ip, grpc_timeout(request.headers())).await?;
+        let ip = match request.extensions().get::<ClientIp>() {
+            Some(ClientIp(ip)) => *ip,
+            None => {
+                // Served without the admission layer (embedded use): admit here.
+                let remote = request
+                    .extensions()
+                    .get::<TcpConnectInfo>()
+                    .and_then(|i| i.remote_addr);
+                let ip = self.gate.client_ip(request.headers(), remote);
+                self.gate.admit(ip, grpc_timeout(request.headers())).await?;
+                ip
+            }
+        };
         if request
             .headers()
             .get("grpc-encoding")
@@ -404,7 +464,10 @@ impl<B: Backend> ClusterRoutes<B> {
         let body = http_body_util::Limited::new(request.into_body(), 64 * 1024)
             .collect()
             .await
-            .map_err(|e| Status::invalid_argument(format!("cannot read Watch request: {e}")))?
+            .map_err(|e| match e.downcast::<Status>() {
+                Ok(status) => *status,
+                Err(e) => Status::invalid_argument(format!("cannot read Watch request: {e}")),
+            })?
             .to_bytes();
         let watch = decode_unary_frame::<WatchRequest>(body)?;
         let subscription = self
@@ -441,21 +504,17 @@ pub fn decode_unary_frame<M: Message + Default>(mut body: Bytes) -> Result<M, St
     M::decode(body).map_err(|e| Status::invalid_argument(format!("cannot decode request: {e}")))
 }
 
-/// A Watch response body: the shared snapshot frame, then each shared change frame.
+/// A Watch response body: the watcher's queue of shared frames, then a status.
 struct WatchBody {
-    snapshot: Option<Bytes>,
-    changes: BroadcastStream<Bytes>,
+    subscription: WatchSubscription,
     finished: bool,
-    metrics: Arc<Metrics>,
 }
 
 impl WatchBody {
-    fn new(subscription: WatchSubscription, metrics: Arc<Metrics>) -> Self {
+    fn new(subscription: WatchSubscription, _metrics: Arc<Metrics>) -> Self {
         Self {
-            snapshot: Some(subscription.snapshot),
-            changes: BroadcastStream::new(subscription.changes),
+            subscription,
             finished: false,
-            metrics,
         }
     }
 
@@ -478,25 +537,185 @@ impl http_body::Body for WatchBody {
         if self.finished {
             return Poll::Ready(None);
         }
-        if let Some(snapshot) = self.snapshot.take() {
-            return Poll::Ready(Some(Ok(Frame::data(snapshot))));
-        }
-        match Pin::new(&mut self.changes).poll_next(cx) {
-            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(Frame::data(frame)))),
-            Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(missed)))) => {
-                self.metrics.watch_aborted.inc();
-                tracing::info!(
-                    missed,
-                    "watcher fell behind; ending its stream so it re-syncs"
-                );
-                self.end_with(Status::aborted(format!(
-                    "subscription canceled: the watcher fell {missed} messages behind; reconnect to get a fresh snapshot"
-                )))
+        match self.subscription.poll_next(cx) {
+            Poll::Ready(WatchItem::Data(frame)) => Poll::Ready(Some(Ok(Frame::data(frame)))),
+            // Counted in `discovery_watch_aborted_total` by the backend when it aborted the
+            // watcher: a watcher that never reads is never polled, so it cannot count here.
+            Poll::Ready(WatchItem::Aborted(reason)) => {
+                tracing::info!(%reason, "watcher fell behind; ended its stream so it re-syncs");
+                self.end_with(Status::aborted(reason))
             }
-            Poll::Ready(None) => self.end_with(Status::unavailable(
+            Poll::Ready(WatchItem::Closed) => self.end_with(Status::unavailable(
                 "the server is shutting down; reconnect",
             )),
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+/// Admission for every gRPC call, applied when the call opens: client IP, rate limit, and a
+/// deadline for the request body. Also gives malformed requests `InvalidArgument` everywhere.
+#[derive(Clone)]
+pub struct Admitted<S> {
+    inner: S,
+    gate: Arc<Gate>,
+    metrics: Arc<Metrics>,
+    body_timeout: Duration,
+}
+
+impl<S> Admitted<S> {
+    pub fn new(inner: S, gate: Arc<Gate>, metrics: Arc<Metrics>) -> Self {
+        let body_timeout = gate.config.request_body_timeout;
+        Self {
+            inner,
+            gate,
+            metrics,
+            body_timeout,
+        }
+    }
+}
+
+/// The method name of a Cluster call, for metrics (`None` for other services).
+fn cluster_method(path: &str) -> Option<&'static str> {
+    let method = path.strip_prefix("/sidero.discovery.server.Cluster/")?;
+    [
+        "Hello",
+        "AffiliateUpdate",
+        "AffiliateDelete",
+        "List",
+        "Watch",
+    ]
+    .into_iter()
+    .find(|m| *m == method)
+}
+
+impl<S, B> Service<http::Request<B>> for Admitted<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // Take the clone that was driven to readiness; leave a fresh one for the next call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let (gate, metrics, body_timeout) =
+            (self.gate.clone(), self.metrics.clone(), self.body_timeout);
+        Box::pin(async move {
+            let remote = request
+                .extensions()
+                .get::<TcpConnectInfo>()
+                .and_then(|i| i.remote_addr);
+            let ip = gate.client_ip(request.headers(), remote);
+            if let Err(status) = gate.admit(ip, grpc_timeout(request.headers())).await {
+                if let Some(method) = cluster_method(request.uri().path()) {
+                    metrics.rpc(method, status.code());
+                }
+                tracing::debug!(
+                    ?ip,
+                    path = request.uri().path(),
+                    "call refused by the rate limit"
+                );
+                return Ok(status.into_http());
+            }
+            let (mut parts, body) = request.into_parts();
+            parts.extensions.insert(ClientIp(ip));
+            let body = Body::new(DeadlineBody::new(body, body_timeout));
+            let response = inner.call(http::Request::from_parts(parts, body)).await?;
+            Ok(invalid_argument_for_decode_errors(response))
+        })
+    }
+}
+
+/// tonic answers a request that is not valid protobuf with `Internal`; it is the client's
+/// fault, so say `InvalidArgument` as the Watch route (and the reference server) does.
+fn invalid_argument_for_decode_errors(mut response: http::Response<Body>) -> http::Response<Body> {
+    let headers = response.headers_mut();
+    let is_decode_error = headers.get("grpc-status").is_some_and(|v| v == "13")
+        && headers
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|m| {
+                m.starts_with("failed to decode Protobuf message")
+                    || m.starts_with("failed%20to%20decode%20Protobuf%20message")
+            });
+    if is_decode_error {
+        headers.insert(
+            "grpc-status",
+            http::HeaderValue::from_static("3"), // InvalidArgument
+        );
+    }
+    response
+}
+
+/// A request body that must end within a deadline of the call being let in. Without it a
+/// client could open streams and never finish them, holding their buffers forever.
+struct DeadlineBody<B> {
+    inner: B,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    timeout: Duration,
+}
+
+impl<B> DeadlineBody<B> {
+    fn new(inner: B, timeout: Duration) -> Self {
+        Self {
+            inner,
+            deadline: Some(Box::pin(tokio::time::sleep(timeout))),
+            timeout,
+        }
+    }
+}
+
+impl<B> http_body::Body for DeadlineBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                if frame.is_none() || this.inner.is_end_stream() {
+                    this.deadline = None;
+                }
+                Poll::Ready(frame.map(|f| f.map_err(|e| Status::from_error(e.into()))))
+            }
+            Poll::Pending => match this.deadline.as_mut().map(|d| d.as_mut().poll(cx)) {
+                Some(Poll::Ready(())) => {
+                    this.deadline = None;
+                    Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
+                        "the request body did not arrive within {:?} (--request-body-timeout); send the whole request at once",
+                        this.timeout
+                    )))))
+                }
+                _ => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

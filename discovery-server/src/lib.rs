@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod http;
 pub mod limits;
 pub mod metrics;
+pub mod net;
 pub mod persist;
 pub mod ratelimit;
 pub mod server;

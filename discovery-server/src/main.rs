@@ -9,6 +9,7 @@ use discovery_server::bytesize::parse_byte_size;
 use discovery_server::duration::parse_go_duration;
 use discovery_server::grpc::AdmissionConfig;
 use discovery_server::limits::Limits;
+use discovery_server::net::ConnectionLimits;
 use discovery_server::ratelimit::RateLimit;
 use discovery_server::server::{self, Config, SnapshotConfig};
 use discovery_server::tls::TlsFiles;
@@ -64,15 +65,69 @@ struct Args {
     #[arg(long, env = "DISCOVERY_REDIRECT_ENDPOINT", default_value = "")]
     redirect_endpoint: String,
 
-    /// Take the client IP from the X-Real-IP header (only behind a proxy that sets it).
-    #[arg(long, env = "DISCOVERY_TRUST_X_REAL_IP", default_value_t = false, num_args = 0..=1,
+    /// Take the client IP from the X-Real-IP header, as the reference server does; only
+    /// believed when the TCP peer is inside --trusted-proxies.
+    #[arg(long, env = "DISCOVERY_TRUST_X_REAL_IP", default_value_t = true, num_args = 0..=1,
           require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     trust_x_real_ip: bool,
 
-    /// Take the client IP from the first X-Forwarded-For entry (only behind a proxy that sets it).
+    /// Take the client IP from the first X-Forwarded-For entry (only behind a proxy that sets it);
+    /// only believed when the TCP peer is inside --trusted-proxies.
     #[arg(long, env = "DISCOVERY_TRUST_FIRST_X_FORWARDED_FOR", default_value_t = false, num_args = 0..=1,
           require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     trust_first_x_forwarded_for: bool,
+
+    /// Networks (comma-separated CIDRs) whose connections may set the client IP through
+    /// X-Real-IP / X-Forwarded-For; they are also exempt from --max-connections-per-ip. Empty
+    /// trusts nobody.
+    #[arg(
+        long,
+        env = "DISCOVERY_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        default_value = "127.0.0.0/8,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,::1/128,fc00::/7"
+    )]
+    trusted_proxies: Vec<String>,
+
+    /// Open connections over all listeners; beyond it new connections are closed at once.
+    #[arg(long, env = "DISCOVERY_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
+
+    /// Open connections from one client IP (one /64 for IPv6); trusted proxies are exempt.
+    #[arg(long, env = "DISCOVERY_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
+    max_connections_per_ip: usize,
+
+    /// Time a new connection has to finish its TLS handshake and send the protocol preface
+    /// (HTTP/2) or its first request bytes (HTTP/1); slower connections are closed.
+    #[arg(long, env = "DISCOVERY_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_go_duration)]
+    handshake_timeout: Duration,
+
+    /// A gRPC connection with no call open for this long is closed (clients reconnect).
+    #[arg(long, env = "DISCOVERY_GRPC_IDLE_TIMEOUT", default_value = "2m", value_parser = parse_go_duration)]
+    grpc_idle_timeout: Duration,
+
+    /// An HTTP connection (landing page, metrics) with no request open for this long is closed.
+    #[arg(long, env = "DISCOVERY_HTTP_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_go_duration)]
+    http_idle_timeout: Duration,
+
+    /// A call must have sent its whole request within this time of being let in.
+    #[arg(long, env = "DISCOVERY_REQUEST_BODY_TIMEOUT", default_value = "10s", value_parser = parse_go_duration)]
+    request_body_timeout: Duration,
+
+    /// HTTP/2 streams (calls) one connection may have open at once.
+    #[arg(long, env = "DISCOVERY_MAX_CONCURRENT_STREAMS", default_value_t = 100)]
+    max_concurrent_streams: u32,
+
+    /// Largest request header block, in bytes.
+    #[arg(long, env = "DISCOVERY_MAX_HEADER_LIST_SIZE", default_value_t = 16384)]
+    max_header_list_size: u32,
+
+    /// How often the server pings each HTTP/2 connection.
+    #[arg(long, env = "DISCOVERY_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_go_duration)]
+    keepalive_interval: Duration,
+
+    /// A connection that does not answer a ping within this time is closed.
+    #[arg(long, env = "DISCOVERY_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_go_duration)]
+    keepalive_timeout: Duration,
 
     /// TLS certificate chain (PEM). With --key-path, gRPC is served over TLS; files are
     /// re-read when they change.
@@ -106,6 +161,11 @@ struct Args {
     /// Messages a watcher may fall behind before its stream ends with Aborted (it then re-syncs).
     #[arg(long, env = "DISCOVERY_WATCH_BUFFER", default_value_t = 32)]
     watch_buffer: usize,
+
+    /// Bytes queued for one watcher, its snapshot included, before its stream ends with
+    /// Aborted and the memory is released. Must hold a full cluster's snapshot.
+    #[arg(long, env = "DISCOVERY_WATCH_MAX_BYTES", default_value_t = 8 << 20)]
+    watch_max_bytes: usize,
 
     /// Longest cluster id, in bytes.
     #[arg(long, env = "DISCOVERY_MAX_CLUSTER_ID_LEN", default_value_t = 256)]
@@ -172,6 +232,19 @@ impl Args {
             (None, None) => None,
             _ => anyhow::bail!("--certificate-path and --key-path must be given together"),
         };
+        let trusted_proxies = self
+            .trusted_proxies
+            .iter()
+            .filter(|n| !n.trim().is_empty())
+            .map(|n| {
+                let n = n.trim();
+                n.parse::<ipnet::IpNet>()
+                    .or_else(|_| n.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .with_context(|| {
+                        format!("--trusted-proxies: {n:?} is not a CIDR network (like 10.0.0.0/8) or an IP address")
+                    })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         if !(self.ip_rate_limit >= 0.0 && self.ip_rate_limit.is_finite()) {
             anyhow::bail!(
                 "--ip-rate-limit must be a non-negative number of requests per second (0 disables)"
@@ -196,6 +269,8 @@ impl Args {
                     burst: self.ip_rate_burst,
                 },
                 max_tracked_clients: self.ip_rate_max_clients,
+                trusted_proxies,
+                request_body_timeout: self.request_body_timeout,
             },
             tls,
             tls_reload_interval: self.tls_reload_interval,
@@ -209,6 +284,19 @@ impl Args {
                 max_endpoints_per_affiliate: self.max_endpoints,
             },
             watch_buffer: self.watch_buffer,
+            watch_max_bytes: self.watch_max_bytes,
+            connections: ConnectionLimits {
+                max_connections: self.max_connections,
+                max_connections_per_ip: self.max_connections_per_ip,
+                handshake_timeout: self.handshake_timeout,
+                grpc_idle_timeout: self.grpc_idle_timeout,
+                http_idle_timeout: self.http_idle_timeout,
+                max_concurrent_streams: self.max_concurrent_streams,
+                max_header_list_size: self.max_header_list_size,
+                keepalive_interval: self.keepalive_interval,
+                keepalive_timeout: self.keepalive_timeout,
+                close_grace: self.shutdown_grace,
+            },
             shutdown_grace: self.shutdown_grace,
         })
     }
@@ -318,6 +406,46 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("KiB, MiB or GiB"), "{error}");
+    }
+
+    #[test]
+    fn defaults_trust_x_real_ip_only_from_private_peers_and_bound_connections() {
+        let config = Args::try_parse_from(["discovery-server"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert!(config.admission.trust_x_real_ip);
+        assert!(!config.admission.trust_first_x_forwarded_for);
+        assert_eq!(
+            config.admission.trusted_proxies,
+            discovery_server::grpc::default_trusted_proxies()
+        );
+        assert_eq!(config.connections, ConnectionLimits::default());
+        // Silent and idle connections are closed well within 30 s by default.
+        assert!(config.connections.handshake_timeout <= Duration::from_secs(10));
+        assert!(config.connections.http_idle_timeout <= Duration::from_secs(30));
+        server::validate(&config).unwrap();
+
+        let none = Args::try_parse_from(["discovery-server", "--trusted-proxies="])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert!(none.admission.trusted_proxies.is_empty());
+        let bad = Args::try_parse_from(["discovery-server", "--trusted-proxies=10.0.0.0/99"])
+            .unwrap()
+            .into_config()
+            .unwrap_err();
+        assert!(format!("{bad:#}").contains("--trusted-proxies"), "{bad:#}");
+    }
+
+    #[test]
+    fn a_watch_budget_below_a_full_cluster_is_refused() {
+        let config = Args::try_parse_from(["discovery-server", "--watch-max-bytes=1000000"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        let error = server::validate(&config).unwrap_err().to_string();
+        assert!(error.contains("--watch-max-bytes"), "{error}");
     }
 
     #[test]

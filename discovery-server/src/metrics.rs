@@ -38,6 +38,9 @@ pub struct Metrics {
     pub snapshot_size_bytes: Gauge,
     pub snapshot_failures: Counter,
     pub gc_removed: Family<KindLabels, Counter>,
+    pub connections: Gauge,
+    pub connections_refused: Family<OutcomeLabels, Counter>,
+    pub connections_closed: Family<OutcomeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -56,6 +59,9 @@ impl Default for Metrics {
             snapshot_size_bytes: Gauge::default(),
             snapshot_failures: Counter::default(),
             gc_removed: Family::default(),
+            connections: Gauge::default(),
+            connections_refused: Family::default(),
+            connections_closed: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -113,6 +119,21 @@ impl Default for Metrics {
             "gc_removed",
             "Affiliates and endpoints removed because they expired",
             metrics.gc_removed.clone(),
+        );
+        registry.register(
+            "connections",
+            "Open connections over all listeners",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed at accept because a connection cap was reached (global_limit, per_ip_limit)",
+            metrics.connections_refused.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Connections the server closed: handshake_timeout (no TLS handshake or protocol preface in time) or idle",
+            metrics.connections_closed.clone(),
         );
         Self {
             registry,

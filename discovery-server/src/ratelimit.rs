@@ -8,6 +8,18 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+/// The key one client is limited under: the address itself for IPv4, its /64 for IPv6. A
+/// single IPv6 host usually owns a whole /64 and could otherwise use a new address per request.
+pub fn bucket(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(prefix.into())
+        }
+        other => other,
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RateLimit {
     /// Sustained requests per second; 0 disables limiting.
@@ -202,6 +214,25 @@ mod tests {
         ));
         l.forget_idle(t + Duration::from_secs(5));
         assert_eq!(l.tracked(), 0);
+    }
+
+    #[test]
+    fn ipv6_clients_share_a_bucket_per_64() {
+        let one: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        let next_block: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(bucket(one), bucket(other));
+        assert_ne!(bucket(one), bucket(next_block));
+        assert_eq!(bucket(A), A);
+        let mut l = limiter();
+        let t = Instant::now();
+        for _ in 0..5 {
+            l.admit(bucket(one), t, None);
+        }
+        assert!(matches!(
+            l.admit(bucket(other), t, Some(Duration::ZERO)),
+            Admission::Refused { .. }
+        ));
     }
 
     #[test]

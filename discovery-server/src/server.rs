@@ -11,20 +11,20 @@ use anyhow::{Context, bail};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
+use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
-use crate::backend::{Backend, MemoryBackend};
+use crate::backend::{Backend, MemoryBackend, WatchLimits};
 use crate::clock::{Clock, SystemClock};
-use crate::grpc::{AdmissionConfig, ClusterRoutes, Gate};
+use crate::grpc::{AdmissionConfig, Admitted, ClusterRoutes, Gate};
 use crate::http::{HttpState, landing_router, metrics_router};
 use crate::limits::Limits;
 use crate::metrics::{KindLabels, Metrics};
+use crate::net::{ConnectionLimits, Connections, Protocol};
 use crate::persist;
 use crate::ratelimit::RateLimit;
 use crate::store::Store;
-use crate::tls::{ReloadingTls, TlsFiles, accept_tls};
+use crate::tls::{ReloadingTls, TlsFiles};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -49,7 +49,12 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     pub tls_reload_interval: Duration,
     pub limits: Limits,
+    /// Change messages a watcher may fall behind before it is aborted.
     pub watch_buffer: usize,
+    /// Bytes queued for one watcher (its snapshot included) before it is aborted.
+    pub watch_max_bytes: usize,
+    /// Connection caps, deadlines and HTTP/2 limits of every listener.
+    pub connections: ConnectionLimits,
     /// How long a graceful shutdown waits for in-flight calls.
     pub shutdown_grace: Duration,
 }
@@ -68,6 +73,8 @@ impl Default for Config {
             tls_reload_interval: Duration::from_secs(10),
             limits: Limits::default(),
             watch_buffer: 32,
+            watch_max_bytes: WatchLimits::default().max_bytes,
+            connections: ConnectionLimits::default(),
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -254,9 +261,28 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::
     let backend = Arc::new(MemoryBackend::new(
         store,
         clock.clone(),
-        config.watch_buffer,
+        WatchLimits {
+            buffer: config.watch_buffer,
+            max_bytes: config.watch_max_bytes,
+        },
+        metrics.watch_aborted.clone(),
     ));
     let gate = Arc::new(Gate::new(config.admission.clone(), metrics.clone()));
+    let connections = {
+        let mut limits = config.connections.clone();
+        limits.close_grace = config.shutdown_grace;
+        let gate = gate.clone();
+        Connections::new(limits, metrics.clone(), move |ip| gate.is_trusted_proxy(ip))
+    };
+    let wanted = config.connections.max_connections as u64 + 64;
+    match crate::net::raise_fd_limit() {
+        Some(files) if files < wanted => tracing::warn!(
+            open_file_limit = files,
+            max_connections = config.connections.max_connections,
+            "the open-file limit is below --max-connections: raise it (ulimit -n, LimitNOFILE=) or lower --max-connections, or new connections fail once the files run out"
+        ),
+        _ => {}
+    }
     let tls = match &config.tls {
         Some(files) => Some(Arc::new(
             ReloadingTls::load(files.clone())
@@ -311,13 +337,11 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::
         ),
     ] {
         let Some(listener) = listener else { continue };
-        let stop = stop.clone();
+        let (stop, connections) = (stop.clone(), connections.clone());
         tracing::info!(addr = %listener.local_addr()?, "serving {name} over HTTP");
         tasks.push(tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-                .with_context(|| format!("{name} server failed"))
+            crate::net::serve(listener, Protocol::Http, None, router, connections, stop).await;
+            Ok(())
         }));
     }
 
@@ -341,43 +365,40 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::
             metrics.clone(),
             config.redirect_endpoint.clone(),
         );
-        let router = Server::builder()
-            .tcp_nodelay(true)
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .initial_connection_window_size(Some(4 << 20))
-            .initial_stream_window_size(Some(1 << 20))
-            .add_service(routes)
+        let routes = Routes::new(routes)
             .add_service(health_service)
             .add_service(reflection_v1)
-            .add_service(reflection_v1alpha);
-        let serving = {
+            .add_service(reflection_v1alpha)
+            .prepare();
+        let service = Admitted::new(routes, gate.clone(), metrics.clone());
+        {
             let stop = stop.clone();
             let backend = backend.clone();
-            async move {
+            tasks.push(tokio::spawn(async move {
                 stop.cancelled().await;
                 health
                     .set_service_status("", ServingStatus::NotServing)
                     .await;
                 // Watch streams never end on their own; end them so connections can drain.
                 backend.close_watchers();
-            }
-        };
+                Ok(())
+            }));
+        }
         let addr = listener.local_addr()?;
-        // The two transports differ only in how connections are accepted.
-        let serve: std::pin::Pin<
-            Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
-        > = match tls.clone() {
-            Some(tls) => {
-                tracing::info!(%addr, mtls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), "serving gRPC with TLS");
-                Box::pin(router.serve_with_incoming_shutdown(accept_tls(listener, tls), serving))
+        match &config.tls {
+            Some(files) => {
+                tracing::info!(%addr, mtls = files.client_ca.is_some(), "serving gRPC with TLS")
             }
-            None => {
-                tracing::info!(%addr, "serving gRPC (plaintext)");
-                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-                Box::pin(router.serve_with_incoming_shutdown(incoming, serving))
-            }
-        };
+            None => tracing::info!(%addr, "serving gRPC (plaintext)"),
+        }
+        let serve = crate::net::serve(
+            listener,
+            Protocol::Grpc,
+            tls.clone(),
+            service,
+            connections.clone(),
+            stop.clone(),
+        );
         tasks.push(tokio::spawn(bounded(
             stop.clone(),
             config.shutdown_grace,
@@ -520,14 +541,14 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::
 async fn bounded(
     stop: CancellationToken,
     grace: Duration,
-    serve: impl Future<Output = Result<(), tonic::transport::Error>>,
+    serve: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let deadline = async {
         stop.cancelled().await;
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        result = serve => result.context("gRPC server failed"),
+        () = serve => Ok(()),
         _ = deadline => {
             tracing::warn!(grace_ms = grace.as_millis() as u64, "gRPC calls still open after the shutdown grace period; closing them");
             Ok(())
@@ -542,5 +563,48 @@ pub fn validate(config: &Config) -> anyhow::Result<()> {
     if config.watch_buffer == 0 {
         bail!("--watch-buffer must be at least 1");
     }
+    let largest =
+        largest_snapshot(&config.limits) + config.watch_buffer * largest_change(&config.limits);
+    if config.watch_max_bytes < largest {
+        bail!(
+            "--watch-max-bytes {} is below what one watcher of a full cluster may need ({largest} bytes: the largest snapshot allowed by --max-affiliates, --max-affiliate-data, --max-endpoints and --max-endpoint-size, plus --watch-buffer changes); raise it or lower those limits",
+            config.watch_max_bytes
+        );
+    }
+    let c = &config.connections;
+    if c.max_connections == 0 || c.max_connections_per_ip == 0 {
+        bail!("--max-connections and --max-connections-per-ip must be at least 1");
+    }
+    if c.max_concurrent_streams == 0 {
+        bail!("--max-concurrent-streams must be at least 1");
+    }
+    if c.handshake_timeout.is_zero()
+        || c.keepalive_interval.is_zero()
+        || c.keepalive_timeout.is_zero()
+    {
+        bail!(
+            "--handshake-timeout, --keepalive-interval and --keepalive-timeout must be longer than 0"
+        );
+    }
+    if c.grpc_idle_timeout.is_zero() || c.http_idle_timeout.is_zero() {
+        bail!("--grpc-idle-timeout and --http-idle-timeout must be longer than 0");
+    }
+    if config.admission.request_body_timeout.is_zero() {
+        bail!("--request-body-timeout must be longer than 0");
+    }
     Ok(())
+}
+
+/// Wire size of the largest affiliate the limits allow (id, data, every endpoint, and tags).
+fn largest_change(limits: &Limits) -> usize {
+    let field = |len: usize| 1 + prost::encoding::encoded_len_varint(len as u64) as usize + len;
+    let affiliate = field(limits.max_affiliate_id_len)
+        + field(limits.max_data_len)
+        + limits.max_endpoints_per_affiliate * field(limits.max_endpoint_len);
+    5 + 2 + field(affiliate)
+}
+
+/// Wire size of the largest snapshot the limits allow (as several messages when over 4 MiB).
+fn largest_snapshot(limits: &Limits) -> usize {
+    limits.max_affiliates_per_cluster * largest_change(limits) + 5 * 64
 }

@@ -32,8 +32,12 @@ async fn hello_ip(c: &mut Client, headers: &[(&'static str, &str)]) -> Vec<u8> {
 }
 
 #[tokio::test]
-async fn hello_reports_the_peer_address_and_ignores_untrusted_headers() {
-    let server = start(test_config()).await;
+async fn hello_reports_the_peer_address_and_ignores_headers_from_untrusted_peers() {
+    let mut config = test_config();
+    // The header flags are on by default; what makes the header untrusted is the peer.
+    config.admission.trust_first_x_forwarded_for = true;
+    config.admission.trusted_proxies = vec!["192.0.2.0/24".parse().unwrap()];
+    let server = start(config).await;
     let mut c = client(&server).await;
     assert_eq!(
         hello_ip(&mut c, &[]).await,
@@ -47,7 +51,7 @@ async fn hello_reports_the_peer_address_and_ignores_untrusted_headers() {
     assert_eq!(
         hello_ip(&mut c, &spoofed).await,
         [127, 0, 0, 1],
-        "headers are not trusted by default"
+        "a spoofed X-Real-IP from a peer outside --trusted-proxies is ignored"
     );
     let response = c.hello(hello_request(&[])).await.unwrap().into_inner();
     assert!(response.redirect.is_none());
@@ -56,9 +60,8 @@ async fn hello_reports_the_peer_address_and_ignores_untrusted_headers() {
 
 #[tokio::test]
 async fn trusted_proxy_headers_set_the_client_ip() {
-    let mut config = test_config();
-    config.admission.trust_x_real_ip = true;
-    let server = start(config).await;
+    // Defaults: X-Real-IP is trusted from loopback and private peers, as behind nginx.
+    let server = start(test_config()).await;
     let mut c = client(&server).await;
     assert_eq!(
         hello_ip(&mut c, &[("x-real-ip", "203.0.113.9")]).await,
@@ -78,6 +81,7 @@ async fn trusted_proxy_headers_set_the_client_ip() {
     server.shutdown().await.unwrap();
 
     let mut config = test_config();
+    config.admission.trust_x_real_ip = false;
     config.admission.trust_first_x_forwarded_for = true;
     let server = start(config).await;
     let mut c = client(&server).await;

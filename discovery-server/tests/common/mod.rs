@@ -1,6 +1,8 @@
 //! Shared helpers: an in-process server on loopback ports and real gRPC clients.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::sync::Arc;
 use std::time::Duration;
 
