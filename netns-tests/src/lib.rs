@@ -16,9 +16,39 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 mod process;
+pub mod procfs;
 pub use process::{Daemon, in_netns, ns_output, ns_sh, tail, wait_until};
 
 pub const CLUSTER_SECRET: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+/// A userspace WireGuard daemon (`openspan-wireguard`, wireguard-go) serving `interface` in
+/// `node`'s namespace, killed after `limit_secs` at the latest and stopped when dropped (also
+/// when the test fails); returns once its wg(8) control socket exists.
+pub fn wireguard_daemon(
+    node: &Node,
+    program: &std::path::Path,
+    args: &[&str],
+    interface: &str,
+    limit_secs: u64,
+) -> anyhow::Result<Daemon> {
+    let mut daemon = Daemon::spawn(
+        &format!("{} {interface}", program.display()),
+        in_netns(&node.netns, limit_secs, program, args),
+        node.dir.join(format!("{interface}.log")),
+        Duration::from_secs(5),
+    )?;
+    let socket = PathBuf::from(format!("/var/run/wireguard/{interface}.sock"));
+    daemon.leftovers.push(socket.clone());
+    wait_until(
+        &format!("{interface}'s control socket"),
+        Duration::from_secs(15),
+        || {
+            daemon.check()?;
+            Ok(socket.exists())
+        },
+    )?;
+    Ok(daemon)
+}
 
 /// Runs `f` on a new thread that has entered the network namespace `netns`, and waits for it.
 pub fn in_namespace<T: Send + 'static>(

@@ -5,12 +5,13 @@
 //! Node 1 runs the device under attack, node 2 a peer with an established tunnel to it, node 3
 //! the flood (`handshake-flood`, bounded), node 4 a new peer configured during the flood.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use netns_tests::procfs::cpu_time;
 use netns_tests::{
     Daemon, Lab, Node, binary, in_netns, ns_output, ns_sh, require_root, sh, wait_until,
+    wireguard_daemon,
 };
 
 const DAEMON_LIMIT_SECS: u64 = 120;
@@ -44,22 +45,7 @@ struct Device {
 fn device(lab: &Lab, node: &Node, n: usize) -> anyhow::Result<Device> {
     let interface = format!("{}w{n}", lab.id);
     let program = binary("openspan-wireguard");
-    let mut daemon = Daemon::spawn(
-        &format!("openspan-wireguard {interface}"),
-        in_netns(&node.netns, DAEMON_LIMIT_SECS, &program, &[&interface]),
-        node.dir.join(format!("{interface}.log")),
-        Duration::from_secs(5),
-    )?;
-    let socket = PathBuf::from(format!("/var/run/wireguard/{interface}.sock"));
-    daemon.leftovers.push(socket.clone());
-    wait_until(
-        &format!("{interface}'s control socket"),
-        Duration::from_secs(15),
-        || {
-            daemon.check()?;
-            Ok(socket.exists())
-        },
-    )?;
+    let daemon = wireguard_daemon(node, &program, &[&interface], &interface, DAEMON_LIMIT_SECS)?;
     let key_file = node.dir.join("wg.key");
     std::fs::write(&key_file, sh("wg", &["genkey"])?)?;
     let public = sh(
@@ -203,17 +189,6 @@ fn describe(summary: &PingSummary) -> String {
         summary.sent,
         100.0 * summary.received as f64 / summary.sent as f64
     )
-}
-
-/// CPU time (user + system) a process has used, from /proc.
-fn cpu_time(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf only reads a configuration value (USER_HZ, what /proc counts in).
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-    Some(Duration::from_secs_f64(ticks as f64 / per_second as f64))
 }
 
 #[test]

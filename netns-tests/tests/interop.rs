@@ -5,42 +5,17 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Context;
-use netns_tests::{Daemon, Lab, Node, binary, in_netns, ns_sh, require_root, run, sh, wait_until};
+use netns_tests::{
+    Daemon, Lab, Node, binary, ns_sh, require_root, run, sh, wait_until, wireguard_daemon,
+};
 
 /// Longest the tunnel daemons may live (the rekey test needs about 150 s).
 const DAEMON_LIMIT_SECS: u64 = 600;
-
-/// A userspace WireGuard daemon serving `interface` in `node`'s namespace, stopped when
-/// dropped (also when the test fails).
-fn wireguard_daemon(
-    node: &Node,
-    program: &Path,
-    args: &[&str],
-    interface: &str,
-) -> anyhow::Result<Daemon> {
-    let mut daemon = Daemon::spawn(
-        &format!("{} {interface}", program.display()),
-        in_netns(&node.netns, DAEMON_LIMIT_SECS, program, args),
-        node.dir.join(format!("{interface}.log")),
-        Duration::from_secs(5),
-    )?;
-    let socket = PathBuf::from(format!("/var/run/wireguard/{interface}.sock"));
-    daemon.leftovers.push(socket.clone());
-    wait_until(
-        &format!("{interface}'s control socket"),
-        Duration::from_secs(15),
-        || {
-            daemon.check()?;
-            Ok(socket.exists())
-        },
-    )?;
-    Ok(daemon)
-}
 
 /// The JSON report of one iperf3 run from `client` to `server_address` (2 s unless `extra`
 /// says otherwise).
@@ -126,12 +101,19 @@ impl Pair {
         let ours = format!("{}o", lab.id);
         let theirs = format!("{}g", lab.id);
         let daemons = [
-            wireguard_daemon(ours_node, &binary("openspan-wireguard"), &[&ours], &ours)?,
+            wireguard_daemon(
+                ours_node,
+                &binary("openspan-wireguard"),
+                &[&ours],
+                &ours,
+                DAEMON_LIMIT_SECS,
+            )?,
             wireguard_daemon(
                 theirs_node,
                 Path::new(&wireguard_go),
                 &["-f", &theirs],
                 &theirs,
+                DAEMON_LIMIT_SECS,
             )?,
         ];
         let nodes = [(ours_node, &ours), (theirs_node, &theirs)];

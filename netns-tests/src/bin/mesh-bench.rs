@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use clap::Parser;
+use netns_tests::procfs::{clock_ticks_per_second, cpu_ticks, peak_rss_kib};
 use netns_tests::{
     AgentOptions, Daemon, Lab, Node, in_netns, ns_output, ns_sh, run, tail, wait_until,
 };
@@ -385,30 +386,6 @@ impl Drop for Daemons {
     fn drop(&mut self) {
         self.stop_all();
     }
-}
-
-/// Peak resident set (VmHWM) of a process, KiB.
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// utime + stime of a process, all threads, in clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces; fields after it are space-separated.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 and 15 of stat(5) are 12 and 13 after the name (which is field 2).
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
-
-fn clock_ticks_per_second() -> f64 {
-    host_sh("getconf", &["CLK_TCK"], None)
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(100.0)
 }
 
 /// The first line of an error; when it ends with a colon, the next line too.
