@@ -146,15 +146,18 @@ impl Gate {
 
     /// Waits for the client's token, or refuses at once when it would come after the deadline.
     /// IPv6 clients share one bucket per /64, the block a single host usually gets.
-    /// A call without a deadline waits at most [`MAX_WAIT_WITHOUT_DEADLINE`]: otherwise a client
-    /// could push its bucket (or the shared overflow bucket) arbitrarily far into the future.
+    /// A call waits at most [`MAX_WAIT_WITHOUT_DEADLINE`], whatever deadline it carries: otherwise
+    /// a client could push its bucket (or one it shares with others: a NAT, a /64, the overflow
+    /// bucket) arbitrarily far into the future with long `grpc-timeout`s and cancelled calls.
     pub async fn admit(
         &self,
         ip: Option<IpAddr>,
         deadline: Option<Duration>,
     ) -> Result<(), Status> {
         let Some(ip) = ip else { return Ok(()) };
-        let deadline = Some(deadline.unwrap_or(MAX_WAIT_WITHOUT_DEADLINE));
+        let deadline = Some(deadline.map_or(MAX_WAIT_WITHOUT_DEADLINE, |d| {
+            d.min(MAX_WAIT_WITHOUT_DEADLINE)
+        }));
         let verdict = self
             .limiter
             .lock()

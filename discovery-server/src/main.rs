@@ -92,8 +92,9 @@ struct Args {
     #[arg(long, env = "DISCOVERY_MAX_CONNECTIONS", default_value_t = 10_000)]
     max_connections: usize,
 
-    /// Open connections from one client IP (one /64 for IPv6); trusted proxies are exempt.
-    #[arg(long, env = "DISCOVERY_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
+    /// Open connections from one client IP (one /64 for IPv6); trusted proxies are exempt. The
+    /// default fits a whole cluster (1,024 affiliates) behind one NAT address.
+    #[arg(long, env = "DISCOVERY_MAX_CONNECTIONS_PER_IP", default_value_t = 1024)]
     max_connections_per_ip: usize,
 
     /// Time a new connection has to finish its TLS handshake and send the protocol preface

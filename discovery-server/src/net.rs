@@ -63,7 +63,7 @@ impl Default for ConnectionLimits {
     fn default() -> Self {
         Self {
             max_connections: 10_000,
-            max_connections_per_ip: 256,
+            max_connections_per_ip: 1024,
             handshake_timeout: Duration::from_secs(10),
             grpc_idle_timeout: Duration::from_secs(120),
             http_idle_timeout: Duration::from_secs(30),
@@ -413,8 +413,11 @@ fn builder(protocol: Protocol, limits: &ConnectionLimits) -> auto::Builder<Tokio
         .max_header_list_size(limits.max_header_list_size)
         .keep_alive_interval(limits.keepalive_interval)
         .keep_alive_timeout(limits.keepalive_timeout)
-        .initial_connection_window_size(4 << 20)
-        .initial_stream_window_size(1 << 20);
+        // What a client may send before the server reads it. Requests are at most a few KiB
+        // (256 KiB by the limits); small windows bound what calls waiting for their rate-limit
+        // token can park in memory per stream and per connection.
+        .initial_connection_window_size(1 << 20)
+        .initial_stream_window_size(256 << 10);
     builder
 }
 

@@ -200,6 +200,16 @@ async fn over_the_rate_requests_wait_or_fail_before_their_deadline() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    // A long deadline does not buy a longer wait (nor pushes the bucket further ahead).
+    let status = c
+        .hello(with_deadline(
+            hello(),
+            "192.0.2.9",
+            Some(Duration::from_secs(3600)),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     flood.iter().for_each(tokio::task::JoinHandle::abort);
     // Streams are limited too.
     for _ in 0..3 {
