@@ -642,18 +642,33 @@ where
     }
 }
 
-/// tonic answers a request that is not valid protobuf with `Internal`; it is the client's
-/// fault, so say `InvalidArgument` as the Watch route (and the reference server) does.
+/// tonic's decoder reports a malformed request (undecodable protobuf, a missing, truncated or
+/// over-long message, a bad compression flag) as `Internal` or `OutOfRange`; it is the client's
+/// fault, so the unary methods answer `InvalidArgument`, as the Watch route does.
 fn invalid_argument_for_decode_errors(mut response: http::Response<Body>) -> http::Response<Body> {
+    /// The beginnings of tonic's (0.14) messages for a request it could not decode.
+    const DECODE_ERRORS: [(&str, &str); 6] = [
+        ("13", "failed to decode Protobuf message"),
+        ("13", "Missing request message."),
+        ("13", "Unexpected EOF decoding stream."),
+        ("13", "protocol error: received message with"),
+        ("13", "Error decompressing:"),
+        ("11", "Error, decoded message length too large"),
+    ];
     let headers = response.headers_mut();
-    let is_decode_error = headers.get("grpc-status").is_some_and(|v| v == "13")
-        && headers
-            .get("grpc-message")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|m| {
-                m.starts_with("failed to decode Protobuf message")
-                    || m.starts_with("failed%20to%20decode%20Protobuf%20message")
-            });
+    let status = headers.get("grpc-status").and_then(|v| v.to_str().ok());
+    // grpc-message is percent-encoded; these messages only need spaces decoded.
+    let message = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .map(|m| m.replace("%20", " "));
+    let is_decode_error = status
+        .zip(message.as_deref())
+        .is_some_and(|(status, message)| {
+            DECODE_ERRORS
+                .iter()
+                .any(|(code, start)| status == *code && message.starts_with(start))
+        });
     if is_decode_error {
         headers.insert(
             "grpc-status",
