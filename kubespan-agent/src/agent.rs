@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::{IpNet, Ipv6Net};
 use tokio::sync::{mpsc, watch};
@@ -23,6 +23,7 @@ use crate::netset::PrefixSet;
 use crate::record;
 use crate::registry::RegistryCache;
 use crate::warm;
+use crate::wg::uapi::unix_ms;
 
 /// How often the warm-start cache is written at most (when the members changed), and how often
 /// expiry runs.
@@ -241,7 +242,7 @@ pub async fn run(
             config.cluster_id.clone(),
             config.state_dir.clone(),
         );
-        move || warm::load(&keys, &cluster_id, &dir, unix_ms())
+        move || warm::load(&keys, &cluster_id, &dir, unix_ms(SystemTime::now()))
     })
     .await;
     match loaded {
@@ -251,7 +252,7 @@ pub async fn run(
                 members = members.len(),
                 "configuring the last known members from the warm-start cache until a discovery service answers"
             );
-            cache.load_warm(members, Instant::now(), unix_ms());
+            cache.load_warm(members, Instant::now(), unix_ms(SystemTime::now()));
         }
         Ok(Err(e)) => tracing::warn!(error = %e, "warm-start cache not used"),
         Err(e) => tracing::warn!(error = %e, "warm-start cache not read"),
@@ -408,19 +409,13 @@ pub async fn run(
     Ok(())
 }
 
-fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 /// Writes the warm-start cache (sealed) on a blocking thread; a failure is logged, not fatal.
 fn save_members(
     keys: &Arc<ClusterKeys>,
     config: &Config,
     cache: &RegistryCache,
 ) -> tokio::task::JoinHandle<()> {
-    let members = cache.to_persist(Instant::now(), unix_ms());
+    let members = cache.to_persist(Instant::now(), unix_ms(SystemTime::now()));
     let (keys, cluster_id, dir) = (
         keys.clone(),
         config.cluster_id.clone(),

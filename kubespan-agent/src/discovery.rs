@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use openspan_proto::discovery::server::{
@@ -32,6 +32,7 @@ use crate::publish::{
     ECHO_GRACE, PublishPlan, PublishStep, Published, Warn, WarnLimiter, check_own,
 };
 use crate::record::{self, SealedAffiliate};
+use crate::wg::uapi::unix_ms;
 
 pub const DEFAULT_TTL: Duration = Duration::from_secs(30 * 60);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -119,16 +120,10 @@ fn count(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 fn set_state(status: &SharedStatus, state: &'static str, error: Option<String>) {
     let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
     if s.state != state {
-        s.since_unix_ms = now_ms();
+        s.since_unix_ms = unix_ms(SystemTime::now());
     }
     s.state = state;
     if let Some(error) = error {

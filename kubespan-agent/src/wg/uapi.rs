@@ -166,7 +166,7 @@ pub fn parse_set(text: &str) -> Result<SetRequest, String> {
     Ok(request)
 }
 
-/// Seconds since the Unix epoch, for status output.
+/// Milliseconds since the Unix epoch (0 before it), for status output and TTLs on disk.
 pub fn unix_ms(time: SystemTime) -> i64 {
     time.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
