@@ -337,6 +337,8 @@ async fn reconcile_loop(
             }
         };
         let good_before = good.clone();
+        // One reading of each clock per pass: monotonic for the decisions, wall for display.
+        let (now, wall_now) = (Instant::now(), SystemTime::now());
         let outcome = reconcile(
             &wanted,
             &device_peers,
@@ -344,9 +346,8 @@ async fn reconcile_loop(
             &mut good,
             &preshared_key,
             timers,
-            Instant::now(),
+            now,
         );
-        let (now, wall_now) = (Instant::now(), SystemTime::now());
         let to_unix_ms = |at: Option<Instant>| {
             at.map_or(0, |at| {
                 uapi::unix_ms(wall_now - now.saturating_duration_since(at))

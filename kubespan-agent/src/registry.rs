@@ -89,10 +89,10 @@ impl RegistryCache {
     }
 
     /// `record` is no longer listed by any source: keep it if its tunnel is alive or within
-    /// `grace_until`. Returns true when it is gone.
-    fn unlisted(&mut self, record: AffiliateRecord, grace_until: Option<Instant>) -> bool {
+    /// `grace_until`.
+    fn unlisted(&mut self, record: AffiliateRecord, grace_until: Option<Instant>) {
         if self.listed(&record.node_id) {
-            return false;
+            return;
         }
         if self.alive.contains(&record.node_id) || grace_until.is_some() {
             tracing::info!(node = %record.node_id, nodename = %record.nodename, "discovery no longer lists a member; keeping it as a peer while its tunnel is alive");
@@ -103,9 +103,7 @@ impl RegistryCache {
                     grace_until,
                 },
             );
-            return false;
         }
-        true
     }
 
     /// Applies one event at `now`; returns true when the merged set of records changed.
