@@ -34,14 +34,6 @@ fn need_files(n: u64) {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A discovery-server child process on loopback, killed when dropped.
 struct ChildServer {
     child: std::process::Child,
@@ -52,8 +44,8 @@ struct ChildServer {
 impl ChildServer {
     async fn start(extra: &[&str]) -> Self {
         let (grpc, metrics) = (
-            SocketAddr::from(([127, 0, 0, 1], free_port())),
-            SocketAddr::from(([127, 0, 0, 1], free_port())),
+            SocketAddr::from(([127, 0, 0, 1], common::free_port())),
+            SocketAddr::from(([127, 0, 0, 1], common::free_port())),
         );
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_discovery-server"))
             .arg(format!("--addr={grpc}"))

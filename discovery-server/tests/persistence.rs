@@ -81,14 +81,6 @@ impl Drop for ServerProcess {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn spawn_server(port: u16, snapshot: &std::path::Path) -> ServerProcess {
     let child = Command::new(env!("CARGO_BIN_EXE_discovery-server"))
         .args([
@@ -124,7 +116,7 @@ async fn connect(port: u16) -> Client {
 async fn sigkill_loses_at_most_the_changes_since_the_last_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.snapshot");
-    let port = free_port();
+    let port = common::free_port();
     let mut server = spawn_server(port, &path);
     let mut c = connect(port).await;
     for i in 0..20 {
@@ -235,7 +227,7 @@ async fn a_snapshot_over_the_size_cap_is_moved_aside_unread() {
 /// Runs the binary with a snapshot at `snapshot`, stops it with SIGTERM once it serves, and
 /// returns its exit status and log.
 async fn run_and_terminate(snapshot: &std::path::Path) -> (std::process::ExitStatus, String) {
-    let port = free_port();
+    let port = common::free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_discovery-server"))
         .args([
             &format!("--addr=127.0.0.1:{port}"),
