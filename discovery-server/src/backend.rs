@@ -15,11 +15,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
+use std::time::Instant;
 
 use bytes::Bytes;
-use openspan_proto::discovery::server::{Affiliate, WatchResponse};
+use openspan_proto::discovery::server::{Affiliate, ListResponse, WatchResponse};
 use prometheus_client::metrics::counter::Counter;
 use prost::Message;
 
@@ -43,6 +45,10 @@ pub struct WatchLimits {
     pub buffer: usize,
     /// Bytes queued for one watcher (snapshot pieces and changes), shared bytes counted in full.
     pub max_bytes: usize,
+    /// Bytes of superseded encodings (snapshots and List answers of versions that have since
+    /// changed) still held by streams that have not sent them. Over it, new Watch and List
+    /// calls are refused until stalled clients are cut off (`--response-stall-timeout`).
+    pub max_superseded_bytes: usize,
 }
 
 impl Default for WatchLimits {
@@ -50,6 +56,83 @@ impl Default for WatchLimits {
         Self {
             buffer: 32,
             max_bytes: 8 << 20,
+            max_superseded_bytes: 64 << 20,
+        }
+    }
+}
+
+/// When a stream last had bytes ready that its client has not taken (`None`: nothing waiting).
+/// The connection layer cuts off a connection whose stream waits longer than
+/// `--response-stall-timeout`: HTTP/2 flow control lets a client stop reading without closing
+/// anything, and whatever the stream holds would otherwise stay pinned.
+pub trait Progress: Send + Sync {
+    fn waiting_since(&self) -> Option<Instant>;
+}
+
+/// Set on a response whose body reports its [`Progress`] (found by the connection layer).
+#[derive(Clone)]
+pub struct StallProbe(pub Arc<dyn Progress>);
+
+/// Bytes of superseded encodings still pinned by streams (see [`Encoded`]).
+#[derive(Default)]
+pub struct SupersededBytes(AtomicUsize);
+
+impl SupersededBytes {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// One encoding of a cluster version, a Watch snapshot or a List answer, cut into pieces and
+/// shared by every stream that sends it. While it is current the cluster's hub keeps it; once
+/// the cluster changes, the streams that still hold it count its bytes as superseded until the
+/// last of them lets go, so memory pinned by clients that stopped reading has a global bound.
+pub struct Encoded {
+    pieces: Box<[Bytes]>,
+    bytes: usize,
+    superseded: AtomicBool,
+    account: Arc<SupersededBytes>,
+}
+
+impl Encoded {
+    fn new(wire: &[u8], account: Arc<SupersededBytes>) -> Arc<Self> {
+        Arc::new(Self {
+            pieces: wire
+                .chunks(SNAPSHOT_PIECE)
+                .map(Bytes::copy_from_slice)
+                .collect(),
+            bytes: wire.len(),
+            superseded: AtomicBool::new(false),
+            account,
+        })
+    }
+
+    pub fn pieces(&self) -> &[Bytes] {
+        &self.pieces
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    /// The cluster changed: if streams still hold this encoding, its bytes count as superseded
+    /// until the last holder drops it.
+    fn supersede(self: Arc<Self>) {
+        // `self` is one reference, so `Drop` cannot run before the flag is set.
+        if Arc::strong_count(&self) > 1 && !self.superseded.swap(true, Ordering::SeqCst) {
+            self.account.0.fetch_add(self.bytes, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Encoded {
+    fn drop(&mut self) {
+        if *self.superseded.get_mut() {
+            self.account.0.fetch_sub(self.bytes, Ordering::SeqCst);
         }
     }
 }
@@ -75,8 +158,28 @@ struct WatcherQueue {
     frames: VecDeque<Bytes>,
     bytes: usize,
     changes: usize,
+    /// The snapshot the queue's first frames come from, held until they are all taken.
+    snapshot: Option<Arc<Encoded>>,
+    /// Since when something (a frame, or the abort status) waits for the stream to take it.
+    waiting_since: Option<Instant>,
     state: WatcherState,
     waker: Option<Waker>,
+}
+
+impl WatcherQueue {
+    /// Drops everything queued and ends the stream with `state`.
+    fn finish(&mut self, state: WatcherState) {
+        self.frames = VecDeque::new();
+        self.bytes = 0;
+        self.changes = 0;
+        self.snapshot = None;
+        // An abort status still has to be sent; a closed stream has nothing left to send.
+        self.waiting_since = match state {
+            WatcherState::Aborted(_) => Some(Instant::now()),
+            _ => None,
+        };
+        self.state = state;
+    }
 }
 
 /// One watcher's queue, shared by the publisher (pushes) and the stream (pops).
@@ -100,10 +203,7 @@ impl Watcher {
             if !matches!(queue.state, WatcherState::Open) {
                 return;
             }
-            queue.frames = VecDeque::new();
-            queue.bytes = 0;
-            queue.changes = 0;
-            queue.state = state;
+            queue.finish(state);
             queue.waker.take()
         };
         if let Some(waker) = waker {
@@ -126,10 +226,20 @@ impl WatchSubscription {
             queue.bytes -= frame.len();
             // Snapshot pieces are queued before any change; once they are gone, every frame
             // left is one change message.
-            if queue.frames.len() < queue.changes {
+            if queue.frames.len() <= queue.changes {
                 queue.changes = queue.frames.len();
+                queue.snapshot = None;
             }
+            queue.waiting_since = if queue.frames.is_empty() {
+                None
+            } else {
+                Some(Instant::now())
+            };
             return Poll::Ready(WatchItem::Data(frame));
+        }
+        if matches!(queue.state, WatcherState::Aborted(_) | WatcherState::Closed) {
+            // The status is taken now.
+            queue.waiting_since = None;
         }
         match &queue.state {
             WatcherState::Open => {
@@ -150,6 +260,17 @@ impl WatchSubscription {
     /// Bytes queued for this watcher (for tests and diagnostics).
     pub fn queued_bytes(&self) -> usize {
         self.watcher.lock().bytes
+    }
+
+    /// What the connection layer watches to cut off a client that stopped reading.
+    pub fn probe(&self) -> StallProbe {
+        StallProbe(self.watcher.clone())
+    }
+}
+
+impl Progress for Watcher {
+    fn waiting_since(&self) -> Option<Instant> {
+        self.lock().waiting_since
     }
 }
 
@@ -180,13 +301,15 @@ pub trait Backend: Send + Sync + 'static {
     fn list(
         &self,
         cluster_id: &str,
-    ) -> impl Future<Output = Result<Vec<Affiliate>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Arc<Encoded>, StoreError>> + Send;
     fn watch(
         &self,
         cluster_id: &str,
     ) -> impl Future<Output = Result<WatchSubscription, StoreError>> + Send;
     /// Totals over every cluster, and the number of open watch streams.
     fn totals(&self) -> (Totals, usize);
+    /// Bytes of superseded encodings still held by streams (see [`Encoded`]).
+    fn superseded_bytes(&self) -> usize;
     /// The affiliates of one cluster, for the inspect page.
     fn inspect(&self, cluster_id: &str) -> Vec<AffiliateSummary>;
     /// Ends every watch stream (shutdown).
@@ -236,8 +359,8 @@ pub fn snapshot_messages(affiliates: Vec<Affiliate>) -> Vec<WatchResponse> {
     messages
 }
 
-/// The wire bytes of a snapshot, cut into separately allocated pieces (see [`SNAPSHOT_PIECE`]).
-fn snapshot_pieces(affiliates: Vec<Affiliate>) -> Arc<[Bytes]> {
+/// The wire bytes of a snapshot: its framed messages, one after the other.
+fn snapshot_wire(affiliates: Vec<Affiliate>) -> Vec<u8> {
     let messages = snapshot_messages(affiliates);
     let mut wire = Vec::with_capacity(messages.iter().map(|m| 5 + m.encoded_len()).sum());
     for message in &messages {
@@ -245,15 +368,28 @@ fn snapshot_pieces(affiliates: Vec<Affiliate>) -> Arc<[Bytes]> {
         wire.extend_from_slice(&(message.encoded_len() as u32).to_be_bytes());
         message.encode_raw(&mut wire);
     }
-    wire.chunks(SNAPSHOT_PIECE)
-        .map(Bytes::copy_from_slice)
-        .collect()
+    wire
 }
 
+#[derive(Default)]
 struct Hub {
     watchers: Vec<Arc<Watcher>>,
     /// The framed snapshot of the current version, built on first demand after a change.
-    snapshot: Option<Arc<[Bytes]>>,
+    snapshot: Option<Arc<Encoded>>,
+    /// The List answer of the current version (one message, however large), likewise.
+    list: Option<Arc<Encoded>>,
+}
+
+impl Hub {
+    /// The cluster changed: the cached encodings describe an old version.
+    fn supersede(&mut self) {
+        for encoded in [self.snapshot.take(), self.list.take()]
+            .into_iter()
+            .flatten()
+        {
+            encoded.supersede();
+        }
+    }
 }
 
 struct State {
@@ -270,6 +406,7 @@ pub struct MemoryBackend {
     watch: WatchLimits,
     /// Counts watchers aborted for falling behind (`discovery_watch_aborted_total`).
     aborted: Counter,
+    superseded: Arc<SupersededBytes>,
 }
 
 impl MemoryBackend {
@@ -286,10 +423,52 @@ impl MemoryBackend {
             clock,
             watch: WatchLimits {
                 buffer: watch.buffer.max(1),
-                max_bytes: watch.max_bytes,
+                ..watch
             },
             aborted,
+            superseded: Arc::default(),
         }
+    }
+
+    /// Refuses a new Watch or List while superseded encodings over the budget are still held.
+    fn check_superseded(&self) -> Result<(), StoreError> {
+        let held = self.superseded.get();
+        if held > self.watch.max_superseded_bytes {
+            return Err(StoreError::ResourceExhausted(format!(
+                "{held} bytes of superseded cluster snapshots are still held by clients that stopped reading (limit {}, --max-superseded-bytes); retry after --response-stall-timeout",
+                self.watch.max_superseded_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// The encoded cluster state a Watch or List sends, built once per version.
+    fn encoded(
+        state: &mut State,
+        cluster_id: &str,
+        list: bool,
+        account: &Arc<SupersededBytes>,
+    ) -> Arc<Encoded> {
+        let store = &state.store;
+        let hub = state.hubs.entry(cluster_id.to_owned()).or_default();
+        let slot = if list {
+            &mut hub.list
+        } else {
+            &mut hub.snapshot
+        };
+        slot.get_or_insert_with(|| {
+            let affiliates: Vec<Affiliate> = store
+                .cluster(cluster_id)
+                .map(|c| c.iter().map(|(id, a)| wire_affiliate(id, a)).collect())
+                .unwrap_or_default();
+            let wire = if list {
+                grpc_frame(&ListResponse { affiliates }).to_vec()
+            } else {
+                snapshot_wire(affiliates)
+            };
+            Encoded::new(&wire, account.clone())
+        })
+        .clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -358,7 +537,7 @@ impl State {
         let Some(hub) = self.hubs.get_mut(change.cluster_id()) else {
             return;
         };
-        hub.snapshot = None;
+        hub.supersede();
         let message = match &change {
             Change::Upserted {
                 cluster_id,
@@ -383,6 +562,7 @@ impl State {
             },
         };
         let frame = grpc_frame(&message);
+        let now = Instant::now();
         let mut wake = Vec::new();
         hub.watchers.retain(|watcher| {
             let mut queue = watcher.lock();
@@ -397,10 +577,7 @@ impl State {
                     limits.buffer,
                     limits.max_bytes
                 );
-                queue.frames = VecDeque::new();
-                queue.bytes = 0;
-                queue.changes = 0;
-                queue.state = WatcherState::Aborted(reason);
+                queue.finish(WatcherState::Aborted(reason));
                 aborted.inc();
                 wake.extend(queue.waker.take());
                 return false;
@@ -408,6 +585,7 @@ impl State {
             queue.frames.push_back(frame.clone());
             queue.bytes += frame.len();
             queue.changes += 1;
+            queue.waiting_since.get_or_insert(now);
             wake.extend(queue.waker.take());
             true
         });
@@ -439,18 +617,28 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
-    async fn list(&self, cluster_id: &str) -> Result<Vec<Affiliate>, StoreError> {
-        let state = self.lock();
-        state.store.limits().check_cluster_id(cluster_id)?;
-        Ok(state
-            .store
-            .cluster(cluster_id)
-            .map(|c| c.iter().map(|(id, a)| wire_affiliate(id, a)).collect())
-            .unwrap_or_default())
+    async fn list(&self, cluster_id: &str) -> Result<Arc<Encoded>, StoreError> {
+        self.limits.check_cluster_id(cluster_id)?;
+        self.check_superseded()?;
+        let mut state = self.lock();
+        if state.store.cluster(cluster_id).is_none() && !state.hubs.contains_key(cluster_id) {
+            // Nothing to cache: no hub is made for a cluster nobody watches and nobody is in.
+            return Ok(Encoded::new(
+                &grpc_frame(&ListResponse::default()),
+                self.superseded.clone(),
+            ));
+        }
+        Ok(Self::encoded(
+            &mut state,
+            cluster_id,
+            true,
+            &self.superseded,
+        ))
     }
 
     async fn watch(&self, cluster_id: &str) -> Result<WatchSubscription, StoreError> {
         self.limits.check_cluster_id(cluster_id)?;
+        self.check_superseded()?;
         let mut guard = self.lock();
         let state = &mut *guard;
         if state.closed {
@@ -458,47 +646,36 @@ impl Backend for MemoryBackend {
                 "the server is shutting down".into(),
             ));
         }
-        let hub = state
-            .hubs
-            .entry(cluster_id.to_owned())
-            .or_insert_with(|| Hub {
-                watchers: Vec::new(),
-                snapshot: None,
-            });
         // Subscribing and reading the snapshot under one lock: no change falls between them.
-        let snapshot = hub
-            .snapshot
-            .get_or_insert_with(|| {
-                snapshot_pieces(
-                    state
-                        .store
-                        .cluster(cluster_id)
-                        .map(|c| c.iter().map(|(id, a)| wire_affiliate(id, a)).collect())
-                        .unwrap_or_default(),
-                )
-            })
-            .clone();
-        let bytes: usize = snapshot.iter().map(Bytes::len).sum();
+        let snapshot = Self::encoded(state, cluster_id, false, &self.superseded);
+        let bytes = snapshot.len();
         if bytes > self.watch.max_bytes {
             return Err(StoreError::ResourceExhausted(format!(
                 "the cluster's snapshot is {bytes} bytes, over the per-watcher budget of {} bytes; the operator must raise --watch-max-bytes",
                 self.watch.max_bytes
             )));
         }
+        let hub = state.hubs.entry(cluster_id.to_owned()).or_default();
         // Closed watchers are pruned on every subscription too, so a cluster that is watched
         // and re-watched but never changes does not collect dead entries.
         hub.watchers.retain(|w| w.is_open());
         let watcher = Arc::new(Watcher {
             queue: Mutex::new(WatcherQueue {
-                frames: snapshot.iter().cloned().collect(),
+                frames: snapshot.pieces().iter().cloned().collect(),
                 bytes,
                 changes: 0,
+                waiting_since: Some(Instant::now()),
+                snapshot: Some(snapshot),
                 state: WatcherState::Open,
                 waker: None,
             }),
         });
         hub.watchers.push(watcher.clone());
         Ok(WatchSubscription { watcher })
+    }
+
+    fn superseded_bytes(&self) -> usize {
+        self.superseded.get()
     }
 
     fn totals(&self) -> (Totals, usize) {

@@ -1,10 +1,12 @@
 //! The `sidero.discovery.server.Cluster` gRPC service: request admission (client IP, rate
 //! limit), status codes and metrics around a [`Backend`].
 //!
-//! Unary methods go through tonic's generated server. `Watch` is served by a small handler of
-//! its own ([`ClusterRoutes`]) that writes the backend's pre-framed messages straight into the
-//! HTTP/2 body: every watcher of a cluster sends the very same bytes, so fan-out costs no
-//! per-watcher encoding or copying.
+//! Unary methods go through tonic's generated server. `Watch` and `List` are served by a small
+//! handler of their own ([`ClusterRoutes`]) that writes the backend's pre-framed messages
+//! straight into the HTTP/2 body: every watcher of a cluster sends the very same bytes, so
+//! fan-out costs no per-watcher encoding or copying, and a thousand Lists of a large cluster
+//! hold one encoding of it, not a thousand. Both bodies report their progress
+//! ([`StallProbe`]), so a client that stops reading is cut off instead of pinning memory.
 //!
 //! Every call goes through [`Admitted`] first: the client IP is resolved and the rate limit
 //! applied when the call opens, before its body is read, and the body must then arrive within
@@ -35,7 +37,7 @@ use tonic::server::NamedService;
 use tonic::transport::server::TcpConnectInfo;
 use tonic::{Code, Request, Response, Status};
 
-use crate::backend::{Backend, WatchItem, WatchSubscription};
+use crate::backend::{Backend, Encoded, StallProbe, WatchItem, WatchSubscription};
 use crate::limits::{StoreError, Update};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::ratelimit::{Admission, RateLimit, RateLimiter, bucket};
@@ -339,16 +341,11 @@ impl<B: Backend> Cluster for ClusterService<B> {
         .await
     }
 
-    async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
-        self.observe("List", async {
-            let affiliates = self
-                .backend
-                .list(&request.get_ref().cluster_id)
-                .await
-                .map_err(store_status)?;
-            Ok(ListResponse { affiliates })
-        })
-        .await
+    async fn list(&self, _request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        // ClusterRoutes answers List before a request can get here.
+        Err(Status::internal(
+            "List is served by the shared-encoding handler",
+        ))
     }
 
     type WatchStream = futures::stream::Empty<Result<WatchResponse, Status>>;
@@ -362,7 +359,7 @@ impl<B: Backend> Cluster for ClusterService<B> {
     }
 }
 
-/// The whole Cluster service as one tonic route: Watch handled here, the rest by tonic.
+/// The whole Cluster service as one tonic route: Watch and List handled here, the rest by tonic.
 pub struct ClusterRoutes<B> {
     unary: ClusterServer<ClusterService<B>>,
     backend: Arc<B>,
@@ -408,6 +405,7 @@ impl<B> NamedService for ClusterRoutes<B> {
 }
 
 const WATCH_PATH: &str = "/sidero.discovery.server.Cluster/Watch";
+const LIST_PATH: &str = "/sidero.discovery.server.Cluster/List";
 
 impl<B: Backend> Service<http::Request<Body>> for ClusterRoutes<B> {
     type Response = http::Response<Body>;
@@ -419,16 +417,22 @@ impl<B: Backend> Service<http::Request<Body>> for ClusterRoutes<B> {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if request.uri().path() != WATCH_PATH {
-            return self.unary.call(request);
-        }
+        let method = match request.uri().path() {
+            WATCH_PATH => "Watch",
+            LIST_PATH => "List",
+            _ => return self.unary.call(request),
+        };
         let this = self.clone();
         Box::pin(async move {
-            let result = this.open_watch(request).await;
-            this.metrics.rpc(
-                "Watch",
-                result.as_ref().map_or_else(Status::code, |_| Code::Ok),
-            );
+            let result = match method {
+                "Watch" => this.open_watch(request).await,
+                _ => this.list(request).await,
+            };
+            let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+            this.metrics.rpc(method, code);
+            if code != Code::Ok {
+                tracing::debug!(method, ?code, "request refused");
+            }
             Ok(match result {
                 Ok(response) => response,
                 Err(status) => status.into_http(),
@@ -438,10 +442,12 @@ impl<B: Backend> Service<http::Request<Body>> for ClusterRoutes<B> {
 }
 
 impl<B: Backend> ClusterRoutes<B> {
-    async fn open_watch(
+    /// Reads the one request message of a Watch or List call.
+    async fn read_request<M: Message + Default>(
         &self,
         request: http::Request<Body>,
-    ) -> Result<http::Response<Body>, Status> {
+        method: &str,
+    ) -> Result<(M, Option<IpAddr>), Status> {
         let ip = match request.extensions().get::<ClientIp>() {
             Some(ClientIp(ip)) => *ip,
             None => {
@@ -460,30 +466,112 @@ impl<B: Backend> ClusterRoutes<B> {
             .get("grpc-encoding")
             .is_some_and(|v| v != "identity")
         {
-            return Err(Status::unimplemented(
-                "compressed Watch requests are not supported",
-            ));
+            return Err(Status::unimplemented(format!(
+                "compressed {method} requests are not supported"
+            )));
         }
         let body = http_body_util::Limited::new(request.into_body(), 64 * 1024)
             .collect()
             .await
             .map_err(|e| match e.downcast::<Status>() {
                 Ok(status) => *status,
-                Err(e) => Status::invalid_argument(format!("cannot read Watch request: {e}")),
+                Err(e) => Status::invalid_argument(format!("cannot read {method} request: {e}")),
             })?
             .to_bytes();
-        let watch = decode_unary_frame::<WatchRequest>(body)?;
+        Ok((decode_unary_frame::<M>(body)?, ip))
+    }
+
+    async fn list(&self, request: http::Request<Body>) -> Result<http::Response<Body>, Status> {
+        let (list, _) = self.read_request::<ListRequest>(request, "List").await?;
+        let encoded = self
+            .backend
+            .list(&list.cluster_id)
+            .await
+            .map_err(store_status)?;
+        let body = ListBody::new(encoded);
+        let probe = StallProbe(body.progress.clone());
+        let mut response = http::Response::new(Body::new(body));
+        response.headers_mut().insert(
+            "content-type",
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        response.extensions_mut().insert(probe);
+        Ok(response)
+    }
+
+    async fn open_watch(
+        &self,
+        request: http::Request<Body>,
+    ) -> Result<http::Response<Body>, Status> {
+        let (watch, ip) = self.read_request::<WatchRequest>(request, "Watch").await?;
         let subscription = self
             .backend
             .watch(&watch.cluster_id)
             .await
             .map_err(store_status)?;
         tracing::debug!(cluster = %watch.cluster_id, ?ip, "watch opened");
-        let body = WatchBody::new(subscription, self.metrics.clone());
-        Ok(http::Response::builder()
-            .header("content-type", "application/grpc")
-            .body(Body::new(body))
-            .unwrap_or_else(|_| Status::internal("cannot build response").into_http()))
+        let probe = subscription.probe();
+        let mut response = http::Response::new(Body::new(WatchBody::new(subscription)));
+        response.headers_mut().insert(
+            "content-type",
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        response.extensions_mut().insert(probe);
+        Ok(response)
+    }
+}
+
+/// A List answer: the pieces of the cluster's shared encoding, then an OK status.
+struct ListBody {
+    encoded: Option<Arc<Encoded>>,
+    next: usize,
+    progress: Arc<ListProgress>,
+}
+
+/// Since when a List answer has had a piece ready that the client has not taken.
+struct ListProgress(Mutex<Option<Instant>>);
+
+impl crate::backend::Progress for ListProgress {
+    fn waiting_since(&self) -> Option<Instant> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl ListBody {
+    fn new(encoded: Arc<Encoded>) -> Self {
+        Self {
+            encoded: Some(encoded),
+            next: 0,
+            progress: Arc::new(ListProgress(Mutex::new(Some(Instant::now())))),
+        }
+    }
+}
+
+impl http_body::Body for ListBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = &mut *self;
+        let Some(encoded) = &this.encoded else {
+            return Poll::Ready(None);
+        };
+        let mut waiting = this.progress.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(piece) = encoded.pieces().get(this.next) {
+            this.next += 1;
+            *waiting = Some(Instant::now());
+            return Poll::Ready(Some(Ok(Frame::data(piece.clone()))));
+        }
+        // All sent: let go of the encoding before the status goes out.
+        *waiting = None;
+        drop(waiting);
+        this.encoded = None;
+        let mut trailers = http::HeaderMap::new();
+        let _ = Status::ok("").add_header(&mut trailers);
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
     }
 }
 
@@ -495,8 +583,10 @@ pub fn decode_unary_frame<M: Message + Default>(mut body: Bytes) -> Result<M, St
     let compressed = body.get_u8();
     let len = body.get_u32() as usize;
     if compressed != 0 {
-        return Err(Status::unimplemented(
-            "compressed requests are not supported",
+        // Compressed requests are refused by their grpc-encoding header (Unimplemented) before
+        // this; a set flag without one is a malformed request, as tonic's methods also say.
+        return Err(Status::invalid_argument(
+            "the request's message is marked compressed but the call names no grpc-encoding",
         ));
     }
     if body.len() != len {
@@ -514,7 +604,7 @@ struct WatchBody {
 }
 
 impl WatchBody {
-    fn new(subscription: WatchSubscription, _metrics: Arc<Metrics>) -> Self {
+    fn new(subscription: WatchSubscription) -> Self {
         Self {
             subscription,
             finished: false,

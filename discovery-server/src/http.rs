@@ -64,7 +64,9 @@ async fn metrics<B: Backend>(State(state): State<Shared<B>>) -> Response {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.render(totals, watchers),
+        state
+            .metrics
+            .render(totals, watchers, state.backend.superseded_bytes()),
     )
         .into_response()
 }

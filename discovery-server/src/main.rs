@@ -114,6 +114,11 @@ struct Args {
     #[arg(long, env = "DISCOVERY_REQUEST_BODY_TIMEOUT", default_value = "10s", value_parser = parse_go_duration)]
     request_body_timeout: Duration,
 
+    /// A connection whose response (a Watch change, a List answer) has waited this long for the
+    /// client to read it is closed, and what the response held is released.
+    #[arg(long, env = "DISCOVERY_RESPONSE_STALL_TIMEOUT", default_value = "30s", value_parser = parse_go_duration)]
+    response_stall_timeout: Duration,
+
     /// HTTP/2 streams (calls) one connection may have open at once.
     #[arg(long, env = "DISCOVERY_MAX_CONCURRENT_STREAMS", default_value_t = 100)]
     max_concurrent_streams: u32,
@@ -165,8 +170,14 @@ struct Args {
 
     /// Bytes queued for one watcher, its snapshot included, before its stream ends with
     /// Aborted and the memory is released. Must hold a full cluster's snapshot.
-    #[arg(long, env = "DISCOVERY_WATCH_MAX_BYTES", default_value_t = 8 << 20)]
-    watch_max_bytes: usize,
+    #[arg(long, env = "DISCOVERY_WATCH_MAX_BYTES", default_value = "8MiB", value_parser = parse_byte_size)]
+    watch_max_bytes: u64,
+
+    /// Bytes of superseded cluster snapshots and List answers (of versions that have since
+    /// changed) that streams of slow clients may still hold; over it new Watch and List calls
+    /// get ResourceExhausted until --response-stall-timeout cuts the slow clients off.
+    #[arg(long, env = "DISCOVERY_MAX_SUPERSEDED_BYTES", default_value = "64MiB", value_parser = parse_byte_size)]
+    max_superseded_bytes: u64,
 
     /// Longest cluster id, in bytes.
     #[arg(long, env = "DISCOVERY_MAX_CLUSTER_ID_LEN", default_value_t = 256)]
@@ -285,7 +296,8 @@ impl Args {
                 max_endpoints_per_affiliate: self.max_endpoints,
             },
             watch_buffer: self.watch_buffer,
-            watch_max_bytes: self.watch_max_bytes,
+            watch_max_bytes: usize::try_from(self.watch_max_bytes).unwrap_or(usize::MAX),
+            max_superseded_bytes: usize::try_from(self.max_superseded_bytes).unwrap_or(usize::MAX),
             connections: ConnectionLimits {
                 max_connections: self.max_connections,
                 max_connections_per_ip: self.max_connections_per_ip,
@@ -297,6 +309,7 @@ impl Args {
                 keepalive_interval: self.keepalive_interval,
                 keepalive_timeout: self.keepalive_timeout,
                 close_grace: self.shutdown_grace,
+                response_stall_timeout: self.response_stall_timeout,
             },
             shutdown_grace: self.shutdown_grace,
         })

@@ -31,6 +31,7 @@ pub struct Metrics {
     pub endpoints: Gauge,
     pub payload_bytes: Gauge,
     pub watchers: Gauge,
+    pub superseded_bytes: Gauge,
     pub rpcs: Family<RpcLabels, Counter>,
     pub rate_limited: Family<OutcomeLabels, Counter>,
     pub watch_aborted: Counter,
@@ -52,6 +53,7 @@ impl Default for Metrics {
             endpoints: Gauge::default(),
             payload_bytes: Gauge::default(),
             watchers: Gauge::default(),
+            superseded_bytes: Gauge::default(),
             rpcs: Family::default(),
             rate_limited: Family::default(),
             watch_aborted: Counter::default(),
@@ -85,6 +87,11 @@ impl Default for Metrics {
             metrics.payload_bytes.clone(),
         );
         registry.register("watchers", "Open Watch streams", metrics.watchers.clone());
+        registry.register(
+            "superseded_bytes",
+            "Bytes of superseded cluster snapshots and List answers still held by slow streams",
+            metrics.superseded_bytes.clone(),
+        );
         registry.register(
             "rpcs",
             "Finished RPCs by method and gRPC status code",
@@ -153,7 +160,8 @@ impl Metrics {
     }
 
     /// Sets the state gauges and renders everything in the OpenMetrics text format.
-    pub fn render(&self, totals: Totals, watchers: usize) -> String {
+    pub fn render(&self, totals: Totals, watchers: usize, superseded_bytes: usize) -> String {
+        self.superseded_bytes.set(superseded_bytes as i64);
         self.clusters.set(totals.clusters as i64);
         self.affiliates.set(totals.affiliates as i64);
         self.endpoints.set(totals.endpoints as i64);

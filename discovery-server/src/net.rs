@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::codegen::{BoxFuture, Service};
 use tonic::transport::server::TcpConnectInfo;
 
+use crate::backend::{Progress, StallProbe};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::ratelimit::bucket;
 use crate::tls::ReloadingTls;
@@ -57,6 +58,10 @@ pub struct ConnectionLimits {
     pub keepalive_timeout: Duration,
     /// How long a connection may take to finish its calls once it is asked to close.
     pub close_grace: Duration,
+    /// A connection whose response (a Watch change or status, a List answer) has waited this
+    /// long for the client to take it is closed: a client that stops reading would otherwise
+    /// pin what the response holds for as long as it keeps the connection.
+    pub response_stall_timeout: Duration,
 }
 
 impl Default for ConnectionLimits {
@@ -72,6 +77,7 @@ impl Default for ConnectionLimits {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(20),
             close_grace: Duration::from_secs(10),
+            response_stall_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -209,6 +215,8 @@ struct Activity {
     /// When the last call ended, in ms after `started`.
     idle_since_ms: AtomicU64,
     started: Instant,
+    /// The progress of the responses that report it, while their bodies live.
+    responses: Mutex<Vec<std::sync::Weak<dyn Progress>>>,
 }
 
 impl Activity {
@@ -220,7 +228,24 @@ impl Activity {
             open_calls: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             started: Instant::now(),
+            responses: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Since when the longest-waiting response has had bytes its client has not taken.
+    fn stalled_since(&self) -> Option<Instant> {
+        let mut responses = self.responses.lock().unwrap_or_else(|p| p.into_inner());
+        let mut oldest: Option<std::time::Instant> = None;
+        responses.retain(|weak| match weak.upgrade() {
+            Some(progress) => {
+                if let Some(since) = progress.waiting_since() {
+                    oldest = Some(oldest.map_or(since, |o| o.min(since)));
+                }
+                true
+            }
+            None => false,
+        });
+        oldest.map(Instant::from_std)
     }
 
     fn idle_since(&self) -> Instant {
@@ -305,8 +330,17 @@ where
         let guard = CallGuard::new(self.activity.clone());
         request.extensions_mut().insert(self.info.clone());
         let future = self.inner.call(request);
+        let activity = self.activity.clone();
         Box::pin(async move {
             let response = future.await?;
+            // Held weakly: the body owns its progress and ends it when the stream is over.
+            if let Some(StallProbe(progress)) = response.extensions().get::<StallProbe>() {
+                activity
+                    .responses
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(Arc::downgrade(progress));
+            }
             Ok(response.map(|inner| TrackedBody {
                 inner,
                 _guard: guard,
@@ -563,11 +597,15 @@ async fn connection<S, B>(
     tokio::pin!(conn);
     let mut greeted = false;
     let mut closing: Option<Instant> = None;
+    // Stalled responses are looked for a few times per timeout while calls are open.
+    let stall_timeout = limits.response_stall_timeout;
+    let stall_every = (stall_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let check = if !greeted {
             handshake_deadline
         } else {
-            activity.idle_since().max(activity.started) + idle_timeout
+            (activity.idle_since().max(activity.started) + idle_timeout)
+                .min(Instant::now() + stall_every)
         };
         tokio::select! {
             result = conn.as_mut() => {
@@ -591,6 +629,15 @@ async fn connection<S, B>(
                 if !greeted {
                     closed("handshake_timeout");
                     tracing::debug!(%remote, "no protocol preface within --handshake-timeout; closing");
+                    return;
+                }
+                if let Some(since) = activity.stalled_since()
+                    && since + stall_timeout <= Instant::now()
+                {
+                    // Dropping the connection resets its streams and frees what they hold;
+                    // a graceful close would wait for the very stream that does not move.
+                    closed("response_stalled");
+                    tracing::debug!(%remote, "a response waited over --response-stall-timeout for the client to read it; closing the connection");
                     return;
                 }
                 if activity.open_calls.load(Ordering::SeqCst) == 0

@@ -53,6 +53,9 @@ pub struct Config {
     pub watch_buffer: usize,
     /// Bytes queued for one watcher (its snapshot included) before it is aborted.
     pub watch_max_bytes: usize,
+    /// Bytes of superseded snapshots and List answers still held by slow streams before new
+    /// Watch and List calls are refused.
+    pub max_superseded_bytes: usize,
     /// Connection caps, deadlines and HTTP/2 limits of every listener.
     pub connections: ConnectionLimits,
     /// How long a graceful shutdown waits for in-flight calls.
@@ -74,6 +77,7 @@ impl Default for Config {
             limits: Limits::default(),
             watch_buffer: 32,
             watch_max_bytes: WatchLimits::default().max_bytes,
+            max_superseded_bytes: WatchLimits::default().max_superseded_bytes,
             connections: ConnectionLimits::default(),
             shutdown_grace: Duration::from_secs(10),
         }
@@ -264,6 +268,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::
         WatchLimits {
             buffer: config.watch_buffer,
             max_bytes: config.watch_max_bytes,
+            max_superseded_bytes: config.max_superseded_bytes,
         },
         metrics.watch_aborted.clone(),
     ));
@@ -588,6 +593,9 @@ pub fn validate(config: &Config) -> anyhow::Result<()> {
     }
     if c.grpc_idle_timeout.is_zero() || c.http_idle_timeout.is_zero() {
         bail!("--grpc-idle-timeout and --http-idle-timeout must be longer than 0");
+    }
+    if c.response_stall_timeout.is_zero() {
+        bail!("--response-stall-timeout must be longer than 0");
     }
     if config.admission.request_body_timeout.is_zero() {
         bail!("--request-body-timeout must be longer than 0");

@@ -24,6 +24,7 @@ use tonic::transport::Endpoint;
 const MIB: u64 = 1 << 20;
 const HELLO: &str = "/sidero.discovery.server.Cluster/Hello";
 const WATCH: &str = "/sidero.discovery.server.Cluster/Watch";
+const LIST: &str = "/sidero.discovery.server.Cluster/List";
 
 /// The test needs this many open files; the server raises its own limit the same way.
 fn need_files(n: u64) {
@@ -54,7 +55,11 @@ impl ChildServer {
             .arg("--snapshots-enabled=false")
             .args(extra)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(if std::env::var_os("DEBUG_CHILD").is_some() {
+                std::process::Stdio::inherit()
+            } else {
+                std::process::Stdio::null()
+            })
             .spawn()
             .expect("start the discovery-server binary");
         let server = Self {
@@ -294,6 +299,128 @@ async fn non_reading_watchers_are_aborted_and_memory_stays_bounded() {
     );
     assert_prober_ok(stop, prober).await;
     drop(connections);
+}
+
+/// 380 List calls that are never read (zero flow-control window), of a 2 MB cluster changed
+/// between them, so each would pin its own encoding (760 MB), plus ten Watch streams that never
+/// read. Bounds: superseded encodings held stay within `--max-superseded-bytes` (calls over it
+/// are refused at once), peak RSS ≤ 256 MiB, every stalled connection closed within
+/// `--response-stall-timeout` plus one check period, and then nothing is held any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_lists_and_watches_are_cut_off_and_release_their_memory() {
+    let stall = Duration::from_secs(3);
+    let server = ChildServer::start(&[
+        "--ip-rate-limit=0",
+        "--response-stall-timeout=3s",
+        "--max-superseded-bytes=32MiB",
+    ])
+    .await;
+    let channel = Endpoint::from_shared(format!("http://{}", server.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = ClusterClient::new(channel);
+    let data = vec![7u8; 2000];
+    for i in 0..1000 {
+        c.affiliate_update(update("big", &format!("node-{i:04}"), Some(&data), &[]))
+            .await
+            .unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = hello_prober(server.grpc, stop.clone());
+    let body = cluster_request("big");
+    let mut watchers = RawH2::connect(server.grpc, Some(0)).await.unwrap();
+    let opened = Instant::now();
+    for _ in 0..10 {
+        watchers
+            .open(&grpc_headers(WATCH, &[]), Some(&body))
+            .await
+            .unwrap();
+    }
+    let list_headers = grpc_headers(LIST, &[]);
+    let mut connections = Vec::new();
+    let mut most_superseded = 0;
+    for version in 0..380u32 {
+        if version % 19 == 0 {
+            connections.push((
+                Instant::now(),
+                RawH2::connect(server.grpc, Some(0)).await.unwrap(),
+            ));
+        }
+        let (_, h2) = connections.last_mut().unwrap();
+        h2.open(&list_headers, Some(&body)).await.unwrap();
+        // Change the cluster so the next List needs a new encoding.
+        let data = [&data[..1996], &version.to_be_bytes()[..]].concat();
+        c.affiliate_update(update("big", "node-0000", Some(&data), &[]))
+            .await
+            .unwrap();
+        if version % 10 == 0 {
+            most_superseded =
+                most_superseded.max(server.metric("discovery_superseded_bytes ").await);
+        }
+    }
+    let refused: u64 = connections
+        .iter()
+        .map(|(_, h2)| h2.seen.finished.load(Ordering::SeqCst))
+        .sum();
+    // Every stalled connection is closed within the stall timeout and one check period.
+    let limit = stall + Duration::from_secs(3);
+    let mut slowest = Duration::ZERO;
+    // Connections whose Lists were all refused are idle, not stalled; every other one is cut.
+    let stalled: Vec<(Instant, &RawH2)> = connections
+        .iter()
+        .map(|(opened, h2)| (*opened, h2))
+        .chain([(opened, &watchers)])
+        .filter(|(_, h2)| h2.seen.finished.load(Ordering::SeqCst) < u64::from(h2.streams_opened()))
+        .collect();
+    for (opened, h2) in &stalled {
+        while !h2.seen.closed.load(Ordering::SeqCst)
+            && opened.elapsed() < limit + Duration::from_secs(5)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            h2.seen.closed.load(Ordering::SeqCst),
+            "a connection whose responses were never read is still open after {:?}",
+            opened.elapsed()
+        );
+        slowest = slowest.max(Duration::from_millis(
+            h2.seen.closed_after_ms.load(Ordering::SeqCst),
+        ));
+    }
+    let superseded_after = server.metric("discovery_superseded_bytes ").await;
+    let peak = server.status_kib("VmHWM:") * 1024;
+    eprintln!(
+        "unread Lists: 380 over 20 connections, {refused} refused; superseded bytes held at most {most_superseded}, after the cut {superseded_after}; {} stalled connections each closed within {slowest:?}; server RSS peak {} MiB",
+        stalled.len(),
+        peak / MIB
+    );
+    assert!(
+        slowest <= limit,
+        "a stalled connection was closed only after {slowest:?} (stall timeout {stall:?})"
+    );
+    assert!(
+        most_superseded <= 32 * MIB + 3 * MIB,
+        "superseded encodings held: {most_superseded} bytes, over the 32 MiB budget and one encoding"
+    );
+    assert!(
+        refused > 0,
+        "Lists over the superseded budget are refused at once"
+    );
+    assert_eq!(
+        superseded_after, 0,
+        "cut-off streams release what they held"
+    );
+    assert!(
+        peak <= 256 * MIB,
+        "server peak RSS {} MiB > 256 MiB",
+        peak / MIB
+    );
+    // The cluster is still listed in full to a client that reads.
+    let listed = common::list(&mut c, "big").await;
+    assert_eq!(listed.len(), 1000);
+    assert_prober_ok(stop, prober).await;
 }
 
 /// Waits for the server to close `stream`; returns how long that took (None: not within `limit`).

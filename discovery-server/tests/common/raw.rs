@@ -22,6 +22,8 @@ pub struct Seen {
     pub refused: AtomicU64,
     pub goaway: AtomicBool,
     pub closed: AtomicBool,
+    /// When the server closed the connection, in ms after it was opened.
+    pub closed_after_ms: AtomicU64,
 }
 
 pub struct RawH2 {
@@ -98,6 +100,7 @@ pub fn cluster_request(cluster: &str) -> Vec<u8> {
 impl RawH2 {
     /// Connects and greets. `initial_window` 0 means the server may never send us data.
     pub async fn connect(addr: SocketAddr, initial_window: Option<u32>) -> std::io::Result<Self> {
+        let connected = std::time::Instant::now();
         let stream = TcpStream::connect(addr).await?;
         let (mut reader, mut writer) = stream.into_split();
         let mut settings = Vec::new();
@@ -144,6 +147,8 @@ impl RawH2 {
                         _ => {}
                     }
                 }
+                seen.closed_after_ms
+                    .store(connected.elapsed().as_millis() as u64, Ordering::SeqCst);
                 seen.closed.store(true, Ordering::SeqCst);
             });
         }
