@@ -515,7 +515,10 @@ impl MemoryBackend {
             .clusters()
             .map(|(id, _)| id.clone())
             .collect();
-        let mut builder = crate::persist::SnapshotBuilder::new(self.clock.wall());
+        let mut builder = crate::persist::SnapshotBuilder::new(crate::persist::Moment {
+            wall: self.clock.wall(),
+            boot: self.clock.boot(),
+        });
         for id in ids {
             let cluster = {
                 let state = self.lock();

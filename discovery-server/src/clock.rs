@@ -23,6 +23,33 @@ pub trait Clock: Send + Sync + 'static {
     fn monotonic(&self) -> MonoMillis;
     /// The wall clock.
     fn wall(&self) -> UnixMillis;
+    /// The host's boot clock, which spans restarts of this process but not of the host.
+    fn boot(&self) -> Option<BootClock> {
+        None
+    }
+}
+
+/// Which boot of the host this is, and how long ago it started: unlike the wall clock, nobody
+/// can step it, and unlike the process's monotonic clock, it means the same to the next process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootClock {
+    pub boot_id: String,
+    pub since_boot_ms: i64,
+}
+
+impl BootClock {
+    /// Linux: the boot id and `/proc/uptime` (CLOCK_BOOTTIME, counting suspend). `None` where
+    /// they cannot be read; callers fall back to the wall clock.
+    pub fn read() -> Option<Self> {
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
+        let seconds: f64 = uptime.split_whitespace().next()?.parse().ok()?;
+        let boot_id = boot_id.trim();
+        (!boot_id.is_empty() && seconds.is_finite() && seconds >= 0.0).then(|| Self {
+            boot_id: boot_id.to_owned(),
+            since_boot_ms: (seconds * 1000.0) as i64,
+        })
+    }
 }
 
 /// The system clocks: [`Instant`] (CLOCK_MONOTONIC) and [`SystemTime`].
@@ -55,6 +82,10 @@ impl Clock for SystemClock {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as UnixMillis)
             .unwrap_or(0)
+    }
+
+    fn boot(&self) -> Option<BootClock> {
+        BootClock::read()
     }
 }
 

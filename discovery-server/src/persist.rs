@@ -11,9 +11,11 @@
 //!
 //! Time: the store's expiry instants are on the monotonic clock, which means nothing to another
 //! process, so format 2 stores the TTL each record had left when the snapshot was taken, plus the
-//! wall-clock time of writing. At load, the downtime measured by the wall clock is subtracted
-//! only when it is plausible (see [`Downtime`]); a stepped wall clock therefore neither expires
-//! every record at once nor brings back records that had long expired. Format 1 (absolute
+//! wall-clock time of writing and the host's boot clock. At load on the same boot the downtime is
+//! measured exactly by the boot clock, which wall-clock steps do not move; after a reboot at
+//! least the new boot's uptime has passed; the wall clock's reading is used only when it is
+//! plausible (see [`Downtime`]). A stepped wall clock therefore neither expires every record at
+//! once nor brings back records that had long expired. Format 1 (absolute
 //! wall-clock expiry times) still loads: its times are turned into remaining TTLs against the
 //! file's own write time, then treated the same way.
 
@@ -26,7 +28,7 @@ use openspan_proto::openspan::discovery::snapshot::v1 as pb;
 use prost::Message;
 use thiserror::Error;
 
-use crate::clock::{MonoMillis, UnixMillis};
+use crate::clock::{BootClock, MonoMillis, UnixMillis};
 use crate::store::{Store, StoredAffiliate, StoredEndpoint};
 
 const MAGIC: &[u8; 8] = b"OSPNSNAP";
@@ -62,16 +64,37 @@ pub struct SnapshotBuilder {
     file: Vec<u8>,
 }
 
+/// The clocks that span processes, read at one moment: what a snapshot is stamped with, and
+/// what its loader compares the stamp to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Moment {
+    pub wall: UnixMillis,
+    pub boot: Option<BootClock>,
+}
+
+impl From<UnixMillis> for Moment {
+    /// A moment known by the wall clock alone.
+    fn from(wall: UnixMillis) -> Self {
+        Self { wall, boot: None }
+    }
+}
+
 impl SnapshotBuilder {
-    /// `wall` stamps the file so the loader can estimate the downtime.
-    pub fn new(wall: UnixMillis) -> Self {
+    /// `at` stamps the file so the loader can measure the downtime.
+    pub fn new(at: impl Into<Moment>) -> Self {
+        let at = at.into();
         let mut file = Vec::with_capacity(1 << 20);
         // Header placeholder, filled in by `finish`.
         file.resize(HEADER_LEN, 0);
+        let (boot_id, since_boot_ms) = at
+            .boot
+            .map_or((String::new(), 0), |b| (b.boot_id, b.since_boot_ms));
         let head = pb::Snapshot {
             format_version: FORMAT_VERSION,
-            taken_at_unix_ms: wall,
+            taken_at_unix_ms: at.wall,
             clusters: Vec::new(),
+            boot_id,
+            since_boot_ms,
         };
         head.encode_raw(&mut file);
         Self { file }
@@ -141,21 +164,29 @@ pub fn seal_payload(version: u32, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Encodes every affiliate of `store` (in one go; see [`SnapshotBuilder`] to go per cluster).
-pub fn encode(store: &Store, now: MonoMillis, wall: UnixMillis) -> Vec<u8> {
-    let mut builder = SnapshotBuilder::new(wall);
+pub fn encode(store: &Store, now: MonoMillis, at: impl Into<Moment>) -> Vec<u8> {
+    let mut builder = SnapshotBuilder::new(at);
     for (id, affiliates) in store.clusters() {
         builder.add(&SnapshotBuilder::cluster_state(id, affiliates, now));
     }
     builder.finish()
 }
 
-/// How the time between writing a snapshot and loading it was accounted for. Only the wall
-/// clock spans two processes, and it can be stepped while the server is down, so its reading is
-/// used only when it is plausible; otherwise records keep the TTL they had left at writing time
-/// (at worst a record outlives its client by one TTL, which is bounded by the longest TTL a
-/// client may ask for; losing every record at once would instead empty the mesh).
+/// How the time between writing a snapshot and loading it was accounted for. The boot clock
+/// measures it exactly when both ran on the same boot of the host. Otherwise only the wall clock
+/// spans the two, and it can be stepped while the server is down, so its reading is used only
+/// when it is plausible, and never below the new boot's uptime (the file was written before the
+/// host rebooted); failing both, records keep the TTL they had left at writing time (at worst a
+/// record outlives its client by one TTL, which is bounded by the longest TTL a client may ask
+/// for; losing every record at once would instead empty the mesh).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Downtime {
+    /// Same boot of the host: the boot clock advanced by this many milliseconds, all of which
+    /// is subtracted from every remaining TTL, however long.
+    SameBoot(i64),
+    /// The host rebooted since the file was written: at least this boot's uptime has passed,
+    /// more than the wall clock plausibly says; it is subtracted.
+    SinceReboot(i64),
     /// The wall clock advanced by this many milliseconds, no more than the longest TTL: it is
     /// subtracted from every remaining TTL.
     Subtracted(i64),
@@ -168,22 +199,37 @@ pub enum Downtime {
 }
 
 impl Downtime {
-    /// Classifies the wall-clock time between `taken_at` and `wall_now`.
-    pub fn measure(taken_at: UnixMillis, wall_now: UnixMillis, max_ttl_ms: i64) -> Self {
-        let elapsed = wall_now.saturating_sub(taken_at);
-        if elapsed < 0 {
+    /// Classifies the time between the stamp `then` and `now`.
+    pub fn measure(then: &Moment, now: &Moment, max_ttl_ms: i64) -> Self {
+        if let (Some(then), Some(now)) = (&then.boot, &now.boot)
+            && then.boot_id == now.boot_id
+            && now.since_boot_ms >= then.since_boot_ms
+        {
+            return Downtime::SameBoot(now.since_boot_ms - then.since_boot_ms);
+        }
+        let elapsed = now.wall.saturating_sub(then.wall);
+        let by_wall = if elapsed < 0 {
             Downtime::ClockBehind(elapsed.saturating_neg())
         } else if elapsed > max_ttl_ms {
             Downtime::Implausible(elapsed)
         } else {
             Downtime::Subtracted(elapsed)
+        };
+        // Written on another boot (both stamps known, ids differ): the host rebooted since.
+        let rebooted =
+            matches!((&then.boot, &now.boot), (Some(t), Some(n)) if t.boot_id != n.boot_id);
+        match &now.boot {
+            Some(boot) if rebooted && boot.since_boot_ms > by_wall.subtracted_ms() => {
+                Downtime::SinceReboot(boot.since_boot_ms)
+            }
+            _ => by_wall,
         }
     }
 
     /// Milliseconds taken off every remaining TTL.
     pub fn subtracted_ms(self) -> i64 {
         match self {
-            Downtime::Subtracted(ms) => ms,
+            Downtime::SameBoot(ms) | Downtime::SinceReboot(ms) | Downtime::Subtracted(ms) => ms,
             Downtime::ClockBehind(_) | Downtime::Implausible(_) => 0,
         }
     }
@@ -201,13 +247,14 @@ pub struct Loaded {
 }
 
 /// Decodes a snapshot file's bytes into `store`, skipping what has run out of TTL. `now` is the
-/// store's (monotonic) time and `wall_now` the wall clock, used only to measure the downtime.
+/// store's (monotonic) time and `at` the clocks that span processes, used only to measure the
+/// downtime.
 /// Remaining TTLs are capped at the store's longest TTL, so no file can make a record immortal.
 pub fn decode_into(
     bytes: &[u8],
     store: &mut Store,
     now: MonoMillis,
-    wall_now: UnixMillis,
+    at: impl Into<Moment>,
 ) -> Result<Loaded, String> {
     let payload = check_header(bytes)?;
     let version = u32::from_be_bytes(bytes[8..12].try_into().unwrap_or_default());
@@ -223,7 +270,14 @@ pub fn decode_into(
     }
     let max_ttl_ms = i64::try_from(store.limits().max_ttl.as_millis()).unwrap_or(i64::MAX);
     let taken_at = snapshot.taken_at_unix_ms;
-    let downtime = Downtime::measure(taken_at, wall_now, max_ttl_ms);
+    let written = Moment {
+        wall: taken_at,
+        boot: (!snapshot.boot_id.is_empty()).then(|| BootClock {
+            boot_id: snapshot.boot_id.clone(),
+            since_boot_ms: snapshot.since_boot_ms,
+        }),
+    };
+    let downtime = Downtime::measure(&written, &at.into(), max_ttl_ms);
     // The TTL a record has left now, from what the file says it had left when written.
     let left = |ttl_remaining_ms: i64, expires_at_unix_ms: i64| {
         let at_write = if version == FORMAT_V1_ABSOLUTE {
@@ -370,7 +424,7 @@ pub fn load(
     path: &Path,
     store: &mut Store,
     now: MonoMillis,
-    wall_now: UnixMillis,
+    at: impl Into<Moment>,
     max_size: u64,
 ) -> Result<Option<Loaded>, SnapshotError> {
     let read_err = |source| SnapshotError::Read {
@@ -400,12 +454,11 @@ pub fn load(
         return Err(too_large(bytes.len() as u64));
     }
     let mut loaded = Store::new(store.limits().clone());
-    let report = decode_into(&bytes, &mut loaded, now, wall_now).map_err(|reason| {
-        SnapshotError::Corrupt {
+    let report =
+        decode_into(&bytes, &mut loaded, now, at).map_err(|reason| SnapshotError::Corrupt {
             path: path.to_owned(),
             reason,
-        }
-    })?;
+        })?;
     *store = loaded;
     Ok(Some(report))
 }
@@ -515,11 +568,89 @@ mod tests {
         assert_eq!(loaded.affiliates, 3);
     }
 
+    fn at(wall: UnixMillis, boot_id: &str, since_boot_ms: i64) -> Moment {
+        Moment {
+            wall,
+            boot: Some(BootClock {
+                boot_id: boot_id.into(),
+                since_boot_ms,
+            }),
+        }
+    }
+
+    #[test]
+    fn on_the_same_boot_the_boot_clock_measures_the_downtime_whatever_the_wall_clock_says() {
+        let bytes = encode(&sample_store(0), 0, at(WALL, "boot-1", 1_000_000));
+        // A 4-minute stop while the wall clock was stepped a year forward: 4 minutes count.
+        let year = 365 * 24 * 60 * MIN;
+        let mut restored = Store::default();
+        let loaded = decode_into(
+            &bytes,
+            &mut restored,
+            0,
+            at(WALL + year, "boot-1", 1_000_000 + 4 * MIN),
+        )
+        .unwrap();
+        assert_eq!(loaded.downtime, Downtime::SameBoot(4 * MIN));
+        assert_eq!(loaded.affiliates, 2);
+        assert_eq!(expiry(&restored, "c1", "a"), 6 * MIN);
+        // A 2-hour stop (longer than any TTL) while the wall clock was stepped back: every
+        // record ran out and none comes back.
+        let mut restored = Store::default();
+        let loaded = decode_into(
+            &bytes,
+            &mut restored,
+            0,
+            at(WALL - MIN, "boot-1", 1_000_000 + 120 * MIN),
+        )
+        .unwrap();
+        assert_eq!(loaded.downtime, Downtime::SameBoot(120 * MIN));
+        assert_eq!(loaded.affiliates, 0, "a long stop resurrects nothing");
+    }
+
+    #[test]
+    fn after_a_reboot_at_least_the_uptime_has_passed() {
+        let bytes = encode(&sample_store(0), 0, at(WALL, "boot-1", 50 * MIN));
+        // Up for 40 minutes since the reboot, wall clock stepped back: all ran out.
+        let mut restored = Store::default();
+        let loaded =
+            decode_into(&bytes, &mut restored, 0, at(WALL - MIN, "boot-2", 40 * MIN)).unwrap();
+        assert_eq!(loaded.downtime, Downtime::SinceReboot(40 * MIN));
+        assert_eq!(loaded.affiliates, 0);
+        // Up for 1 minute, wall clock says 5: the plausible wall clock counts.
+        let mut restored = Store::default();
+        let loaded =
+            decode_into(&bytes, &mut restored, 0, at(WALL + 5 * MIN, "boot-2", MIN)).unwrap();
+        assert_eq!(loaded.downtime, Downtime::Subtracted(5 * MIN));
+        assert_eq!(expiry(&restored, "c1", "a"), 5 * MIN);
+        // Up for 1 minute, wall clock a year on (implausible): the uptime counts.
+        let mut restored = Store::default();
+        let year = 365 * 24 * 60 * MIN;
+        let loaded = decode_into(&bytes, &mut restored, 0, at(WALL + year, "boot-2", MIN)).unwrap();
+        assert_eq!(loaded.downtime, Downtime::SinceReboot(MIN));
+        assert_eq!(expiry(&restored, "c1", "a"), 9 * MIN);
+        // A file without a boot stamp (older build) falls back to the wall clock.
+        let old = encode(&sample_store(0), 0, WALL);
+        let mut restored = Store::default();
+        let loaded =
+            decode_into(&old, &mut restored, 0, at(WALL + year, "boot-2", 40 * MIN)).unwrap();
+        assert_eq!(loaded.downtime, Downtime::Implausible(year));
+    }
+
+    #[test]
+    fn the_boot_clock_of_this_host_reads() {
+        let boot = BootClock::read().expect("/proc/sys/kernel/random/boot_id and /proc/uptime");
+        assert_eq!(boot.boot_id.len(), 36, "{boot:?}");
+        assert!(boot.since_boot_ms > 0);
+    }
+
     /// A format-1 file as the previous release wrote it: absolute wall-clock expiry times.
     fn v1_file(taken_at: UnixMillis, affiliate_expires: i64, endpoint_expires: i64) -> Vec<u8> {
         let snapshot = pb::Snapshot {
             format_version: FORMAT_V1_ABSOLUTE,
             taken_at_unix_ms: taken_at,
+            boot_id: String::new(),
+            since_boot_ms: 0,
             clusters: vec![pb::ClusterState {
                 id: "c".into(),
                 affiliates: vec![pb::AffiliateState {

@@ -165,11 +165,23 @@ fn load_snapshot(store: &mut Store, config: &SnapshotConfig, clock: &dyn Clock) 
         ),
     }
     let (now, wall) = (clock.monotonic(), clock.wall());
-    match persist::load(path, store, now, wall, config.max_size) {
+    let at = persist::Moment {
+        wall,
+        boot: clock.boot(),
+    };
+    match persist::load(path, store, now, at, config.max_size) {
         Ok(Some(loaded)) => {
             let elapsed_ms = started.elapsed().as_millis() as u64;
             let affiliates = loaded.affiliates;
             match loaded.downtime {
+                persist::Downtime::SameBoot(ms) => tracing::info!(
+                    path = %path.display(), affiliates, elapsed_ms, downtime_ms = ms,
+                    "loaded snapshot; the downtime, measured by the host's boot clock, was taken off every remaining TTL"
+                ),
+                persist::Downtime::SinceReboot(ms) => tracing::info!(
+                    path = %path.display(), affiliates, elapsed_ms, downtime_at_least_ms = ms,
+                    "loaded snapshot written before the host rebooted; at least this boot's uptime was taken off every remaining TTL"
+                ),
                 persist::Downtime::Subtracted(ms) => tracing::info!(
                     path = %path.display(), affiliates, elapsed_ms, downtime_ms = ms,
                     "loaded snapshot; the downtime was taken off every remaining TTL"

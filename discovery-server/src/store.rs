@@ -68,6 +68,15 @@ pub struct Totals {
 pub struct Store {
     limits: Limits,
     clusters: HashMap<String, BTreeMap<String, StoredAffiliate>>,
+    /// Affiliates, endpoints and payload bytes, kept as they change: the landing page and the
+    /// metrics read them under the store's lock, and a scan of every affiliate there would let
+    /// anyone who can load the page stall all updates.
+    counted: Totals,
+}
+
+/// What one affiliate adds to the totals.
+fn counts(affiliate: &StoredAffiliate) -> (usize, usize) {
+    (affiliate.endpoints.len(), affiliate.payload_len())
 }
 
 impl Store {
@@ -75,7 +84,20 @@ impl Store {
         Self {
             limits,
             clusters: HashMap::new(),
+            counted: Totals::default(),
         }
+    }
+
+    fn uncount(&mut self, (endpoints, payload): (usize, usize)) {
+        self.counted.affiliates -= 1;
+        self.counted.endpoints -= endpoints;
+        self.counted.payload_bytes -= payload;
+    }
+
+    fn count(&mut self, (endpoints, payload): (usize, usize)) {
+        self.counted.affiliates += 1;
+        self.counted.endpoints += endpoints;
+        self.counted.payload_bytes += payload;
     }
 
     pub fn limits(&self) -> &Limits {
@@ -120,6 +142,7 @@ impl Store {
         }
 
         let new_endpoints_count = new_endpoints.len();
+        let before = existing.map(counts);
         // Validated: from here on the update is applied in full.
         let cluster = self.clusters.entry(update.cluster_id.clone()).or_default();
         let created = !cluster.contains_key(&update.affiliate_id);
@@ -149,6 +172,11 @@ impl Store {
         if let Some(latest) = affiliate.endpoints.iter().map(|e| e.expires_at).max() {
             affiliate.expires_at = affiliate.expires_at.max(latest);
         }
+        let after = counts(affiliate);
+        if let Some(before) = before {
+            self.uncount(before);
+        }
+        self.count(after);
         Ok(changed.then_some(Change::Upserted {
             cluster_id: update.cluster_id,
             affiliate_id: update.affiliate_id,
@@ -166,10 +194,14 @@ impl Store {
         let Some(cluster) = self.clusters.get_mut(cluster_id) else {
             return Ok(None);
         };
-        let removed = cluster.remove(affiliate_id).is_some();
+        let removed = cluster.remove(affiliate_id);
         if cluster.is_empty() {
             self.clusters.remove(cluster_id);
         }
+        if let Some(affiliate) = &removed {
+            self.uncount(counts(affiliate));
+        }
+        let removed = removed.is_some();
         Ok(removed.then(|| Change::Removed {
             cluster_id: cluster_id.to_owned(),
             affiliate_id: affiliate_id.to_owned(),
@@ -198,8 +230,13 @@ impl Store {
     /// Drops expired affiliates and expired endpoints. Returns the changes, one per affiliate.
     pub fn collect_garbage(&mut self, now: MonoMillis) -> Vec<Change> {
         let mut changes = Vec::new();
+        let counted = &mut self.counted;
         self.clusters.retain(|cluster_id, affiliates| {
             affiliates.retain(|affiliate_id, affiliate| {
+                let (endpoints, payload) = counts(affiliate);
+                counted.affiliates -= 1;
+                counted.endpoints -= endpoints;
+                counted.payload_bytes -= payload;
                 if affiliate.expires_at <= now {
                     changes.push(Change::Removed {
                         cluster_id: cluster_id.clone(),
@@ -215,6 +252,10 @@ impl Store {
                         affiliate_id: affiliate_id.clone(),
                     });
                 }
+                let (endpoints, payload) = counts(affiliate);
+                counted.affiliates += 1;
+                counted.endpoints += endpoints;
+                counted.payload_bytes += payload;
                 true
             });
             !affiliates.is_empty()
@@ -222,17 +263,12 @@ impl Store {
         changes
     }
 
+    /// Constant time: the counts are kept as the store changes.
     pub fn totals(&self) -> Totals {
-        let mut totals = Totals {
+        Totals {
             clusters: self.clusters.len(),
-            ..Totals::default()
-        };
-        for affiliate in self.clusters.values().flat_map(|c| c.values()) {
-            totals.affiliates += 1;
-            totals.endpoints += affiliate.endpoints.len();
-            totals.payload_bytes += affiliate.payload_len();
+            ..self.counted
         }
-        totals
     }
 
     /// Every cluster with its affiliates, for snapshots.
@@ -252,9 +288,20 @@ impl Store {
         if affiliates.is_empty() {
             return; // A cluster exists here only while it has affiliates.
         }
+        for affiliate in affiliates.values() {
+            self.count(counts(affiliate));
+        }
         match self.clusters.entry(cluster_id) {
             std::collections::hash_map::Entry::Occupied(mut cluster) => {
-                cluster.get_mut().extend(affiliates)
+                let cluster = cluster.get_mut();
+                for (id, affiliate) in affiliates {
+                    if let Some(replaced) = cluster.insert(id, affiliate) {
+                        let (endpoints, payload) = counts(&replaced);
+                        self.counted.affiliates -= 1;
+                        self.counted.endpoints -= endpoints;
+                        self.counted.payload_bytes -= payload;
+                    }
+                }
             }
             std::collections::hash_map::Entry::Vacant(cluster) => {
                 cluster.insert(affiliates);
@@ -487,5 +534,75 @@ mod tests {
             store.list("c2").unwrap()[0].1.data,
             Bytes::from_static(b"other")
         );
+    }
+
+    /// The totals kept as the store changes equal a full recount after every operation.
+    #[test]
+    fn kept_totals_match_a_recount_through_every_operation() {
+        fn recount(store: &Store) -> Totals {
+            let mut totals = Totals {
+                clusters: store.clusters.len(),
+                ..Totals::default()
+            };
+            for affiliate in store.clusters.values().flat_map(|c| c.values()) {
+                totals.affiliates += 1;
+                totals.endpoints += affiliate.endpoints.len();
+                totals.payload_bytes += affiliate.payload_len();
+            }
+            totals
+        }
+        let mut store = Store::default();
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut now = 0;
+        for step in 0..5_000 {
+            let cluster = format!("c{}", next(3));
+            let affiliate = format!("a{}", next(6));
+            match next(10) {
+                0..=5 => {
+                    let u = Update {
+                        cluster_id: cluster,
+                        affiliate_id: affiliate,
+                        data: (next(3) > 0).then(|| Bytes::from(vec![b'd'; next(40) as usize])),
+                        endpoints: (0..next(4))
+                            .map(|i| Bytes::from(vec![i as u8; 1 + next(8) as usize]))
+                            .collect(),
+                        ttl: Duration::from_secs(1 + next(120)),
+                    };
+                    let _ = store.update(u, now);
+                }
+                6 => {
+                    let _ = store.delete(&cluster, &affiliate);
+                }
+                7 | 8 => {
+                    now += next(30_000) as i64;
+                    store.collect_garbage(now);
+                }
+                _ => {
+                    let restored: BTreeMap<String, StoredAffiliate> = (0..next(3))
+                        .map(|i| {
+                            (
+                                format!("a{i}"),
+                                StoredAffiliate {
+                                    data: Bytes::from(vec![1; next(10) as usize]),
+                                    endpoints: vec![StoredEndpoint {
+                                        data: Bytes::from_static(b"ep"),
+                                        expires_at: now + 60_000,
+                                    }],
+                                    expires_at: now + 60_000,
+                                },
+                            )
+                        })
+                        .collect();
+                    store.restore_cluster(cluster, restored);
+                }
+            }
+            assert_eq!(store.totals(), recount(&store), "after step {step}");
+        }
     }
 }

@@ -386,6 +386,8 @@ fn a_long_cluster_id_with_many_affiliates_loads_in_linear_space() {
     let snapshot = pb::Snapshot {
         format_version: FORMAT_VERSION,
         taken_at_unix_ms: WALL,
+        boot_id: String::new(),
+        since_boot_ms: 0,
         clusters: vec![pb::ClusterState {
             id: "c".repeat(64 << 10),
             affiliates: (0..20_000)

@@ -155,6 +155,8 @@ async fn a_format_1_snapshot_still_loads() {
     let old = pb::Snapshot {
         format_version: persist::FORMAT_V1_ABSOLUTE,
         taken_at_unix_ms: WALL,
+        boot_id: String::new(),
+        since_boot_ms: 0,
         clusters: vec![pb::ClusterState {
             id: "c".into(),
             affiliates: vec![
