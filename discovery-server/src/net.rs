@@ -212,6 +212,8 @@ struct Activity {
     greeting: u64,
     greeted: tokio::sync::Notify,
     open_calls: AtomicUsize,
+    /// Whether a call was ever opened on this connection.
+    called: std::sync::atomic::AtomicBool,
     /// When the last call ended, in ms after `started`.
     idle_since_ms: AtomicU64,
     started: Instant,
@@ -226,6 +228,7 @@ impl Activity {
             greeting,
             greeted: tokio::sync::Notify::new(),
             open_calls: AtomicUsize::new(0),
+            called: std::sync::atomic::AtomicBool::new(false),
             idle_since_ms: AtomicU64::new(0),
             started: Instant::now(),
             responses: Mutex::new(Vec::new()),
@@ -259,6 +262,7 @@ struct CallGuard(Arc<Activity>);
 impl CallGuard {
     fn new(activity: Arc<Activity>) -> Self {
         activity.open_calls.fetch_add(1, Ordering::SeqCst);
+        activity.called.store(true, Ordering::SeqCst);
         Self(activity)
     }
 }
@@ -596,6 +600,9 @@ async fn connection<S, B>(
     let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
     tokio::pin!(conn);
     let mut greeted = false;
+    // A gRPC client that greets must open its first call soon after: a connection that only
+    // greets would otherwise hold its slot for the whole idle timeout.
+    let mut first_call_deadline: Option<Instant> = None;
     let mut closing: Option<Instant> = None;
     // Stalled responses are looked for a few times per timeout while calls are open.
     let stall_timeout = limits.response_stall_timeout;
@@ -604,8 +611,12 @@ async fn connection<S, B>(
         let check = if !greeted {
             handshake_deadline
         } else {
-            (activity.idle_since().max(activity.started) + idle_timeout)
-                .min(Instant::now() + stall_every)
+            let check = (activity.idle_since().max(activity.started) + idle_timeout)
+                .min(Instant::now() + stall_every);
+            match first_call_deadline {
+                Some(deadline) if !activity.called.load(Ordering::SeqCst) => check.min(deadline),
+                _ => check,
+            }
         };
         tokio::select! {
             result = conn.as_mut() => {
@@ -616,6 +627,9 @@ async fn connection<S, B>(
             }
             _ = activity.greeted.notified(), if !greeted => {
                 greeted = true;
+                if protocol == Protocol::Grpc {
+                    first_call_deadline = Some(Instant::now() + limits.handshake_timeout);
+                }
             }
             _ = stop.cancelled(), if closing.is_none() => {
                 conn.as_mut().graceful_shutdown();
@@ -629,6 +643,15 @@ async fn connection<S, B>(
                 if !greeted {
                     closed("handshake_timeout");
                     tracing::debug!(%remote, "no protocol preface within --handshake-timeout; closing");
+                    return;
+                }
+                if first_call_deadline.is_some_and(|deadline| deadline <= Instant::now())
+                    && !activity.called.load(Ordering::SeqCst)
+                {
+                    // Nothing to finish: closed at once, not after a GOAWAY round trip the
+                    // client may never answer.
+                    closed("no_call");
+                    tracing::debug!(%remote, "no call within --handshake-timeout of the preface; closing");
                     return;
                 }
                 if let Some(since) = activity.stalled_since()

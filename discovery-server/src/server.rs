@@ -268,6 +268,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     start_with_clock(config, Arc::new(SystemClock::new())).await
 }
 
+/// Connections the metrics listener takes, apart from the public listeners' caps.
+const METRICS_MAX_CONNECTIONS: usize = 256;
+
 pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
     let metrics = Arc::new(Metrics::default());
     let mut store = Store::new(config.limits.clone());
@@ -291,7 +294,16 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::
         let gate = gate.clone();
         Connections::new(limits, metrics.clone(), move |ip| gate.is_trusted_proxy(ip))
     };
-    let wanted = config.connections.max_connections as u64 + 64;
+    // The metrics listener has connection slots of its own, so clients that fill the public
+    // listeners cannot blind monitoring and health probes.
+    let metrics_connections = {
+        let mut limits = config.connections.clone();
+        limits.close_grace = config.shutdown_grace;
+        limits.max_connections = METRICS_MAX_CONNECTIONS;
+        limits.max_connections_per_ip = METRICS_MAX_CONNECTIONS;
+        Connections::new(limits, metrics.clone(), |_| false)
+    };
+    let wanted = (config.connections.max_connections + METRICS_MAX_CONNECTIONS) as u64 + 64;
     match crate::net::raise_fd_limit() {
         Some(files) if files < wanted => tracing::warn!(
             open_file_limit = files,
@@ -341,16 +353,18 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::
         },
         version: VERSION,
     });
-    for (listener, router, name) in [
+    for (listener, router, name, connections) in [
         (
             landing_listener,
             landing_router(http_state.clone()),
             "landing page",
+            &connections,
         ),
         (
             metrics_listener,
             metrics_router(http_state.clone()),
             "metrics",
+            &metrics_connections,
         ),
     ] {
         let Some(listener) = listener else { continue };

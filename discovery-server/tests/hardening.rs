@@ -498,6 +498,7 @@ async fn connection_caps_close_connections_over_the_limits() {
     config.admission.trusted_proxies = Vec::new();
     config.connections.max_connections_per_ip = 20;
     config.connections.max_connections = 30;
+    config.metrics_addr = Some("127.0.0.1:0".into());
     let server = start(config).await;
     let grpc = server.grpc_addr.unwrap();
     let connect_from = |last: u8| async move {
@@ -531,6 +532,13 @@ async fn connection_caps_close_connections_over_the_limits() {
         closed_within(first, Duration::from_millis(500))
             .await
             .is_none()
+    );
+    // With the public listeners full, monitoring still gets in: the metrics listener has
+    // slots of its own.
+    let (status, body) = http_get(server.metrics_addr.unwrap(), "/metrics").await;
+    assert_eq!(
+        status, 200,
+        "/metrics with the public listeners full: {body}"
     );
     drop(kept);
     server.shutdown().await.unwrap();
@@ -650,6 +658,41 @@ async fn keepalive_and_idle_timeouts_close_connections() {
         "an idle connection gets GOAWAY"
     );
     assert!(h2.seen.closed.load(Ordering::SeqCst), "and is closed");
+    server.shutdown().await.unwrap();
+
+    // A connection that greets and never calls is closed within --handshake-timeout of its
+    // preface, not held for the idle timeout; one that calls stays.
+    let mut config = test_config();
+    config.connections.handshake_timeout = Duration::from_secs(1);
+    config.connections.grpc_idle_timeout = Duration::from_secs(60);
+    let server = start(config).await;
+    let silent = RawH2::connect(server.grpc_addr.unwrap(), None)
+        .await
+        .unwrap();
+    let mut calling = RawH2::connect(server.grpc_addr.unwrap(), None)
+        .await
+        .unwrap();
+    calling
+        .open(&grpc_headers(HELLO, &[]), Some(&cluster_request("c")))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    while !silent.seen.closed.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let closed_after = Duration::from_millis(silent.seen.closed_after_ms.load(Ordering::SeqCst));
+    assert!(
+        silent.seen.closed.load(Ordering::SeqCst),
+        "a connection without a call is closed"
+    );
+    assert!(
+        closed_after <= Duration::from_secs(3),
+        "closed after {closed_after:?}"
+    );
+    assert!(
+        !calling.seen.closed.load(Ordering::SeqCst),
+        "a connection that made a call stays open until it idles"
+    );
     server.shutdown().await.unwrap();
 }
 
