@@ -626,8 +626,32 @@ pub fn validate(config: &Config) -> anyhow::Result<()> {
     if config.admission.request_body_timeout.is_zero() {
         bail!("--request-body-timeout must be longer than 0");
     }
+    // Deadlines are instants from now: a duration beyond any clock's range would overflow.
+    let mut durations = vec![
+        ("--handshake-timeout", c.handshake_timeout),
+        ("--grpc-idle-timeout", c.grpc_idle_timeout),
+        ("--http-idle-timeout", c.http_idle_timeout),
+        ("--keepalive-interval", c.keepalive_interval),
+        ("--keepalive-timeout", c.keepalive_timeout),
+        ("--response-stall-timeout", c.response_stall_timeout),
+        ("--request-body-timeout", config.admission.request_body_timeout),
+        ("--shutdown-grace", config.shutdown_grace),
+        ("--gc-interval", config.gc_interval),
+        ("--max-ttl", config.limits.max_ttl),
+    ];
+    if let Some(snapshot) = &config.snapshot {
+        durations.push(("--snapshot-interval", snapshot.interval));
+    }
+    for (flag, duration) in durations {
+        if duration > MAX_DURATION {
+            bail!("{flag} {duration:?} is longer than the most this server accepts (10 years)");
+        }
+    }
     Ok(())
 }
+
+/// The longest duration any flag takes.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Wire size of the largest affiliate the limits allow (id, data, every endpoint, and tags).
 fn largest_change(limits: &Limits) -> usize {
