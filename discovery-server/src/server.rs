@@ -634,7 +634,10 @@ pub fn validate(config: &Config) -> anyhow::Result<()> {
         ("--keepalive-interval", c.keepalive_interval),
         ("--keepalive-timeout", c.keepalive_timeout),
         ("--response-stall-timeout", c.response_stall_timeout),
-        ("--request-body-timeout", config.admission.request_body_timeout),
+        (
+            "--request-body-timeout",
+            config.admission.request_body_timeout,
+        ),
         ("--shutdown-grace", config.shutdown_grace),
         ("--gc-interval", config.gc_interval),
         ("--max-ttl", config.limits.max_ttl),

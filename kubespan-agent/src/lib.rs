@@ -18,7 +18,6 @@ pub mod identity;
 pub mod members;
 pub mod metrics;
 pub mod model;
-pub mod netlink;
 pub mod netset;
 pub mod publish;
 pub mod reconcile;
@@ -26,4 +25,7 @@ pub mod record;
 pub mod registry;
 pub mod routing;
 pub mod warm;
-pub mod wg;
+
+/// The WireGuard layer (devices, UAPI, kernel backend) lives in its own crate.
+pub use openspan_wireguard as wg;
+pub use openspan_wireguard::netlink;

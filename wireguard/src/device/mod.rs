@@ -12,7 +12,7 @@
 //!
 //! Modules: [`peers`] (who owns which address, receiver indexes), [`egress`] (TUN → network),
 //! [`ingress`] (network → TUN), [`gate`] (cookies and per-source limits for handshakes under
-//! load); blocking waits are in [`crate::wg::wake`].
+//! load); blocking waits are in [`crate::wake`].
 
 mod egress;
 mod gate;

@@ -10,6 +10,7 @@ use thiserror::Error;
 
 pub mod device;
 pub mod kernel;
+pub mod netlink;
 pub mod uapi;
 mod udp;
 pub mod userspace;

@@ -2,8 +2,8 @@
 
 use anyhow::Context;
 use clap::Parser;
-use kubespan_agent::wg::WireGuard;
-use kubespan_agent::wg::userspace::UserspaceWireGuard;
+use openspan_wireguard::WireGuard;
+use openspan_wireguard::userspace::UserspaceWireGuard;
 
 /// openspan's userspace WireGuard (boringtun's protocol core with TUN offloads and UDP GSO/GRO),
 /// as a standalone device configured with wg(8), like wireguard-go or boringtun-cli.

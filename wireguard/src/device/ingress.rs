@@ -21,7 +21,7 @@ use super::{
     DATA_MESSAGE, HANDSHAKE_RESPONSE, Keys, RX_PUMP_READS, Shared, TUN_BATCH, TUN_BUFFER,
     UDP_BATCH, UDP_BUFFER, lock, read,
 };
-use crate::wg::wake::wait_readable;
+use crate::wake::wait_readable;
 
 /// Decrypted packets waiting to be written to the TUN device in one coalescing batch.
 struct TunBatch {
@@ -330,7 +330,7 @@ mod tests {
     use boringtun::x25519::{PublicKey, StaticSecret};
 
     use super::*;
-    use crate::wg::PeerConfig;
+    use crate::PeerConfig;
 
     const COOKIE_REPLY: u8 = 3;
     const OURS: [u8; 32] = [7; 32];

@@ -13,8 +13,8 @@ use tun_rs::VIRTIO_NET_HDR_LEN;
 use super::{
     DATA_MESSAGE, DATA_OVERHEAD, HELPER_IDLE, MIN_MESSAGE_ROOM, Shared, TUN_BATCH, lock, read,
 };
-use crate::wg::udp::MAX_GSO_BYTES;
-use crate::wg::wake::wait_readable;
+use crate::udp::MAX_GSO_BYTES;
+use crate::wake::wait_readable;
 
 /// Consecutive encrypted datagrams in the send buffer that go to one destination in one call:
 /// all `segment` bytes long except the last, which may be shorter (and closes the batch).

@@ -12,7 +12,7 @@ use ip_network_table::IpNetworkTable;
 use ipnet::IpNet;
 
 use super::{read, write};
-use crate::wg::{Key, PeerConfig};
+use crate::{Key, PeerConfig};
 
 pub(super) struct Peer {
     pub(super) public_key: Key,
