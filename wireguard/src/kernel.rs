@@ -2,21 +2,14 @@
 //! port and peers through the generic-netlink family `wireguard` (`WG_CMD_SET_DEVICE` and
 //! `WG_CMD_GET_DEVICE`, as `wg(8)` does), so `wg show` works on the interface as usual.
 //!
-//! The [`WireGuard`] trait is synchronous, and its callers differ: the data plane calls it inside
-//! `tokio::task::block_in_place`, but drops the device in async code, and tests call it without
-//! any runtime. A nested `block_on` would panic in async code, and so would dropping a runtime
-//! there. So every netlink exchange runs on a short-lived helper thread with its own
-//! current-thread runtime and its own netlink sockets, all gone when the exchange ends: it works
-//! in every context and keeps no state between calls. The cost (a thread and one or two extra
-//! netlink round trips) is negligible at one status read a second. A new thread starts in the
-//! caller's network namespace, so the sockets live there too.
+//! The netlink conversations run on the device's [`NetlinkWorker`]: one thread with its runtime
+//! and its sockets for the device's whole life (see [`crate::worker`] for why a thread).
 //!
 //! The message building and reply parsing are pure functions, unit-tested below, because this
 //! project's test machine has no WireGuard module.
 
 use crate::netlink::{EEXIST, ENODEV, ENOENT, EOPNOTSUPP, EPERM, errno};
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -36,6 +29,7 @@ use netlink_packet_wireguard::{
 use rtnetlink::LinkWireguard;
 
 use super::{DeviceSettings, Key, PeerConfig, PeerState, WgError, WireGuard};
+use crate::worker::{NetlinkWorker, device};
 
 /// Allowed IPs per `WG_CMD_SET_DEVICE` message. A netlink attribute's length is 16 bits; one
 /// allowed IP takes at most 40 bytes, so 1000 of them plus the peer's other attributes (about
@@ -49,6 +43,7 @@ const DUMP_ATTEMPTS: usize = 3;
 pub struct KernelWireGuard {
     interface: String,
     index: u32,
+    worker: NetlinkWorker,
 }
 
 impl KernelWireGuard {
@@ -59,8 +54,9 @@ impl KernelWireGuard {
     /// Fails with [`WgError::Unsupported`] when the kernel has no WireGuard.
     pub fn create(interface: &str) -> Result<Self, WgError> {
         let name = interface.to_owned();
-        let (index, created) = on_netlink_thread(interface, move || async move {
-            let handle = rtnl_handle(&name).await?;
+        let worker = NetlinkWorker::start(interface)?;
+        let (index, created) = worker.run(move |sockets| async move {
+            let handle = sockets.route;
             let created = match add_wireguard_link(&handle, &name).await {
                 Ok(()) => true,
                 Err(e) if errno(&e) == Some(EEXIST) => false,
@@ -96,6 +92,7 @@ impl KernelWireGuard {
         Ok(Self {
             interface: interface.to_owned(),
             index,
+            worker,
         })
     }
 
@@ -103,8 +100,8 @@ impl KernelWireGuard {
     fn set(&self, messages: Vec<WireguardMessage>, what: &str) -> Result<(), WgError> {
         let name = self.interface.clone();
         let what = what.to_owned();
-        on_netlink_thread(&self.interface, move || async move {
-            let mut handle = genl_handle(&name).await?;
+        self.worker.run(move |sockets| async move {
+            let mut handle = sockets.generic;
             for message in messages {
                 genl_exchange(&mut handle, &name, message, NLM_F_REQUEST | NLM_F_ACK)
                     .await
@@ -119,9 +116,8 @@ impl Drop for KernelWireGuard {
     fn drop(&mut self) {
         let name = self.interface.clone();
         let index = self.index;
-        let result = on_netlink_thread(&self.interface, move || async move {
-            let handle = rtnl_handle(&name).await?;
-            match handle.link().del(index).execute().await {
+        let result = self.worker.run(move |sockets| async move {
+            match sockets.route.link().del(index).execute().await {
                 Ok(()) => Ok(()),
                 Err(e) if errno(&e) == Some(ENODEV) => Ok(()),
                 Err(e) => Err(link_error(&name, "delete the WireGuard link", &e)),
@@ -179,8 +175,8 @@ impl WireGuard for KernelWireGuard {
 
     fn peers(&mut self) -> Result<Vec<PeerState>, WgError> {
         let name = self.interface.clone();
-        let replies = on_netlink_thread(&self.interface, move || async move {
-            let mut handle = genl_handle(&name).await?;
+        let replies = self.worker.run(move |sockets| async move {
+            let mut handle = sockets.generic;
             let mut attempt = 1;
             loop {
                 let replies = genl_exchange(
@@ -221,8 +217,8 @@ pub fn kernel_available() -> Result<(), WgError> {
         PROBES.fetch_add(1, Ordering::Relaxed) % 1000
     );
     let label = name.clone();
-    on_netlink_thread(&label, move || async move {
-        let handle = rtnl_handle(&name).await?;
+    NetlinkWorker::once(&label, move |sockets| async move {
+        let handle = sockets.route;
         let created = match add_wireguard_link(&handle, &name).await {
             Ok(()) => true,
             // Our own name, left by an earlier probe of a process with the same pid?
@@ -252,42 +248,6 @@ pub fn kernel_available() -> Result<(), WgError> {
 
 // ---- netlink plumbing ----
 
-/// Runs the future made by `body` on a helper thread with its own current-thread runtime (see
-/// the module documentation).
-/// Runs a netlink conversation on its own thread with its own runtime (callers may already be
-/// inside one).
-pub(super) fn on_netlink_thread<T, F, Fut>(interface: &str, body: F) -> Result<T, WgError>
-where
-    T: Send,
-    F: FnOnce() -> Fut + Send,
-    Fut: Future<Output = Result<T, WgError>>,
-{
-    std::thread::scope(|scope| {
-        let worker = std::thread::Builder::new()
-            .name("wg-netlink".to_owned())
-            .spawn_scoped(scope, move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| {
-                        device(interface, format!("cannot start a netlink runtime: {e}"))
-                    })?;
-                runtime.block_on(body())
-            })
-            .map_err(|e| device(interface, format!("cannot start a netlink thread: {e}")))?;
-        worker
-            .join()
-            .unwrap_or_else(|_| Err(device(interface, "the netlink thread panicked")))
-    })
-}
-
-fn device(interface: &str, message: impl Into<String>) -> WgError {
-    WgError::Device {
-        interface: interface.to_owned(),
-        message: message.into(),
-    }
-}
-
 fn prefix(error: WgError, what: &str) -> WgError {
     match error {
         WgError::Device { interface, message } => WgError::Device {
@@ -315,17 +275,6 @@ fn link_error(interface: &str, action: &str, error: &rtnetlink::Error) -> WgErro
         ),
         _ => device(interface, format!("cannot {action}: {text}")),
     }
-}
-
-pub(super) async fn rtnl_handle(interface: &str) -> Result<rtnetlink::Handle, WgError> {
-    let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| {
-        device(
-            interface,
-            format!("cannot open a route netlink socket: {e}"),
-        )
-    })?;
-    tokio::spawn(connection);
-    Ok(handle)
 }
 
 async fn add_wireguard_link(
@@ -367,17 +316,6 @@ async fn link_kind(
         Some(Err(e)) => Err(e),
         None => Ok(None),
     }
-}
-
-async fn genl_handle(interface: &str) -> Result<genetlink::GenetlinkHandle, WgError> {
-    let (connection, handle, _) = genetlink::new_connection().map_err(|e| {
-        device(
-            interface,
-            format!("cannot open a generic netlink socket: {e}"),
-        )
-    })?;
-    tokio::spawn(connection);
-    Ok(handle)
 }
 
 /// Sends one request and collects the replies (all parts of a dump) with their netlink flags.
@@ -1008,8 +946,8 @@ mod tests {
     #[test]
     fn get_for_a_missing_interface_fails_cleanly_in_any_context() {
         let get = || {
-            on_netlink_thread("ks-none0", || async {
-                let mut handle = genl_handle("ks-none0").await?;
+            NetlinkWorker::once("ks-none0", |sockets| async move {
+                let mut handle = sockets.generic;
                 genl_exchange(
                     &mut handle,
                     "ks-none0",

@@ -15,6 +15,7 @@ pub mod uapi;
 mod udp;
 pub mod userspace;
 mod wake;
+pub mod worker;
 
 pub type Key = [u8; 32];
 

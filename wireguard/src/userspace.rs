@@ -19,7 +19,7 @@ use netlink_packet_route::link::LinkAttribute;
 use rtnetlink::LinkUnspec;
 
 use super::device::Device;
-use super::kernel::{on_netlink_thread, rtnl_handle};
+use super::worker::NetlinkWorker;
 use super::uapi;
 use super::wake::{Wake, wait_readable};
 use super::{DeviceSettings, Key, PeerConfig, PeerState, WgError, WireGuard};
@@ -101,8 +101,8 @@ impl Drop for UserspaceWireGuard {
 /// would otherwise build super-packets it has to drop.
 fn limit_gso_segments(interface: &str, index: u32, segments: u32) -> Result<(), WgError> {
     let name = interface.to_owned();
-    on_netlink_thread(interface, move || async move {
-        let handle = rtnl_handle(&name).await?;
+    NetlinkWorker::once(interface, move |sockets| async move {
+        let handle = sockets.route;
         let mut message = LinkUnspec::new_with_index(index).build();
         message.attributes.push(LinkAttribute::GsoMaxSegs(segments));
         handle
