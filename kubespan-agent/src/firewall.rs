@@ -263,10 +263,15 @@ pub fn remove(config: &FirewallConfig) -> Result<(), FirewallError> {
     run_nft(&config.table, "delete", &batch)
 }
 
+/// Where nft reads the batch the agent pipes to it.
+const NFT_INPUT: &str = "/proc/self/fd/0";
+
 fn run_nft(table: &str, action: &'static str, batch: &Value) -> Result<(), FirewallError> {
     let input = batch.to_string();
+    // `-f -` makes nft open /dev/stdin by name, a link minimal hosts (containers without it,
+    // initramfs, busybox systems) do not have; /proc/self/fd/0 is the same pipe through procfs.
     let mut child = Command::new("nft")
-        .args(["-j", "-f", "-"])
+        .args(["-j", "-f", NFT_INPUT])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -315,6 +320,8 @@ fn run_nft(table: &str, action: &'static str, batch: &Value) -> Result<(), Firew
     let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
     let hint = if stderr.contains("Operation not permitted") {
         "; the agent needs root or CAP_NET_ADMIN to change nftables"
+    } else if stderr.contains(NFT_INPUT) {
+        "; the agent hands nft its batch through /proc/self/fd/0: is /proc mounted?"
     } else {
         ""
     };
