@@ -6,12 +6,14 @@
 //! the kernel fragments them, as kernel WireGuard does.
 
 use std::collections::HashMap;
-use std::io::{self, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg, setsockopt, sockopt};
 use quinn_udp::{RecvMeta, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -53,10 +55,10 @@ impl UdpTransport {
         };
         socket.set_mark(fwmark)?;
         // As root the limits of net.core.[rw]mem_max do not apply; otherwise take what we get.
-        force_buffer(&socket, libc::SO_RCVBUFFORCE, SOCKET_BUFFER)
+        force_buffer(&socket, true, SOCKET_BUFFER)
             .or_else(|_| socket.set_recv_buffer_size(SOCKET_BUFFER))
             .ok();
-        force_buffer(&socket, libc::SO_SNDBUFFORCE, SOCKET_BUFFER)
+        force_buffer(&socket, false, SOCKET_BUFFER)
             .or_else(|_| socket.set_send_buffer_size(SOCKET_BUFFER))
             .ok();
         let state = UdpSocketState::new((&socket).into())?;
@@ -77,7 +79,7 @@ impl UdpTransport {
                 libc::IP_PMTUDISC_DONT,
             )
             .ok();
-            set_int(&socket, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0).ok();
+            setsockopt(&socket, sockopt::Ipv6DontFrag, &false).ok();
         }
         let port = socket
             .local_addr()?
@@ -93,8 +95,8 @@ impl UdpTransport {
         })
     }
 
-    pub fn raw_fd(&self) -> RawFd {
-        self.socket.as_raw_fd()
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
     }
 
     /// Marks the socket's packets (so they bypass the mesh's own routes).
@@ -187,7 +189,7 @@ impl UdpTransport {
             match send_segmented(&self.socket, destination, contents, segment_size) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && !waited => {
                     waited = true;
-                    wait_writable(self.socket.as_raw_fd(), SEND_WAIT)?;
+                    wait_writable(self.socket.as_fd(), SEND_WAIT)?;
                 }
                 other => return other,
             }
@@ -225,42 +227,33 @@ fn send_segmented(
     contents: &[u8],
     segment: Option<usize>,
 ) -> io::Result<()> {
-    let address = socket2::SockAddr::from(destination);
-    let mut iov = libc::iovec {
-        iov_base: contents.as_ptr() as *mut libc::c_void,
-        iov_len: contents.len(),
+    let address = SockaddrStorage::from(destination);
+    let segment = match segment.filter(|&size| size < contents.len()) {
+        Some(size) => {
+            Some(u16::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?)
+        }
+        None => None,
     };
-    // Aligned room for one cmsghdr carrying a u16.
-    let mut control = [0u64; 4];
-    // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call.
-    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
-    message.msg_name = address.as_ptr() as *mut libc::c_void;
-    message.msg_namelen = address.len();
-    message.msg_iov = &mut iov;
-    message.msg_iovlen = 1;
-    if let Some(size) = segment.filter(|&size| size < contents.len()) {
-        let size = u16::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: the control buffer is 32 bytes, aligned for cmsghdr, and CMSG_SPACE(2) is 24;
-        // CMSG_FIRSTHDR of a msghdr with that buffer is non-null.
-        unsafe {
-            message.msg_control = control.as_mut_ptr().cast();
-            message.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) as usize;
-            let header = libc::CMSG_FIRSTHDR(&message);
-            (*header).cmsg_level = libc::SOL_UDP;
-            (*header).cmsg_type = libc::UDP_SEGMENT;
-            (*header).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
-            std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<u16>(), size);
+    let gso;
+    let control: &[ControlMessage<'_>] = match &segment {
+        Some(size) => {
+            gso = [ControlMessage::UdpGsoSegments(size)];
+            &gso
         }
-    }
+        None => &[],
+    };
+    let contents = [IoSlice::new(contents)];
     loop {
-        // SAFETY: a valid socket and a msghdr whose buffers are live for the call.
-        let sent = unsafe { libc::sendmsg(socket.as_raw_fd(), &message, 0) };
-        if sent >= 0 {
-            return Ok(());
-        }
-        let error = io::Error::last_os_error();
-        if error.kind() != io::ErrorKind::Interrupted {
-            return Err(error);
+        match sendmsg(
+            socket.as_raw_fd(),
+            &contents,
+            control,
+            MsgFlags::empty(),
+            Some(&address),
+        ) {
+            Ok(_) => return Ok(()),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -278,6 +271,7 @@ fn bind_v4(port: u16) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// An integer socket option nix has no type for (IP_MTU_DISCOVER, IPV6_MTU_DISCOVER).
 fn set_int(
     socket: &Socket,
     level: libc::c_int,
@@ -301,11 +295,12 @@ fn set_int(
     }
 }
 
-fn force_buffer(socket: &Socket, name: libc::c_int, bytes: usize) -> io::Result<()> {
-    set_int(
-        socket,
-        libc::SOL_SOCKET,
-        name,
-        libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX),
-    )
+/// Sets a socket buffer size past `net.core.[rw]mem_max` (needs CAP_NET_ADMIN).
+fn force_buffer(socket: &Socket, receive: bool, bytes: usize) -> io::Result<()> {
+    let result = if receive {
+        setsockopt(socket, sockopt::RcvBufForce, &bytes)
+    } else {
+        setsockopt(socket, sockopt::SndBufForce, &bytes)
+    };
+    result.map_err(io::Error::from)
 }

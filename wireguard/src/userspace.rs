@@ -7,7 +7,7 @@
 //! standalone device (`openspan-wireguard`) serves the socket writable, like wireguard-go.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -19,9 +19,9 @@ use netlink_packet_route::link::LinkAttribute;
 use rtnetlink::LinkUnspec;
 
 use super::device::Device;
-use super::worker::NetlinkWorker;
 use super::uapi;
 use super::wake::{Wake, wait_readable};
+use super::worker::NetlinkWorker;
 use super::{DeviceSettings, Key, PeerConfig, PeerState, WgError, WireGuard};
 
 pub struct UserspaceWireGuard {
@@ -143,13 +143,12 @@ fn serve_control(
     // `get` shows the private key: root only.
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
     listener.set_nonblocking(true)?;
-    let listener_fd = listener.as_raw_fd();
     let name = interface.to_owned();
     let thread = std::thread::Builder::new()
         .name(format!("wg-{interface}-uapi"))
         .spawn(move || {
             // Sleeps until a client connects or the device stops (no timed polling).
-            while let Ok([_, false]) = wait_readable(&[listener_fd, stop.fd()], None) {
+            while let Ok([_, false]) = wait_readable([listener.as_fd(), stop.fd()], None) {
                 match listener.accept() {
                     Ok((client, _)) => {
                         let _ = client.set_nonblocking(false);

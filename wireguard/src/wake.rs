@@ -2,76 +2,63 @@
 //! few descriptors.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
 /// An eventfd that wakes a thread blocked in [`wait_readable`].
-pub(crate) struct Wake(OwnedFd);
+pub(crate) struct Wake(EventFd);
 
 impl Wake {
     pub(crate) fn new() -> io::Result<Self> {
-        // SAFETY: eventfd returns a new descriptor we own, or -1.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh, valid descriptor nobody else owns.
-        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+        let flags = EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC;
+        Ok(Self(EventFd::from_value_and_flags(0, flags)?))
     }
 
-    pub(crate) fn fd(&self) -> RawFd {
-        self.0.as_raw_fd()
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
     }
 
     pub(crate) fn notify(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
-        let _ = unsafe { libc::write(self.fd(), (&one as *const u64).cast(), 8) };
+        // Fails only when the counter is at its maximum: a wake-up is pending anyway.
+        let _ = self.0.write(1);
     }
 
     pub(crate) fn clear(&self) {
-        let mut value: u64 = 0;
-        // SAFETY: reads 8 bytes into a live u64 from our (non-blocking) eventfd.
-        let _ = unsafe { libc::read(self.fd(), (&mut value as *mut u64).cast(), 8) };
+        // Non-blocking: EAGAIN when nothing was pending.
+        let _ = self.0.read();
     }
 }
 
 /// Blocks until one of `fds` is readable or `timeout` passes; returns which are readable.
 pub(crate) fn wait_readable<const N: usize>(
-    fds: &[RawFd; N],
+    fds: [BorrowedFd<'_>; N],
     timeout: Option<Duration>,
 ) -> io::Result<[bool; N]> {
-    wait_for(fds, libc::POLLIN, timeout)
+    wait_for(fds, PollFlags::POLLIN, timeout)
 }
 
 /// Blocks until `fd` has room to write or `timeout` passes; returns whether it has.
-pub(crate) fn wait_writable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
-    wait_for(&[fd], libc::POLLOUT, Some(timeout)).map(|[ready]| ready)
+pub(crate) fn wait_writable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    wait_for([fd], PollFlags::POLLOUT, Some(timeout)).map(|[ready]| ready)
 }
 
 /// `poll(2)` for `events` on each of `fds`; a signal interrupting it counts as nothing ready.
 fn wait_for<const N: usize>(
-    fds: &[RawFd; N],
-    events: libc::c_short,
+    fds: [BorrowedFd<'_>; N],
+    events: PollFlags,
     timeout: Option<Duration>,
 ) -> io::Result<[bool; N]> {
-    let mut polled = fds.map(|fd| libc::pollfd {
-        fd,
-        events,
-        revents: 0,
+    let mut polled = fds.map(|fd| PollFd::new(fd, events));
+    let timeout = timeout.map_or(PollTimeout::NONE, |t| {
+        PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX)
     });
-    let millis = timeout.map_or(-1, |t| {
-        libc::c_int::try_from(t.as_millis()).unwrap_or(libc::c_int::MAX)
-    });
-    // SAFETY: N valid pollfd entries for the duration of the call.
-    let rc = unsafe { libc::poll(polled.as_mut_ptr(), N as libc::nfds_t, millis) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        return if e.kind() == io::ErrorKind::Interrupted {
-            Ok([false; N])
-        } else {
-            Err(e)
-        };
+    match poll(&mut polled, timeout) {
+        Ok(_) => Ok(polled.map(|p| p.revents().is_some_and(|r| r.intersects(events)))),
+        Err(Errno::EINTR) => Ok([false; N]),
+        Err(e) => Err(e.into()),
     }
-    Ok(polled.map(|p| p.revents & events != 0))
 }

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -207,10 +207,10 @@ impl Egress {
 /// the TUN device to this thread, which keeps it until the device has been idle for a while, so
 /// the two directions of a busy tunnel run on two cores.
 pub(super) fn tun_to_network(shared: &Shared) {
-    let tun = shared.tun.as_raw_fd();
+    let tun = shared.tun.as_fd();
     while !shared.stop.load(Ordering::Relaxed) {
         if !shared.tx_active.load(Ordering::Acquire) {
-            let _ = wait_readable(&[shared.tx_wake.fd(), shared.stopping.fd()], None);
+            let _ = wait_readable([shared.tx_wake.fd(), shared.stopping.fd()], None);
             shared.tx_wake.clear();
             continue;
         }
@@ -218,7 +218,7 @@ pub(super) fn tun_to_network(shared: &Shared) {
         let pumped = lock(&shared.egress).pump(shared, 64);
         if let Pumped::Drained = pumped
             && let Ok([false, false]) =
-                wait_readable(&[tun, shared.stopping.fd()], Some(HELPER_IDLE))
+                wait_readable([tun, shared.stopping.fd()], Some(HELPER_IDLE))
         {
             shared.tx_active.store(false, Ordering::Release);
             shared.rx_wake.notify();

@@ -4,7 +4,7 @@
 
 use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -83,7 +83,7 @@ pub(super) fn network_to_tun(shared: &Shared) {
     let mut outbox: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
     while !shared.stop.load(Ordering::Relaxed) {
         let Some(socket) = shared.socket() else {
-            let _ = wait_readable(&[shared.rx_wake.fd(), shared.stopping.fd()], None);
+            let _ = wait_readable([shared.rx_wake.fd(), shared.stopping.fd()], None);
             shared.rx_wake.clear();
             continue;
         };
@@ -103,17 +103,17 @@ pub(super) fn network_to_tun(shared: &Shared) {
                         continue;
                     }
                     let fds = [
-                        socket.raw_fd(),
+                        socket.as_fd(),
                         shared.rx_wake.fd(),
                         shared.stopping.fd(),
-                        shared.tun.as_raw_fd(),
+                        shared.tun.as_fd(),
                     ];
-                    if let Ok([_, true, _, _]) = wait_readable(&fds, None) {
+                    if let Ok([_, true, _, _]) = wait_readable(fds, None) {
                         shared.rx_wake.clear();
                     }
                 } else {
-                    let fds = [socket.raw_fd(), shared.rx_wake.fd(), shared.stopping.fd()];
-                    if let Ok([_, true, _]) = wait_readable(&fds, None) {
+                    let fds = [socket.as_fd(), shared.rx_wake.fd(), shared.stopping.fd()];
+                    if let Ok([_, true, _]) = wait_readable(fds, None) {
                         shared.rx_wake.clear();
                     }
                 }

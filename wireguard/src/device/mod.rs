@@ -538,7 +538,7 @@ fn peer_state(peer: &Peer) -> PeerState {
 fn timers(shared: &Shared) {
     let mut message = vec![0u8; 2_048];
     while !shared.stop.load(Ordering::Relaxed) {
-        let _ = wait_readable(&[shared.stopping.fd()], Some(TIMER_TICK));
+        let _ = wait_readable([shared.stopping.fd()], Some(TIMER_TICK));
         let peers: Vec<Arc<Peer>> = read(&shared.peers).by_key.values().cloned().collect();
         for peer in peers {
             let len = match lock(&peer.tunn).update_timers(&mut message) {
