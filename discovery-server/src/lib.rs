@@ -6,6 +6,8 @@
 //! (snapshot files), [`ratelimit`] (pure per-IP limiter), [`grpc`] (the service), [`http`],
 //! [`tls`] and [`server`] (wiring).
 
+#![forbid(unsafe_code)]
+
 pub mod backend;
 pub mod bytesize;
 pub mod clock;

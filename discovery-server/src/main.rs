@@ -1,5 +1,7 @@
 //! `discovery-server`: flags compatible with the reference server's, plus openspan's own.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::time::Duration;
 

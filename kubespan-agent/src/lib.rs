@@ -4,6 +4,8 @@
 //! Pure logic: [`model`], [`crypto`], [`identity`] (derivations), [`netset`], [`endpoints`],
 //! [`members`], [`record`]. Shells around I/O: [`host`], [`discovery`], [`api`], [`agent`].
 
+#![forbid(unsafe_code)]
+
 pub mod agent;
 pub mod api;
 pub mod config;

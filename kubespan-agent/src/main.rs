@@ -1,5 +1,7 @@
 //! `kubespan-agent`: the per-node daemon.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::sync::Arc;
 

@@ -7,10 +7,12 @@
 //! The binaries are taken from the cargo target directory next to the test executable, so run
 //! `cargo build --workspace --bins` first (`scripts/test.sh` does).
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Once;
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -55,16 +57,12 @@ pub fn in_namespace<T: Send + 'static>(
     netns: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> anyhow::Result<T> {
-    use std::os::fd::AsRawFd;
     let path = format!("/var/run/netns/{netns}");
     let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
     std::thread::spawn(move || {
-        // SAFETY: setns(2) on an open namespace descriptor that outlives the call; it only moves
-        // this new thread into that network namespace.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        if rc != 0 {
-            bail!("setns({path}): {}", std::io::Error::last_os_error());
-        }
+        // Moves only this new thread into the namespace.
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("setns({path})"))?;
         Ok(f())
     })
     .join()
@@ -371,53 +369,48 @@ pub fn sweep_labs() {
     }
 }
 
-static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn forward_signal(signal: libc::c_int) {
-    let byte = signal as u8;
-    let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
-    // SAFETY: write(2) on a pipe is async-signal-safe; the byte outlives the call.
-    let _ = unsafe { libc::write(fd, (&byte as *const u8).cast(), 1) };
-}
-
 /// On SIGINT, SIGTERM or SIGHUP: [`sweep_labs`], then exit with 128 + the signal. Called by
-/// every [`Lab`]; harmless to call again.
+/// every [`Lab`]; harmless to call again. Returns once the handlers are in place.
 pub fn clean_up_on_signals() {
     static INSTALLED: Once = Once::new();
     INSTALLED.call_once(|| {
-        let mut fds = [0; 2];
-        // SAFETY: pipe(2) fills two descriptors we then own.
-        if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
-            return;
-        }
-        SIGNAL_PIPE.store(fds[1], Ordering::Relaxed);
-        let reader = fds[0];
+        let (installed, wait) = std::sync::mpsc::sync_channel(1);
         let spawned = std::thread::Builder::new()
             .name("lab-signals".into())
             .spawn(move || {
-                let mut byte = 0u8;
-                // SAFETY: reads one byte into a live u8 from the pipe we own.
-                let n = unsafe { libc::read(reader, (&mut byte as *mut u8).cast(), 1) };
-                if n == 1 {
+                use tokio::signal::unix::{SignalKind, signal};
+                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                let received = runtime.block_on(async {
+                    let handlers = (
+                        signal(SignalKind::interrupt()),
+                        signal(SignalKind::terminate()),
+                        signal(SignalKind::hangup()),
+                    );
+                    let _ = installed.send(());
+                    let (Ok(mut interrupt), Ok(mut terminate), Ok(mut hangup)) = handlers else {
+                        return None;
+                    };
+                    tokio::select! {
+                        _ = interrupt.recv() => Some(2),
+                        _ = terminate.recv() => Some(15),
+                        _ = hangup.recv() => Some(1),
+                    }
+                });
+                if let Some(signal) = received {
                     eprintln!(
-                        "interrupted (signal {byte}): removing the labs' namespaces and processes"
+                        "interrupted (signal {signal}): removing the labs' namespaces and processes"
                     );
                     sweep_labs();
-                    std::process::exit(128 + i32::from(byte));
+                    std::process::exit(128 + signal);
                 }
             });
-        if spawned.is_err() {
-            return;
-        }
-        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            // SAFETY: a zeroed sigaction with a handler that only calls write(2).
-            unsafe {
-                let mut action: libc::sigaction = std::mem::zeroed();
-                action.sa_sigaction = forward_signal as *const () as usize;
-                action.sa_flags = libc::SA_RESTART;
-                libc::sigemptyset(&mut action.sa_mask);
-                libc::sigaction(signal, &action, std::ptr::null_mut());
-            }
+        if spawned.is_ok() {
+            let _ = wait.recv();
         }
     });
 }

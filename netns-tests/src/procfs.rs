@@ -20,9 +20,10 @@ pub fn cpu_ticks(pid: u32) -> Option<u64> {
 
 /// USER_HZ: what /proc counts CPU time in.
 pub fn clock_ticks_per_second() -> f64 {
-    // SAFETY: sysconf only reads a configuration value; it has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks > 0 { ticks as f64 } else { 100.0 }
+    match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+        Ok(Some(ticks)) if ticks > 0 => ticks as f64,
+        _ => 100.0,
+    }
 }
 
 /// CPU time (user + system) a process has used.

@@ -5,6 +5,8 @@
 //! - [`openspan`]: openspan's own APIs and formats (the agent's membership API, the discovery
 //!   server's snapshot file).
 
+#![forbid(unsafe_code)]
+
 pub mod discovery {
     pub mod server {
         include!(concat!(env!("OUT_DIR"), "/sidero.discovery.server.rs"));

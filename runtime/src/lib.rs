@@ -1,5 +1,7 @@
 //! Process plumbing shared by `discovery-server` and `kubespan-agent`.
 
+#![forbid(unsafe_code)]
+
 use std::io::IsTerminal;
 
 /// Logs to stderr, as text (colours only on a terminal) or JSON lines. `RUST_LOG`, when set,

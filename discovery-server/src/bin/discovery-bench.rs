@@ -2,6 +2,8 @@
 //! reports what an update costs, how fast a full cluster's watchers are served, and how the store
 //! scales. Run `discovery-bench --help` for the phases and their flags.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};

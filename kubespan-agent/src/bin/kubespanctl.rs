@@ -1,5 +1,7 @@
 //! `kubespanctl`: members, peers and mesh health from the local kubespan-agent.
 
+#![forbid(unsafe_code)]
+
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -8,6 +8,8 @@
 //! Needs root, `tcpdump` and the release binaries next to this one:
 //! `cargo build --release --bins && target/release/converge-bench --nodes 10,40,100`.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 

@@ -8,6 +8,8 @@
 //! prints how many initiations it sent and the rate it achieved. Meant for targets inside the
 //! network namespaces of a test or benchmark.
 
+#![forbid(unsafe_code)]
+
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -72,40 +74,21 @@ fn initiation(mac1_key: &[u8; 32]) -> [u8; INITIATION_LEN] {
 
 /// Sends `packets` on the connected `socket` with one sendmmsg(2); returns how many went.
 fn send_batch(socket: &UdpSocket, packets: &[[u8; INITIATION_LEN]]) -> std::io::Result<usize> {
-    let mut iovecs: Vec<libc::iovec> = packets
-        .iter()
-        .map(|p| libc::iovec {
-            iov_base: p.as_ptr() as *mut libc::c_void,
-            iov_len: p.len(),
-        })
-        .collect();
-    let mut headers: Vec<libc::mmsghdr> = iovecs
-        .iter_mut()
-        .map(|iov| {
-            // SAFETY: msghdr is plain data for which all-zero is valid (no name, no control).
-            let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
-            header.msg_iov = iov;
-            header.msg_iovlen = 1;
-            libc::mmsghdr {
-                msg_hdr: header,
-                msg_len: 0,
-            }
-        })
-        .collect();
-    // SAFETY: `headers` points at `iovecs`, which point into `packets`; all three outlive the
-    // call, the kernel only reads the buffers, and the count is the array's length.
-    let sent = unsafe {
-        libc::sendmmsg(
-            socket.as_raw_fd(),
-            headers.as_mut_ptr(),
-            headers.len() as libc::c_uint,
-            0,
-        )
-    };
-    if sent < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(sent as usize)
+    use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg};
+    let slices: Vec<[std::io::IoSlice<'_>; 1]> =
+        packets.iter().map(|p| [std::io::IoSlice::new(p)]).collect();
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(slices.len(), None);
+    // Connected: no destination per message.
+    let destinations: Vec<Option<SockaddrStorage>> = vec![None; slices.len()];
+    let sent = sendmmsg(
+        socket.as_raw_fd(),
+        &mut headers,
+        &slices,
+        &destinations,
+        [],
+        MsgFlags::empty(),
+    )?;
+    Ok(sent.count())
 }
 
 fn main() -> anyhow::Result<()> {

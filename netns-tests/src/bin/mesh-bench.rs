@@ -6,6 +6,8 @@
 //! under `timeout(1)` in its own process group, and everything started is stopped and removed
 //! by drop guards, also when a step fails.
 
+#![forbid(unsafe_code)]
+
 use std::ffi::OsStr;
 use std::fs::File;
 use std::path::{Path, PathBuf};
