@@ -6,7 +6,7 @@
 # sent). With `perf` installed and PERF=1 it also records the victim device for 4 s
 # (perf report -i /tmp/flood-<tag>.perf). Root; needs iproute2, wireguard-tools, ping, nstat.
 #
-#   cargo build --release -p kubespan-agent --bin openspan-wireguard -p netns-tests --bin handshake-flood
+#   cargo build --release -p openspan-wireguard --bin openspan-wireguard -p netns-tests --bin handshake-flood
 #   scripts/flood-counters.sh [path/to/openspan-wireguard] [tag]
 set -euo pipefail
 cd "$(dirname "$0")/.."
