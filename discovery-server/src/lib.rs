@@ -1,8 +1,9 @@
 //! openspan's discovery server: a self-hostable, wire-compatible implementation of the
 //! `sidero.discovery.server.Cluster` API.
 //!
-//! Layers, innermost first: [`store`] (pure rules, takes the time as an argument), [`backend`]
-//! (the storage seam and the embedded in-memory backend with shared fan-out), [`persist`]
+//! Layers, innermost first: [`store`] (pure rules, takes the time as an argument), [`fanout`]
+//! (Watch and List to many streams from shared encodings), [`backend`] (the storage seam and the
+//! embedded in-memory backend), [`persist`]
 //! (snapshot files), [`ratelimit`] (pure per-IP limiter), [`grpc`] (the service), [`http`],
 //! [`tls`] and [`server`] (wiring).
 
@@ -12,6 +13,7 @@ pub mod backend;
 pub mod bytesize;
 pub mod clock;
 pub mod duration;
+pub mod fanout;
 pub mod grpc;
 pub mod http;
 pub mod limits;
