@@ -42,6 +42,17 @@ pub trait Backend: Send + Sync + 'static {
     fn inspect(&self, cluster_id: &str) -> Vec<AffiliateSummary>;
     /// Ends every watch stream (shutdown).
     fn close_watchers(&self);
+    /// Whether the backend can serve right now (readiness probe, gRPC health).
+    fn ready(&self) -> bool {
+        true
+    }
+    /// Removes what expired and tells watchers; returns (affiliates removed, affiliates that
+    /// lost endpoints). Backends whose store expires records itself only tidy up here.
+    fn collect_garbage(&self) -> (usize, usize);
+    /// A snapshot file of the whole state, for backends that keep state only in memory.
+    fn snapshot_file(&self) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// The embedded default: all state in memory, snapshots to a file (see `persist`).
@@ -67,8 +78,7 @@ impl MemoryBackend {
         self.clock.monotonic()
     }
 
-    /// Removes what expired and tells watchers. Returns (affiliates removed, affiliates that lost endpoints).
-    pub fn collect_garbage(&self) -> (usize, usize) {
+    fn collect_expired(&self) -> (usize, usize) {
         let now = self.now();
         let (removed, trimmed) = {
             let mut mirror = self.fanout.lock();
@@ -90,7 +100,7 @@ impl MemoryBackend {
 
     /// A snapshot file of the whole store. The lock is held for one cluster at a time (a
     /// consistent copy of that cluster), never for the whole store, so serving goes on.
-    pub fn snapshot_file(&self) -> Vec<u8> {
+    fn encode_snapshot(&self) -> Vec<u8> {
         let now = self.now();
         let ids: Vec<String> = self
             .fanout
@@ -167,5 +177,13 @@ impl Backend for MemoryBackend {
 
     fn close_watchers(&self) {
         self.fanout.close_watchers();
+    }
+
+    fn collect_garbage(&self) -> (usize, usize) {
+        self.collect_expired()
+    }
+
+    fn snapshot_file(&self) -> Option<Vec<u8>> {
+        Some(self.encode_snapshot())
     }
 }

@@ -50,7 +50,7 @@ fn probe_router<B: Backend>() -> Router<Shared<B>> {
 }
 
 async fn readyz<B: Backend>(State(state): State<Shared<B>>) -> Response {
-    if state.ready.load(Ordering::SeqCst) {
+    if state.ready.load(Ordering::SeqCst) && state.backend.ready() {
         "ready\n".into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()

@@ -13,6 +13,7 @@ pub mod backend;
 pub mod bytesize;
 pub mod clock;
 pub mod duration;
+pub mod etcd;
 pub mod fanout;
 pub mod grpc;
 pub mod http;

@@ -9,11 +9,12 @@ use anyhow::Context;
 use clap::Parser;
 use discovery_server::bytesize::parse_byte_size;
 use discovery_server::duration::parse_go_duration;
+use discovery_server::etcd::EtcdConfig;
 use discovery_server::grpc::AdmissionConfig;
 use discovery_server::limits::Limits;
 use discovery_server::net::ConnectionLimits;
 use discovery_server::ratelimit::RateLimit;
-use discovery_server::server::{self, Config, SnapshotConfig};
+use discovery_server::server::{self, Config, SnapshotConfig, StoreKind};
 use discovery_server::tls::TlsFiles;
 
 /// Discovery service for KubeSpan-style WireGuard meshes.
@@ -37,7 +38,58 @@ struct Args {
     #[arg(long, env = "DISCOVERY_METRICS_ADDR", default_value = ":2122")]
     metrics_addr: String,
 
-    /// Persist state to --snapshot-path on a timer and at shutdown, and load it at start.
+    /// Where the state lives: `memory` (this process, with snapshot files; one replica) or
+    /// `etcd` (shared by every replica that names the same etcd and --etcd-prefix).
+    #[arg(long, env = "DISCOVERY_STORE", default_value = "memory", value_parser = ["memory", "etcd"])]
+    store: String,
+
+    /// etcd endpoints, comma-separated (with --store etcd): http://host:2379 or https://…
+    #[arg(
+        long,
+        env = "DISCOVERY_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    etcd_endpoints: Vec<String>,
+
+    /// Key prefix of the state in etcd; replicas that share a state use the same one.
+    #[arg(
+        long,
+        env = "DISCOVERY_ETCD_PREFIX",
+        default_value = "/openspan/discovery/v1/"
+    )]
+    etcd_prefix: String,
+
+    /// Records whose expiries fall in the same bucket of this width share one etcd lease; a
+    /// record is removed at most this long after its TTL ran out.
+    #[arg(long, env = "DISCOVERY_ETCD_LEASE_BUCKET", default_value = "1m", value_parser = parse_go_duration)]
+    etcd_lease_bucket: Duration,
+
+    /// etcd user (authentication on); the password comes from DISCOVERY_ETCD_PASSWORD.
+    #[arg(long, env = "DISCOVERY_ETCD_USERNAME", default_value = "")]
+    etcd_username: String,
+
+    #[arg(
+        long,
+        env = "DISCOVERY_ETCD_PASSWORD",
+        default_value = "",
+        hide_env_values = true
+    )]
+    etcd_password: String,
+
+    /// CA certificate (PEM) that signed etcd's server certificate: TLS to etcd.
+    #[arg(long, env = "DISCOVERY_ETCD_CA_PATH", default_value = "")]
+    etcd_ca_path: String,
+
+    /// Client certificate and key (PEM) for etcd's mutual TLS.
+    #[arg(long, env = "DISCOVERY_ETCD_CERT_PATH", default_value = "")]
+    etcd_cert_path: String,
+
+    #[arg(long, env = "DISCOVERY_ETCD_KEY_PATH", default_value = "")]
+    etcd_key_path: String,
+
+    /// Persist state to --snapshot-path on a timer and at shutdown, and load it at start
+    /// (memory store only: with etcd, etcd holds the state).
     #[arg(long, env = "DISCOVERY_SNAPSHOTS_ENABLED", default_value_t = true, num_args = 0..=1,
           require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     snapshots_enabled: bool,
@@ -264,11 +316,39 @@ impl Args {
                 "--ip-rate-limit must be a non-negative number of requests per second (0 disables)"
             );
         }
+        let store = match self.store.as_str() {
+            "etcd" => {
+                if non_empty(&self.etcd_username).is_some()
+                    != non_empty(&self.etcd_password).is_some()
+                {
+                    anyhow::bail!("--etcd-username and DISCOVERY_ETCD_PASSWORD go together");
+                }
+                StoreKind::Etcd(Box::new(EtcdConfig {
+                    endpoints: self
+                        .etcd_endpoints
+                        .iter()
+                        .map(|e| e.trim().to_owned())
+                        .filter(|e| !e.is_empty())
+                        .collect(),
+                    prefix: self.etcd_prefix.clone(),
+                    lease_bucket: self.etcd_lease_bucket,
+                    username: non_empty(&self.etcd_username),
+                    password: non_empty(&self.etcd_password),
+                    ca: non_empty(&self.etcd_ca_path).map(PathBuf::from),
+                    cert: non_empty(&self.etcd_cert_path).map(PathBuf::from),
+                    key: non_empty(&self.etcd_key_path).map(PathBuf::from),
+                    ..EtcdConfig::default()
+                }))
+            }
+            _ => StoreKind::Memory,
+        };
+        let snapshots = self.snapshots_enabled && matches!(store, StoreKind::Memory);
         Ok(Config {
+            store,
             grpc_addr: non_empty(&self.addr),
             landing_addr: non_empty(&self.landing_addr),
             metrics_addr: non_empty(&self.metrics_addr),
-            snapshot: self.snapshots_enabled.then(|| SnapshotConfig {
+            snapshot: snapshots.then(|| SnapshotConfig {
                 path: self.snapshot_path.clone(),
                 interval: self.snapshot_interval,
                 max_size: self.snapshot_max_size,

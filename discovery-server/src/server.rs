@@ -16,6 +16,7 @@ use tonic_health::ServingStatus;
 
 use crate::backend::{Backend, MemoryBackend, WatchLimits};
 use crate::clock::{Clock, SystemClock};
+use crate::etcd::{EtcdBackend, EtcdConfig};
 use crate::grpc::{AdmissionConfig, Admitted, ClusterRoutes, Gate};
 use crate::http::{HttpState, landing_router, metrics_router};
 use crate::limits::Limits;
@@ -60,6 +61,18 @@ pub struct Config {
     pub connections: ConnectionLimits,
     /// How long a graceful shutdown waits for in-flight calls.
     pub shutdown_grace: Duration,
+    /// Where the state lives.
+    pub store: StoreKind,
+}
+
+/// Where the state lives.
+#[derive(Clone, Debug, Default)]
+pub enum StoreKind {
+    /// In this process's memory, with snapshot files (one replica).
+    #[default]
+    Memory,
+    /// In etcd, shared by every replica that names the same etcd and prefix.
+    Etcd(Box<EtcdConfig>),
 }
 
 impl Default for Config {
@@ -80,6 +93,7 @@ impl Default for Config {
             max_superseded_bytes: WatchLimits::default().max_superseded_bytes,
             connections: ConnectionLimits::default(),
             shutdown_grace: Duration::from_secs(10),
+            store: StoreKind::Memory,
         }
     }
 }
@@ -234,13 +248,15 @@ fn load_snapshot(store: &mut Store, config: &SnapshotConfig, clock: &dyn Clock) 
     }
 }
 
-fn save_snapshot(
-    backend: &MemoryBackend,
+fn save_snapshot<B: Backend>(
+    backend: &B,
     metrics: &Metrics,
     config: &SnapshotConfig,
 ) -> Result<(), persist::SnapshotError> {
     let started = Instant::now();
-    let bytes = backend.snapshot_file();
+    let Some(bytes) = backend.snapshot_file() else {
+        return Ok(());
+    };
     if bytes.len() as u64 > config.max_size {
         tracing::warn!(
             path = %config.path.display(), bytes = bytes.len(), max = config.max_size,
@@ -273,20 +289,54 @@ const METRICS_MAX_CONNECTIONS: usize = 256;
 
 pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
     let metrics = Arc::new(Metrics::default());
-    let mut store = Store::new(config.limits.clone());
-    if let Some(snapshot) = &config.snapshot {
-        load_snapshot(&mut store, snapshot, clock.as_ref());
+    let watch = WatchLimits {
+        buffer: config.watch_buffer,
+        max_bytes: config.watch_max_bytes,
+        max_superseded_bytes: config.max_superseded_bytes,
+    };
+    match &config.store {
+        StoreKind::Memory => {
+            let mut store = Store::new(config.limits.clone());
+            if let Some(snapshot) = &config.snapshot {
+                load_snapshot(&mut store, snapshot, clock.as_ref());
+            }
+            let backend = Arc::new(MemoryBackend::new(
+                store,
+                clock.clone(),
+                watch,
+                metrics.watch_aborted.clone(),
+            ));
+            serve_backend(config, clock, metrics, backend).await
+        }
+        StoreKind::Etcd(etcd) => {
+            let backend = EtcdBackend::start(
+                etcd,
+                config.limits.clone(),
+                clock.clone(),
+                watch,
+                metrics.watch_aborted.clone(),
+            )
+            .await?;
+            tracing::info!(endpoints = %etcd.endpoints.join(","), prefix = %etcd.prefix, "state in etcd");
+            let stopper = backend.clone();
+            let running = serve_backend(config, clock, metrics, backend).await?;
+            let stop = running.stop.clone();
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                stopper.stop();
+            });
+            Ok(running)
+        }
     }
-    let backend = Arc::new(MemoryBackend::new(
-        store,
-        clock.clone(),
-        WatchLimits {
-            buffer: config.watch_buffer,
-            max_bytes: config.watch_max_bytes,
-            max_superseded_bytes: config.max_superseded_bytes,
-        },
-        metrics.watch_aborted.clone(),
-    ));
+}
+
+/// Serves `backend` on the configured listeners.
+async fn serve_backend<B: Backend>(
+    config: Config,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    backend: Arc<B>,
+) -> anyhow::Result<Running> {
     let gate = Arc::new(Gate::new(config.admission.clone(), metrics.clone()));
     let connections = {
         let mut limits = config.connections.clone();
@@ -382,6 +432,40 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::
         health
             .set_service_status("sidero.discovery.server.Cluster", ServingStatus::Serving)
             .await;
+        // The gRPC health follows the backend (an etcd replica that lost etcd is not serving).
+        {
+            let (health, backend, stop) = (health.clone(), backend.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut serving = true;
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        _ = tick.tick() => {}
+                    }
+                    let ready = backend.ready();
+                    if ready != serving {
+                        serving = ready;
+                        let status = if ready {
+                            ServingStatus::Serving
+                        } else {
+                            ServingStatus::NotServing
+                        };
+                        health.set_service_status("", status).await;
+                        health
+                            .set_service_status("sidero.discovery.server.Cluster", status)
+                            .await;
+                        if ready {
+                            tracing::info!("the backend is back: serving");
+                        } else {
+                            tracing::warn!(
+                                "the backend cannot serve (etcd unreachable?): not ready"
+                            );
+                        }
+                    }
+                }
+            }));
+        }
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(openspan_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -509,7 +593,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::
                     (backend.clone(), metrics.clone(), snapshot.clone());
                 // A failed timed snapshot is logged and counted; the next tick tries again.
                 let _ = tokio::task::spawn_blocking(move || {
-                    save_snapshot(&backend, &metrics, &snapshot)
+                    save_snapshot(backend.as_ref(), &metrics, &snapshot)
                 })
                 .await?;
             }
@@ -539,7 +623,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::
                 }
             }
             if let Some(snapshot) = &snapshot_config {
-                match save_snapshot(&backend, &metrics, snapshot) {
+                match save_snapshot(backend.as_ref(), &metrics, snapshot) {
                     Ok(()) => {
                         tracing::info!(path = %snapshot.path.display(), "final snapshot written")
                     }

@@ -276,6 +276,135 @@ impl Store {
         self.clusters.iter()
     }
 
+    // ---- a mirror of another store (the etcd backend): states set as they are, no rules ----
+
+    /// Sets an affiliate's data and expiry as another store has them, creating it if needed.
+    /// Returns whether a watcher would see a difference (new affiliate, other data).
+    pub fn put_data(
+        &mut self,
+        cluster_id: &str,
+        affiliate_id: &str,
+        data: Bytes,
+        expires_at: MonoMillis,
+    ) -> bool {
+        let cluster = self.clusters.entry(cluster_id.to_owned()).or_default();
+        let (visible, before) = match cluster.get_mut(affiliate_id) {
+            Some(affiliate) => {
+                let before = counts(affiliate);
+                let visible = affiliate.data != data;
+                affiliate.data = data;
+                affiliate.expires_at = expires_at;
+                (visible, Some(before))
+            }
+            None => {
+                cluster.insert(
+                    affiliate_id.to_owned(),
+                    StoredAffiliate {
+                        data,
+                        endpoints: Vec::new(),
+                        expires_at,
+                    },
+                );
+                (true, None)
+            }
+        };
+        let after = counts(&self.clusters[cluster_id][affiliate_id]);
+        if let Some(before) = before {
+            self.uncount(before);
+        }
+        self.count(after);
+        visible
+    }
+
+    /// Sets one endpoint of an existing affiliate. Returns whether it is new (a watcher sees
+    /// it); an endpoint of an unknown affiliate is ignored.
+    pub fn put_endpoint(
+        &mut self,
+        cluster_id: &str,
+        affiliate_id: &str,
+        endpoint: Bytes,
+        expires_at: MonoMillis,
+    ) -> bool {
+        let Some(affiliate) = self
+            .clusters
+            .get_mut(cluster_id)
+            .and_then(|c| c.get_mut(affiliate_id))
+        else {
+            return false;
+        };
+        match affiliate.endpoints.iter_mut().find(|e| e.data == endpoint) {
+            Some(stored) => {
+                stored.expires_at = expires_at;
+                false
+            }
+            None => {
+                self.counted.endpoints += 1;
+                self.counted.payload_bytes += endpoint.len();
+                affiliate.endpoints.push(StoredEndpoint {
+                    data: endpoint,
+                    expires_at,
+                });
+                true
+            }
+        }
+    }
+
+    /// Removes one endpoint; returns whether it was there.
+    pub fn remove_endpoint(
+        &mut self,
+        cluster_id: &str,
+        affiliate_id: &str,
+        endpoint: &[u8],
+    ) -> bool {
+        let Some(affiliate) = self
+            .clusters
+            .get_mut(cluster_id)
+            .and_then(|c| c.get_mut(affiliate_id))
+        else {
+            return false;
+        };
+        let before = affiliate.endpoints.len();
+        affiliate.endpoints.retain(|e| e.data != endpoint);
+        let removed = affiliate.endpoints.len() != before;
+        if removed {
+            self.counted.endpoints -= 1;
+            self.counted.payload_bytes -= endpoint.len();
+        }
+        removed
+    }
+
+    /// Replaces an affiliate with `stored`. Returns whether a watcher would see a difference.
+    pub fn put_affiliate(
+        &mut self,
+        cluster_id: &str,
+        affiliate_id: &str,
+        stored: StoredAffiliate,
+    ) -> bool {
+        let cluster = self.clusters.entry(cluster_id.to_owned()).or_default();
+        let after = counts(&stored);
+        let (visible, before) = match cluster.insert(affiliate_id.to_owned(), stored) {
+            Some(old) => {
+                let new = &cluster[affiliate_id];
+                let mut old_endpoints: Vec<&Bytes> =
+                    old.endpoints.iter().map(|e| &e.data).collect();
+                let mut new_endpoints: Vec<&Bytes> =
+                    new.endpoints.iter().map(|e| &e.data).collect();
+                old_endpoints.sort();
+                new_endpoints.sort();
+                (
+                    old.data != new.data || old_endpoints != new_endpoints,
+                    Some(counts(&old)),
+                )
+            }
+            None => (true, None),
+        };
+        if let Some(before) = before {
+            self.uncount(before);
+        }
+        self.count(after);
+        visible
+    }
+
     /// Inserts one cluster's restored affiliates verbatim (snapshot load), merged into what is
     /// there. Limits are not re-checked: a snapshot taken under larger limits must not lose data
     /// when loaded under smaller ones. Whole clusters, so the id is not copied per affiliate

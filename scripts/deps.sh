@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs the system packages the build and the tests need when they are missing (Debian/Ubuntu,
+# as root); elsewhere it says what to install. Called by scripts/test.sh and .ci/run.
+set -euo pipefail
+
+# command or file -> Debian package
+declare -A needed=(
+  [ip]=iproute2
+  [nft]=nftables
+  [wg]=wireguard-tools
+  [ping]=iputils-ping
+  [iperf3]=iperf3
+  [tcpdump]=tcpdump
+  [wireguard-go]=wireguard-go
+  # The etcd backend's tests run a real etcd.
+  [etcd]=etcd-server
+  # etcd-client compiles etcd's .proto files at build time.
+  [protoc]=protobuf-compiler
+  [/usr/include/google/protobuf/descriptor.proto]=libprotobuf-dev
+)
+missing=()
+for item in "${!needed[@]}"; do
+  if [[ $item == /* ]]; then
+    [[ -e $item ]] || missing+=("${needed[$item]}")
+  else
+    command -v "$item" >/dev/null 2>&1 || missing+=("${needed[$item]}")
+  fi
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing build and test dependencies: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "missing build and test dependencies: ${missing[*]} (install them, or run this script as root on Debian)" >&2
+    exit 1
+  fi
+fi
