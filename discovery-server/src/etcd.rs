@@ -10,7 +10,8 @@
 //!
 //! - `c/<cluster>/d/<affiliate>`: the affiliate's data; value = expiry (unix ms, 8 bytes BE)
 //!   followed by the data.
-//! - `c/<cluster>/e/<affiliate>/<endpoint>`: one encrypted endpoint; value = its expiry.
+//! - `c/<cluster>/e/<affiliate>/<endpoint>`: one encrypted endpoint; value = its expiry and
+//!   when it was first stored (8 bytes BE each), so every replica keeps the arrival order.
 //!
 //! TTLs are etcd leases shared per expiry bucket (`--etcd-lease-bucket`, no lease per record):
 //! a key is attached to the lease of the bucket its expiry falls in, and etcd deletes it (and
@@ -201,6 +202,21 @@ fn data_value(expires_at: i64, data: &[u8]) -> Vec<u8> {
     value
 }
 
+/// An endpoint key's value: expiry, then the arrival rank.
+fn endpoint_value(expires_at: i64, rank: i64) -> Vec<u8> {
+    let mut value = expires_at.to_be_bytes().to_vec();
+    value.extend_from_slice(&rank.to_be_bytes());
+    value
+}
+
+/// An endpoint value's arrival rank (0 when absent).
+fn parse_rank(value: &[u8]) -> i64 {
+    value
+        .get(8..16)
+        .and_then(|r| <[u8; 8]>::try_from(r).ok())
+        .map_or(0, i64::from_be_bytes)
+}
+
 fn parse_expiry(value: &[u8]) -> Option<(i64, &[u8])> {
     let (expiry, rest) = value.split_first_chunk::<8>()?;
     Some((i64::from_be_bytes(*expiry), rest))
@@ -360,27 +376,41 @@ impl EtcdBackend {
                 "etcd answered a read with fewer results than asked; retry".into(),
             ));
         };
+        // Arrival ranks of the stored endpoints, kept when they are written again.
+        let ranks: HashMap<Bytes, i64> = endpoints
+            .kvs()
+            .iter()
+            .filter_map(|kv| match self.keys.parse(kv.key()) {
+                Some(Key::Endpoint { endpoint, .. }) => Some((endpoint, parse_rank(kv.value()))),
+                _ => None,
+            })
+            .collect();
         // The affiliate as stored, in a scratch store that applies the embedded rules.
         let mut scratch = Store::new(self.limits.clone());
         let existing = data.kvs().first().and_then(|kv| {
             let (expires_at, data) = parse_expiry(kv.value())?;
+            let mut stored: Vec<(i64, StoredEndpoint)> = endpoints
+                .kvs()
+                .iter()
+                .filter_map(|kv| {
+                    let Some(Key::Endpoint { endpoint, .. }) = self.keys.parse(kv.key()) else {
+                        return None;
+                    };
+                    let (expires_at, _) = parse_expiry(kv.value())?;
+                    Some((
+                        parse_rank(kv.value()),
+                        StoredEndpoint {
+                            data: endpoint,
+                            expires_at,
+                        },
+                    ))
+                })
+                .collect();
+            stored.sort_by_key(|(rank, _)| *rank);
             Some(StoredAffiliate {
                 data: Bytes::copy_from_slice(data),
                 expires_at,
-                endpoints: endpoints
-                    .kvs()
-                    .iter()
-                    .filter_map(|kv| {
-                        let Some(Key::Endpoint { endpoint, .. }) = self.keys.parse(kv.key()) else {
-                            return None;
-                        };
-                        let (expires_at, _) = parse_expiry(kv.value())?;
-                        Some(StoredEndpoint {
-                            data: endpoint,
-                            expires_at,
-                        })
-                    })
-                    .collect(),
+                endpoints: stored.into_iter().map(|(_, e)| e).collect(),
             })
         });
         let creating = existing.is_none();
@@ -410,13 +440,18 @@ impl EtcdBackend {
             data_value(merged.expires_at, &merged.data),
             Some(etcd_client::PutOptions::new().with_lease(self.lease(merged.expires_at).await?)),
         )];
-        for endpoint in &merged.endpoints {
+        for (position, endpoint) in merged.endpoints.iter().enumerate() {
             if !update.endpoints.contains(&endpoint.data) {
                 continue;
             }
+            // New endpoints rank after every stored one, in the update's order.
+            let rank = ranks
+                .get(&endpoint.data)
+                .copied()
+                .unwrap_or(now.saturating_mul(128).saturating_add(position as i64));
             ops.push(TxnOp::put(
                 self.keys.endpoint(cluster, affiliate, &endpoint.data),
-                endpoint.expires_at.to_be_bytes().to_vec(),
+                endpoint_value(endpoint.expires_at, rank),
                 Some(
                     etcd_client::PutOptions::new()
                         .with_lease(self.lease(endpoint.expires_at).await?),
@@ -564,13 +599,21 @@ async fn read_all(
                 endpoint,
             }) => {
                 if let Some((expires_at, _)) = parse_expiry(kv.value()) {
-                    endpoints.push((cluster, affiliate, endpoint, expires_at));
+                    endpoints.push((
+                        parse_rank(kv.value()),
+                        cluster,
+                        affiliate,
+                        endpoint,
+                        expires_at,
+                    ));
                 }
             }
             None => {}
         }
     }
-    for (cluster, affiliate, endpoint, expires_at) in endpoints {
+    // Arrival order, as the affiliate's writers saw it.
+    endpoints.sort_by_key(|(rank, ..)| *rank);
+    for (_, cluster, affiliate, endpoint, expires_at) in endpoints {
         if let Some(stored) = clusters
             .get_mut(&cluster)
             .and_then(|c| c.get_mut(&affiliate))

@@ -5,14 +5,41 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::etcd::{Etcd, etcd_present};
 use common::*;
 use discovery_server::limits::Limits;
+use discovery_server::server::Config;
 use openspan_proto::discovery::server::{AffiliateDeleteRequest, AffiliateUpdateRequest};
 use tonic::Code;
 
-#[tokio::test]
-async fn data_is_replaced_when_present_and_endpoints_merge() {
-    let server = start(test_config()).await;
+/// Runs a test body on the embedded store (`$memory`) and with the state in a real etcd
+/// (`$etcd`): the same semantics on both.
+macro_rules! on_both_stores {
+    ($memory:ident, $etcd:ident, $body:ident) => {
+        #[tokio::test]
+        async fn $memory() {
+            $body(test_config()).await;
+        }
+
+        #[tokio::test]
+        async fn $etcd() {
+            if !etcd_present() {
+                return;
+            }
+            let etcd = Etcd::start().await;
+            $body(etcd.replica_config("/conformance/")).await;
+            drop(etcd);
+        }
+    };
+}
+
+on_both_stores!(
+    data_is_replaced_when_present_and_endpoints_merge,
+    data_is_replaced_when_present_and_endpoints_merge_on_etcd,
+    data_is_replaced_when_present_and_endpoints_merge_on
+);
+async fn data_is_replaced_when_present_and_endpoints_merge_on(base: Config) {
+    let server = start(base).await;
     let mut c = client(&server).await;
     c.affiliate_update(update("c", "a", Some(b"v1"), &[b"e1", b"e2"]))
         .await
@@ -39,9 +66,13 @@ async fn data_is_replaced_when_present_and_endpoints_merge() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn limits_answer_with_the_reference_codes_and_change_nothing() {
-    let mut config = test_config();
+on_both_stores!(
+    limits_answer_with_the_reference_codes_and_change_nothing,
+    limits_answer_with_the_reference_codes_and_change_nothing_on_etcd,
+    limits_answer_with_the_reference_codes_and_change_nothing_on
+);
+async fn limits_answer_with_the_reference_codes_and_change_nothing_on(base: Config) {
+    let mut config = base;
     config.limits = Limits {
         max_affiliates_per_cluster: 2,
         max_endpoints_per_affiliate: 3,
@@ -136,9 +167,13 @@ async fn limits_answer_with_the_reference_codes_and_change_nothing() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn watch_sends_snapshot_then_deltas_then_tombstones() {
-    let server = start(test_config()).await;
+on_both_stores!(
+    watch_sends_snapshot_then_deltas_then_tombstones,
+    watch_sends_snapshot_then_deltas_then_tombstones_on_etcd,
+    watch_sends_snapshot_then_deltas_then_tombstones_on
+);
+async fn watch_sends_snapshot_then_deltas_then_tombstones_on(base: Config) {
+    let server = start(base).await;
     let mut c = client(&server).await;
     let mut empty = watch(&mut c, "c").await;
     let first = next(&mut empty).await;
@@ -200,9 +235,13 @@ async fn watch_sends_snapshot_then_deltas_then_tombstones() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn clusters_are_isolated() {
-    let server = start(test_config()).await;
+on_both_stores!(
+    clusters_are_isolated,
+    clusters_are_isolated_on_etcd,
+    clusters_are_isolated_on
+);
+async fn clusters_are_isolated_on(base: Config) {
+    let server = start(base).await;
     let mut c = client(&server).await;
     let mut other = watch(&mut c, "other").await;
     assert!(next(&mut other).await.affiliates.is_empty());
@@ -259,9 +298,13 @@ async fn expiry_removes_affiliates_and_endpoints_and_notifies_watchers() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn endpoint_only_update_creates_an_affiliate_without_data() {
-    let server = start(test_config()).await;
+on_both_stores!(
+    endpoint_only_update_creates_an_affiliate_without_data,
+    endpoint_only_update_creates_an_affiliate_without_data_on_etcd,
+    endpoint_only_update_creates_an_affiliate_without_data_on
+);
+async fn endpoint_only_update_creates_an_affiliate_without_data_on(base: Config) {
+    let server = start(base).await;
     let mut c = client(&server).await;
     c.affiliate_update(update("c", "harvested", None, &[b"seen"]))
         .await
@@ -272,9 +315,13 @@ async fn endpoint_only_update_creates_an_affiliate_without_data() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_slow_watcher_is_aborted_without_slowing_the_others() {
-    let mut config = test_config();
+on_both_stores!(
+    a_slow_watcher_is_aborted_without_slowing_the_others,
+    a_slow_watcher_is_aborted_without_slowing_the_others_on_etcd,
+    a_slow_watcher_is_aborted_without_slowing_the_others_on
+);
+async fn a_slow_watcher_is_aborted_without_slowing_the_others_on(base: Config) {
+    let mut config = base;
     config.watch_buffer = 4;
     let server = start(config).await;
     let addr = server.grpc_addr.unwrap();
@@ -335,9 +382,13 @@ async fn a_slow_watcher_is_aborted_without_slowing_the_others() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn shutdown_ends_watch_streams_with_unavailable() {
-    let server = start(test_config()).await;
+on_both_stores!(
+    shutdown_ends_watch_streams_with_unavailable,
+    shutdown_ends_watch_streams_with_unavailable_on_etcd,
+    shutdown_ends_watch_streams_with_unavailable_on
+);
+async fn shutdown_ends_watch_streams_with_unavailable_on(base: Config) {
+    let server = start(base).await;
     let mut c = client(&server).await;
     let mut w = watch(&mut c, "c").await;
     next(&mut w).await;
