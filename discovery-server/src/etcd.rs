@@ -313,6 +313,15 @@ impl EtcdBackend {
         self.stop.cancel();
     }
 
+    /// Lists etcd and brings the mirror to its state, telling watchers every difference (what
+    /// the replica does whenever its watch was lost). Returns how many changes that made.
+    pub async fn catch_up(&self) -> Result<usize, StoreError> {
+        resync(&self.client, &self.keys, &self.fanout)
+            .await
+            .map(|(_, changes)| changes)
+            .map_err(unavailable)
+    }
+
     /// The lease for keys expiring at `expires_at` (unix ms): one per bucket, granted once.
     async fn lease(&self, expires_at: i64) -> Result<i64, StoreError> {
         let bucket = self.lease_bucket_ms;
@@ -638,8 +647,13 @@ async fn load(client: &Client, keys: &Keys, fanout: &Fanout) -> Result<i64, etcd
 }
 
 /// Re-lists after the watch was lost and brings the mirror to etcd's state, telling watchers
-/// about every difference (upserts and tombstones). Returns the revision read.
-async fn resync(client: &Client, keys: &Keys, fanout: &Fanout) -> Result<i64, etcd_client::Error> {
+/// about every difference (upserts and tombstones). Returns the revision read and the number of
+/// changes.
+async fn resync(
+    client: &Client,
+    keys: &Keys,
+    fanout: &Fanout,
+) -> Result<(i64, usize), etcd_client::Error> {
     let (clusters, revision) = read_all(client, keys).await?;
     let mut guard = fanout.lock();
     let mirror: &mut Mirror = &mut guard;
@@ -680,7 +694,7 @@ async fn resync(client: &Client, keys: &Keys, fanout: &Fanout) -> Result<i64, et
             "caught up with etcd after the watch was lost"
         );
     }
-    Ok(revision)
+    Ok((revision, count))
 }
 
 /// Applies one watch response (all events of one or more revisions) to the mirror and tells
@@ -793,7 +807,7 @@ async fn follow(
                 _ = stop.cancelled() => return,
                 r = resync(&client, &keys, &fanout) => r,
             } {
-                Ok(listed) => {
+                Ok((listed, _)) => {
                     revision = listed;
                     retry = Duration::from_millis(100);
                 }

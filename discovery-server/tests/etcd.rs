@@ -283,3 +283,239 @@ async fn an_etcd_outage_makes_replicas_unready_and_they_catch_up_after() {
         server.shutdown().await.unwrap();
     }
 }
+
+/// A replica as a child process (so it can be frozen with SIGSTOP), killed when dropped.
+struct ChildReplica {
+    child: std::process::Child,
+    grpc: std::net::SocketAddr,
+    log: std::path::PathBuf,
+}
+
+impl ChildReplica {
+    async fn start(etcd: &Etcd, prefix: &str, dir: &std::path::Path) -> Self {
+        let grpc = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let log = dir.join("replica.log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_discovery-server"))
+            .arg(format!("--addr={grpc}"))
+            .args([
+                "--landing-addr=",
+                "--metrics-addr=",
+                "--ip-rate-limit=0",
+                "--store=etcd",
+            ])
+            .arg(format!(
+                "--etcd-endpoints={}",
+                etcd.config(prefix).endpoints[0]
+            ))
+            .arg(format!("--etcd-prefix={prefix}"))
+            .arg("--etcd-lease-bucket=1s")
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start the discovery-server binary");
+        let started = Instant::now();
+        while tokio::net::TcpStream::connect(grpc).await.is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "replica did not listen"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self { child, grpc, log }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    async fn client(&self) -> Client {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        openspan_proto::discovery::server::cluster_client::ClusterClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+    }
+}
+
+impl Drop for ChildReplica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A replica frozen while the cluster changes, etcd's history is compacted past it and etcd
+/// restarts: when it runs again its watchers get every difference (the tombstone included) and
+/// end up with what the other replica has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_a_compaction_relists_and_its_watchers_converge() {
+    if !etcd_present() {
+        return;
+    }
+    let mut etcd = Etcd::start().await;
+    let prefix = "/t/compact/";
+    let dir = tempfile::tempdir().unwrap();
+    let a_server = start(replica_config(&etcd, prefix)).await;
+    let mut a = client(&a_server).await;
+    let b = ChildReplica::start(&etcd, prefix, dir.path()).await;
+    let mut b_client = b.client().await;
+    a.affiliate_update(update("c", "keep", Some(b"k"), &[]))
+        .await
+        .unwrap();
+    a.affiliate_update(update("c", "gone", Some(b"g"), &[]))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "B mirrors both", || {
+        let mut b = b_client.clone();
+        async move { list(&mut b, "c").await.len() == 2 }
+    })
+    .await;
+    let mut watch_b = watch(&mut b_client, "c").await;
+    assert_eq!(next(&mut watch_b).await.affiliates.len(), 2);
+
+    b.signal("STOP");
+    a.affiliate_delete(openspan_proto::discovery::server::AffiliateDeleteRequest {
+        cluster_id: "c".into(),
+        affiliate_id: "gone".into(),
+    })
+    .await
+    .unwrap();
+    a.affiliate_update(update("c", "new", Some(b"n"), &[]))
+        .await
+        .unwrap();
+    let mut admin = etcd_client::Client::connect([etcd.config(prefix).endpoints[0].clone()], None)
+        .await
+        .unwrap();
+    let revision = admin
+        .get("x", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    admin
+        .compact(
+            revision,
+            Some(etcd_client::CompactionOptions::new().with_physical()),
+        )
+        .await
+        .unwrap();
+    b.signal("CONT");
+
+    // B's watcher sees the tombstone and the new affiliate, and B lists what A lists.
+    let (mut tombstone, mut added) = (false, false);
+    let started = Instant::now();
+    while !(tombstone && added) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "B's watcher did not converge; B's log: {}",
+            std::fs::read_to_string(&b.log).unwrap_or_default()
+        );
+        let message = next(&mut watch_b).await;
+        for affiliate in &message.affiliates {
+            tombstone |= message.deleted && affiliate.id == "gone";
+            added |= !message.deleted && affiliate.id == "new";
+        }
+    }
+    eventually(Duration::from_secs(10), "B lists what A lists", || {
+        let (mut a, mut b) = (a.clone(), b_client.clone());
+        async move { list(&mut a, "c").await == list(&mut b, "c").await }
+    })
+    .await;
+    a_server.shutdown().await.unwrap();
+}
+
+/// The next frame a subscription yields.
+async fn next_frame(
+    subscription: &mut discovery_server::backend::WatchSubscription,
+) -> bytes::Bytes {
+    use discovery_server::backend::WatchItem;
+    std::future::poll_fn(|cx| match subscription.poll_next(cx) {
+        std::task::Poll::Ready(WatchItem::Data(frame)) => std::task::Poll::Ready(frame),
+        std::task::Poll::Ready(other) => panic!("{other:?}"),
+        std::task::Poll::Pending => std::task::Poll::Pending,
+    })
+    .await
+}
+
+/// Re-listing after a lost watch: a replica that stopped following etcd while another changed
+/// the cluster catches up by listing, and its watchers get exactly the difference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catching_up_sends_watchers_the_difference() {
+    use discovery_server::backend::Backend;
+    use discovery_server::etcd::EtcdBackend;
+    if !etcd_present() {
+        return;
+    }
+    let etcd = Etcd::start().await;
+    let prefix = "/t/catchup/";
+    let other = start(replica_config(&etcd, prefix)).await;
+    let mut a = client(&other).await;
+    a.affiliate_update(update("c", "keep", Some(b"k"), &[]))
+        .await
+        .unwrap();
+    a.affiliate_update(update("c", "gone", Some(b"g"), &[]))
+        .await
+        .unwrap();
+    let lagging = EtcdBackend::start(
+        &etcd.config(prefix),
+        discovery_server::limits::Limits::default(),
+        std::sync::Arc::new(discovery_server::clock::SystemClock::new()),
+        discovery_server::backend::WatchLimits::default(),
+        prometheus_client::metrics::counter::Counter::default(),
+    )
+    .await
+    .unwrap();
+    let mut subscription = lagging.watch("c").await.unwrap();
+    let snapshot = tokio::time::timeout(Duration::from_secs(5), next_frame(&mut subscription))
+        .await
+        .unwrap();
+    let snapshot = discovery_server::grpc::decode_unary_frame::<
+        openspan_proto::discovery::server::WatchResponse,
+    >(snapshot)
+    .unwrap();
+    assert_eq!(snapshot.affiliates.len(), 2);
+
+    // It stops following; the cluster changes meanwhile.
+    lagging.stop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a.affiliate_delete(openspan_proto::discovery::server::AffiliateDeleteRequest {
+        cluster_id: "c".into(),
+        affiliate_id: "gone".into(),
+    })
+    .await
+    .unwrap();
+    a.affiliate_update(update("c", "new", Some(b"n"), &[]))
+        .await
+        .unwrap();
+    a.affiliate_update(update("c", "keep", Some(b"k"), &[]))
+        .await
+        .unwrap();
+    assert_eq!(
+        lagging.catch_up().await.unwrap(),
+        2,
+        "one tombstone, one upsert"
+    );
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let frame = tokio::time::timeout(Duration::from_secs(5), next_frame(&mut subscription))
+            .await
+            .unwrap();
+        let message = discovery_server::grpc::decode_unary_frame::<
+            openspan_proto::discovery::server::WatchResponse,
+        >(frame)
+        .unwrap();
+        seen.push((message.affiliates[0].id.clone(), message.deleted));
+    }
+    seen.sort();
+    assert_eq!(seen, [("gone".to_owned(), true), ("new".to_owned(), false)]);
+    other.shutdown().await.unwrap();
+}
