@@ -408,6 +408,8 @@ async fn a_replica_behind_a_compaction_relists_and_its_watchers_converge() {
         )
         .await
         .unwrap();
+    etcd.kill();
+    etcd.run().await;
     b.signal("CONT");
 
     // B's watcher sees the tombstone and the new affiliate, and B lists what A lists.
