@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::etcd::{Etcd, etcd_present};
 use common::*;
-use discovery_server::server::{Config, Running};
+use discovery_server::server::{Config, Running, StoreKind};
 use openspan_proto::discovery::server::AffiliateUpdateRequest;
 
 fn replica_config(etcd: &Etcd, prefix: &str) -> Config {
@@ -520,4 +520,84 @@ async fn catching_up_sends_watchers_the_difference() {
     seen.sort();
     assert_eq!(seen, [("gone".to_owned(), true), ("new".to_owned(), false)]);
     other.shutdown().await.unwrap();
+}
+
+/// The etcd leader is killed while a client writes through one replica and another replica's
+/// watcher follows: every acknowledged change reaches the watcher once, in order, and nothing
+/// else does (a write that failed is retried with the same data, which is no news).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_etcd_leader_loses_and_duplicates_nothing() {
+    use common::etcd::EtcdCluster;
+    if !etcd_present() {
+        return;
+    }
+    let mut cluster = EtcdCluster::start(3).await;
+    let config = |prefix: &str| Config {
+        store: StoreKind::Etcd(Box::new(cluster.config(prefix))),
+        ..test_config()
+    };
+    let servers = [
+        start(config("/t/leader/")).await,
+        start(config("/t/leader/")).await,
+    ];
+    let (mut a, mut b) = (client(&servers[0]).await, client(&servers[1]).await);
+    let mut watch_b = watch(&mut b, "c").await;
+    next(&mut watch_b).await;
+
+    let writes = 120u32;
+    let writer = tokio::spawn(async move {
+        let mut retries = 0;
+        for i in 0..writes {
+            let data = format!("v{i}");
+            loop {
+                match a
+                    .affiliate_update(update("c", "n", Some(data.as_bytes()), &[]))
+                    .await
+                {
+                    Ok(_) => break,
+                    Err(status) => {
+                        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                        retries += 1;
+                        assert!(retries < 400, "etcd did not recover: {status:?}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+        retries
+    });
+    // Kill the leader once the writes are under way.
+    loop {
+        let seen = next(&mut watch_b).await;
+        if seen.affiliates[0].data == "v10".as_bytes() {
+            break;
+        }
+    }
+    let leader = cluster.leader().await;
+    cluster.kill(leader);
+    let killed = Instant::now();
+    let mut expected = 11u32;
+    while expected < writes {
+        let message = tokio::time::timeout(Duration::from_secs(30), watch_b.message())
+            .await
+            .expect("the watcher goes on after the leader is killed")
+            .unwrap()
+            .unwrap();
+        let data = String::from_utf8(message.affiliates[0].data.to_vec()).unwrap();
+        assert_eq!(
+            data,
+            format!("v{expected}"),
+            "in order, none lost, none twice"
+        );
+        expected += 1;
+    }
+    let retries = writer.await.unwrap();
+    eprintln!(
+        "leader (member {leader}) killed: all {writes} writes seen once and in order; {retries} retried writes; the rest arrived within {:?} of the kill",
+        killed.elapsed()
+    );
+    assert_quiet(&mut watch_b, Duration::from_millis(500)).await;
+    for server in servers {
+        server.shutdown().await.unwrap();
+    }
 }

@@ -113,3 +113,115 @@ impl Etcd {
         }
     }
 }
+
+/// A three-member etcd cluster on loopback, killed when dropped.
+pub struct EtcdCluster {
+    members: Vec<(String, Option<Child>)>,
+    pub client_urls: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    pub async fn start(size: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (0..size).map(|i| format!("m{i}")).collect();
+        let clients: Vec<String> = (0..size)
+            .map(|_| format!("http://127.0.0.1:{}", free_port()))
+            .collect();
+        let peers: Vec<String> = (0..size)
+            .map(|_| format!("http://127.0.0.1:{}", free_port()))
+            .collect();
+        let initial: Vec<String> = names
+            .iter()
+            .zip(&peers)
+            .map(|(n, p)| format!("{n}={p}"))
+            .collect();
+        let mut members = Vec::new();
+        for i in 0..size {
+            let child = Command::new("etcd")
+                .arg(format!("--name={}", names[i]))
+                .arg(format!(
+                    "--data-dir={}",
+                    dir.path().join(&names[i]).display()
+                ))
+                .arg(format!("--listen-client-urls={}", clients[i]))
+                .arg(format!("--advertise-client-urls={}", clients[i]))
+                .arg(format!("--listen-peer-urls={}", peers[i]))
+                .arg(format!("--initial-advertise-peer-urls={}", peers[i]))
+                .arg(format!("--initial-cluster={}", initial.join(",")))
+                .arg("--initial-cluster-state=new")
+                // Short timeouts: a new leader within about a second of a kill.
+                .arg("--heartbeat-interval=50")
+                .arg("--election-timeout=500")
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(
+                    std::fs::File::create(dir.path().join(format!("{}.log", names[i]))).unwrap(),
+                ))
+                .spawn()
+                .expect("start etcd");
+            members.push((names[i].clone(), Some(child)));
+        }
+        let cluster = Self {
+            members,
+            client_urls: clients,
+            _dir: dir,
+        };
+        let started = Instant::now();
+        loop {
+            if let Ok(mut client) = etcd_client::Client::connect(&cluster.client_urls, None).await
+                && client.put("probe", "1", None).await.is_ok()
+            {
+                return cluster;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the etcd cluster did not form within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The index of the current leader.
+    pub async fn leader(&self) -> usize {
+        for (i, url) in self.client_urls.iter().enumerate() {
+            if self.members[i].1.is_none() {
+                continue;
+            }
+            let Ok(mut client) = etcd_client::Client::connect([url], None).await else {
+                continue;
+            };
+            if let Ok(status) = client.status().await
+                && status.header().map(|h| h.member_id()) == Some(status.leader())
+            {
+                return i;
+            }
+        }
+        panic!("no etcd member says it leads");
+    }
+
+    pub fn kill(&mut self, member: usize) {
+        if let Some(mut child) = self.members[member].1.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn config(&self, prefix: &str) -> EtcdConfig {
+        EtcdConfig {
+            endpoints: self.client_urls.clone(),
+            prefix: prefix.into(),
+            lease_bucket: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(2),
+            ..EtcdConfig::default()
+        }
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for member in 0..self.members.len() {
+            self.kill(member);
+        }
+    }
+}
