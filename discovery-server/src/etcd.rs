@@ -25,9 +25,11 @@
 //! a few times). Creating an affiliate also requires that no affiliate was created in the
 //! cluster meanwhile, which makes the per-cluster limit exact across replicas.
 //!
-//! When the watch is cancelled (compaction, an etcd restart) the replica lists the prefix
-//! again, turns the difference with its mirror into upserts and tombstones for its watchers,
-//! and watches from the listed revision. While etcd cannot be reached, writes fail with
+//! When the watch breaks (an etcd member dies, a connection drops) the replica watches again
+//! from the revision after the last one it applied, so no event is lost or repeated. When etcd
+//! no longer has that history (compaction) the replica lists the prefix again, turns the
+//! difference with its mirror into upserts and tombstones for its watchers, and watches from
+//! the listed revision. While etcd cannot be reached, writes fail with
 //! `Unavailable`, the replica reports not ready, and its watchers keep what they have.
 
 use std::collections::{BTreeMap, HashMap};
@@ -799,9 +801,11 @@ async fn follow(
     stop: CancellationToken,
 ) {
     let mut retry = Duration::from_millis(100);
-    let mut lost = false;
+    // A broken stream resumes from the next revision (no event lost, none twice); only when etcd
+    // no longer has that history (compaction) is the state listed again.
+    let mut relist = false;
     loop {
-        if lost {
+        if relist {
             in_sync.store(false, Ordering::SeqCst);
             match tokio::select! {
                 _ = stop.cancelled() => return,
@@ -809,6 +813,7 @@ async fn follow(
             } {
                 Ok((listed, _)) => {
                     revision = listed;
+                    relist = false;
                     retry = Duration::from_millis(100);
                 }
                 Err(e) => {
@@ -830,8 +835,8 @@ async fn follow(
         let mut stream = match watch_client.watch(keys.prefix.clone(), Some(options)).await {
             Ok(stream) => stream,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot watch etcd; re-listing");
-                lost = true;
+                in_sync.store(false, Ordering::SeqCst);
+                tracing::warn!(error = %e, revision, "cannot watch etcd; trying again");
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(retry) => {}
@@ -840,7 +845,6 @@ async fn follow(
                 continue;
             }
         };
-        in_sync.store(true, Ordering::SeqCst);
         loop {
             let message = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -848,34 +852,60 @@ async fn follow(
             };
             match message {
                 Ok(Some(response)) => {
-                    if response.canceled() || response.compact_revision() > 0 {
+                    if response.compact_revision() > 0 {
                         tracing::warn!(
                             compact_revision = response.compact_revision(),
-                            reason = response.cancel_reason(),
-                            "the etcd watch was cancelled; re-listing"
+                            revision,
+                            "etcd compacted the history this replica needs; re-listing"
                         );
-                        lost = true;
+                        relist = true;
                         break;
                     }
-                    if !response.events().is_empty() {
-                        apply(&fanout, &keys, response.events());
+                    if response.canceled() {
+                        tracing::warn!(
+                            reason = response.cancel_reason(),
+                            "the etcd watch was cancelled; watching again"
+                        );
+                        break;
                     }
-                    if let Some(header) = response.header() {
-                        revision = revision.max(header.revision());
+                    if response.created() {
+                        in_sync.store(true, Ordering::SeqCst);
+                        retry = Duration::from_millis(100);
+                    }
+                    let events = response.events();
+                    if events.is_empty() {
+                        // A progress notification: everything up to its revision was sent.
+                        if let Some(header) = response.header()
+                            && !response.created()
+                        {
+                            revision = revision.max(header.revision());
+                        }
+                    } else {
+                        apply(&fanout, &keys, events);
+                        let last = events
+                            .iter()
+                            .filter_map(|e| e.kv().map(|kv| kv.mod_revision()))
+                            .max()
+                            .unwrap_or(revision);
+                        revision = revision.max(last);
                     }
                 }
                 Ok(None) => {
-                    tracing::warn!("the etcd watch ended; re-listing");
-                    lost = true;
+                    tracing::warn!(revision, "the etcd watch ended; resuming");
                     break;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "the etcd watch failed; re-listing");
-                    lost = true;
+                    tracing::warn!(error = %e, revision, "the etcd watch failed; resuming");
                     break;
                 }
             }
         }
+        in_sync.store(false, Ordering::SeqCst);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(retry) => {}
+        }
+        retry = (retry * 2).min(Duration::from_secs(5));
     }
 }
 
