@@ -19,7 +19,8 @@
 #   WIREGUARD_GO_SUITES   suites to look in (default: "testing unstable"); the newest wins
 #   WIREGUARD_GO_VERSION  a Debian package version to take instead of the newest
 #                         (e.g. 0.0.20231211-1+b9 from trixie)
-#   DEBIAN_MIRROR         default: http://deb.debian.org/debian
+#   DEBIAN_MIRROR         the Debian archive to use (default: the one this host's apt sources
+#                         use for Debian's main suite, from `apt-get indextargets`)
 #
 # Idempotent: with a binary already in DEST (of WIREGUARD_GO_VERSION when that is set) it only
 # says what is there and asks no network. Then run the bench with it:
@@ -50,7 +51,7 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 dest="${dest:-$repo/target/wireguard-go-current}"
 suites="${WIREGUARD_GO_SUITES:-testing unstable}"
 pinned="${WIREGUARD_GO_VERSION:-}"
-mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+mirror="${DEBIAN_MIRROR:-}"
 keyring=/usr/share/keyrings/debian-archive-keyring.gpg
 binary="$dest/bin/wireguard-go"
 
@@ -81,6 +82,16 @@ done
     say "$keyring is missing: apt-get install debian-archive-keyring"
     exit 1
 }
+
+if [[ -z "$mirror" ]]; then
+    mirror="$(apt-get indextargets --format '$(ORIGIN)|$(LABEL)|$(REPO_URI)' 'Created-By: Packages' |
+        awk -F'|' '$1 == "Debian" && $2 == "Debian" {print $3; exit}')"
+    mirror="${mirror%/}"
+    [[ -n "$mirror" ]] || {
+        say "no Debian archive in this host's apt sources (apt-get update first?): set DEBIAN_MIRROR"
+        exit 1
+    }
+fi
 
 apt_dir="$dest/apt"
 mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$dest/bin"

@@ -47,7 +47,7 @@ use netns_tests::{
 /// `--wireguard-go /usr/bin/wireguard-go --wireguard-go target/wireguard-go-current/bin/wireguard-go`
 /// measures both in one run.
 /// Build the binaries first: `cargo build --release -p netns-tests -p kubespan-agent -p
-/// discovery-server --bins`; they are taken from this executable's directory. A missing
+/// openspan-wireguard -p discovery-server --bins`; they are taken from this executable's directory. A missing
 /// boringtun-cli is installed with `cargo install boringtun-cli --locked --root
 /// <target>/tools`; if that fails, its row says why.
 #[derive(Debug, Parser)]
@@ -257,7 +257,7 @@ impl Binaries {
             .find(|d| d.join("kubespan-agent").exists())
             .with_context(|| {
                 format!(
-                    "kubespan-agent is not next to {}: run `cargo build --release -p netns-tests -p kubespan-agent -p discovery-server --bins` first",
+                    "kubespan-agent is not next to {}: run `cargo build --release -p netns-tests -p kubespan-agent -p openspan-wireguard -p discovery-server --bins` first",
                     exe.display()
                 )
             })?
@@ -272,7 +272,7 @@ impl Binaries {
         for path in [&this.agent, &this.server, &this.ctl, &this.wireguard] {
             if !path.exists() {
                 bail!(
-                    "{} is missing: run `cargo build --release -p netns-tests -p kubespan-agent -p discovery-server --bins` first",
+                    "{} is missing: run `cargo build --release -p netns-tests -p kubespan-agent -p openspan-wireguard -p discovery-server --bins` first",
                     path.display()
                 );
             }
