@@ -33,7 +33,8 @@ use netns_tests::{
 ///  3. openspan device (bare): the agent's WireGuard device alone (`openspan-wireguard`),
 ///     configured with wg(8) exactly like the references;
 ///  4. boringtun-cli: Cloudflare's userspace WireGuard, configured with wg(8);
-///  5. wireguard-go: the Go userspace WireGuard, configured with wg(8).
+///  5. wireguard-go: the Go userspace WireGuard, configured with wg(8); each `--wireguard-go`
+///     binary in turn, labelled with the version it reports (`wireguard-go --version`).
 ///
 /// Throughput is one iperf3 TCP stream (`iperf3 -c <peer> -t <duration> -J`, the server runs
 /// with `-1` in the receiving namespace); latency is the average of `ping -q -c <count> -i
@@ -41,8 +42,12 @@ use netns_tests::{
 ///
 /// Needs root, iperf3, ping, wg (wireguard-tools), ss, timeout, and wireguard-go unless skipped:
 /// `apt-get install -y --no-install-recommends iperf3 wireguard-tools wireguard-go iputils-ping`.
+/// Debian bookworm's wireguard-go (0.0.20220316) predates wireguard-go's TUN and UDP offloads;
+/// `scripts/fetch-wireguard-go.sh` unpacks a current one into target/wireguard-go-current, and
+/// `--wireguard-go /usr/bin/wireguard-go --wireguard-go target/wireguard-go-current/bin/wireguard-go`
+/// measures both in one run.
 /// Build the binaries first: `cargo build --release -p netns-tests -p kubespan-agent -p
-/// discovery-server --bins`; they are taken from this executable's directory. A missing
+/// openspan-wireguard -p discovery-server --bins`; they are taken from this executable's directory. A missing
 /// boringtun-cli is installed with `cargo install boringtun-cli --locked --root
 /// <target>/tools`; if that fails, its row says why.
 #[derive(Debug, Parser)]
@@ -69,8 +74,13 @@ struct Args {
     skip_boringtun_cli: bool,
 
     /// Do not measure wireguard-go.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "wireguard_go")]
     skip_wireguard_go: bool,
+
+    /// A wireguard-go binary to measure; repeat it to measure several side by side, each row
+    /// labelled with the version the binary reports [default: wireguard-go from PATH].
+    #[arg(long, value_name = "PATH")]
+    wireguard_go: Vec<PathBuf>,
 
     /// The boringtun-cli binary [default: <target>/tools/bin/boringtun-cli, installed when
     /// missing].
@@ -167,27 +177,57 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
+    let mut versions = Vec::new();
+    // A --wireguard-go that cannot tell its version fails the run, as a failed setup does.
+    let mut unusable = false;
     if args.skip_wireguard_go {
         rows.push(Row::missing(
             "wireguard-go",
             "skipped (--skip-wireguard-go)",
         ));
-    } else if let Some(path) = which("wireguard-go") {
-        eprintln!("== wireguard-go");
-        record(
-            &mut rows,
-            "wireguard-go",
-            bench_reference(&args, &Reference::WireguardGo { path }, "wireguard-go"),
-        );
     } else {
-        rows.push(Row::missing(
-            "wireguard-go",
-            "not available: wireguard-go is not installed (apt-get install wireguard-go)",
-        ));
+        let paths = if args.wireguard_go.is_empty() {
+            which("wireguard-go").into_iter().collect()
+        } else {
+            args.wireguard_go.clone()
+        };
+        if paths.is_empty() {
+            rows.push(Row::missing(
+                "wireguard-go",
+                "not available: wireguard-go is not installed (apt-get install wireguard-go, or --wireguard-go PATH)",
+            ));
+        }
+        let mut labels: Vec<String> = Vec::new();
+        for path in paths {
+            let version = match wireguard_go_version(&path) {
+                Ok(version) => version,
+                Err(e) => {
+                    eprintln!("mesh-bench: {}: {e:#}", path.display());
+                    unusable = true;
+                    rows.push(Row::missing(
+                        &format!("wireguard-go ({})", path.display()),
+                        &format!("not available: {}", first_line(&e)),
+                    ));
+                    continue;
+                }
+            };
+            let mut label = format!("wireguard-go {version}");
+            if labels.contains(&label) {
+                label = format!("{label} #{}", labels.len() + 1);
+            }
+            labels.push(label.clone());
+            versions.push(format!("{label}: {}", path.display()));
+            eprintln!("== {label} ({})", path.display());
+            record(
+                &mut rows,
+                &label,
+                bench_reference(&args, &Reference::WireguardGo { path }, &label),
+            );
+        }
     }
 
-    print_report(&args, &rows);
-    if failed {
+    print_report(&args, &rows, &versions);
+    if failed || unusable {
         bail!("some setups failed; see above");
     }
     Ok(())
@@ -217,7 +257,7 @@ impl Binaries {
             .find(|d| d.join("kubespan-agent").exists())
             .with_context(|| {
                 format!(
-                    "kubespan-agent is not next to {}: run `cargo build --release -p netns-tests -p kubespan-agent -p discovery-server --bins` first",
+                    "kubespan-agent is not next to {}: run `cargo build --release -p netns-tests -p kubespan-agent -p openspan-wireguard -p discovery-server --bins` first",
                     exe.display()
                 )
             })?
@@ -232,7 +272,7 @@ impl Binaries {
         for path in [&this.agent, &this.server, &this.ctl, &this.wireguard] {
             if !path.exists() {
                 bail!(
-                    "{} is missing: run `cargo build --release -p netns-tests -p kubespan-agent -p discovery-server --bins` first",
+                    "{} is missing: run `cargo build --release -p netns-tests -p kubespan-agent -p openspan-wireguard -p discovery-server --bins` first",
                     path.display()
                 );
             }
@@ -252,6 +292,32 @@ fn which(tool: &str) -> Option<PathBuf> {
         .split(':')
         .map(|d| Path::new(d).join(tool))
         .find(|p| p.is_file())
+}
+
+/// The version a wireguard-go binary reports: `wireguard-go v0.0.20250522` on the first line of
+/// `wireguard-go --version`, without the `v`.
+fn wireguard_go_version(path: &Path) -> anyhow::Result<String> {
+    if !path.is_file() {
+        bail!(
+            "{} does not exist (scripts/fetch-wireguard-go.sh fetches a current one)",
+            path.display()
+        );
+    }
+    let output = host_sh(path, &["--version"], None)?;
+    parse_wireguard_go_version(&output).ok_or_else(|| {
+        anyhow!(
+            "`{} --version` did not name a version: {}",
+            path.display(),
+            output.lines().next().unwrap_or_default()
+        )
+    })
+}
+
+fn parse_wireguard_go_version(output: &str) -> Option<String> {
+    let first = output.lines().next()?.trim();
+    let version = first.strip_prefix("wireguard-go")?.trim();
+    let version = version.strip_prefix('v').unwrap_or(version);
+    (!version.is_empty() && !version.contains(char::is_whitespace)).then(|| version.to_owned())
 }
 
 /// The boringtun-cli binary: `--boringtun-cli`, or `<target>/tools/bin/boringtun-cli`, installed
@@ -892,7 +958,7 @@ fn bench_reference(args: &Args, reference: &Reference, label: &str) -> anyhow::R
 // ---------------------------------------------------------------------------------------------
 // Report
 
-fn print_report(args: &Args, rows: &[Row]) {
+fn print_report(args: &Args, rows: &[Row], versions: &[String]) {
     let header = [
         "setup",
         "target",
@@ -965,6 +1031,9 @@ fn print_report(args: &Args, rows: &[Row]) {
     println!();
     println!("tunnel CPU: the tunnel processes of both ends during the iperf3 runs, % of one core");
     println!("tunnel RSS: peak resident memory (VmHWM) of the larger of the two tunnel processes");
+    for version in versions {
+        println!("{version}");
+    }
 
     let find = |setup: &str, path: &str| {
         rows.iter()
@@ -974,6 +1043,7 @@ fn print_report(args: &Args, rows: &[Row]) {
     let references: Vec<&Row> = rows
         .iter()
         .filter(|r| r.setup.starts_with("boringtun-cli") || r.setup.starts_with("wireguard-go"))
+        .filter(|r| !r.note.starts_with("skipped"))
         .collect();
     println!();
     println!("ratios (throughput ×, ping avg ×):");
@@ -1004,7 +1074,7 @@ fn print_report(args: &Args, rows: &[Row]) {
                 .zip(other.ping.as_ref())
                 .map_or("-".into(), |(m, o)| format!("{:.2}", m.avg_ms / o.avg_ms));
             println!(
-                "  openspan ({which:<13}) / {:<26}  throughput {tput:>5}   ping {rtt:>5}",
+                "  openspan ({which:<13}) / {:<28}  throughput {tput:>5}   ping {rtt:>5}",
                 other.setup
             );
         }
@@ -1018,14 +1088,14 @@ fn print_report(args: &Args, rows: &[Row]) {
         .filter_map(|r| Some((r.setup.as_str(), r.throughput.as_ref()?.mbps)))
         .collect();
     match mesh_mbps {
-        None => println!("target (mesh ≥ both userspace references): not measured"),
+        None => println!("target (mesh ≥ every userspace reference): not measured"),
         Some(mesh) => {
             let behind: Vec<String> = measured
                 .iter()
                 .filter(|(_, mbps)| mesh < *mbps)
                 .map(|(name, mbps)| format!("{name} {mbps:.0} Mbit/s"))
                 .collect();
-            let verdict = if measured.len() < 2 {
+            let verdict = if measured.len() < 2 || measured.len() < references.len() {
                 "not fully measured"
             } else if behind.is_empty() {
                 "met"
@@ -1033,10 +1103,32 @@ fn print_report(args: &Args, rows: &[Row]) {
                 "NOT met"
             };
             println!(
-                "target (mesh throughput ≥ both userspace references): {verdict} (mesh {mesh:.0} Mbit/s{}{})",
+                "target (mesh throughput ≥ every userspace reference): {verdict} (mesh {mesh:.0} Mbit/s{}{})",
                 if behind.is_empty() { "" } else { "; behind " },
                 behind.join(", ")
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_wireguard_go_version;
+
+    #[test]
+    fn wireguard_go_versions() {
+        let bookworm =
+            "wireguard-go v0.0.20220316\n\nUserspace WireGuard daemon for linux-amd64.\n";
+        assert_eq!(
+            parse_wireguard_go_version(bookworm).as_deref(),
+            Some("0.0.20220316")
+        );
+        assert_eq!(
+            parse_wireguard_go_version("wireguard-go v0.0.20250522\n").as_deref(),
+            Some("0.0.20250522")
+        );
+        assert_eq!(parse_wireguard_go_version("Usage: wireguard-go [-f]"), None);
+        assert_eq!(parse_wireguard_go_version("wireguard-go\n"), None);
+        assert_eq!(parse_wireguard_go_version(""), None);
     }
 }
