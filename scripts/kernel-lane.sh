@@ -101,11 +101,14 @@ if [[ ${OPENSPAN_KERNEL_LANE_NO_BUILD:-} != 1 ]]; then
   say "building the release binaries and the release namespace tests"
   cargo build --release -p kubespan-agent -p discovery-server --bins --locked >&2
 fi
-# The test executable's path comes from cargo (its name carries a hash).
-cargo test --release -p netns-tests --test mesh --no-run --locked --message-format=json >"$lab/tests.json" ||
-  die "cannot build the release namespace tests (cargo test --release -p netns-tests --no-run)"
-mesh_test=$(grep -o '"executable":"[^"]*/deps/mesh-[0-9a-f]*"' "$lab/tests.json" | tail -1 | cut -d'"' -f4)
-[[ -n $mesh_test && -x $mesh_test ]] || die "cannot find the release test executable of netns-tests/tests/mesh.rs (cargo test --release -p netns-tests --no-run)"
+# The test executable's path comes from cargo (its name carries a hash). A capture needs none.
+mesh_test=
+if [[ -z $capture_dir ]]; then
+  cargo test --release -p netns-tests --test mesh --no-run --locked --message-format=json >"$lab/tests.json" ||
+    die "cannot build the release namespace tests (cargo test --release -p netns-tests --no-run)"
+  mesh_test=$(grep -o '"executable":"[^"]*/deps/mesh-[0-9a-f]*"' "$lab/tests.json" | tail -1 | cut -d'"' -f4)
+  [[ -n $mesh_test && -x $mesh_test ]] || die "cannot find the release test executable of netns-tests/tests/mesh.rs (cargo test --release -p netns-tests --no-run)"
+fi
 for b in discovery-server kubespan-agent kubespanctl; do
   [[ -x $rel/$b ]] || die "$rel/$b is missing: cargo build --release -p kubespan-agent -p discovery-server --bins"
 done
@@ -176,9 +179,11 @@ for b in discovery-server kubespan-agent kubespanctl; do
   strip "$root/lane/bin/$b"
   libs+=("$rel/$b")
 done
-cp "$mesh_test" "$root/lane/tests/mesh"
-strip "$root/lane/tests/mesh"
-libs+=("$mesh_test")
+if [[ -n $mesh_test ]]; then
+  cp "$mesh_test" "$root/lane/tests/mesh"
+  strip "$root/lane/tests/mesh"
+  libs+=("$mesh_test")
+fi
 
 # Shared libraries, at the paths the loader looks them up by.
 for lib in $(for f in "${libs[@]}"; do ldd "$f" 2>/dev/null; done | grep -o '/[^ ]*' | sort -u); do
