@@ -108,12 +108,17 @@ pub const BACKENDS: [&str; 3] = ["userspace", "kernel", "auto"];
 /// The WireGuard backend the labs' agents use: `OPENSPAN_TEST_BACKEND` (`userspace`, `kernel` or
 /// `auto`), `userspace` when it is unset or empty.
 pub fn test_backend() -> anyhow::Result<&'static str> {
-    let value = match std::env::var(BACKEND_VAR) {
-        Ok(v) => v,
-        Err(std::env::VarError::NotPresent) => return Ok("userspace"),
+    match std::env::var(BACKEND_VAR) {
+        Ok(v) => parse_backend(Some(&v)),
+        Err(std::env::VarError::NotPresent) => parse_backend(None),
         Err(e) => bail!("{BACKEND_VAR}: {e}"),
-    };
-    let value = value.trim();
+    }
+}
+
+/// The backend a value of `OPENSPAN_TEST_BACKEND` names (unset or empty: `userspace`); any other
+/// value is an error that lists the allowed ones.
+pub fn parse_backend(value: Option<&str>) -> anyhow::Result<&'static str> {
+    let value = value.map(str::trim).unwrap_or_default();
     if value.is_empty() {
         return Ok("userspace");
     }
@@ -874,5 +879,24 @@ impl Drop for Lab {
         if std::env::var("OPENSPAN_KEEP_LAB").is_err() {
             let _ = std::fs::remove_dir_all(&self.root);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backend_is_userspace_unless_the_variable_names_another() {
+        assert_eq!(parse_backend(None).unwrap(), "userspace");
+        assert_eq!(parse_backend(Some("")).unwrap(), "userspace");
+        assert_eq!(parse_backend(Some("kernel")).unwrap(), "kernel");
+        assert_eq!(parse_backend(Some(" auto ")).unwrap(), "auto");
+        let error = parse_backend(Some("kernal")).unwrap_err().to_string();
+        assert!(
+            error.contains("OPENSPAN_TEST_BACKEND=\"kernal\"")
+                && error.contains("userspace, kernel, auto"),
+            "{error}"
+        );
     }
 }
