@@ -11,3 +11,9 @@ scripts/deps.sh
 cargo build --workspace --bins --locked
 cargo build --release -p kubespan-agent -p discovery-server --bins --locked
 cargo test --workspace --locked "$@"
+
+# The kernel lane: the namespace mesh scenarios against kernel WireGuard (backend kernel and
+# auto) in a QEMU guest booting Debian's cloud kernel; see README.md, "The kernel lane". It fails
+# the run when a scenario fails or when QEMU cannot run here; OPENSPAN_SKIP_KERNEL_LANE=1 skips
+# it, and says so.
+scripts/kernel-lane.sh

@@ -5,7 +5,12 @@
 //! when a test fails.
 //!
 //! The binaries are taken from the cargo target directory next to the test executable, so run
-//! `cargo build --workspace --bins` first (`scripts/test.sh` does).
+//! `cargo build --workspace --bins` first (`scripts/test.sh` does), or from the directory named by
+//! `OPENSPAN_TEST_BIN_DIR` (the kernel lane's QEMU guest has no target directory).
+//!
+//! The agents' WireGuard backend is `userspace` unless `OPENSPAN_TEST_BACKEND` says otherwise
+//! (`userspace`, `kernel` or `auto`): `scripts/kernel-lane.sh` runs the same scenarios against
+//! kernel WireGuard inside a QEMU guest.
 
 #![forbid(unsafe_code)]
 
@@ -88,10 +93,54 @@ pub fn require_root() -> bool {
     );
 }
 
-/// A binary of the workspace from the cargo target directory this executable runs from: next to
-/// it (a bin such as `mesh-bench` in `target/<profile>/`) or one level up (a test in
-/// `target/<profile>/deps/`).
+/// The environment variable that picks the agents' WireGuard backend.
+pub const BACKEND_VAR: &str = "OPENSPAN_TEST_BACKEND";
+
+/// The environment variable naming a directory that holds discovery-server, kubespan-agent and
+/// kubespanctl, used instead of the cargo target directory.
+pub const BIN_DIR_VAR: &str = "OPENSPAN_TEST_BIN_DIR";
+
+/// The backends a lab's agents can be configured with.
+pub const BACKENDS: [&str; 3] = ["userspace", "kernel", "auto"];
+
+/// The WireGuard backend the labs' agents use: `OPENSPAN_TEST_BACKEND` (`userspace`, `kernel` or
+/// `auto`), `userspace` when it is unset or empty.
+pub fn test_backend() -> anyhow::Result<&'static str> {
+    match std::env::var(BACKEND_VAR) {
+        Ok(v) => parse_backend(Some(&v)),
+        Err(std::env::VarError::NotPresent) => parse_backend(None),
+        Err(e) => bail!("{BACKEND_VAR}: {e}"),
+    }
+}
+
+/// The backend a value of `OPENSPAN_TEST_BACKEND` names (unset or empty: `userspace`); any other
+/// value is an error that lists the allowed ones.
+pub fn parse_backend(value: Option<&str>) -> anyhow::Result<&'static str> {
+    let value = value.map(str::trim).unwrap_or_default();
+    if value.is_empty() {
+        return Ok("userspace");
+    }
+    BACKENDS.into_iter().find(|b| *b == value).with_context(|| {
+        format!(
+            "{BACKEND_VAR}={value:?} is not a backend: use {}",
+            BACKENDS.join(", ")
+        )
+    })
+}
+
+/// A binary of the workspace: from `OPENSPAN_TEST_BIN_DIR` when it is set, else from the cargo
+/// target directory this executable runs from: next to it (a bin such as `mesh-bench` in
+/// `target/<profile>/`) or one level up (a test in `target/<profile>/deps/`).
 pub fn binary(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os(BIN_DIR_VAR).filter(|d| !d.is_empty()) {
+        let path = PathBuf::from(dir).join(name);
+        assert!(
+            path.exists(),
+            "{} is missing ({BIN_DIR_VAR} is set)",
+            path.display()
+        );
+        return path;
+    }
     let exe = std::env::current_exe().expect("executable path");
     let dir = exe.parent().expect("executable directory");
     [Some(dir), dir.parent()]
@@ -110,8 +159,12 @@ pub fn binary(name: &str) -> PathBuf {
 /// A binary of the workspace's release build (`target/release/`), for tests whose target is a
 /// property of the optimized agent (a debug agent's handshakes and discovery calls are many
 /// times slower): taken from where [`binary`] would find it when this executable is itself a
-/// release build, else from `../release/` beside the profile directory.
+/// release build, else from `../release/` beside the profile directory. With
+/// `OPENSPAN_TEST_BIN_DIR` set, the binary in that directory (whatever its build).
 pub fn release_binary(name: &str) -> PathBuf {
+    if std::env::var_os(BIN_DIR_VAR).is_some_and(|d| !d.is_empty()) {
+        return binary(name);
+    }
     let found = binary(name);
     let profile_dir = found.parent().expect("binary directory");
     if profile_dir.file_name().is_some_and(|d| d == "release") {
@@ -233,10 +286,31 @@ impl Node {
 
     /// How many peers the device lists, and how many of them completed a handshake: read from
     /// the device's `wg(8)` control socket, the one `wg show` reads, without starting a process
-    /// (a 100-node poll would otherwise spawn 100 of them per round).
+    /// (a 100-node poll would otherwise spawn 100 of them per round). A kernel WireGuard link has
+    /// no control socket: then from `wg show <interface> dump` in the node's namespace.
     pub fn handshakes(&self) -> anyhow::Result<(usize, usize)> {
         use std::io::{Read, Write};
         let path = format!("/var/run/wireguard/{}.sock", self.interface);
+        if !std::path::Path::new(&path).exists() {
+            let out = self.exec("wg", &["show", &self.interface, "dump"])?;
+            if !out.status.success() {
+                bail!(
+                    "no control socket {path}, and `wg show {} dump` failed: {}",
+                    self.interface,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            // Peer lines: public key, preshared key, endpoint, allowed IPs, latest handshake, ...
+            let text = String::from_utf8_lossy(&out.stdout);
+            let peers: Vec<Vec<&str>> = text
+                .lines()
+                .skip(1)
+                .map(|l| l.split('\t').collect::<Vec<_>>())
+                .filter(|f| f.len() >= 5)
+                .collect();
+            let done = peers.iter().filter(|f| f[4] != "0").count();
+            return Ok((peers.len(), done));
+        }
         let mut stream = std::os::unix::net::UnixStream::connect(&path)
             .with_context(|| format!("cannot connect to {path}"))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -312,6 +386,8 @@ pub struct Lab {
     namespaces: Vec<String>,
     /// Run the release build of the agent and the discovery server ([`Lab::use_release_binaries`]).
     release: bool,
+    /// The agents' WireGuard backend ([`test_backend`]).
+    pub backend: &'static str,
 }
 
 /// Settings for one agent's configuration file.
@@ -467,6 +543,7 @@ impl Lab {
     /// `count` node namespaces on one bridge, 10.77.<lab>.<n>/24; the discovery server runs on
     /// the bridge's own address, 10.77.<lab>.254.
     pub fn new(count: usize) -> anyhow::Result<Self> {
+        let backend = test_backend()?;
         clean_up_on_signals();
         make_room_for_neighbours(count)?;
         let lab = LABS.fetch_add(1, Ordering::SeqCst);
@@ -486,6 +563,7 @@ impl Lab {
             server_address: format!("10.77.{subnet}.254:3000"),
             namespaces: Vec::new(),
             release: false,
+            backend,
         };
         sh("ip", &["netns", "add", &switch])?;
         this.namespaces.push(switch.clone());
@@ -636,19 +714,21 @@ impl Lab {
         &mut self.nodes[n - 1]
     }
 
-    /// Node `n`'s agent configuration: userspace WireGuard, fast timers, `options` appended.
+    /// Node `n`'s agent configuration: the lab's WireGuard backend (userspace unless
+    /// `OPENSPAN_TEST_BACKEND` says otherwise), fast timers, `options` appended.
     pub fn agent_config(&self, n: usize, options: &AgentOptions) -> String {
         let node = &self.nodes[n - 1];
         format!(
             "clusterID: netns-{id}\nclusterSecret: {CLUSTER_SECRET}\nnodeName: {name}\n\
              discovery:\n  endpoints: [\"http://{server}\"]\nstateDir: {dir}/state\napiSocket: {dir}/agent.sock\n\
-             interface: {interface}\nbackend: userspace\npeerKeepaliveSeconds: 2\npeerDownSeconds: 6\n\
+             interface: {interface}\nbackend: {backend}\npeerKeepaliveSeconds: 2\npeerDownSeconds: 6\n\
              endpointTimeoutSeconds: 3\nnftablesTable: openspan_test\n{extra}",
             id = self.id,
             name = node.name,
             server = self.server_address,
             dir = node.dir.display(),
             interface = node.interface,
+            backend = self.backend,
             extra = options.extra_yaml,
         )
     }
@@ -792,5 +872,24 @@ impl Drop for Lab {
         if std::env::var("OPENSPAN_KEEP_LAB").is_err() {
             let _ = std::fs::remove_dir_all(&self.root);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backend_is_userspace_unless_the_variable_names_another() {
+        assert_eq!(parse_backend(None).unwrap(), "userspace");
+        assert_eq!(parse_backend(Some("")).unwrap(), "userspace");
+        assert_eq!(parse_backend(Some("kernel")).unwrap(), "kernel");
+        assert_eq!(parse_backend(Some(" auto ")).unwrap(), "auto");
+        let error = parse_backend(Some("kernal")).unwrap_err().to_string();
+        assert!(
+            error.contains("OPENSPAN_TEST_BACKEND=\"kernal\"")
+                && error.contains("userspace, kernel, auto"),
+            "{error}"
+        );
     }
 }

@@ -50,6 +50,17 @@ fn no_leftovers(lab: &Lab, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The interface index of node `n`'s WireGuard link, if it has one.
+fn link_index(lab: &Lab, n: usize) -> anyhow::Result<Option<u32>> {
+    let node = lab.node(n);
+    let out = node.exec("ip", &["-o", "link", "show", "dev", &node.interface])?;
+    if !out.status.success() {
+        return Ok(None);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text.split(':').next().and_then(|i| i.trim().parse().ok()))
+}
+
 #[test]
 fn three_nodes_form_an_encrypted_mesh_and_leave_nothing_behind() -> anyhow::Result<()> {
     if !require_root() {
@@ -102,7 +113,20 @@ fn three_nodes_form_an_encrypted_mesh_and_leave_nothing_behind() -> anyhow::Resu
 
     for n in 1..=3 {
         let node = lab.node(n);
-        let handshakes = sh("wg", &["show", &node.interface, "latest-handshakes"])?;
+        // In the node's namespace: a kernel link lives there (a userspace device's control
+        // socket is in the shared /var/run/wireguard either way).
+        let handshakes = sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &node.netns,
+                "wg",
+                "show",
+                &node.interface,
+                "latest-handshakes",
+            ],
+        )?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_secs();
@@ -199,6 +223,12 @@ fn a_dead_peer_is_down_quickly_and_its_traffic_never_leaks_unless_bypass_is_on()
     lab.wait_for("the mesh", UP, || (1..=3).all(|n| all_up(&lab, n, 2)))?;
 
     lab.node_mut(3).kill_agent(); // a crash: no goodbye, leftovers stay
+    // A kernel WireGuard link outlives its agent and would keep answering handshakes: a dead
+    // node takes it down with it.
+    if link_index(&lab, 3)?.is_some() {
+        let node = lab.node(3);
+        sh("ip", &["-n", &node.netns, "link", "del", &node.interface])?;
+    }
     let waited = lab.wait_for(
         "node-1 and node-2 to mark node-3 down",
         Duration::from_secs(20),
@@ -384,5 +414,73 @@ fn a_new_node_address_is_published_and_routed_to_the_node() -> anyhow::Result<()
         packets.is_empty(),
         "the ping went around the tunnel:\n{packets:#?}"
     );
+    Ok(())
+}
+
+#[test]
+fn an_agent_killed_with_sigkill_restarts_and_takes_its_link_back() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut lab = Lab::new(2)?;
+    lab.start_server()?;
+    for n in 1..=2 {
+        lab.start_agent(n, &AgentOptions::default())?;
+    }
+    lab.wait_for("the pair", UP, || all_up(&lab, 1, 1) && all_up(&lab, 2, 1))?;
+    let before = link_index(&lab, 2)?;
+    assert!(before.is_some(), "node-2 has its WireGuard link");
+
+    lab.node_mut(2).kill_agent(); // SIGKILL: no teardown
+    // A userspace device dies with its process; a kernel link stays, with its keys and peers.
+    let survived = link_index(&lab, 2)?;
+    if lab.backend == "kernel" {
+        assert_eq!(
+            survived, before,
+            "the kernel link outlives a SIGKILLed agent"
+        );
+    }
+    eprintln!(
+        "after SIGKILL node-2's link {}",
+        if survived.is_some() {
+            "stayed"
+        } else {
+            "went away"
+        }
+    );
+
+    lab.start_agent(2, &AgentOptions::default())?;
+    let waited = lab.wait_for("the pair again", UP, || {
+        all_up(&lab, 1, 1) && all_up(&lab, 2, 1)
+    })?;
+    eprintln!("pair up {waited:?} after node-2's agent restarted");
+    if let Some(index) = survived {
+        assert_eq!(
+            link_index(&lab, 2)?,
+            Some(index),
+            "the restarted agent adopted the link it found instead of replacing it"
+        );
+    }
+    let mesh1 = lab.node(1).mesh_address()?;
+    let mesh2 = lab.node(2).mesh_address()?;
+    assert!(
+        lab.node(1).ping(&mesh2),
+        "node-1 reaches node-2 over the mesh"
+    );
+    assert!(
+        lab.node(2).ping(&mesh1),
+        "node-2 reaches node-1 over the mesh"
+    );
+    let (peers, done) = lab.node(2).handshakes()?;
+    assert_eq!(
+        (peers, done),
+        (1, 1),
+        "node-2's device has its peer, handshaken"
+    );
+
+    for n in 1..=2 {
+        lab.node_mut(n).stop_agent()?;
+        no_leftovers(&lab, n)?;
+    }
     Ok(())
 }
