@@ -601,3 +601,55 @@ async fn killing_the_etcd_leader_loses_and_duplicates_nothing() {
         server.shutdown().await.unwrap();
     }
 }
+
+/// A replica killed (SIGKILL) loses nothing: what was written through it lives in etcd, its
+/// clients reconnect to another replica, get the whole state in their new snapshot, and go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_clients_move_to_another_and_converge() {
+    if !etcd_present() {
+        return;
+    }
+    let etcd = Etcd::start().await;
+    let prefix = "/t/killed/";
+    let dir = tempfile::tempdir().unwrap();
+    let doomed = ChildReplica::start(&etcd, prefix, dir.path()).await;
+    let survivor = start(replica_config(&etcd, prefix)).await;
+    let mut via_doomed = doomed.client().await;
+    for i in 0..20 {
+        via_doomed
+            .affiliate_update(update("c", &format!("node-{i:02}"), Some(b"d"), &[b"ep"]))
+            .await
+            .unwrap();
+    }
+    let mut watch_doomed = watch(&mut via_doomed, "c").await;
+    assert_eq!(next(&mut watch_doomed).await.affiliates.len(), 20);
+
+    let mut doomed = doomed;
+    let _ = doomed.child.kill();
+    let _ = doomed.child.wait();
+    // The stream on the dead replica ends; the client moves to the survivor.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match watch_doomed.message().await {
+                Ok(Some(_)) => continue,
+                _ => break,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the dead replica's stream ends");
+    let mut moved = client(&survivor).await;
+    let mut watch_survivor = watch(&mut moved, "c").await;
+    let snapshot = next(&mut watch_survivor).await;
+    assert_eq!(
+        snapshot.affiliates.len(),
+        20,
+        "nothing written through the killed replica is lost"
+    );
+    moved
+        .affiliate_update(update("c", "node-20", Some(b"d"), &[]))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut watch_survivor).await.affiliates[0].id, "node-20");
+    survivor.shutdown().await.unwrap();
+}
