@@ -629,12 +629,7 @@ async fn a_killed_replicas_clients_move_to_another_and_converge() {
     let _ = doomed.child.wait();
     // The stream on the dead replica ends; the client moves to the survivor.
     let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match watch_doomed.message().await {
-                Ok(Some(_)) => continue,
-                _ => break,
-            }
-        }
+        while let Ok(Some(_)) = watch_doomed.message().await {}
     })
     .await;
     assert!(ended.is_ok(), "the dead replica's stream ends");
