@@ -50,8 +50,15 @@ use crate::fanout::{AffiliateSummary, Encoded, Fanout, Mirror, WatchLimits, Watc
 use crate::limits::{Limits, StoreError, Update};
 use crate::store::{Change, Store, StoredAffiliate, StoredEndpoint, Totals};
 
-/// How an update that lost a race is retried.
-const TXN_ATTEMPTS: usize = 16;
+/// How often an update that lost a race is retried (nodes of one cluster booting together
+/// serialize their creations).
+const TXN_ATTEMPTS: usize = 64;
+
+/// Largest etcd answer read at once; the state is listed in pages well below it.
+const MAX_ETCD_MESSAGE: usize = 64 << 20;
+
+/// Keys per page when the whole state is listed.
+const LIST_PAGE: i64 = 2_000;
 
 /// Where and how to reach etcd.
 #[derive(Clone, Debug)]
@@ -174,8 +181,14 @@ fn hex(bytes: &[u8]) -> String {
         })
 }
 
+/// Lowercase hex only, as [`hex`] writes it: one spelling per key, so no two keys are the
+/// same affiliate or endpoint.
 fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
+    if !text.len().is_multiple_of(2)
+        || !text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return None;
     }
     (0..text.len())
@@ -224,6 +237,18 @@ fn parse_expiry(value: &[u8]) -> Option<(i64, &[u8])> {
     Some((i64::from_be_bytes(*expiry), rest))
 }
 
+/// A number in `0..bound` (jitter; not for secrets).
+fn rand_below(bound: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish() % bound.max(1)
+}
+
 fn unavailable(e: etcd_client::Error) -> StoreError {
     StoreError::Unavailable(format!("etcd: {e}; retry later"))
 }
@@ -245,7 +270,10 @@ impl EtcdBackend {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(config.connect_timeout)
             .with_timeout(config.request_timeout)
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            // A member cut off from the quorum cancels our watch instead of keeping it open
+            // with a frozen view (the replica then re-watches through another member).
+            .with_require_leader(true);
         if let (Some(user), Some(password)) = (&config.username, &config.password) {
             options = options.with_user(user, password);
         }
@@ -469,8 +497,14 @@ impl EtcdBackend {
                 ),
             ));
         }
+        // The data key exactly as read: the same revision if it existed (a delete or expiry in
+        // between fails the write, which is retried as a creation), absent if it did not.
+        let data_compare = match data.kvs().first() {
+            Some(kv) => Compare::mod_revision(data_key, CompareOp::Equal, kv.mod_revision()),
+            None => Compare::version(data_key, CompareOp::Equal, 0),
+        };
         let mut compares = vec![
-            Compare::mod_revision(data_key, CompareOp::Less, revision + 1),
+            data_compare,
             Compare::mod_revision(endpoints_prefix.clone(), CompareOp::Less, revision + 1)
                 .with_range(prefix_end(&endpoints_prefix)),
         ];
@@ -510,9 +544,10 @@ impl Backend for EtcdBackend {
             if self.try_update(&update).await? {
                 return Ok(());
             }
-            // Lost a race with another writer of the same affiliate or cluster: read again.
-            let pause = 1 + (attempt as u64) * 3;
-            tokio::time::sleep(Duration::from_millis(pause)).await;
+            // Lost a race with another writer of the same affiliate or cluster: read again,
+            // after a jittered pause that grows to 50 ms.
+            let most = (2 + attempt as u64 * 4).min(50);
+            tokio::time::sleep(Duration::from_millis(rand_below(most) + 1)).await;
         }
         Err(StoreError::Unavailable(
             "the affiliate kept changing under this update; retry".into(),
@@ -571,10 +606,26 @@ impl Backend for EtcdBackend {
     }
 
     fn collect_garbage(&self) -> (usize, usize) {
-        // etcd expires records (leases) and the watch brings the deletions; only the hubs of
-        // clusters nobody watches any more are dropped here.
+        // etcd deletes a record when its lease bucket ends, which can be a bucket late, and much
+        // later after a leader election (etcd re-grants leases their full TTL). The mirror does
+        // not wait: records past the expiry their writer stored are dropped and tombstoned here
+        // (etcd's own delete then finds nothing left; a refresh that arrives later re-creates).
+        let now = self.clock.wall();
+        let (removed, trimmed) = {
+            let mut mirror = self.fanout.lock();
+            let changes = mirror.store.collect_garbage(now);
+            let removed = changes
+                .iter()
+                .filter(|c| matches!(c, Change::Removed { .. }))
+                .count();
+            let trimmed = changes.len() - removed;
+            for change in changes {
+                self.fanout.publish(&mut mirror, change);
+            }
+            (removed, trimmed)
+        };
         self.fanout.prune_hubs();
-        (0, 0)
+        (removed, trimmed)
     }
 }
 
@@ -583,14 +634,38 @@ async fn read_all(
     client: &Client,
     keys: &Keys,
 ) -> Result<(HashMap<String, BTreeMap<String, StoredAffiliate>>, i64), etcd_client::Error> {
-    let response = client
+    // In pages, all at the revision of the first, so a large state is listed whole.
+    let mut kv = client
         .kv_client()
-        .get(keys.prefix.clone(), Some(GetOptions::new().with_prefix()))
-        .await?;
-    let revision = response.header().map_or(0, |h| h.revision());
+        .max_decoding_message_size(MAX_ETCD_MESSAGE);
+    let end = prefix_end(&keys.prefix);
+    let mut from = keys.prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    let mut kvs = Vec::new();
+    loop {
+        let mut options = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(LIST_PAGE);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let mut response = kv.get(from.clone(), Some(options)).await?;
+        if revision == 0 {
+            revision = response.header().map_or(0, |h| h.revision());
+        }
+        let more = response.more();
+        let page = response.take_kvs();
+        let Some(last) = page.last() else { break };
+        from = last.key().to_vec();
+        from.push(0);
+        kvs.extend(page);
+        if !more {
+            break;
+        }
+    }
     let mut clusters: HashMap<String, BTreeMap<String, StoredAffiliate>> = HashMap::new();
     let mut endpoints = Vec::new();
-    for kv in response.kvs() {
+    for kv in &kvs {
         match keys.parse(kv.key()) {
             Some(Key::Data { cluster, affiliate }) => {
                 if let Some((expires_at, data)) = parse_expiry(kv.value()) {
@@ -628,6 +703,7 @@ async fn read_all(
         if let Some(stored) = clusters
             .get_mut(&cluster)
             .and_then(|c| c.get_mut(&affiliate))
+            && !stored.endpoints.iter().any(|e| e.data == endpoint)
         {
             stored.endpoints.push(StoredEndpoint {
                 data: endpoint,
@@ -831,7 +907,9 @@ async fn follow(
             .with_prefix()
             .with_start_revision(revision + 1)
             .with_progress_notify();
-        let mut watch_client = client.watch_client();
+        let mut watch_client = client
+            .watch_client()
+            .max_decoding_message_size(MAX_ETCD_MESSAGE);
         let mut stream = match watch_client.watch(keys.prefix.clone(), Some(options)).await {
             Ok(stream) => stream,
             Err(e) => {

@@ -154,6 +154,11 @@ impl Connections {
     pub fn open(&self) -> usize {
         self.open.load(Ordering::SeqCst)
     }
+
+    /// Whether over half of the connection slots are taken.
+    fn under_pressure(&self) -> bool {
+        self.open() * 2 > self.limits.max_connections
+    }
 }
 
 /// One open connection's place in the caps; released when dropped.
@@ -586,8 +591,10 @@ async fn connection<S, B>(
     let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
     tokio::pin!(conn);
     let mut greeted = false;
-    // A gRPC client that greets must open its first call soon after: a connection that only
-    // greets would otherwise hold its slot for the whole idle timeout.
+    // While connections are scarce (over half of --max-connections open), a gRPC client that
+    // greets must open its first call soon after: connections that only greet would otherwise
+    // hold their slots for the whole idle timeout. Otherwise a client's spare warm connections
+    // (round-robin over replicas) are left to the idle timeout, not churned.
     let mut first_call_deadline: Option<Instant> = None;
     let mut closing: Option<Instant> = None;
     // Stalled responses are looked for a few times per timeout while calls are open.
@@ -633,6 +640,7 @@ async fn connection<S, B>(
                 }
                 if first_call_deadline.is_some_and(|deadline| deadline <= Instant::now())
                     && !activity.called.load(Ordering::SeqCst)
+                    && connections.under_pressure()
                 {
                     // Nothing to finish: closed at once, not after a GOAWAY round trip the
                     // client may never answer.

@@ -12,9 +12,8 @@
 //! Time: the store's expiry instants are on the monotonic clock, which means nothing to another
 //! process, so format 2 stores the TTL each record had left when the snapshot was taken, plus the
 //! wall-clock time of writing and the host's boot clock. At load on the same boot the downtime is
-//! measured exactly by the boot clock, which wall-clock steps do not move; after a reboot at
-//! least the new boot's uptime has passed; the wall clock's reading is used only when it is
-//! plausible (see [`Downtime`]). A stepped wall clock therefore neither expires every record at
+//! measured exactly by the boot clock, which wall-clock steps do not move; otherwise the wall
+//! clock's reading is used only when it is plausible (see [`Downtime`]). A stepped wall clock therefore neither expires every record at
 //! once nor brings back records that had long expired. Format 1 (absolute
 //! wall-clock expiry times) still loads: its times are turned into remaining TTLs against the
 //! file's own write time, then treated the same way.
@@ -173,10 +172,10 @@ pub fn encode(store: &Store, now: MonoMillis, at: impl Into<Moment>) -> Vec<u8> 
 }
 
 /// How the time between writing a snapshot and loading it was accounted for. The boot clock
-/// measures it exactly when both ran on the same boot of the host. Otherwise only the wall clock
-/// spans the two, and it can be stepped while the server is down, so its reading is used only
-/// when it is plausible, and never below the new boot's uptime (the file was written before the
-/// host rebooted); failing both, records keep the TTL they had left at writing time (at worst a
+/// measures it exactly when both ran on the same boot of the host. Otherwise (a reboot, or a
+/// file from another host) only the wall clock spans the two, and it can be stepped while the
+/// server is down, so its reading is used only when it is plausible; failing that, records keep
+/// the TTL they had left at writing time (at worst a
 /// record outlives its client by one TTL, which is bounded by the longest TTL a client may ask
 /// for; losing every record at once would instead empty the mesh).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,9 +183,6 @@ pub enum Downtime {
     /// Same boot of the host: the boot clock advanced by this many milliseconds, all of which
     /// is subtracted from every remaining TTL, however long.
     SameBoot(i64),
-    /// The host rebooted since the file was written: at least this boot's uptime has passed,
-    /// more than the wall clock plausibly says; it is subtracted.
-    SinceReboot(i64),
     /// The wall clock advanced by this many milliseconds, no more than the longest TTL: it is
     /// subtracted from every remaining TTL.
     Subtracted(i64),
@@ -201,35 +197,32 @@ pub enum Downtime {
 impl Downtime {
     /// Classifies the time between the stamp `then` and `now`.
     pub fn measure(then: &Moment, now: &Moment, max_ttl_ms: i64) -> Self {
-        if let (Some(then), Some(now)) = (&then.boot, &now.boot)
-            && then.boot_id == now.boot_id
+        // A stamp from a file is untrusted: negative times are no stamp at all.
+        let valid = |b: &&BootClock| b.since_boot_ms >= 0;
+        if let (Some(then), Some(now)) = (
+            then.boot.as_ref().filter(valid),
+            now.boot.as_ref().filter(valid),
+        ) && then.boot_id == now.boot_id
             && now.since_boot_ms >= then.since_boot_ms
         {
             return Downtime::SameBoot(now.since_boot_ms - then.since_boot_ms);
         }
+        // Another boot: this host rebooted, or the file comes from another host (a volume moved
+        // with its pod), which look the same, so only the wall clock can tell.
         let elapsed = now.wall.saturating_sub(then.wall);
-        let by_wall = if elapsed < 0 {
+        if elapsed < 0 {
             Downtime::ClockBehind(elapsed.saturating_neg())
         } else if elapsed > max_ttl_ms {
             Downtime::Implausible(elapsed)
         } else {
             Downtime::Subtracted(elapsed)
-        };
-        // Written on another boot (both stamps known, ids differ): the host rebooted since.
-        let rebooted =
-            matches!((&then.boot, &now.boot), (Some(t), Some(n)) if t.boot_id != n.boot_id);
-        match &now.boot {
-            Some(boot) if rebooted && boot.since_boot_ms > by_wall.subtracted_ms() => {
-                Downtime::SinceReboot(boot.since_boot_ms)
-            }
-            _ => by_wall,
         }
     }
 
     /// Milliseconds taken off every remaining TTL.
     pub fn subtracted_ms(self) -> i64 {
         match self {
-            Downtime::SameBoot(ms) | Downtime::SinceReboot(ms) | Downtime::Subtracted(ms) => ms,
+            Downtime::SameBoot(ms) | Downtime::Subtracted(ms) => ms.max(0),
             Downtime::ClockBehind(_) | Downtime::Implausible(_) => 0,
         }
     }
@@ -609,32 +602,46 @@ mod tests {
     }
 
     #[test]
-    fn after_a_reboot_at_least_the_uptime_has_passed() {
+    fn another_boot_or_host_goes_by_the_wall_clock() {
         let bytes = encode(&sample_store(0), 0, at(WALL, "boot-1", 50 * MIN));
-        // Up for 40 minutes since the reboot, wall clock stepped back: all ran out.
+        // A volume moved to a host up for ten days, 5 s later: 5 s count, not the uptime.
         let mut restored = Store::default();
-        let loaded =
-            decode_into(&bytes, &mut restored, 0, at(WALL - MIN, "boot-2", 40 * MIN)).unwrap();
-        assert_eq!(loaded.downtime, Downtime::SinceReboot(40 * MIN));
-        assert_eq!(loaded.affiliates, 0);
-        // Up for 1 minute, wall clock says 5: the plausible wall clock counts.
+        let loaded = decode_into(
+            &bytes,
+            &mut restored,
+            0,
+            at(WALL + 5_000, "host-2", 14_400 * MIN),
+        )
+        .unwrap();
+        assert_eq!(loaded.downtime, Downtime::Subtracted(5_000));
+        assert_eq!(loaded.affiliates, 2, "only c1/b (1 s) ran out");
+        // Rebooted, the wall clock says 5 minutes: they count.
         let mut restored = Store::default();
         let loaded =
             decode_into(&bytes, &mut restored, 0, at(WALL + 5 * MIN, "boot-2", MIN)).unwrap();
         assert_eq!(loaded.downtime, Downtime::Subtracted(5 * MIN));
         assert_eq!(expiry(&restored, "c1", "a"), 5 * MIN);
-        // Up for 1 minute, wall clock a year on (implausible): the uptime counts.
-        let mut restored = Store::default();
-        let year = 365 * 24 * 60 * MIN;
-        let loaded = decode_into(&bytes, &mut restored, 0, at(WALL + year, "boot-2", MIN)).unwrap();
-        assert_eq!(loaded.downtime, Downtime::SinceReboot(MIN));
-        assert_eq!(expiry(&restored, "c1", "a"), 9 * MIN);
-        // A file without a boot stamp (older build) falls back to the wall clock.
+        // A file without a boot stamp (older build) likewise.
         let old = encode(&sample_store(0), 0, WALL);
+        let year = 365 * 24 * 60 * MIN;
         let mut restored = Store::default();
         let loaded =
             decode_into(&old, &mut restored, 0, at(WALL + year, "boot-2", 40 * MIN)).unwrap();
         assert_eq!(loaded.downtime, Downtime::Implausible(year));
+    }
+
+    #[test]
+    fn a_hostile_boot_stamp_is_no_stamp() {
+        let mut restored = Store::default();
+        let boot = BootClock::read().map_or_else(|| "this-boot".to_owned(), |b| b.boot_id);
+        let bytes = encode(&sample_store(0), 0, at(WALL, &boot, i64::MIN));
+        let loaded =
+            decode_into(&bytes, &mut restored, 0, at(WALL + MIN, &boot, 1_000_000)).unwrap();
+        assert_eq!(loaded.downtime, Downtime::Subtracted(MIN));
+        let bytes = encode(&sample_store(0), 0, at(WALL, &boot, i64::MAX));
+        let loaded =
+            decode_into(&bytes, &mut restored, 0, at(WALL + MIN, &boot, 1_000_000)).unwrap();
+        assert_eq!(loaded.downtime, Downtime::Subtracted(MIN));
     }
 
     #[test]

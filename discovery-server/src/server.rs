@@ -192,10 +192,6 @@ fn load_snapshot(store: &mut Store, config: &SnapshotConfig, clock: &dyn Clock) 
                     path = %path.display(), affiliates, elapsed_ms, downtime_ms = ms,
                     "loaded snapshot; the downtime, measured by the host's boot clock, was taken off every remaining TTL"
                 ),
-                persist::Downtime::SinceReboot(ms) => tracing::info!(
-                    path = %path.display(), affiliates, elapsed_ms, downtime_at_least_ms = ms,
-                    "loaded snapshot written before the host rebooted; at least this boot's uptime was taken off every remaining TTL"
-                ),
                 persist::Downtime::Subtracted(ms) => tracing::info!(
                     path = %path.display(), affiliates, elapsed_ms, downtime_ms = ms,
                     "loaded snapshot; the downtime was taken off every remaining TTL"

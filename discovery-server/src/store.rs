@@ -365,12 +365,10 @@ impl Store {
         };
         let before = affiliate.endpoints.len();
         affiliate.endpoints.retain(|e| e.data != endpoint);
-        let removed = affiliate.endpoints.len() != before;
-        if removed {
-            self.counted.endpoints -= 1;
-            self.counted.payload_bytes -= endpoint.len();
-        }
-        removed
+        let removed = before - affiliate.endpoints.len();
+        self.counted.endpoints -= removed;
+        self.counted.payload_bytes -= removed * endpoint.len();
+        removed > 0
     }
 
     /// Replaces an affiliate with `stored`. Returns whether a watcher would see a difference.

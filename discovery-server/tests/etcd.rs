@@ -87,10 +87,15 @@ async fn a_change_through_one_replica_reaches_the_watchers_of_another() {
     );
     assert_eq!(merged.affiliates[0].endpoints.len(), 2);
 
-    // Both replicas list the same; a delete through B is a tombstone on A's watchers.
+    // Both replicas list the same (A's mirror follows within moments); a delete through B is a
+    // tombstone on A's watchers.
+    eventually(Duration::from_secs(5), "A lists what B lists", || {
+        let (mut a, mut b) = (a.clone(), b.clone());
+        async move { list(&mut a, "c").await == list(&mut b, "c").await }
+    })
+    .await;
     let mut watch_a = watch(&mut a, "c").await;
     assert_eq!(next(&mut watch_a).await.affiliates.len(), 1);
-    assert_eq!(list(&mut a, "c").await, list(&mut b, "c").await);
     b.affiliate_delete(openspan_proto::discovery::server::AffiliateDeleteRequest {
         cluster_id: "c".into(),
         affiliate_id: "n1".into(),
@@ -647,4 +652,43 @@ async fn a_killed_replicas_clients_move_to_another_and_converge() {
         .unwrap();
     assert_eq!(next(&mut watch_survivor).await.affiliates[0].id, "node-20");
     survivor.shutdown().await.unwrap();
+}
+
+/// The mirror does not wait for etcd: a record past the expiry its writer stored is tombstoned by
+/// the replica's own collection, even while etcd still holds it (its lease bucket has not ended;
+/// after an etcd leader election leases even start their TTL over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_expire_records_on_time_even_when_etcd_is_late() {
+    if !etcd_present() {
+        return;
+    }
+    let etcd = Etcd::start().await;
+    let mut config = replica_config(&etcd, "/t/late/");
+    config.gc_interval = Duration::from_millis(200);
+    if let discovery_server::server::StoreKind::Etcd(etcd_config) = &mut config.store {
+        // Leases a minute long: etcd would delete the record only then.
+        etcd_config.lease_bucket = Duration::from_secs(60);
+    }
+    let server = start(config).await;
+    let mut c = client(&server).await;
+    let mut w = watch(&mut c, "c").await;
+    next(&mut w).await;
+    c.affiliate_update(with_ttl(update("c", "short", Some(b"d"), &[]), 2))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut w).await.affiliates[0].id, "short");
+    let written = Instant::now();
+    let tombstone = tokio::time::timeout(Duration::from_secs(10), w.message())
+        .await
+        .expect("a tombstone within 10 s")
+        .unwrap()
+        .unwrap();
+    assert!(tombstone.deleted, "{tombstone:?}");
+    let after = written.elapsed();
+    assert!(
+        after < Duration::from_secs(5),
+        "tombstoned {after:?} after a 2 s TTL"
+    );
+    assert!(list(&mut c, "c").await.is_empty());
+    server.shutdown().await.unwrap();
 }

@@ -667,11 +667,13 @@ async fn keepalive_and_idle_timeouts_close_connections() {
     assert!(h2.seen.closed.load(Ordering::SeqCst), "and is closed");
     server.shutdown().await.unwrap();
 
-    // A connection that greets and never calls is closed within --handshake-timeout of its
-    // preface, not held for the idle timeout; one that calls stays.
+    // While connections are scarce (here 2 of 3 slots taken), a connection that greets and
+    // never calls is closed within --handshake-timeout of its preface, not held for the idle
+    // timeout; one that calls stays.
     let mut config = test_config();
     config.connections.handshake_timeout = Duration::from_secs(1);
     config.connections.grpc_idle_timeout = Duration::from_secs(60);
+    config.connections.max_connections = 3;
     let server = start(config).await;
     let silent = RawH2::connect(server.grpc_addr.unwrap(), None)
         .await
@@ -699,6 +701,21 @@ async fn keepalive_and_idle_timeouts_close_connections() {
     assert!(
         !calling.seen.closed.load(Ordering::SeqCst),
         "a connection that made a call stays open until it idles"
+    );
+    server.shutdown().await.unwrap();
+
+    // With slots to spare, a warm connection without a call is left to the idle timeout.
+    let mut config = test_config();
+    config.connections.handshake_timeout = Duration::from_secs(1);
+    config.connections.grpc_idle_timeout = Duration::from_secs(60);
+    let server = start(config).await;
+    let warm = RawH2::connect(server.grpc_addr.unwrap(), None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        !warm.seen.closed.load(Ordering::SeqCst),
+        "a spare warm connection is not churned while slots are free"
     );
     server.shutdown().await.unwrap();
 }
