@@ -8,7 +8,7 @@ use prometheus_client::metrics::counter::Counter;
 
 use crate::clock::{Clock, MonoMillis};
 use crate::limits::{Limits, StoreError, Update};
-use crate::store::{Change, Store, Totals};
+use crate::store::{Store, Totals};
 
 pub use crate::fanout::{
     AffiliateSummary, Encoded, Fanout, MAX_WATCH_MESSAGE, Progress, SNAPSHOT_PIECE, StallProbe,
@@ -76,26 +76,6 @@ impl MemoryBackend {
     /// The store's time: monotonic, so a stepped wall clock moves no expiry.
     pub fn now(&self) -> MonoMillis {
         self.clock.monotonic()
-    }
-
-    fn collect_expired(&self) -> (usize, usize) {
-        let now = self.now();
-        let (removed, trimmed) = {
-            let mut mirror = self.fanout.lock();
-            let changes = mirror.store.collect_garbage(now);
-            let removed = changes
-                .iter()
-                .filter(|c| matches!(c, Change::Removed { .. }))
-                .count();
-            let trimmed = changes.len() - removed;
-            for change in changes {
-                self.fanout.publish(&mut mirror, change);
-            }
-            (removed, trimmed)
-        };
-        // A cluster exists while it has affiliates or watchers.
-        self.fanout.prune_hubs();
-        (removed, trimmed)
     }
 
     /// A snapshot file of the whole store. The lock is held for one cluster at a time (a
@@ -180,7 +160,8 @@ impl Backend for MemoryBackend {
     }
 
     fn collect_garbage(&self) -> (usize, usize) {
-        self.collect_expired()
+        // A cluster exists while it has affiliates or watchers.
+        self.fanout.collect_garbage(self.now())
     }
 
     fn snapshot_file(&self) -> Option<Vec<u8>> {

@@ -610,22 +610,7 @@ impl Backend for EtcdBackend {
         // later after a leader election (etcd re-grants leases their full TTL). The mirror does
         // not wait: records past the expiry their writer stored are dropped and tombstoned here
         // (etcd's own delete then finds nothing left; a refresh that arrives later re-creates).
-        let now = self.clock.wall();
-        let (removed, trimmed) = {
-            let mut mirror = self.fanout.lock();
-            let changes = mirror.store.collect_garbage(now);
-            let removed = changes
-                .iter()
-                .filter(|c| matches!(c, Change::Removed { .. }))
-                .count();
-            let trimmed = changes.len() - removed;
-            for change in changes {
-                self.fanout.publish(&mut mirror, change);
-            }
-            (removed, trimmed)
-        };
-        self.fanout.prune_hubs();
-        (removed, trimmed)
+        self.fanout.collect_garbage(self.clock.wall())
     }
 }
 

@@ -416,6 +416,27 @@ impl Fanout {
         mirror.publish(change, self.watch, &self.aborted);
     }
 
+    /// Removes what expired by `now` (the store's time) and tells watchers, then drops the hubs
+    /// of clusters nobody watches any more. Returns (affiliates removed, affiliates that lost
+    /// endpoints).
+    pub fn collect_garbage(&self, now: MonoMillis) -> (usize, usize) {
+        let (removed, trimmed) = {
+            let mut mirror = self.lock();
+            let changes = mirror.store.collect_garbage(now);
+            let removed = changes
+                .iter()
+                .filter(|c| matches!(c, Change::Removed { .. }))
+                .count();
+            let trimmed = changes.len() - removed;
+            for change in changes {
+                self.publish(&mut mirror, change);
+            }
+            (removed, trimmed)
+        };
+        self.prune_hubs();
+        (removed, trimmed)
+    }
+
     /// Drops the hubs of clusters nobody watches any more (and their cached encodings).
     pub fn prune_hubs(&self) {
         self.lock().hubs.retain(|_, hub| {
