@@ -60,6 +60,10 @@ const MAX_ETCD_MESSAGE: usize = 64 << 20;
 /// Keys per page when the whole state is listed.
 const LIST_PAGE: i64 = 2_000;
 
+/// How often a quiet watch is asked for progress; three times this without an answer and the
+/// watch counts as stalled.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
 /// Where and how to reach etcd.
 #[derive(Clone, Debug)]
 pub struct EtcdConfig {
@@ -895,24 +899,39 @@ async fn follow(
         let mut watch_client = client
             .watch_client()
             .max_decoding_message_size(MAX_ETCD_MESSAGE);
-        let mut stream = match watch_client.watch(keys.prefix.clone(), Some(options)).await {
-            Ok(stream) => stream,
-            Err(e) => {
-                in_sync.store(false, Ordering::SeqCst);
-                tracing::warn!(error = %e, revision, "cannot watch etcd; trying again");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(retry) => {}
+        let (mut requests, mut stream) =
+            match watch_client.watch(keys.prefix.clone(), Some(options)).await {
+                Ok(stream) => stream.split(),
+                Err(e) => {
+                    in_sync.store(false, Ordering::SeqCst);
+                    tracing::warn!(error = %e, revision, "cannot watch etcd; trying again");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(retry) => {}
+                    }
+                    retry = (retry * 2).min(Duration::from_secs(5));
+                    continue;
                 }
-                retry = (retry * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
+            };
+        // A watch that goes quiet may be stalled (etcd's own progress notifications come every
+        // ten minutes): ask for progress now and then, and treat silence as a broken stream.
+        let mut progress = tokio::time::interval(PROGRESS_EVERY);
+        progress.tick().await;
+        let mut heard = tokio::time::Instant::now();
         loop {
             let message = tokio::select! {
                 _ = stop.cancelled() => return,
                 message = stream.message() => message,
+                _ = progress.tick() => {
+                    if heard.elapsed() > PROGRESS_EVERY * 3 {
+                        tracing::warn!(revision, silent_for = ?heard.elapsed(), "the etcd watch answers nothing; resuming");
+                        break;
+                    }
+                    let _ = requests.request_progress().await;
+                    continue;
+                }
             };
+            heard = tokio::time::Instant::now();
             match message {
                 Ok(Some(response)) => {
                     if response.compact_revision() > 0 {
@@ -935,15 +954,10 @@ async fn follow(
                         in_sync.store(true, Ordering::SeqCst);
                         retry = Duration::from_millis(100);
                     }
+                    // Only events move the resume point: a progress notification's revision can
+                    // run ahead of events still on their way in etcd before 3.4.25 / 3.5.8.
                     let events = response.events();
-                    if events.is_empty() {
-                        // A progress notification: everything up to its revision was sent.
-                        if let Some(header) = response.header()
-                            && !response.created()
-                        {
-                            revision = revision.max(header.revision());
-                        }
-                    } else {
+                    if !events.is_empty() {
                         apply(&fanout, &keys, events);
                         let last = events
                             .iter()

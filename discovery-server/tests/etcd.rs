@@ -692,3 +692,51 @@ async fn replicas_expire_records_on_time_even_when_etcd_is_late() {
     assert!(list(&mut c, "c").await.is_empty());
     server.shutdown().await.unwrap();
 }
+
+/// etcd frozen (SIGSTOP: connections open, nothing answered): the replica notices its silent
+/// watch (it asks for progress and gets none), reports not ready, and is ready again once etcd
+/// answers, with the changes made meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_etcd_is_noticed_and_survived() {
+    if !etcd_present() {
+        return;
+    }
+    let etcd = Etcd::start().await;
+    let mut config = replica_config(&etcd, "/t/frozen/");
+    config.metrics_addr = Some("127.0.0.1:0".into());
+    let server = start(config).await;
+    let metrics = server.metrics_addr.unwrap();
+    let mut c = client(&server).await;
+    c.affiliate_update(update("c", "a", Some(b"d"), &[]))
+        .await
+        .unwrap();
+    etcd.signal("STOP");
+    let frozen = Instant::now();
+    eventually(
+        Duration::from_secs(40),
+        "the replica reports not ready",
+        || async move { http_get(metrics, "/readyz").await.0 == 503 },
+    )
+    .await;
+    eprintln!("a frozen etcd noticed after {:?}", frozen.elapsed());
+    etcd.signal("CONT");
+    eventually(Duration::from_secs(30), "ready again", || async move {
+        http_get(metrics, "/readyz").await.0 == 200
+    })
+    .await;
+    eventually(Duration::from_secs(10), "writes go through again", || {
+        let mut c = c.clone();
+        async move {
+            c.affiliate_update(update("c", "b", Some(b"d"), &[]))
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    eventually(Duration::from_secs(5), "the mirror has both", || {
+        let mut c = c.clone();
+        async move { list(&mut c, "c").await.len() == 2 }
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}

@@ -79,6 +79,17 @@ impl Etcd {
         }
     }
 
+    /// Sends a signal to the member (STOP freezes it with its connections open).
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("etcd runs");
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
