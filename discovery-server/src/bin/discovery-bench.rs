@@ -38,6 +38,7 @@ const TARGET_PEAK_RSS_KIB: u64 = 256 * 1024;
 const TARGET_OVERHEAD_BYTES: f64 = 1024.0;
 const TARGET_SNAPSHOT_WRITE: Duration = Duration::from_secs(1);
 const TARGET_SNAPSHOT_LOAD: Duration = Duration::from_secs(1);
+const TARGET_REPLICA_FANOUT_P99: Duration = Duration::from_millis(50);
 
 /// Every single RPC gives up after this long.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
@@ -94,6 +95,22 @@ const MAX_LOG_LINES: usize = 100_000;
 ///           new server on that snapshot, timing until it serves a List of a full cluster (the
 ///           log gives the load time). Targets: write and load under 1 s each.
 ///
+///   replicas  Replicas on etcd (issue 12; not in the default set: it needs `etcd` on PATH).
+///           Starts a --etcd-members etcd cluster on loopback (free ports, data in a temporary
+///           directory), --replicas discovery-server replicas on it (--store etcd) and one
+///           in-memory server, and measures both side by side in one run: the update load of
+///           the update phase (its flags; client i talks to server i % servers) for updates/s
+///           and server CPU per update (replicas summed; etcd's CPU apart), alternating the
+///           store every round; then the fan-out of the fan-out phase (its flags), the watchers
+///           spread over the servers and the updates sent round-robin over them (or through
+///           one, --replicas-send one), reporting per update the delay until EVERY watcher has
+///           it and its parts: answered, seen by the bench's own etcd watch, first watcher,
+///           first watcher of the last server, spread within one server. Also etcd's watcher
+///           and watch-stream counts (its /metrics, members summed) during the fan-out, and the
+///           peak RSS (VmHWM) of every server and etcd member. Every process it started is
+///           killed and the directory removed at the end, on failure, on Ctrl-C, and after 30
+///           min at most. Targets: every-watcher p99 <= 50 ms on etcd, nothing missed.
+///
 /// --quick scales every phase down to a smoke run that finishes in a few seconds; any count
 /// flag given explicitly still wins.
 #[derive(Debug, Parser)]
@@ -121,6 +138,7 @@ enum Phase {
     Update,
     Fanout,
     Scale,
+    Replicas,
 }
 
 #[derive(Debug, clap::Args)]
@@ -214,6 +232,24 @@ struct BenchArgs {
     /// Affiliate data bytes of the fan-out and scale records [default: 800].
     #[arg(long, value_name = "BYTES")]
     record_bytes: Option<usize>,
+
+    /// Replicas: discovery-server replicas on etcd.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    replicas: usize,
+
+    /// Replicas: members of the etcd cluster the bench starts.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    etcd_members: usize,
+
+    /// Replicas: send the fan-out updates round-robin over the servers, or all through one.
+    #[arg(long, value_enum, default_value = "round-robin")]
+    replicas_send: ReplicasSend,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ReplicasSend {
+    RoundRobin,
+    One,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -251,12 +287,20 @@ struct ScaleConfig {
     record_bytes: usize,
 }
 
+#[derive(Clone, Debug, Serialize)]
+struct ReplicasConfig {
+    replicas: usize,
+    etcd_members: usize,
+    send_round_robin: bool,
+}
+
 struct Settings {
     server_bin: PathBuf,
     phases: Vec<Phase>,
     update: UpdateConfig,
     fanout: FanoutConfig,
     scale: ScaleConfig,
+    replicas: ReplicasConfig,
 }
 
 fn pick<T>(given: Option<T>, full: T, quick: T, is_quick: bool) -> T {
@@ -303,6 +347,11 @@ impl BenchArgs {
                 clients: scale_clients,
                 record_bytes,
             },
+            replicas: ReplicasConfig {
+                replicas: self.replicas,
+                etcd_members: self.etcd_members,
+                send_round_robin: self.replicas_send == ReplicasSend::RoundRobin,
+            },
         };
         settings.validate()?;
         Ok(settings)
@@ -348,6 +397,14 @@ impl Settings {
         ensure!(
             f.affiliates <= 1024 && s.per_cluster <= 1024,
             "a cluster holds at most 1024 affiliates (the server's default --max-affiliates)"
+        );
+        ensure!(
+            (1..=16).contains(&self.replicas.replicas),
+            "--replicas must be between 1 and 16"
+        );
+        ensure!(
+            matches!(self.replicas.etcd_members, 1 | 3 | 5),
+            "--etcd-members must be 1, 3 or 5"
         );
         Ok(())
     }
@@ -832,6 +889,15 @@ impl TempDir {
             .with_context(|| format!("cannot create {}", path.display()))?;
         Ok(Self(path))
     }
+
+    /// A directory of its own next to [`TempDir::new`]'s.
+    fn with_tag(tag: &str) -> anyhow::Result<Self> {
+        let path =
+            std::env::temp_dir().join(format!("discovery-bench-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(Self(path))
+    }
 }
 
 impl Drop for TempDir {
@@ -948,6 +1014,18 @@ async fn fill(
     spec: &FillSpec,
     limit: Duration,
 ) -> anyhow::Result<FillOutcome> {
+    fill_retrying(addr, clients, spec, limit, 0).await
+}
+
+/// [`fill`], sending a failed update again (after 10 ms) up to `retries` times, as a node
+/// would; every failed attempt counts as an error.
+async fn fill_retrying(
+    addr: SocketAddr,
+    clients: usize,
+    spec: &FillSpec,
+    limit: Duration,
+    retries: usize,
+) -> anyhow::Result<FillOutcome> {
     let connections = connect_many(addr, clients).await?;
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
@@ -965,11 +1043,21 @@ async fn fill(
                     if index >= spec.total() {
                         break;
                     }
-                    match send_update(&mut client, spec.request(index, &mut rng)).await {
-                        Ok(()) => done += 1,
-                        Err(e) => {
-                            errors += 1;
-                            first_error.get_or_insert(e);
+                    for attempt in 0..=retries {
+                        match send_update(&mut client, spec.request(index, &mut rng)).await {
+                            Ok(()) => {
+                                done += 1;
+                                break;
+                            }
+                            Err(e) => {
+                                errors += 1;
+                                first_error.get_or_insert(e);
+                                if attempt < retries && Instant::now() < deadline {
+                                    tokio::time::sleep(Duration::from_millis(10)).await;
+                                } else {
+                                    break;
+                                }
+                            }
                         }
                     }
                 }
@@ -1111,7 +1199,38 @@ async fn measure_updates(
     config: &UpdateConfig,
     clk_tck: u64,
 ) -> anyhow::Result<UpdateRun> {
-    let clients = connect_many(server.addr, config.clients).await?;
+    let (run, _) = measure_updates_on(
+        &server.name,
+        &[server.addr],
+        &[server.pid()],
+        &[],
+        config,
+        clk_tck,
+    )
+    .await?;
+    Ok(run)
+}
+
+/// CPU ticks of several processes together.
+fn proc_cpu_ticks_sum(pids: &[u32]) -> anyhow::Result<u64> {
+    pids.iter().map(|&pid| proc_cpu_ticks(pid)).sum()
+}
+
+/// Runs the update load against several servers (client `i` talks to `addrs[i % len]`) and
+/// measures the CPU time of `pids` together over the window (the run's server CPU), and that of
+/// `side_pids` (such as etcd) apart: it is returned, and left out of the other processes' CPU.
+async fn measure_updates_on(
+    name: &str,
+    addrs: &[SocketAddr],
+    pids: &[u32],
+    side_pids: &[u32],
+    config: &UpdateConfig,
+    clk_tck: u64,
+) -> anyhow::Result<(UpdateRun, f64)> {
+    let mut clients = Vec::with_capacity(config.clients);
+    for i in 0..config.clients {
+        clients.push(connect(addrs[i % addrs.len()]).await?);
+    }
     let state = Arc::new(AtomicU8::new(WARMING));
     let measured = Arc::new(AtomicU64::new(0));
     let (warmup, window) = (
@@ -1137,7 +1256,8 @@ async fn measure_updates(
     tokio::time::sleep(warmup).await;
     let bench_pid = std::process::id();
     let (machine_before, bench_before) = (machine_busy_ticks()?, proc_cpu_ticks(bench_pid)?);
-    let cpu_before = proc_cpu_ticks(server.pid())?;
+    let cpu_before = proc_cpu_ticks_sum(pids)?;
+    let side_before = proc_cpu_ticks_sum(side_pids)?;
     let started = Instant::now();
     state.store(MEASURING, Ordering::SeqCst);
     while started.elapsed() < window && measured.load(Ordering::Relaxed) < config.max_updates {
@@ -1145,7 +1265,8 @@ async fn measure_updates(
     }
     state.store(STOPPED, Ordering::SeqCst);
     let elapsed = started.elapsed();
-    let cpu_after = proc_cpu_ticks(server.pid())?;
+    let cpu_after = proc_cpu_ticks_sum(pids)?;
+    let side_after = proc_cpu_ticks_sum(side_pids)?;
     let (machine_after, bench_after) = (machine_busy_ticks()?, proc_cpu_ticks(bench_pid)?);
     let updates = measured.load(Ordering::SeqCst);
 
@@ -1163,9 +1284,11 @@ async fn measure_updates(
     let ticks = |before: u64, after: u64| after.saturating_sub(before) as f64 / clk_tck as f64;
     let cpu_s = ticks(cpu_before, cpu_after);
     let bench_cpu_s = ticks(bench_before, bench_after);
-    let other_cpu_s = (ticks(machine_before, machine_after) - cpu_s - bench_cpu_s).max(0.0);
-    Ok(UpdateRun {
-        server: server.name.clone(),
+    let side_cpu_s = ticks(side_before, side_after);
+    let other_cpu_s =
+        (ticks(machine_before, machine_after) - cpu_s - bench_cpu_s - side_cpu_s).max(0.0);
+    let run = UpdateRun {
+        server: name.to_owned(),
         window_s: elapsed.as_secs_f64(),
         updates,
         errors,
@@ -1178,7 +1301,8 @@ async fn measure_updates(
         cpu_us_per_update: cpu_s * 1e6 / updates.max(1) as f64,
         bench_cpu_s,
         other_cpu_s,
-    })
+    };
+    Ok((run, side_cpu_s))
 }
 
 async fn measure_ours(settings: &Settings, clk_tck: u64) -> anyhow::Result<UpdateRun> {
@@ -1894,6 +2018,1119 @@ async fn phase_scale(settings: &Settings, out: &Out) -> anyhow::Result<ScaleRepo
 }
 
 // ---------------------------------------------------------------------------------------------
+// Phase 4: replicas on etcd, side by side with the in-memory store.
+
+/// Where etcd comes from when it is missing.
+const ETCD_HINT: &str = "the replicas phase needs etcd on PATH (Debian: apt-get install --no-install-recommends etcd-server)";
+/// The whole replicas phase gives up after this long (every process it started is killed).
+const REPLICAS_PHASE_LIMIT: Duration = Duration::from_secs(30 * 60);
+
+/// `etcd --version`'s first line; fails with a clear message when etcd is missing.
+fn etcd_version() -> anyhow::Result<String> {
+    let output = Process::new("etcd")
+        .arg("--version")
+        .output()
+        .with_context(|| format!("cannot run `etcd --version`: {ETCD_HINT}"))?;
+    ensure!(
+        output.status.success(),
+        "`etcd --version` failed ({}): {ETCD_HINT}",
+        output.status
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    Ok(text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("etcd Version:")
+        .trim()
+        .to_owned())
+}
+
+/// One etcd member; killed when dropped.
+struct EtcdMember {
+    child: Child,
+    client_url: String,
+    log_path: PathBuf,
+}
+
+impl EtcdMember {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(10)..].join("\n")
+    }
+}
+
+impl Drop for EtcdMember {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// An etcd cluster on loopback with free ports and its data in a temporary directory; every
+/// member is killed and the directory removed when dropped (members first: fields drop in order).
+struct EtcdCluster {
+    members: Vec<EtcdMember>,
+    _dir: TempDir,
+}
+
+impl EtcdCluster {
+    async fn start(size: usize) -> anyhow::Result<Self> {
+        let dir = TempDir::with_tag("etcd")?;
+        let names: Vec<String> = (0..size).map(|i| format!("m{i}")).collect();
+        let mut clients = Vec::with_capacity(size);
+        let mut peers = Vec::with_capacity(size);
+        for _ in 0..size {
+            clients.push(format!("http://{}", free_loopback_addr()?));
+            peers.push(format!("http://{}", free_loopback_addr()?));
+        }
+        let initial = names
+            .iter()
+            .zip(&peers)
+            .map(|(n, p)| format!("{n}={p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::with_capacity(size);
+        for i in 0..size {
+            let log_path = dir.0.join(format!("{}.log", names[i]));
+            let log = std::fs::File::create(&log_path)
+                .with_context(|| format!("cannot create {}", log_path.display()))?;
+            let child = Process::new("etcd")
+                .arg(format!("--name={}", names[i]))
+                .arg(format!("--data-dir={}", dir.0.join(&names[i]).display()))
+                .arg(format!("--listen-client-urls={}", clients[i]))
+                .arg(format!("--advertise-client-urls={}", clients[i]))
+                .arg(format!("--listen-peer-urls={}", peers[i]))
+                .arg(format!("--initial-advertise-peer-urls={}", peers[i]))
+                .arg(format!("--initial-cluster={initial}"))
+                .arg("--initial-cluster-state=new")
+                .arg("--initial-cluster-token=discovery-bench")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log))
+                .spawn()
+                .with_context(|| format!("cannot start etcd: {ETCD_HINT}"))?;
+            members.push(EtcdMember {
+                child,
+                client_url: clients[i].clone(),
+                log_path,
+            });
+        }
+        let mut cluster = Self { members, _dir: dir };
+        cluster.wait_ready(Duration::from_secs(30)).await?;
+        Ok(cluster)
+    }
+
+    fn client_urls(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client_url.clone()).collect()
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.members.iter().map(EtcdMember::pid).collect()
+    }
+
+    /// Waits (bounded) until a write through every member succeeds.
+    async fn wait_ready(&mut self, limit: Duration) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            for (i, member) in self.members.iter_mut().enumerate() {
+                if let Some(status) = member.child.try_wait()? {
+                    bail!(
+                        "etcd member m{i} exited ({status}) while the cluster formed; its log:\n{}",
+                        member.log_tail()
+                    );
+                }
+            }
+            let mut ready = 0;
+            for member in &self.members {
+                let options = etcd_client::ConnectOptions::new()
+                    .with_connect_timeout(Duration::from_secs(1))
+                    .with_timeout(Duration::from_secs(2));
+                if let Ok(mut client) =
+                    etcd_client::Client::connect([&member.client_url], Some(options)).await
+                    && client.put("discovery-bench-probe", "1", None).await.is_ok()
+                {
+                    ready += 1;
+                }
+            }
+            if ready == self.members.len() {
+                return Ok(());
+            }
+            if started.elapsed() >= limit {
+                bail!(
+                    "the etcd cluster did not accept writes through every member within {limit:?}; m0's log:\n{}",
+                    self.members[0].log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// etcd's watcher and watch stream counts, summed over the members (each member counts the
+    /// watches its own clients opened).
+    async fn watch_counts(&self) -> anyhow::Result<WatchCounts> {
+        let mut counts = WatchCounts::default();
+        for member in &self.members {
+            let text = http_get_text(&member.client_url, "/metrics").await?;
+            counts.watchers += prometheus_value(&text, "etcd_debugging_mvcc_watcher_total")
+                .context("no etcd_debugging_mvcc_watcher_total in etcd's /metrics")?;
+            counts.streams += prometheus_value(&text, "etcd_debugging_mvcc_watch_stream_total")
+                .context("no etcd_debugging_mvcc_watch_stream_total in etcd's /metrics")?;
+        }
+        Ok(counts)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+struct WatchCounts {
+    watchers: f64,
+    streams: f64,
+}
+
+/// A plain HTTP/1.0 GET of `path` on `base` (`http://host:port`), bounded in time and size.
+async fn http_get_text(base: &str, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = base
+        .strip_prefix("http://")
+        .with_context(|| format!("{base} is not an http:// URL"))?;
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(host).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+            .await?;
+        let mut body = Vec::new();
+        stream.take(16 << 20).read_to_end(&mut body).await?;
+        anyhow::Ok(body)
+    };
+    let body = tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .with_context(|| format!("GET {base}{path} did not answer within 5 s"))??;
+    let text = String::from_utf8_lossy(&body).into_owned();
+    ensure!(
+        text.starts_with("HTTP/1.") && text.split_whitespace().nth(1) == Some("200"),
+        "GET {base}{path}: {}",
+        text.lines().next().unwrap_or("no answer")
+    );
+    Ok(text)
+}
+
+/// The value of an unlabelled Prometheus sample.
+fn prometheus_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (key, value) = line.split_once(' ')?;
+        (key == name).then(|| value.trim().parse().ok())?
+    })
+}
+
+/// The servers one side of the comparison runs on.
+struct Fleet {
+    /// `memory` or `etcd`.
+    store: &'static str,
+    servers: Vec<ServerProcess>,
+    etcd: Option<(EtcdCluster, String)>,
+}
+
+impl Fleet {
+    fn addrs(&self) -> Vec<SocketAddr> {
+        self.servers.iter().map(|s| s.addr).collect()
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.servers.iter().map(ServerProcess::pid).collect()
+    }
+
+    fn etcd_pids(&self) -> Vec<u32> {
+        self.etcd
+            .as_ref()
+            .map(|(e, _)| e.pids())
+            .unwrap_or_default()
+    }
+
+    fn label(&self) -> String {
+        match &self.etcd {
+            None => "memory, 1 server".to_owned(),
+            Some((etcd, _)) => format!(
+                "etcd, {} replicas + {} members",
+                self.servers.len(),
+                etcd.members.len()
+            ),
+        }
+    }
+
+    /// Waits (bounded) until every server answers a List of `cluster_id` with `expected`
+    /// affiliates (a replica that just started may not follow etcd yet).
+    async fn wait_listing(
+        &self,
+        cluster_id: &str,
+        expected: usize,
+        limit: Duration,
+    ) -> anyhow::Result<()> {
+        let started = Instant::now();
+        for server in &self.servers {
+            let mut client = connect(server.addr).await?;
+            loop {
+                let listed = tokio::time::timeout(
+                    RPC_TIMEOUT,
+                    client.list(ListRequest {
+                        cluster_id: cluster_id.to_owned(),
+                    }),
+                )
+                .await;
+                let last = match listed {
+                    Ok(Ok(response)) if response.get_ref().affiliates.len() == expected => break,
+                    Ok(Ok(response)) => {
+                        format!("{} affiliates", response.get_ref().affiliates.len())
+                    }
+                    Ok(Err(status)) => format!("{:?}: {}", status.code(), status.message()),
+                    Err(_) => "no answer".to_owned(),
+                };
+                if started.elapsed() >= limit {
+                    bail!(
+                        "{} did not list {expected} affiliates of {cluster_id} within {limit:?} (last: {last}); its log:\n{}",
+                        server.name,
+                        server.log_text()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn start_memory_fleet(settings: &Settings) -> anyhow::Result<Fleet> {
+    let mut server =
+        ServerProcess::discovery(settings, &["--snapshots-enabled=false".to_owned()], "info")?;
+    server.name = "memory server".to_owned();
+    server.wait_accepting(START_TIMEOUT).await?;
+    let fleet = Fleet {
+        store: "memory",
+        servers: vec![server],
+        etcd: None,
+    };
+    fleet
+        .wait_listing("discovery-bench-probe", 0, START_TIMEOUT)
+        .await?;
+    Ok(fleet)
+}
+
+async fn start_etcd_fleet(settings: &Settings) -> anyhow::Result<Fleet> {
+    let config = &settings.replicas;
+    let etcd = EtcdCluster::start(config.etcd_members).await?;
+    let prefix = format!("/discovery-bench/{}/", std::process::id());
+    let flags = [
+        "--store=etcd".to_owned(),
+        format!("--etcd-endpoints={}", etcd.client_urls().join(",")),
+        format!("--etcd-prefix={prefix}"),
+        "--snapshots-enabled=false".to_owned(),
+    ];
+    let mut servers = Vec::with_capacity(config.replicas);
+    for i in 0..config.replicas {
+        let mut server = ServerProcess::discovery(settings, &flags, "info")?;
+        server.name = format!("replica {i}");
+        servers.push(server);
+    }
+    for server in &mut servers {
+        server.wait_accepting(START_TIMEOUT).await?;
+    }
+    let fleet = Fleet {
+        store: "etcd",
+        servers,
+        etcd: Some((etcd, prefix)),
+    };
+    fleet
+        .wait_listing("discovery-bench-probe", 0, START_TIMEOUT)
+        .await?;
+    Ok(fleet)
+}
+
+#[derive(Debug, Serialize)]
+struct ReplicaUpdateRun {
+    store: &'static str,
+    run: UpdateRun,
+    /// CPU time of the etcd members in the window.
+    etcd_cpu_s: f64,
+    /// Server (replicas summed) and etcd CPU per update.
+    server_cpu_us_per_update: f64,
+    etcd_cpu_us_per_update: f64,
+}
+
+/// Per-update delays of one fan-out, in ms: p50, p99, max over the updates that have the figure.
+#[derive(Debug, Default, Serialize)]
+struct DelayStats {
+    count: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+impl DelayStats {
+    fn of(mut delays: Vec<Duration>) -> Self {
+        delays.sort_unstable();
+        Self {
+            count: delays.len(),
+            p50_ms: ms(percentile(&delays, 0.5)),
+            p99_ms: ms(percentile(&delays, 0.99)),
+            max_ms: ms(delays.last().copied().unwrap_or_default()),
+        }
+    }
+
+    fn show(&self) -> String {
+        format!(
+            "p50 {:.2} / p99 {:.2} / max {:.2} ms ({} updates)",
+            self.p50_ms, self.p99_ms, self.max_ms, self.count
+        )
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct ReplicaFanout {
+    store: &'static str,
+    servers: usize,
+    connections: usize,
+    watchers_per_server: Vec<usize>,
+    fill_clients: usize,
+    fill: FillOutcome,
+    snapshots_complete: usize,
+    snapshot_all_s: f64,
+    updates_sent: usize,
+    update_errors: u64,
+    first_update_error: Option<String>,
+    send_rate_per_s: f64,
+    /// Send -> the AffiliateUpdate answer (the write is committed).
+    ack: DelayStats,
+    /// Send -> the bench's own etcd watch on the prefix sees the data key (etcd only).
+    etcd_event: DelayStats,
+    /// Send -> the first watcher (any server) has the update.
+    first_watcher: DelayStats,
+    /// Send -> the first watcher of the server that got it last has it.
+    slowest_server_first: DelayStats,
+    /// Per update, the largest first-to-last spread among one server's watchers.
+    within_server_spread: DelayStats,
+    /// Send -> every watcher has it: the figure the target is about.
+    all_watchers: DelayStats,
+    deliveries_expected: usize,
+    deliveries_received: usize,
+    deliveries_missed: usize,
+    stream_errors: BTreeMap<String, usize>,
+    server_cpu_ms_per_update: f64,
+    etcd_cpu_ms_per_update: f64,
+    bench_cpu_ms_per_update: f64,
+    others_cpu_s: f64,
+    /// etcd's watch counts (members summed) before the bench's own watch, and the range sampled
+    /// every 200 ms during the fan-out (which includes the bench's watch).
+    etcd_watch_before: Option<WatchCounts>,
+    etcd_watch_min: Option<WatchCounts>,
+    etcd_watch_max: Option<WatchCounts>,
+    etcd_watch_samples: usize,
+    rss_after_fill_mib: Vec<f64>,
+    peak_rss_hwm_mib: Vec<f64>,
+    etcd_peak_rss_hwm_mib: Vec<f64>,
+}
+
+/// The bench's own etcd watch on the replicas' prefix: when each sequenced data key arrives.
+async fn etcd_probe(
+    endpoints: Vec<String>,
+    prefix: String,
+    max_events: usize,
+    created: tokio::sync::oneshot::Sender<()>,
+    stop: CancellationToken,
+) -> anyhow::Result<Vec<(u64, Instant)>> {
+    let mut client = etcd_client::Client::connect(&endpoints, None).await?;
+    let options = etcd_client::WatchOptions::new().with_prefix();
+    let mut stream = client.watch(prefix, Some(options)).await?;
+    let mut created = Some(created);
+    let mut seen = Vec::new();
+    // Bounded: at most one response per event expected plus slack.
+    for _ in 0..max_events {
+        let message = tokio::select! {
+            message = stream.message() => message?,
+            _ = stop.cancelled() => break,
+        };
+        let now = Instant::now();
+        let Some(response) = message else { break };
+        if response.created()
+            && let Some(created) = created.take()
+        {
+            let _ = created.send(());
+        }
+        for event in response.events() {
+            if event.event_type() != etcd_client::EventType::Put {
+                continue;
+            }
+            // A data key's value is its expiry (8 bytes) and then the affiliate data.
+            if let Some(seq) = event
+                .kv()
+                .and_then(|kv| kv.value().get(8..))
+                .and_then(sequence_of)
+            {
+                seen.push((seq, now));
+            }
+        }
+    }
+    Ok(seen)
+}
+
+/// Samples etcd's watch counts every 200 ms until stopped (at most an hour).
+async fn sample_watch_counts(
+    fleet_etcd: &EtcdCluster,
+    stop: &CancellationToken,
+) -> (Option<WatchCounts>, Option<WatchCounts>, usize) {
+    let (mut min, mut max, mut samples) = (None::<WatchCounts>, None::<WatchCounts>, 0);
+    for _ in 0..18_000 {
+        if let Ok(counts) = fleet_etcd.watch_counts().await {
+            samples += 1;
+            min = Some(min.map_or(counts, |m| WatchCounts {
+                watchers: m.watchers.min(counts.watchers),
+                streams: m.streams.min(counts.streams),
+            }));
+            max = Some(max.map_or(counts, |m| WatchCounts {
+                watchers: m.watchers.max(counts.watchers),
+                streams: m.streams.max(counts.streams),
+            }));
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+    (min, max, samples)
+}
+
+/// The paced, sequenced updates, sent through one server or round-robin; returns when each
+/// was sent and answered.
+async fn send_paced_over(
+    mut clients: Vec<ClusterClient<Channel>>,
+    spec: &FillSpec,
+    config: &FanoutConfig,
+) -> (
+    Vec<Instant>,
+    Vec<Option<Instant>>,
+    u64,
+    Option<String>,
+    Duration,
+) {
+    let mut rng = Rng::new(0x5EED);
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / config.rate_per_s));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sent_at = Vec::with_capacity(config.updates);
+    let mut acked_at = Vec::with_capacity(config.updates);
+    let (mut errors, mut first_error) = (0, None);
+    let started = Instant::now();
+    let n = clients.len();
+    for seq in 0..config.updates {
+        ticker.tick().await;
+        let affiliate = seq % config.affiliates;
+        let request = update_request(
+            &spec.cluster_id(0),
+            &FillSpec::affiliate_id(affiliate),
+            sequenced_data(seq as u64, config.record_bytes, &mut rng),
+            endpoints_for(affiliate as u64),
+        );
+        sent_at.push(Instant::now());
+        match send_update(&mut clients[seq % n], request).await {
+            Ok(()) => acked_at.push(Some(Instant::now())),
+            Err(e) => {
+                acked_at.push(None);
+                errors += 1;
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    (sent_at, acked_at, errors, first_error, started.elapsed())
+}
+
+/// Fan-out over every server of a fleet: fills one cluster through the first server, spreads
+/// the watchers over the servers (connection `c` on server `c % servers`, watcher `i` on
+/// connection `i % connections`) and sends the sequenced updates round-robin over the servers
+/// (or all through the first with `--replicas-send one`).
+async fn fanout_over(
+    fleet: &Fleet,
+    settings: &Settings,
+    clk_tck: u64,
+) -> anyhow::Result<ReplicaFanout> {
+    let config = settings.fanout.clone();
+    let servers = fleet.servers.len();
+    let connections = config.connections.div_ceil(servers) * servers;
+    let spec = FillSpec {
+        cluster_prefix: "bench-replicas",
+        clusters: 1,
+        per_cluster: config.affiliates,
+        record_bytes: config.record_bytes,
+    };
+    // Creations in one cluster race on etcd (see the report); retried as nodes would.
+    let fill_outcome = fill_retrying(
+        fleet.servers[0].addr,
+        config.fill_clients.min(config.affiliates),
+        &spec,
+        Duration::from_secs(300),
+        100,
+    )
+    .await?;
+    fleet
+        .wait_listing(
+            &spec.cluster_id(0),
+            config.affiliates,
+            Duration::from_secs(60),
+        )
+        .await?;
+    let rss_after_fill = fleet
+        .pids()
+        .iter()
+        .map(|&pid| proc_status_kib(pid, "VmRSS").map(mib))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+
+    let mut conns = Vec::with_capacity(connections);
+    for c in 0..connections {
+        conns.push(connect(fleet.servers[c % servers].addr).await?);
+    }
+    let mut senders = Vec::new();
+    let send_through = if settings.replicas.send_round_robin {
+        servers
+    } else {
+        1
+    };
+    for server in &fleet.servers[..send_through] {
+        senders.push(connect(server.addr).await?);
+    }
+    let server_of = |watcher: usize| (watcher % connections) % servers;
+    let mut watchers_per_server = vec![0usize; servers];
+    (0..config.watchers).for_each(|i| watchers_per_server[server_of(i)] += 1);
+
+    // etcd: its watch counts before the bench adds its own watch, then the probe watch.
+    let stop = CancellationToken::new();
+    let (etcd_watch_before, probe, sampler) = match &fleet.etcd {
+        Some((etcd, prefix)) => {
+            let before = etcd.watch_counts().await?;
+            let (created_tx, created_rx) = tokio::sync::oneshot::channel();
+            let probe = tokio::spawn(etcd_probe(
+                etcd.client_urls(),
+                prefix.clone(),
+                config.updates * 4 + 10_000,
+                created_tx,
+                stop.clone(),
+            ));
+            tokio::time::timeout(Duration::from_secs(10), created_rx)
+                .await
+                .context("the bench's etcd watch was not created within 10 s")?
+                .context("the bench's etcd watch failed")?;
+            (
+                Some(before),
+                Some(probe),
+                Some(sample_watch_counts(etcd, &stop)),
+            )
+        }
+        None => (None, None, None),
+    };
+
+    let progress = Arc::new(WatchProgress::default());
+    let watch_stop = CancellationToken::new();
+    let opened_at = Instant::now();
+    let handles: Vec<_> = (0..config.watchers)
+        .map(|i| {
+            tokio::spawn(watcher(
+                conns[i % connections].clone(),
+                spec.cluster_id(0),
+                config.updates,
+                false,
+                progress.clone(),
+                watch_stop.clone(),
+            ))
+        })
+        .collect();
+    drop(conns);
+
+    let drive = async {
+        let snapshot_wait = Duration::from_secs(60);
+        while progress.settled.load(Ordering::SeqCst) < config.watchers
+            && opened_at.elapsed() < snapshot_wait
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let pids = fleet.pids();
+        let etcd_pids = fleet.etcd_pids();
+        let before = (
+            proc_cpu_ticks_sum(&pids)?,
+            proc_cpu_ticks_sum(&etcd_pids)?,
+            proc_cpu_ticks(std::process::id())?,
+            machine_busy_ticks()?,
+        );
+        let sent = send_paced_over(senders, &spec, &config).await;
+        let (grace, waited) = (Duration::from_secs_f64(config.grace_s), Instant::now());
+        while progress.done.load(Ordering::SeqCst) < config.watchers && waited.elapsed() < grace {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let after = (
+            proc_cpu_ticks_sum(&pids)?,
+            proc_cpu_ticks_sum(&etcd_pids)?,
+            proc_cpu_ticks(std::process::id())?,
+            machine_busy_ticks()?,
+        );
+        stop.cancel();
+        anyhow::Ok((sent, before, after))
+    };
+    // The sampler runs alongside the driver and ends when the driver cancels `stop`.
+    let (driven, samples) = match sampler {
+        Some(sampler) => {
+            let (driven, samples) = tokio::join!(drive, sampler);
+            (driven, Some(samples))
+        }
+        None => (drive.await, None),
+    };
+    stop.cancel();
+    watch_stop.cancel();
+    let outcomes = join_all_within(handles, Duration::from_secs(30), "watcher").await?;
+    let probe_seen = match probe {
+        Some(probe) => tokio::time::timeout(Duration::from_secs(10), probe)
+            .await
+            .context("the bench's etcd watch did not stop")?
+            .context("the bench's etcd watch task failed")??,
+        None => Vec::new(),
+    };
+    let ((sent_at, acked_at, update_errors, first_update_error, send_elapsed), before, after) =
+        driven?;
+
+    let updates = sent_at.len();
+    let snapshots_complete = outcomes
+        .iter()
+        .filter(|o| o.snapshot_affiliates == config.affiliates)
+        .count();
+    let snapshot_all = outcomes
+        .iter()
+        .filter_map(|o| o.snapshot_at)
+        .map(|at| at - opened_at)
+        .max()
+        .unwrap_or_default();
+    // Per update and server: first and last arrival, and receivers.
+    let mut first: Vec<Vec<Option<Instant>>> = vec![vec![None; servers]; updates];
+    let mut last: Vec<Vec<Option<Instant>>> = vec![vec![None; servers]; updates];
+    let mut receivers = vec![0usize; updates];
+    let mut stream_errors: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let server = server_of(i);
+        for &(seq, at) in &outcome.arrivals {
+            let seq = seq as usize;
+            if seq >= updates {
+                continue;
+            }
+            let f = &mut first[seq][server];
+            *f = Some(f.map_or(at, |t| t.min(at)));
+            let l = &mut last[seq][server];
+            *l = Some(l.map_or(at, |t| t.max(at)));
+            receivers[seq] += 1;
+        }
+        if let Some(ended) = &outcome.ended {
+            *stream_errors.entry(ended.clone()).or_default() += 1;
+        }
+    }
+    let complete: Vec<usize> = (0..updates)
+        .filter(|&seq| receivers[seq] == config.watchers)
+        .collect();
+    let since = |seq: usize, at: Instant| at.saturating_duration_since(sent_at[seq]);
+    let all_watchers = DelayStats::of(
+        complete
+            .iter()
+            .filter_map(|&s| last[s].iter().flatten().max().map(|&at| since(s, at)))
+            .collect(),
+    );
+    let first_watcher = DelayStats::of(
+        (0..updates)
+            .filter_map(|s| first[s].iter().flatten().min().map(|&at| since(s, at)))
+            .collect(),
+    );
+    let slowest_server_first = DelayStats::of(
+        complete
+            .iter()
+            .filter_map(|&s| first[s].iter().flatten().max().map(|&at| since(s, at)))
+            .collect(),
+    );
+    let within_server_spread = DelayStats::of(
+        complete
+            .iter()
+            .map(|&s| {
+                (0..servers)
+                    .filter_map(|r| Some(last[s][r]? - first[s][r]?))
+                    .max()
+                    .unwrap_or_default()
+            })
+            .collect(),
+    );
+    let ack = DelayStats::of(
+        (0..updates)
+            .filter_map(|s| acked_at[s].map(|at| since(s, at)))
+            .collect(),
+    );
+    let mut probe_first: Vec<Option<Instant>> = vec![None; updates];
+    for (seq, at) in probe_seen {
+        if let Some(slot) = probe_first.get_mut(seq as usize) {
+            slot.get_or_insert(at);
+        }
+    }
+    let etcd_event = DelayStats::of(
+        (0..updates)
+            .filter_map(|s| probe_first[s].map(|at| since(s, at)))
+            .collect(),
+    );
+    let deliveries_expected = updates * config.watchers;
+    let deliveries_received: usize = receivers.iter().sum();
+    let per_update =
+        |b: u64, a: u64| a.saturating_sub(b) as f64 * 1e3 / clk_tck as f64 / updates.max(1) as f64;
+    let used = |b: u64, a: u64| a.saturating_sub(b);
+    let others_ticks = used(before.3, after.3)
+        .saturating_sub(used(before.0, after.0))
+        .saturating_sub(used(before.1, after.1))
+        .saturating_sub(used(before.2, after.2));
+    let hwm = |pids: Vec<u32>| {
+        pids.iter()
+            .map(|&pid| proc_status_kib(pid, "VmHWM").map(mib))
+            .collect::<anyhow::Result<Vec<_>>>()
+    };
+    let (etcd_watch_min, etcd_watch_max, etcd_watch_samples) = samples.unwrap_or_default();
+    Ok(ReplicaFanout {
+        store: fleet.store,
+        servers,
+        connections,
+        watchers_per_server,
+        fill_clients: config.fill_clients.min(config.affiliates),
+        fill: fill_outcome,
+        snapshots_complete,
+        snapshot_all_s: snapshot_all.as_secs_f64(),
+        updates_sent: updates,
+        update_errors,
+        first_update_error,
+        send_rate_per_s: updates as f64 / send_elapsed.as_secs_f64().max(1e-9),
+        ack,
+        etcd_event,
+        first_watcher,
+        slowest_server_first,
+        within_server_spread,
+        all_watchers,
+        deliveries_expected,
+        deliveries_received,
+        deliveries_missed: deliveries_expected.saturating_sub(deliveries_received),
+        stream_errors,
+        server_cpu_ms_per_update: per_update(before.0, after.0),
+        etcd_cpu_ms_per_update: per_update(before.1, after.1),
+        bench_cpu_ms_per_update: per_update(before.2, after.2),
+        others_cpu_s: others_ticks as f64 / clk_tck as f64,
+        etcd_watch_before,
+        etcd_watch_min,
+        etcd_watch_max,
+        etcd_watch_samples,
+        rss_after_fill_mib: rss_after_fill,
+        peak_rss_hwm_mib: hwm(fleet.pids())?,
+        etcd_peak_rss_hwm_mib: hwm(fleet.etcd_pids())?,
+    })
+}
+
+#[derive(Debug, Serialize)]
+struct ReplicasReport {
+    config: ReplicasConfig,
+    etcd_version: String,
+    loadavg_before: String,
+    loadavg_after: String,
+    updates: Vec<ReplicaUpdateRun>,
+    memory_fanout: ReplicaFanout,
+    etcd_fanout: ReplicaFanout,
+    /// Pooled over the rounds: updates/s and CPU per update of each store.
+    memory_updates_per_s: f64,
+    etcd_updates_per_s: f64,
+    memory_cpu_us_per_update: f64,
+    etcd_replicas_cpu_us_per_update: f64,
+    etcd_members_cpu_us_per_update: f64,
+    delay_met: bool,
+    missed_met: bool,
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+async fn phase_replicas(
+    settings: &Settings,
+    clk_tck: u64,
+    out: &Out,
+) -> anyhow::Result<ReplicasReport> {
+    let run = phase_replicas_inner(settings, clk_tck, out);
+    // Bounded, and interruptible: either way the servers and etcd are dropped (killed) and the
+    // temporary directory removed before this returns.
+    tokio::select! {
+        result = tokio::time::timeout(REPLICAS_PHASE_LIMIT, run) => {
+            result.with_context(|| format!("the replicas phase did not finish within {REPLICAS_PHASE_LIMIT:?}"))?
+        }
+        _ = tokio::signal::ctrl_c() => bail!("interrupted; every server and etcd member started was killed"),
+    }
+}
+
+async fn phase_replicas_inner(
+    settings: &Settings,
+    clk_tck: u64,
+    out: &Out,
+) -> anyhow::Result<ReplicasReport> {
+    let config = settings.replicas.clone();
+    let etcd_version = etcd_version()?;
+    let loadavg_before = loadavg();
+    let (u, f) = (&settings.update, &settings.fanout);
+    out.say(&format!(
+        "== Phase 4: replicas on etcd {etcd_version} ({} replicas, {}-member etcd on loopback, data on {}) side by side with the in-memory store; load average {loadavg_before}",
+        config.replicas,
+        config.etcd_members,
+        std::env::temp_dir().display()
+    ));
+    let memory = start_memory_fleet(settings).await?;
+    let etcd = start_etcd_fleet(settings).await?;
+    out.say(&format!(
+        "  started: {} (pid {}); {} (pids {:?}, etcd pids {:?})",
+        memory.label(),
+        memory.servers[0].pid(),
+        etcd.label(),
+        etcd.pids(),
+        etcd.etcd_pids()
+    ));
+
+    out.say(&format!(
+        "  updates: {} clients (client i on server i % servers), {} clusters, data {}-{} B; {} round(s) of {:.1} s warm-up + {:.1} s measured per store, alternating",
+        u.clients, u.clusters, u.data_min, u.data_max, u.rounds, u.warmup_s, u.window_s
+    ));
+    out.say(&format!(
+        "  {:>5} {:<7} {:>8} {:>9} {:>7} {:>7} {:>8} {:>6} {:>12} {:>12} {:>10} {:>9}",
+        "round",
+        "store",
+        "updates",
+        "updates/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "errors",
+        "server us/up",
+        "etcd us/up",
+        "bench s",
+        "others s"
+    ));
+    let mut updates = Vec::with_capacity(u.rounds * 2);
+    for round in 1..=u.rounds {
+        let order: [&Fleet; 2] = if round % 2 == 1 {
+            [&memory, &etcd]
+        } else {
+            [&etcd, &memory]
+        };
+        for fleet in order {
+            let (run, etcd_cpu_s) = measure_updates_on(
+                fleet.store,
+                &fleet.addrs(),
+                &fleet.pids(),
+                &fleet.etcd_pids(),
+                u,
+                clk_tck,
+            )
+            .await?;
+            let per = |cpu_s: f64| cpu_s * 1e6 / run.updates.max(1) as f64;
+            let row = ReplicaUpdateRun {
+                store: fleet.store,
+                server_cpu_us_per_update: per(run.cpu_s),
+                etcd_cpu_us_per_update: per(etcd_cpu_s),
+                etcd_cpu_s,
+                run,
+            };
+            out.say(&format!(
+                "  {:>5} {:<7} {:>8} {:>9.0} {:>7.2} {:>7.2} {:>8.2} {:>6} {:>12.1} {:>12.1} {:>10.2} {:>9.2}",
+                round,
+                row.store,
+                row.run.updates,
+                row.run.updates_per_s,
+                row.run.p50_ms,
+                row.run.p99_ms,
+                row.run.max_ms,
+                row.run.errors,
+                row.server_cpu_us_per_update,
+                row.etcd_cpu_us_per_update,
+                row.run.bench_cpu_s,
+                row.run.other_cpu_s
+            ));
+            if let Some(error) = &row.run.first_error {
+                out.say(&format!("    first error ({}): {error}", row.store));
+            }
+            updates.push(row);
+        }
+    }
+    let pooled = |store: &str, value: fn(&ReplicaUpdateRun) -> f64| {
+        let rows: Vec<_> = updates.iter().filter(|r| r.store == store).collect();
+        let n: u64 = rows.iter().map(|r| r.run.updates).sum();
+        let secs: f64 = rows.iter().map(|r| r.run.window_s).sum();
+        let total: f64 = rows.iter().map(|r| value(r)).sum();
+        (n as f64 / secs.max(1e-9), total * 1e6 / n.max(1) as f64)
+    };
+    let (memory_updates_per_s, memory_cpu) = pooled("memory", |r| r.run.cpu_s);
+    let (etcd_updates_per_s, etcd_replicas_cpu) = pooled("etcd", |r| r.run.cpu_s);
+    let (_, etcd_members_cpu) = pooled("etcd", |r| r.etcd_cpu_s);
+    out.say(&format!(
+        "  pooled: memory {memory_updates_per_s:.0} updates/s at {memory_cpu:.1} us server CPU per update; etcd {etcd_updates_per_s:.0} updates/s at {etcd_replicas_cpu:.1} us replica CPU (summed) + {etcd_members_cpu:.1} us etcd CPU per update"
+    ));
+
+    out.say(&format!(
+        "  fan-out: {} affiliates of {} B in one cluster, {} watchers, {} updates at {}/s sent {}",
+        f.affiliates,
+        f.record_bytes,
+        f.watchers,
+        f.updates,
+        f.rate_per_s,
+        if config.send_round_robin {
+            "round-robin over the servers"
+        } else {
+            "through the first server"
+        }
+    ));
+    let memory_fanout = fanout_over(&memory, settings, clk_tck).await?;
+    print_replica_fanout(&memory_fanout, out);
+    let etcd_fanout = fanout_over(&etcd, settings, clk_tck).await?;
+    print_replica_fanout(&etcd_fanout, out);
+
+    for (fleet, what) in [(&memory, "memory"), (&etcd, "etcd")] {
+        for server in &fleet.servers {
+            for needle in [" WARN ", " ERROR "] {
+                if let Some(line) = server.log_line(needle) {
+                    out.say(&format!("  {what}: {} logged: {line}", server.name));
+                }
+            }
+        }
+    }
+    drop(etcd);
+    drop(memory);
+    let loadavg_after = loadavg();
+    let delay_met = etcd_fanout.all_watchers.count == f.updates
+        && etcd_fanout.all_watchers.p99_ms <= ms(TARGET_REPLICA_FANOUT_P99);
+    let missed_met = [&memory_fanout, &etcd_fanout]
+        .iter()
+        .all(|r| r.deliveries_missed == 0 && r.stream_errors.is_empty() && r.update_errors == 0);
+    out.say(&format!(
+        "  etcd: send -> every watcher p99 {:.2} ms (target <= {} ms): {}; missed deliveries {} (target 0): {}; load average {loadavg_after}",
+        etcd_fanout.all_watchers.p99_ms,
+        TARGET_REPLICA_FANOUT_P99.as_millis(),
+        verdict(delay_met),
+        etcd_fanout.deliveries_missed,
+        verdict(missed_met)
+    ));
+    Ok(ReplicasReport {
+        config,
+        etcd_version,
+        loadavg_before,
+        loadavg_after,
+        updates,
+        memory_fanout,
+        etcd_fanout,
+        memory_updates_per_s,
+        etcd_updates_per_s,
+        memory_cpu_us_per_update: memory_cpu,
+        etcd_replicas_cpu_us_per_update: etcd_replicas_cpu,
+        etcd_members_cpu_us_per_update: etcd_members_cpu,
+        delay_met,
+        missed_met,
+    })
+}
+
+fn print_replica_fanout(r: &ReplicaFanout, out: &Out) {
+    out.say(&format!(
+        "  -- {} ({} server(s), {} connections, watchers per server {:?}): filled by {} clients in {:.2} s ({:.0}/s, {} failed attempts retried{}); {} of {} snapshots complete, all within {:.2} s",
+        r.store,
+        r.servers,
+        r.connections,
+        r.watchers_per_server,
+        r.fill_clients,
+        r.fill.seconds,
+        r.fill.per_s,
+        r.fill.errors,
+        r.fill
+            .first_error
+            .as_deref()
+            .map_or(String::new(), |e| format!(", first: {e}")),
+        r.snapshots_complete,
+        r.watchers_per_server.iter().sum::<usize>(),
+        r.snapshot_all_s
+    ));
+    out.say(&format!(
+        "     {} updates sent at {:.1}/s, {} errors{}",
+        r.updates_sent,
+        r.send_rate_per_s,
+        r.update_errors,
+        r.first_update_error
+            .as_deref()
+            .map_or(String::new(), |e| format!(" (first: {e})"))
+    ));
+    out.say(&format!(
+        "     send -> answered:                {}",
+        r.ack.show()
+    ));
+    if r.etcd_event.count > 0 {
+        out.say(&format!(
+            "     send -> bench's etcd watch sees it: {}",
+            r.etcd_event.show()
+        ));
+    }
+    out.say(&format!(
+        "     send -> first watcher:           {}",
+        r.first_watcher.show()
+    ));
+    out.say(&format!(
+        "     send -> first watcher of the last server: {}",
+        r.slowest_server_first.show()
+    ));
+    out.say(&format!(
+        "     first -> last watcher within one server:  {}",
+        r.within_server_spread.show()
+    ));
+    out.say(&format!(
+        "     send -> EVERY watcher:           {}",
+        r.all_watchers.show()
+    ));
+    let errors = if r.stream_errors.is_empty() {
+        "none".to_owned()
+    } else {
+        format!("{:?}", r.stream_errors)
+    };
+    out.say(&format!(
+        "     deliveries {} of {}, missed {}; streams ended early: {errors}",
+        r.deliveries_received, r.deliveries_expected, r.deliveries_missed
+    ));
+    out.say(&format!(
+        "     CPU per update: servers {:.2} ms, etcd {:.2} ms, bench watchers {:.2} ms; other processes {:.2} CPU s",
+        r.server_cpu_ms_per_update, r.etcd_cpu_ms_per_update, r.bench_cpu_ms_per_update, r.others_cpu_s
+    ));
+    if let (Some(before), Some(min), Some(max)) =
+        (r.etcd_watch_before, r.etcd_watch_min, r.etcd_watch_max)
+    {
+        out.say(&format!(
+            "     etcd watchers (members summed): {} ({} streams) before the bench's own watch; {}-{} ({}-{} streams) over {} samples during the fan-out, the bench's 1 included; expected {} (1 root watch per replica) + 1",
+            before.watchers,
+            before.streams,
+            min.watchers,
+            max.watchers,
+            min.streams,
+            max.streams,
+            r.etcd_watch_samples,
+            r.servers
+        ));
+    }
+    out.say(&format!(
+        "     RSS after fill {:?} MiB; peak (VmHWM) per server {:?} MiB; etcd members' VmHWM {:?} MiB",
+        r.rss_after_fill_mib.iter().map(|v| (v * 10.0).round() / 10.0).collect::<Vec<_>>(),
+        r.peak_rss_hwm_mib.iter().map(|v| (v * 10.0).round() / 10.0).collect::<Vec<_>>(),
+        r.etcd_peak_rss_hwm_mib.iter().map(|v| (v * 10.0).round() / 10.0).collect::<Vec<_>>()
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
 // Report and entry point.
 
 /// Where the human report goes: stdout, or stderr when stdout carries JSON.
@@ -1946,6 +3183,8 @@ struct Report {
     update: Option<UpdateReport>,
     fanout: Option<FanoutReport>,
     scale: Option<ScaleReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replicas: Option<ReplicasReport>,
     all_targets_met: bool,
 }
 
@@ -1960,6 +3199,10 @@ impl Report {
                 .scale
                 .as_ref()
                 .is_none_or(|s| s.overhead_met && s.write_met && s.load_met)
+            && self
+                .replicas
+                .as_ref()
+                .is_none_or(|r| r.delay_met && r.missed_met)
     }
 }
 
@@ -1992,6 +3235,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<bool> {
         update: None,
         fanout: None,
         scale: None,
+        replicas: None,
         all_targets_met: false,
     };
     for phase in settings.phases.clone() {
@@ -1999,6 +3243,9 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<bool> {
             Phase::Update => report.update = Some(phase_update(&settings, clk_tck, &out).await?),
             Phase::Fanout => report.fanout = Some(phase_fanout(&settings, clk_tck, &out).await?),
             Phase::Scale => report.scale = Some(phase_scale(&settings, &out).await?),
+            Phase::Replicas => {
+                report.replicas = Some(phase_replicas(&settings, clk_tck, &out).await?);
+            }
         }
     }
     report.all_targets_met = report.targets_met();
@@ -2057,6 +3304,19 @@ mod tests {
         assert_eq!(log_field(&line, "affiliates"), Some("1000"));
         assert_eq!(log_field(&line, "path"), Some("/tmp/s"));
         assert_eq!(log_field(&line, "ms"), None);
+    }
+
+    #[test]
+    fn prometheus_values_are_found_by_exact_name() {
+        let text = "# HELP etcd_debugging_mvcc_watcher_total Total number of watchers.\n\
+                    # TYPE etcd_debugging_mvcc_watcher_total gauge\n\
+                    etcd_debugging_mvcc_watcher_total_x 9\n\
+                    etcd_debugging_mvcc_watcher_total 3\n";
+        assert_eq!(
+            prometheus_value(text, "etcd_debugging_mvcc_watcher_total"),
+            Some(3.0)
+        );
+        assert_eq!(prometheus_value(text, "etcd_missing"), None);
     }
 
     #[test]
