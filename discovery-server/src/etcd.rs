@@ -54,6 +54,11 @@ use crate::store::{Change, Store, StoredAffiliate, StoredEndpoint, Totals};
 /// serialize their creations).
 const TXN_ATTEMPTS: usize = 64;
 
+/// A creation that leaves fewer free places than this in its cluster checks that no other was
+/// created meanwhile (the limit is exact); further from the limit creations do not conflict. Only
+/// more than this many creations racing in the same instant could overshoot, by at most this.
+const CREATE_MARGIN: usize = 128;
+
 /// Largest etcd answer read at once; the state is listed in pages well below it.
 const MAX_ETCD_MESSAGE: usize = 64 << 20;
 
@@ -457,8 +462,10 @@ impl EtcdBackend {
             })
         });
         let creating = existing.is_none();
+        let mut near_full = false;
         if creating {
             let affiliates = usize::try_from(count.count()).unwrap_or(usize::MAX);
+            near_full = affiliates + CREATE_MARGIN >= self.limits.max_affiliates_per_cluster;
             if affiliates >= self.limits.max_affiliates_per_cluster {
                 return Err(StoreError::ResourceExhausted(format!(
                     "cluster has {affiliates} affiliates, the limit is {}",
@@ -512,7 +519,10 @@ impl EtcdBackend {
             Compare::mod_revision(endpoints_prefix.clone(), CompareOp::Less, revision + 1)
                 .with_range(prefix_end(&endpoints_prefix)),
         ];
-        if creating {
+        // Near the limit, no other affiliate may have been created since the read: the limit is
+        // then exact. Far from it, creations do not check each other, so the nodes of a
+        // cluster booting together do not serialize.
+        if creating && near_full {
             compares.push(
                 Compare::create_revision(data_prefix.clone(), CompareOp::Less, revision + 1)
                     .with_range(prefix_end(&data_prefix)),
@@ -554,7 +564,7 @@ impl Backend for EtcdBackend {
             tokio::time::sleep(Duration::from_millis(rand_below(most) + 1)).await;
         }
         Err(StoreError::Unavailable(
-            "the affiliate kept changing under this update; retry".into(),
+            "the affiliate (or, near the cluster's limit, the cluster's membership) kept changing under this update; retry".into(),
         ))
     }
 
