@@ -174,5 +174,24 @@ EOF
   finish
 fi
 
+# --- bench: mesh-bench, kernel WireGuard next to the userspace devices ----------------------------
+if [ "$LANE_MODE" = bench ]; then
+  # The userspace devices open /dev/net/tun, which devtmpfs shows once tun is loaded.
+  /usr/sbin/modprobe tun || echo "KLANE:ERROR modprobe tun failed"
+  echo "KLANE:INFO mesh-bench $LANE_BENCH_ARGS starting at $(now)"
+  # shellcheck disable=SC2086 # the arguments are words
+  /lane/bin/mesh-bench $LANE_BENCH_ARGS >/tmp/bench.txt 2>/tmp/bench.log
+  rc=$?
+  echo "KLANE:INFO mesh-bench exited $rc at $(now)"
+  echo "KLANE:REPORT-BEGIN"
+  cat /tmp/bench.txt
+  echo "KLANE:REPORT-END"
+  echo "KLANE:LOG-BEGIN bench"
+  cat /tmp/bench.log
+  echo "KLANE:LOG-END bench"
+  if [ $rc -eq 0 ]; then echo "KLANE:BENCH OK"; else echo "KLANE:BENCH FAIL $rc"; fi
+  finish
+fi
+
 echo "KLANE:ERROR unknown mode $LANE_MODE"
 finish
