@@ -24,6 +24,9 @@
 #   OPENSPAN_KERNEL_LANE_SMP=N        guest vCPUs (default 1; 2 uses multi-threaded TCG, slower on a
 #                                     busy 2-core machine: 133 s against 110 s for the guest)
 #   OPENSPAN_KERNEL_LANE_TESTS="a b"  run only these test functions of mesh.rs
+#   OPENSPAN_KERNEL_LANE_CPU=MODEL    QEMU's -cpu (default: QEMU's own, which offers only SSE2;
+#                                     `max` offers what TCG emulates, SSSE3 to AVX2: the SIMD
+#                                     paths kernel and userspace crypto take on real hardware)
 #
 # Everything it downloads or builds lives in target/kernel-lab/; the kernel package is unpacked
 # there with dpkg-deb (never installed into the host's /boot) and reused by the next run.
@@ -285,12 +288,14 @@ say "initramfs: $(du -m "$initrd" | cut -f1) MiB, built in $(echo "$(date +%s.%N
 # --- the guest ----------------------------------------------------------------------------------
 log=$lab/console-$mode.log
 accel=tcg
+cpu_args=()
+[[ -n ${OPENSPAN_KERNEL_LANE_CPU:-} ]] && cpu_args=(-cpu "$OPENSPAN_KERNEL_LANE_CPU")
 ((smp > 1)) && accel=tcg,thread=multi
 say "booting the guest ($smp vCPU, TCG, timeout ${timeout_secs} s); console: $log"
 t_boot=$(date +%s.%N)
 set +e
 timeout --kill-after=5 "$timeout_secs" qemu-system-x86_64 \
-  -accel "$accel" -smp "$smp" -m 1024 -nographic -no-reboot -nic none \
+  -accel "$accel" "${cpu_args[@]}" -smp "$smp" -m 1024 -nographic -no-reboot -nic none \
   -kernel "$vmlinuz" -initrd "$initrd" \
   -append "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init" \
   </dev/null >"$log" 2>&1
@@ -316,9 +321,10 @@ if [[ $mode == bench ]]; then
     die "mesh-bench printed no report in the guest (QEMU exit $qemu_rc after $guest_secs s; console: $log)"
   fi
   {
-    echo "EMULATED: mesh-bench inside a QEMU TCG guest (software CPU, $smp vCPU); compare rows"
+    echo "EMULATED: mesh-bench inside a QEMU TCG guest (software CPU ${OPENSPAN_KERNEL_LANE_CPU:-default}, $smp vCPU); compare rows"
     echo "with each other, never with numbers measured on the host."
     echo "command: mesh-bench $bench_args (guest kernel $kver, $(qemu-system-x86_64 --version | head -1))"
+    grep '^KLANE:INFO cpu:' "$log" | sed 's/^KLANE:INFO //' || true
     echo "$report"
   } >"$lab/mesh-bench-guest.txt"
   cat "$lab/mesh-bench-guest.txt"
