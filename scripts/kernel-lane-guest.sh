@@ -174,5 +174,26 @@ EOF
   finish
 fi
 
+# --- bench: mesh-bench, kernel WireGuard next to the userspace devices ----------------------------
+if [ "$LANE_MODE" = bench ]; then
+  # The userspace devices open /dev/net/tun, which devtmpfs shows once tun is loaded.
+  /usr/sbin/modprobe tun || echo "KLANE:ERROR modprobe tun failed"
+  # What the emulated CPU offers (the SIMD both kernel and userspace crypto pick from).
+  echo "KLANE:INFO cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-); flags:$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(sse.*|ssse3|avx.*|aes|pclmulqdq|bmi2|adx)$' | tr '\n' ' ')"
+  echo "KLANE:INFO mesh-bench $LANE_BENCH_ARGS starting at $(now)"
+  # shellcheck disable=SC2086 # the arguments are words
+  /lane/bin/mesh-bench $LANE_BENCH_ARGS >/tmp/bench.txt 2>/tmp/bench.log
+  rc=$?
+  echo "KLANE:INFO mesh-bench exited $rc at $(now)"
+  echo "KLANE:REPORT-BEGIN"
+  cat /tmp/bench.txt
+  echo "KLANE:REPORT-END"
+  echo "KLANE:LOG-BEGIN bench"
+  cat /tmp/bench.log
+  echo "KLANE:LOG-END bench"
+  if [ $rc -eq 0 ]; then echo "KLANE:BENCH OK"; else echo "KLANE:BENCH FAIL $rc"; fi
+  finish
+fi
+
 echo "KLANE:ERROR unknown mode $LANE_MODE"
 finish

@@ -8,14 +8,25 @@
 #   scripts/kernel-lane.sh --capture DIR   instead: record the netlink traffic between one agent
 #                                          with a fixed identity and kernel WireGuard (nlmon) into
 #                                          DIR/agent-kernel.pcap (golden-test fixtures)
+#   scripts/kernel-lane.sh --bench [DIR]   instead: run mesh-bench inside the guest (kernel
+#                                          WireGuard next to openspan's userspace device on the
+#                                          same emulated CPU), print its report and, with DIR,
+#                                          write it to DIR/mesh-bench-guest.txt. Not run by CI.
+#                                          Throughput under TCG is emulated: compare the rows
+#                                          with each other, never with numbers from the host.
 #
 # Environment:
 #   OPENSPAN_SKIP_KERNEL_LANE=1       skip the lane (said loudly; exit 0)
 #   OPENSPAN_KERNEL_LANE_NO_BUILD=1   use the release binaries already built (no cargo)
-#   OPENSPAN_KERNEL_LANE_TIMEOUT=S    bound on the guest's run (default 240 s)
+#   OPENSPAN_KERNEL_LANE_TIMEOUT=S    bound on the guest's run (default 240 s; --bench: 900 s)
+#   OPENSPAN_KERNEL_LANE_BENCH_ARGS="..."  mesh-bench's arguments in --bench mode (default
+#                                     "--duration 5 --repeat 1 --ping-count 20")
 #   OPENSPAN_KERNEL_LANE_SMP=N        guest vCPUs (default 1; 2 uses multi-threaded TCG, slower on a
 #                                     busy 2-core machine: 133 s against 110 s for the guest)
 #   OPENSPAN_KERNEL_LANE_TESTS="a b"  run only these test functions of mesh.rs
+#   OPENSPAN_KERNEL_LANE_CPU=MODEL    QEMU's -cpu (default: QEMU's own, which offers only SSE2;
+#                                     `max` offers what TCG emulates, SSSE3 to AVX2: the SIMD
+#                                     paths kernel and userspace crypto take on real hardware)
 #
 # Everything it downloads or builds lives in target/kernel-lab/; the kernel package is unpacked
 # there with dpkg-deb (never installed into the host's /boot) and reused by the next run.
@@ -30,11 +41,21 @@ die() {
 }
 
 capture_dir=
+bench=0
+bench_dir=
 while (($#)); do
   case $1 in
     --capture)
       capture_dir=${2:?--capture needs a directory}
       shift 2
+      ;;
+    --bench)
+      bench=1
+      shift
+      if (($#)) && [[ $1 != -* ]]; then
+        bench_dir=$1
+        shift
+      fi
       ;;
     -h | --help)
       awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"
@@ -43,6 +64,7 @@ while (($#)); do
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
+[[ -n $capture_dir && $bench == 1 ]] && die "--capture and --bench are separate modes: pick one"
 
 if [[ ${OPENSPAN_SKIP_KERNEL_LANE:-} == 1 ]]; then
   cat >&2 <<'EOF'
@@ -63,7 +85,12 @@ default_tests=(
 )
 read -r -a tests <<<"${OPENSPAN_KERNEL_LANE_TESTS:-${default_tests[*]}}"
 backends=(kernel auto)
-timeout_secs=${OPENSPAN_KERNEL_LANE_TIMEOUT:-240}
+if ((bench)); then
+  timeout_secs=${OPENSPAN_KERNEL_LANE_TIMEOUT:-900}
+else
+  timeout_secs=${OPENSPAN_KERNEL_LANE_TIMEOUT:-240}
+fi
+bench_args=${OPENSPAN_KERNEL_LANE_BENCH_ARGS:---duration 5 --repeat 1 --ping-count 20}
 smp=${OPENSPAN_KERNEL_LANE_SMP:-1}
 
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
@@ -77,6 +104,7 @@ declare -A needed=(
   [qemu-system-x86_64]=qemu-system-x86 [cpio]=cpio [depmod]=kmod [ip]=iproute2
   [wg]=wireguard-tools [nft]=nftables [ping]=iputils-ping [tcpdump]=tcpdump
 )
+((bench)) && needed+=([iperf3]=iperf3 [ss]=iproute2)
 missing=()
 for cmd in "${!needed[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${needed[$cmd]}")
@@ -101,17 +129,22 @@ rel=$target_dir/release
 if [[ ${OPENSPAN_KERNEL_LANE_NO_BUILD:-} != 1 ]]; then
   say "building the release binaries and the release namespace tests"
   cargo build --release -p kubespan-agent -p discovery-server --bins --locked >&2
+  if ((bench)); then
+    cargo build --release -p openspan-wireguard -p netns-tests --bin openspan-wireguard --bin mesh-bench --locked >&2
+  fi
 fi
 # The test executable's path comes from cargo (its name carries a hash). A capture needs none.
 mesh_test=
-if [[ -z $capture_dir ]]; then
+if [[ -z $capture_dir ]] && ((!bench)); then
   cargo test --release -p netns-tests --test mesh --no-run --locked --message-format=json >"$lab/tests.json" ||
     die "cannot build the release namespace tests (cargo test --release -p netns-tests --no-run)"
   mesh_test=$(grep -o '"executable":"[^"]*/deps/mesh-[0-9a-f]*"' "$lab/tests.json" | tail -1 | cut -d'"' -f4)
   [[ -n $mesh_test && -x $mesh_test ]] || die "cannot find the release test executable of netns-tests/tests/mesh.rs (cargo test --release -p netns-tests --no-run)"
 fi
-for b in discovery-server kubespan-agent kubespanctl; do
-  [[ -x $rel/$b ]] || die "$rel/$b is missing: cargo build --release -p kubespan-agent -p discovery-server --bins"
+lane_bins=(discovery-server kubespan-agent kubespanctl)
+((bench)) && lane_bins+=(openspan-wireguard mesh-bench)
+for b in "${lane_bins[@]}"; do
+  [[ -x $rel/$b ]] || die "$rel/$b is missing: cargo build --release -p kubespan-agent -p discovery-server -p openspan-wireguard -p netns-tests --bins"
 done
 
 t_built=$(date +%s.%N) # the cargo builds are shared with the rest of CI: timed apart
@@ -175,10 +208,21 @@ add_tool nft /usr/sbin/nft
 add_tool ping /usr/bin/ping
 add_tool tcpdump /usr/bin/tcpdump
 add_tool kmod /usr/bin/kmod
+if ((bench)); then
+  add_tool iperf3 /usr/bin/iperf3
+  add_tool ss /usr/bin/ss
+  # wireguard-go when the host has one (mesh-bench says in its row when it is missing); boringtun-cli
+  # is not shipped: its row says it is not available.
+  if command -v wireguard-go >/dev/null 2>&1; then
+    add_tool wireguard-go /usr/bin/wireguard-go
+  else
+    say "no wireguard-go on the host: its row in the guest will say it is not available"
+  fi
+fi
 for m in modprobe insmod lsmod depmod; do ln -sf /usr/bin/kmod "$root/usr/sbin/$m"; done
 rm -f "$root/sbin/modprobe" && ln -s /usr/bin/kmod "$root/sbin/modprobe" # the kernel's autoload helper
 
-for b in discovery-server kubespan-agent kubespanctl; do
+for b in "${lane_bins[@]}"; do
   cp "$rel/$b" "$root/lane/bin/$b"
   strip "$root/lane/bin/$b"
   libs+=("$rel/$b")
@@ -227,8 +271,10 @@ printf '127.0.0.1 localhost\n::1 localhost\n' >"$root/etc/hosts"
 
 mode=test
 [[ -n $capture_dir ]] && mode=capture
+((bench)) && mode=bench
 {
   echo "LANE_MODE=$mode"
+  echo "LANE_BENCH_ARGS='$bench_args'"
   echo "LANE_BACKENDS='${backends[*]}'"
   echo "LANE_TESTS='${tests[*]}'"
 } >"$root/lane/settings"
@@ -242,12 +288,14 @@ say "initramfs: $(du -m "$initrd" | cut -f1) MiB, built in $(echo "$(date +%s.%N
 # --- the guest ----------------------------------------------------------------------------------
 log=$lab/console-$mode.log
 accel=tcg
+cpu_args=()
+[[ -n ${OPENSPAN_KERNEL_LANE_CPU:-} ]] && cpu_args=(-cpu "$OPENSPAN_KERNEL_LANE_CPU")
 ((smp > 1)) && accel=tcg,thread=multi
 say "booting the guest ($smp vCPU, TCG, timeout ${timeout_secs} s); console: $log"
 t_boot=$(date +%s.%N)
 set +e
 timeout --kill-after=5 "$timeout_secs" qemu-system-x86_64 \
-  -accel "$accel" -smp "$smp" -m 1024 -nographic -no-reboot -nic none \
+  -accel "$accel" "${cpu_args[@]}" -smp "$smp" -m 1024 -nographic -no-reboot -nic none \
   -kernel "$vmlinuz" -initrd "$initrd" \
   -append "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init" \
   </dev/null >"$log" 2>&1
@@ -265,6 +313,31 @@ if ! grep -q '^KLANE:BOOTED' "$log"; then
   die "QEMU could not run the guest on this machine (exit $qemu_rc, no sign of the guest's /init; output above): kernel WireGuard was NOT tested"
 fi
 grep '^KLANE:' "$log" | grep -v '^KLANE:DATA' >&2 || true
+
+if [[ $mode == bench ]]; then
+  report=$(sed -n '/^KLANE:REPORT-BEGIN$/,/^KLANE:REPORT-END$/p' "$log" | sed '1d;$d')
+  if [[ -z $report ]]; then
+    sed -n '/^KLANE:LOG-BEGIN/,/^KLANE:LOG-END/p' "$log" | tail -n 120 >&2
+    die "mesh-bench printed no report in the guest (QEMU exit $qemu_rc after $guest_secs s; console: $log)"
+  fi
+  {
+    echo "EMULATED: mesh-bench inside a QEMU TCG guest (software CPU ${OPENSPAN_KERNEL_LANE_CPU:-default}, $smp vCPU); compare rows"
+    echo "with each other, never with numbers measured on the host."
+    echo "command: mesh-bench $bench_args (guest kernel $kver, $(qemu-system-x86_64 --version | head -1))"
+    grep '^KLANE:INFO cpu:' "$log" | sed 's/^KLANE:INFO //' || true
+    echo "$report"
+  } >"$lab/mesh-bench-guest.txt"
+  cat "$lab/mesh-bench-guest.txt"
+  if [[ -n $bench_dir ]]; then
+    mkdir -p "$bench_dir"
+    cp "$lab/mesh-bench-guest.txt" "$bench_dir/mesh-bench-guest.txt"
+    sed -n '/^KLANE:LOG-BEGIN bench$/,/^KLANE:LOG-END bench$/p' "$log" | sed '1d;$d' >"$bench_dir/mesh-bench-guest.log"
+    say "wrote $bench_dir/mesh-bench-guest.txt and mesh-bench-guest.log"
+  fi
+  grep -q '^KLANE:BENCH OK' "$log" || die "mesh-bench failed in the guest (some setups failed; report above, its log in $log)"
+  say "bench done: guest $guest_secs s, $(elapsed) s in all"
+  exit 0
+fi
 
 if [[ $mode == capture ]]; then
   grep -q '^KLANE:CAPTURE OK' "$log" || {

@@ -107,9 +107,15 @@ impl Daemon {
         Ok(())
     }
 
-    /// The process timeout(1) runs (the daemon proper), for CPU accounting.
+    /// The process timeout(1) runs (the daemon proper), for CPU accounting. GNU timeout forks
+    /// the daemon as its child; busybox's timeout (a minimal guest's) execs the daemon itself and
+    /// leaves the watching to a child, so a process no longer named `timeout` is the daemon.
     pub fn worker_pid(&self) -> Option<u32> {
         let pid = self.child.id();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        if comm.trim() != "timeout" {
+            return Some(pid);
+        }
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
             .ok()?
             .split_whitespace()

@@ -1,6 +1,8 @@
-//! `mesh-bench`: data-plane throughput and latency of an openspan mesh next to a plain veth link
-//! and two userspace WireGuard references (boringtun-cli, wireguard-go), all measured in one run
-//! between two network namespaces on one bridge.
+//! `mesh-bench`: data-plane throughput and latency of an openspan mesh next to a plain veth link,
+//! kernel WireGuard (where the kernel has it) and two userspace WireGuard references
+//! (boringtun-cli, wireguard-go), all measured in one run between two network namespaces on one
+//! bridge. `scripts/kernel-lane.sh --bench` runs it inside a QEMU guest whose kernel has
+//! WireGuard.
 //!
 //! Every setup gets a fresh [`Lab`] (its own bridge and namespaces), every external process runs
 //! under `timeout(1)` in its own process group, and everything started is stopped and removed
@@ -30,11 +32,21 @@ use netns_tests::{
 ///  2. openspan mesh: a discovery server and two kubespan-agents (backend userspace), measured to
 ///     the peer's mesh address (IPv6 ULA) and to its underlay IPv4 address, which the agent
 ///     force-routes through the tunnel;
-///  3. openspan device (bare): the agent's WireGuard device alone (`openspan-wireguard`),
+///  3. openspan mesh, backend kernel: the same with `backend: kernel` (kernel WireGuard);
+///  4. openspan device (bare): the agent's WireGuard device alone (`openspan-wireguard`),
 ///     configured with wg(8) exactly like the references;
-///  4. boringtun-cli: Cloudflare's userspace WireGuard, configured with wg(8);
-///  5. wireguard-go: the Go userspace WireGuard, configured with wg(8); each `--wireguard-go`
+///  5. kernel WireGuard (bare): `ip link add <if> type wireguard`, configured with wg(8) the same
+///     way;
+///  6. boringtun-cli: Cloudflare's userspace WireGuard, configured with wg(8);
+///  7. wireguard-go: the Go userspace WireGuard, configured with wg(8); each `--wireguard-go`
 ///     binary in turn, labelled with the version it reports (`wireguard-go --version`).
+///
+/// A setup whose tool is missing is not measured and its row says why (boringtun-cli or
+/// wireguard-go not installed; kernel rows when the kernel has no WireGuard, probed with `ip link
+/// add … type wireguard` in a scratch namespace); `--skip-*` leave a setup out on purpose, said
+/// in its row too. Only a setup that was tried and failed makes the run fail.
+/// Kernel WireGuard has no tunnel process: its rows show no tunnel CPU or RSS (its work is done
+/// in softirq and kworker context, not attributed to any process).
 ///
 /// Throughput is one iperf3 TCP stream (`iperf3 -c <peer> -t <duration> -J`, the server runs
 /// with `-1` in the receiving namespace); latency is the average of `ping -q -c <count> -i
@@ -69,6 +81,11 @@ struct Args {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
     repeat: u32,
 
+    /// Do not measure kernel WireGuard (the rows "openspan mesh, backend kernel" and "kernel
+    /// WireGuard (bare)").
+    #[arg(long)]
+    skip_kernel: bool,
+
     /// Do not measure boringtun-cli.
     #[arg(long)]
     skip_boringtun_cli: bool,
@@ -93,6 +110,11 @@ struct Args {
 }
 
 const IPERF_PORT: &str = "5201";
+/// Row labels.
+const MESH: &str = "openspan mesh";
+const MESH_KERNEL: &str = "openspan mesh, backend kernel";
+const DEVICE: &str = "openspan device (bare)";
+const KERNEL: &str = "kernel WireGuard (bare)";
 const TUNNEL_MTU: &str = "1420";
 const WG_PORT: &str = "51820";
 
@@ -137,23 +159,50 @@ fn main() -> anyhow::Result<()> {
 
     eprintln!("== plain veth");
     record(&mut rows, "plain veth", bench_veth(&args));
-    eprintln!("== openspan mesh");
-    record(&mut rows, "openspan mesh", bench_mesh(&args, &bins));
-    eprintln!("== openspan device (bare)");
+    eprintln!("== {MESH}");
+    record(&mut rows, MESH, bench_mesh(&args, &bins, "userspace"));
+    // Why the kernel rows cannot be measured, if they cannot.
+    let kernel_missing = if args.skip_kernel {
+        Some("skipped (--skip-kernel)".to_owned())
+    } else {
+        kernel_wireguard()
+            .err()
+            .map(|reason| format!("skipped: this kernel has no WireGuard ({reason})"))
+    };
+    if let Some(reason) = &kernel_missing {
+        eprintln!("== {MESH_KERNEL}: {reason}");
+        rows.push(Row::missing(MESH_KERNEL, reason));
+    } else {
+        eprintln!("== {MESH_KERNEL}");
+        record(&mut rows, MESH_KERNEL, bench_mesh(&args, &bins, "kernel"));
+    }
+    eprintln!("== {DEVICE}");
     record(
         &mut rows,
-        "openspan device (bare)",
+        DEVICE,
         bench_reference(
             &args,
             &Reference::OpenspanDevice {
                 path: bins.wireguard.clone(),
             },
-            "openspan device (bare)",
+            DEVICE,
         ),
     );
+    if let Some(reason) = &kernel_missing {
+        eprintln!("== {KERNEL}: {reason}");
+        rows.push(Row::missing(KERNEL, reason));
+    } else {
+        eprintln!("== {KERNEL}");
+        record(
+            &mut rows,
+            KERNEL,
+            bench_reference(&args, &Reference::Kernel, KERNEL),
+        );
+    }
 
     let bt_label = format!("boringtun-cli ({} threads)", args.boringtun_cli_threads);
     if args.skip_boringtun_cli {
+        eprintln!("== {bt_label}: skipped (--skip-boringtun-cli)");
         rows.push(Row::missing(&bt_label, "skipped (--skip-boringtun-cli)"));
     } else {
         eprintln!("== boringtun-cli");
@@ -170,10 +219,13 @@ fn main() -> anyhow::Result<()> {
                     &bt_label,
                 ),
             ),
-            Err(e) => rows.push(Row::missing(
-                &bt_label,
-                &format!("not available: {}", first_line(&e)),
-            )),
+            Err(e) => {
+                eprintln!("   not available: {e:#}");
+                rows.push(Row::missing(
+                    &bt_label,
+                    &format!("not available: {}", first_line(&e)),
+                ));
+            }
         }
     }
 
@@ -181,6 +233,7 @@ fn main() -> anyhow::Result<()> {
     // A --wireguard-go that cannot tell its version fails the run, as a failed setup does.
     let mut unusable = false;
     if args.skip_wireguard_go {
+        eprintln!("== wireguard-go: skipped (--skip-wireguard-go)");
         rows.push(Row::missing(
             "wireguard-go",
             "skipped (--skip-wireguard-go)",
@@ -192,6 +245,7 @@ fn main() -> anyhow::Result<()> {
             args.wireguard_go.clone()
         };
         if paths.is_empty() {
+            eprintln!("== wireguard-go: not available: wireguard-go is not installed");
             rows.push(Row::missing(
                 "wireguard-go",
                 "not available: wireguard-go is not installed (apt-get install wireguard-go, or --wireguard-go PATH)",
@@ -292,6 +346,36 @@ fn which(tool: &str) -> Option<PathBuf> {
         .split(':')
         .map(|d| Path::new(d).join(tool))
         .find(|p| p.is_file())
+}
+
+/// Whether this kernel can create a WireGuard link: `ip link add … type wireguard` in a scratch
+/// namespace (deleted again). The error is the reason it cannot (no module, as on a host whose
+/// kernel was built without it).
+fn kernel_wireguard() -> Result<(), String> {
+    let netns = format!("osprobe{}", std::process::id());
+    let _ = run("ip", &["netns", "del", &netns]);
+    let added = run("ip", &["netns", "add", &netns])
+        .map_err(|e| format!("cannot create a scratch namespace: {e:#}"))?;
+    if !added.status.success() {
+        return Err(format!(
+            "cannot create a scratch namespace: {}",
+            String::from_utf8_lossy(&added.stderr).trim()
+        ));
+    }
+    let probe = run(
+        "ip",
+        &["-n", &netns, "link", "add", "wgprobe", "type", "wireguard"],
+    );
+    let _ = run("ip", &["netns", "del", &netns]);
+    let probe = probe.map_err(|e| format!("{e:#}"))?;
+    if probe.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`ip link add … type wireguard`: {}",
+            String::from_utf8_lossy(&probe.stderr).trim()
+        ))
+    }
 }
 
 /// The version a wireguard-go binary reports: `wireguard-go v0.0.20250522` on the first line of
@@ -676,8 +760,15 @@ fn bench_veth(args: &Args) -> anyhow::Result<Vec<Row>> {
 }
 
 /// Bytes sent by `node`'s WireGuard interface to all peers, per `wg show <if> transfer`.
-fn wg_tx_bytes(interface: &str) -> anyhow::Result<u64> {
-    let out = host_sh("wg", &["show", interface, "transfer"], None)?;
+fn wg_tx_bytes(node: &Node, kernel: bool) -> anyhow::Result<u64> {
+    let interface = &node.interface;
+    // A kernel link lives in the node's namespace; a userspace device's control socket is
+    // reachable from the root namespace.
+    let out = if kernel {
+        ns_sh(&node.netns, "wg", &["show", interface, "transfer"])?
+    } else {
+        host_sh("wg", &["show", interface, "transfer"], None)?
+    };
     Ok(out
         .lines()
         .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok())
@@ -690,8 +781,12 @@ fn daemon_limit(args: &Args) -> u64 {
     300 + 3 * u64::from(args.repeat) * (args.duration + 40) + 3 * pings
 }
 
-fn bench_mesh(args: &Args, bins: &Binaries) -> anyhow::Result<Vec<Row>> {
-    let lab = Lab::new(2)?;
+/// The mesh of two agents with WireGuard backend `backend` (`userspace` or `kernel`).
+fn bench_mesh(args: &Args, bins: &Binaries, backend: &'static str) -> anyhow::Result<Vec<Row>> {
+    let mut lab = Lab::new(2)?;
+    lab.backend = backend;
+    let kernel = backend == "kernel";
+    let label = if kernel { MESH_KERNEL } else { MESH };
     // Declared after the lab: the agents stop (and clean up) before the namespaces go, and
     // before the discovery server.
     let mut server = Daemons::default();
@@ -764,13 +859,15 @@ fn bench_mesh(args: &Args, bins: &Binaries) -> anyhow::Result<Vec<Row>> {
         .context("kubespanctl identity: no mesh_address")?
         .to_owned();
     wait_reachable(sender, &mesh_address, Duration::from_secs(10))?;
-    let to_mesh = iperf(args, receiver, sender, &mesh_address, Some(&agents))?;
+    // With kernel WireGuard the agents only configure: their CPU is not the tunnel's.
+    let tunnel = (!kernel).then_some(&agents);
+    let to_mesh = iperf(args, receiver, sender, &mesh_address, tunnel)?;
     let ping_mesh = ping(args, sender, &mesh_address)?;
 
     // The underlay address is force-routed into the tunnel: check that the bytes went there.
-    let tx_before = wg_tx_bytes(&sender.interface)?;
-    let to_underlay = iperf(args, receiver, sender, &receiver.address, Some(&agents))?;
-    let tx = wg_tx_bytes(&sender.interface)?.saturating_sub(tx_before);
+    let tx_before = wg_tx_bytes(sender, kernel)?;
+    let to_underlay = iperf(args, receiver, sender, &receiver.address, tunnel)?;
+    let tx = wg_tx_bytes(sender, kernel)?.saturating_sub(tx_before);
     let expected =
         to_underlay.mbps * 1e6 / 8.0 * args.duration as f64 * f64::from(args.repeat) * 0.5;
     let underlay_note = if (tx as f64) < expected {
@@ -784,14 +881,14 @@ fn bench_mesh(args: &Args, bins: &Binaries) -> anyhow::Result<Vec<Row>> {
 
     Ok(vec![
         Row {
-            setup: "openspan mesh".into(),
+            setup: label.into(),
             path: format!("{mesh_address} (mesh, IPv6)"),
             throughput: Some(to_mesh),
             ping: Some(ping_mesh),
             note: String::new(),
         },
         Row {
-            setup: "openspan mesh".into(),
+            setup: label.into(),
             path: format!("{} (underlay, forced)", receiver.address),
             throughput: Some(to_underlay),
             ping: Some(ping_underlay),
@@ -813,6 +910,8 @@ enum Reference {
     WireguardGo {
         path: PathBuf,
     },
+    /// Kernel WireGuard (`ip link add … type wireguard`): no process.
+    Kernel,
 }
 
 impl Reference {
@@ -823,11 +922,14 @@ impl Reference {
             Self::OpenspanDevice { .. } => 'o',
             Self::BoringtunCli { .. } => 'b',
             Self::WireguardGo { .. } => 'g',
+            Self::Kernel => 'k',
         }
     }
 
-    fn command(&self, node: &Node, interface: &str, limit: u64) -> Command {
-        match self {
+    /// The process that runs the device, `None` for kernel WireGuard.
+    fn command(&self, node: &Node, interface: &str, limit: u64) -> Option<Command> {
+        Some(match self {
+            Self::Kernel => return None,
             Self::OpenspanDevice { path } => in_netns(&node.netns, limit, path, &[interface]),
             Self::BoringtunCli { path, threads } => {
                 let log = node.dir.join("boringtun.log");
@@ -853,11 +955,12 @@ impl Reference {
                     .env("LOG_LEVEL", "error");
                 command
             }
-        }
+        })
     }
 }
 
-/// A userspace WireGuard reference between the two nodes, configured with wg(8).
+/// A WireGuard device between the two nodes (a userspace one's process, or a kernel link),
+/// configured with wg(8).
 fn bench_reference(args: &Args, reference: &Reference, label: &str) -> anyhow::Result<Vec<Row>> {
     let lab = Lab::new(2)?;
     let mut tunnels = Daemons::default();
@@ -867,27 +970,42 @@ fn bench_reference(args: &Args, reference: &Reference, label: &str) -> anyhow::R
     let mut interfaces = Vec::new();
     for (n, node) in lab.nodes.iter().enumerate() {
         let interface = format!("{}{}{}", lab.id, reference.letter(), n + 1);
-        let daemon = tunnels.push(Daemon::spawn(
-            &format!("{label} {}", node.name),
-            reference.command(node, &interface, limit),
-            node.dir.join(format!("{interface}.out")),
-            Duration::from_secs(5),
-        )?);
-        daemon.leftovers.push(PathBuf::from(format!(
-            "/var/run/wireguard/{interface}.sock"
-        )));
+        match reference.command(node, &interface, limit) {
+            Some(command) => {
+                let daemon = tunnels.push(Daemon::spawn(
+                    &format!("{label} {}", node.name),
+                    command,
+                    node.dir.join(format!("{interface}.out")),
+                    Duration::from_secs(5),
+                )?);
+                daemon.leftovers.push(PathBuf::from(format!(
+                    "/var/run/wireguard/{interface}.sock"
+                )));
+            }
+            // Deleted with the namespace.
+            None => {
+                ns_sh(
+                    &node.netns,
+                    "ip",
+                    &["link", "add", &interface, "type", "wireguard"],
+                )?;
+            }
+        }
         interfaces.push(interface);
     }
-    wait_until(
-        "the WireGuard control sockets",
-        Duration::from_secs(10),
-        || {
-            tunnels.check()?;
-            Ok(interfaces
-                .iter()
-                .all(|i| Path::new(&format!("/var/run/wireguard/{i}.sock")).exists()))
-        },
-    )?;
+    let userspace = !matches!(reference, Reference::Kernel);
+    if userspace {
+        wait_until(
+            "the WireGuard control sockets",
+            Duration::from_secs(10),
+            || {
+                tunnels.check()?;
+                Ok(interfaces
+                    .iter()
+                    .all(|i| Path::new(&format!("/var/run/wireguard/{i}.sock")).exists()))
+            },
+        )?;
+    }
 
     let psk = lab.root.join("psk");
     std::fs::write(&psk, host_sh("wg", &["genpsk"], None)? + "\n")?;
@@ -942,7 +1060,13 @@ fn bench_reference(args: &Args, reference: &Reference, label: &str) -> anyhow::R
     let target = tunnel_address(receiver);
     let waited = wait_reachable(sender, &target, Duration::from_secs(15))?;
     eprintln!("   tunnel up {waited:.1?} after configuration");
-    let throughput = iperf(args, receiver, sender, &target, Some(&tunnels))?;
+    let throughput = iperf(
+        args,
+        receiver,
+        sender,
+        &target,
+        userspace.then_some(&tunnels),
+    )?;
     let ping = ping(args, sender, &target)?;
     tunnels.check()?;
     tunnels.stop_all();
@@ -1037,9 +1161,19 @@ fn print_report(args: &Args, rows: &[Row], versions: &[String]) {
 
     let find = |setup: &str, path: &str| {
         rows.iter()
-            .find(|r| r.setup.starts_with(setup) && r.path.contains(path))
+            .find(|r| r.setup == setup && r.path.contains(path))
     };
     let veth = find("plain veth", "");
+    // Kernel WireGuard, where measured: what the userspace device is compared with first.
+    let kernel: Vec<&Row> = [
+        find(KERNEL, ""),
+        find(MESH_KERNEL, "(mesh"),
+        find(MESH_KERNEL, "(underlay"),
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|r| r.throughput.is_some())
+    .collect();
     let references: Vec<&Row> = rows
         .iter()
         .filter(|r| r.setup.starts_with("boringtun-cli") || r.setup.starts_with("wireguard-go"))
@@ -1048,21 +1182,25 @@ fn print_report(args: &Args, rows: &[Row], versions: &[String]) {
     println!();
     println!("ratios (throughput ×, ping avg ×):");
     for mesh in [
-        find("openspan mesh", "(mesh"),
-        find("openspan mesh", "(underlay"),
-        find("openspan device", ""),
+        find(MESH, "(mesh"),
+        find(MESH, "(underlay"),
+        find(DEVICE, ""),
     ]
     .into_iter()
     .flatten()
     {
         let which = if mesh.path.contains("(mesh") {
             "mesh address"
-        } else if mesh.setup.starts_with("openspan device") {
+        } else if mesh.setup == DEVICE {
             "bare device"
         } else {
             "underlay IPv4"
         };
-        for other in veth.into_iter().chain(references.iter().copied()) {
+        for other in veth
+            .into_iter()
+            .chain(kernel.iter().copied())
+            .chain(references.iter().copied())
+        {
             let tput = mesh
                 .throughput
                 .as_ref()
@@ -1073,14 +1211,25 @@ fn print_report(args: &Args, rows: &[Row], versions: &[String]) {
                 .as_ref()
                 .zip(other.ping.as_ref())
                 .map_or("-".into(), |(m, o)| format!("{:.2}", m.avg_ms / o.avg_ms));
+            let other_name = if other.setup == MESH_KERNEL {
+                format!(
+                    "{MESH_KERNEL} ({})",
+                    if other.path.contains("(mesh") {
+                        "mesh"
+                    } else {
+                        "underlay"
+                    }
+                )
+            } else {
+                other.setup.clone()
+            };
             println!(
-                "  openspan ({which:<13}) / {:<28}  throughput {tput:>5}   ping {rtt:>5}",
-                other.setup
+                "  openspan ({which:<13}) / {other_name:<40}  throughput {tput:>5}   ping {rtt:>5}"
             );
         }
     }
     println!();
-    let mesh_mbps = find("openspan mesh", "(mesh")
+    let mesh_mbps = find(MESH, "(mesh")
         .and_then(|r| r.throughput.as_ref())
         .map(|t| t.mbps);
     let measured: Vec<(&str, f64)> = references
