@@ -416,8 +416,12 @@ fn go_style_flags(args: impl Iterator<Item = String>) -> Vec<String> {
         .collect()
 }
 
+fn main() -> std::process::ExitCode {
+    openspan_runtime::exit_with(run())
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse_from(go_style_flags(std::env::args()));
     openspan_runtime::init_logging(args.debug, args.log_format == "json");
     let config = args.into_config()?;

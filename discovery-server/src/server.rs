@@ -462,14 +462,19 @@ async fn serve_backend<B: Backend>(
                 }
             }));
         }
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(openspan_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(openspan_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()?;
+        // Reflection lists what this server serves: the descriptor set also holds the agent's
+        // API, which it does not.
+        let reflection = |reflection_service: &str| {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(openspan_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name("sidero.discovery.server.Cluster")
+                .with_service_name("grpc.health.v1.Health")
+                .with_service_name(reflection_service)
+        };
+        let reflection_v1 = reflection("grpc.reflection.v1.ServerReflection").build_v1()?;
+        let reflection_v1alpha =
+            reflection("grpc.reflection.v1alpha.ServerReflection").build_v1alpha()?;
         let routes = ClusterRoutes::new(
             backend.clone(),
             gate.clone(),

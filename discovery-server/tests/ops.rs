@@ -63,6 +63,10 @@ async fn grpc_health_and_reflection_answer() {
         names.contains(&"grpc.health.v1.Health".to_string()),
         "{names:?}"
     );
+    assert!(
+        !names.iter().any(|n| n.starts_with("openspan.agent")),
+        "the agent's API is not served here: {names:?}"
+    );
     server.shutdown().await.unwrap();
 }
 

@@ -107,12 +107,15 @@ pub fn local_record(
 ) -> AffiliateRecord {
     let skip = [IpNet::V6(identity.mesh_prefix)];
     let addresses = routable_addresses(facts.addresses.iter().copied(), &skip);
-    let mut candidates = addresses.clone();
-    for ip in &facts.public_ips {
-        if !candidates.contains(ip) {
-            candidates.push(*ip);
-        }
-    }
+    // The address Hello saw goes through the same filter: over loopback (a server on this
+    // host) it is 127.0.0.1, which would send every peer to itself.
+    let candidates = routable_addresses(
+        addresses
+            .iter()
+            .copied()
+            .chain(facts.public_ips.iter().copied()),
+        &skip,
+    );
     let endpoints = local_endpoints(
         &candidates,
         None,
@@ -437,5 +440,57 @@ async fn read_addresses(mesh_interface: &str) -> Option<Vec<IpAddr>> {
             tracing::warn!(error = %e, "cannot read node addresses through netlink; keeping the last known ones");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+
+    fn config() -> Config {
+        crate::config::parse(
+            "clusterID: test-cluster\nclusterSecret: AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n\
+             discovery:\n  endpoints: [\"http://127.0.0.1:3000\"]\n",
+        )
+        .expect("a valid configuration")
+    }
+
+    fn identity() -> NodeIdentity {
+        NodeIdentity {
+            node_id: "n".into(),
+            nodename: "n".into(),
+            hostname: "n".into(),
+            public_key: "k".into(),
+            mesh_address: "fd00::1".parse().unwrap(),
+            mesh_prefix: "fd00::/64".parse().unwrap(),
+            mac_source: "test".into(),
+            operating_system: "test".into(),
+        }
+    }
+
+    /// A discovery server reached over loopback answers Hello with 127.0.0.1; publishing that
+    /// would send every peer to itself.
+    #[test]
+    fn loopback_and_unroutable_public_ips_are_never_published() {
+        let facts = HostFacts {
+            addresses: vec!["10.0.0.1".parse().unwrap()],
+            public_ips: vec![
+                "127.0.0.1".parse().unwrap(),
+                "::1".parse().unwrap(),
+                "0.0.0.0".parse().unwrap(),
+                "203.0.113.9".parse().unwrap(),
+            ],
+        };
+        let record = local_record(&config(), &identity(), &facts);
+        let port = config().listen_port;
+        assert_eq!(
+            record.endpoints,
+            [
+                SocketAddr::new("10.0.0.1".parse().unwrap(), port),
+                SocketAddr::new("203.0.113.9".parse().unwrap(), port),
+            ]
+        );
     }
 }

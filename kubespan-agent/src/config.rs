@@ -21,10 +21,11 @@ pub const MIN_MTU: u32 = 1280;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    // The I/O error is in the message, not a `source`: a chain would print it twice.
+    #[error("cannot read config file {path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("config file {path}: {message}")]
     Syntax { path: PathBuf, message: String },
@@ -308,9 +309,9 @@ impl Default for DataPlaneConfig {
 }
 
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
         path: path.to_owned(),
-        source,
+        cause,
     })?;
     parse(&text).map_err(|e| match e {
         ConfigError::Syntax { message, .. } => ConfigError::Syntax {

@@ -67,8 +67,12 @@ fn node_identity(
     Ok((node, keys))
 }
 
+fn main() -> std::process::ExitCode {
+    openspan_runtime::exit_with(run())
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     openspan_runtime::init_logging(args.debug, args.log_format == "json");
     let config = config::load(&args.config)?;

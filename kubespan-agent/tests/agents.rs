@@ -606,3 +606,22 @@ async fn a_writer_with_only_the_cluster_id_cannot_evict_a_node() {
     );
     server.shutdown().await.unwrap();
 }
+
+/// Each binary names itself (clap took the package name, so kubespanctl said kubespan-agent).
+#[test]
+fn the_binaries_name_themselves_in_their_version() {
+    for (binary, name) in [
+        (env!("CARGO_BIN_EXE_kubespanctl"), "kubespanctl"),
+        (env!("CARGO_BIN_EXE_kubespan-agent"), "kubespan-agent"),
+    ] {
+        let output = std::process::Command::new(binary)
+            .arg("--version")
+            .output()
+            .expect("run --version");
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            text.starts_with(&format!("{name} ")),
+            "{binary} --version says {text:?}"
+        );
+    }
+}

@@ -25,6 +25,19 @@ pub fn init_logging(debug: bool, json: bool) {
     }
 }
 
+/// The exit of a daemon's `main`: on error, the message with its causes on one line (`Error:
+/// …: …`) and status 1. Returning the error from `main` would print its Debug form, which
+/// `RUST_BACKTRACE=1` turns into a backtrace after every user error.
+pub fn exit_with<E: std::fmt::Display>(result: Result<(), E>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Waits for SIGTERM or SIGINT and names it.
 pub async fn shutdown_signal() -> std::io::Result<&'static str> {
     use tokio::signal::unix::{SignalKind, signal};

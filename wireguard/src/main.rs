@@ -24,7 +24,11 @@ struct Args {
     debug: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    openspan_runtime::exit_with(run())
+}
+
+fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     openspan_runtime::init_logging(args.debug, false);
     let device = UserspaceWireGuard::create_standalone(&args.interface)

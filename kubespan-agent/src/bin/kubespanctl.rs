@@ -16,7 +16,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 /// Show and manage the local kubespan-agent: members, WireGuard peers and mesh health.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about)]
+#[command(name = "kubespanctl", version, about, long_about)]
 struct Cli {
     /// The agent's API socket.
     #[arg(
