@@ -368,7 +368,7 @@ async fn unread_lists_and_watches_are_cut_off_and_release_their_memory() {
     let limit = stall + Duration::from_secs(3);
     let mut slowest = Duration::ZERO;
     // Every connection ends up either cut (a response of it stalled) or with all its calls
-    // answered (refused at once: idle, not stalled); the watchers' connection is surely cut.
+    // answered (refused at once, or watchers aborted with their status sent: not stalled).
     let all: Vec<(Instant, &RawH2)> = connections
         .iter()
         .map(|(opened, h2)| (*opened, h2))
@@ -393,10 +393,9 @@ async fn unread_lists_and_watches_are_cut_off_and_release_their_memory() {
             ));
         }
     }
-    assert!(
-        watchers.seen.closed.load(Ordering::SeqCst),
-        "the connection of never-read watchers is cut"
-    );
+    // The first Lists (before the budget ran out) can only stall: their connections are cut.
+    // (The watchers may instead have been aborted, their status sent: answered, not stalled.)
+    assert!(cut >= 1, "no stalled connection was cut");
     let superseded_after = server.metric("discovery_superseded_bytes ").await;
     let peak = server.status_kib("VmHWM:") * 1024;
     eprintln!(
