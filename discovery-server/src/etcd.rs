@@ -141,11 +141,11 @@ enum Key {
 
 impl Keys {
     fn cluster(&self, cluster: &str) -> String {
-        format!("{}c/{}/", self.prefix, hex(cluster.as_bytes()))
+        format!("{}c/{}/", self.prefix, hex::encode(cluster))
     }
 
     fn data(&self, cluster: &str, affiliate: &str) -> String {
-        format!("{}d/{}", self.cluster(cluster), hex(affiliate.as_bytes()))
+        format!("{}d/{}", self.cluster(cluster), hex::encode(affiliate))
     }
 
     fn data_prefix(&self, cluster: &str) -> String {
@@ -153,11 +153,15 @@ impl Keys {
     }
 
     fn endpoints(&self, cluster: &str, affiliate: &str) -> String {
-        format!("{}e/{}/", self.cluster(cluster), hex(affiliate.as_bytes()))
+        format!("{}e/{}/", self.cluster(cluster), hex::encode(affiliate))
     }
 
     fn endpoint(&self, cluster: &str, affiliate: &str, endpoint: &[u8]) -> String {
-        format!("{}{}", self.endpoints(cluster, affiliate), hex(endpoint))
+        format!(
+            "{}{}",
+            self.endpoints(cluster, affiliate),
+            hex::encode(endpoint)
+        )
     }
 
     fn parse(&self, key: &[u8]) -> Option<Key> {
@@ -180,30 +184,13 @@ impl Keys {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-}
-
-/// Lowercase hex only, as [`hex`] writes it: one spelling per key, so no two keys are the
-/// same affiliate or endpoint.
+/// Lowercase hex only, as `hex::encode` writes it: one spelling per key, so no two keys are
+/// the same affiliate or endpoint (`hex::decode` alone also takes uppercase).
 fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2)
-        || !text
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
+    if text.bytes().any(|b| b.is_ascii_uppercase()) {
         return None;
     }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
+    hex::decode(text).ok()
 }
 
 /// The end of the range of keys starting with `prefix`.
@@ -244,18 +231,6 @@ fn parse_rank(value: &[u8]) -> i64 {
 fn parse_expiry(value: &[u8]) -> Option<(i64, &[u8])> {
     let (expiry, rest) = value.split_first_chunk::<8>()?;
     Some((i64::from_be_bytes(*expiry), rest))
-}
-
-/// A number in `0..bound` (jitter; not for secrets).
-fn rand_below(bound: u64) -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    hasher.finish() % bound.max(1)
 }
 
 fn unavailable(e: etcd_client::Error) -> StoreError {
@@ -561,7 +536,7 @@ impl Backend for EtcdBackend {
             // Lost a race with another writer of the same affiliate or cluster: read again,
             // after a jittered pause that grows to 50 ms.
             let most = (2 + attempt as u64 * 4).min(50);
-            tokio::time::sleep(Duration::from_millis(rand_below(most) + 1)).await;
+            tokio::time::sleep(Duration::from_millis(rand::random_range(1..=most))).await;
         }
         Err(StoreError::Unavailable(
             "the affiliate (or, near the cluster's limit, the cluster's membership) kept changing under this update; retry".into(),
@@ -1026,6 +1001,10 @@ mod tests {
         let range = keys.endpoints("cl/us", "ab");
         assert!(!keys.endpoint("cl/us", "abc", b"x").starts_with(&range));
         assert_eq!(keys.parse(b"/p/c/zz/d/00"), None);
+        // One spelling per id: no uppercase, no signs, no odd lengths.
+        assert_eq!(keys.parse(b"/p/c/0F/d/00"), None);
+        assert_eq!(keys.parse(b"/p/c/+f/d/00"), None);
+        assert_eq!(keys.parse(b"/p/c/0/d/00"), None);
         assert_eq!(keys.parse(b"/other/c/00/d/00"), None);
         assert_eq!(prefix_end("/p/"), b"/p0".to_vec());
     }
