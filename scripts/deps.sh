@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Installs the system packages the build and the tests need when they are missing (Debian/Ubuntu,
-# as root); elsewhere it says what to install. Called by scripts/test.sh and .ci/run.
+# as root); elsewhere it says what to install. Called by scripts/test.sh, .ci/run and
+# scripts/kernel-lane.sh.
+#
+# Arguments add to the list: COMMAND=PACKAGE (or /FILE=PACKAGE) installs PACKAGE when the command
+# (file) is missing; a bare PACKAGE is installed in any case.
 set -euo pipefail
 
 # command or file -> Debian package
@@ -19,6 +23,13 @@ declare -A needed=(
   [/usr/include/google/protobuf/descriptor.proto]=libprotobuf-dev
 )
 missing=()
+for arg in "$@"; do
+  if [[ $arg == *=* ]]; then
+    needed[${arg%%=*}]=${arg#*=}
+  else
+    missing+=("$arg")
+  fi
+done
 for item in "${!needed[@]}"; do
   if [[ $item == /* ]]; then
     [[ -e $item ]] || missing+=("${needed[$item]}")

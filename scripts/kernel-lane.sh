@@ -100,29 +100,14 @@ t_start=$(date +%s.%N)
 elapsed() { echo "$(date +%s.%N) $t_start" | awk '{printf "%.1f", $1 - $2}'; }
 
 # --- host packages --------------------------------------------------------------------------
-declare -A needed=(
-  [qemu-system-x86_64]=qemu-system-x86 [cpio]=cpio [depmod]=kmod [ip]=iproute2
-  [wg]=wireguard-tools [nft]=nftables [ping]=iputils-ping [tcpdump]=tcpdump
-)
-((bench)) && needed+=([iperf3]=iperf3 [ss]=iproute2)
-missing=()
-for cmd in "${!needed[@]}"; do
-  command -v "$cmd" >/dev/null 2>&1 || missing+=("${needed[$cmd]}")
-done
+# scripts/deps.sh: the build's and the tests' packages, plus the lane's own.
+lane_needs=(qemu-system-x86_64=qemu-system-x86 cpio=cpio depmod=kmod)
+((bench)) && lane_needs+=(ss=iproute2)
 # busybox-static, not busybox: the guest's /init has no libraries to load.
 if ! { [[ -x /bin/busybox ]] && ! ldd /bin/busybox >/dev/null 2>&1; }; then
-  missing+=(busybox-static)
+  lane_needs+=(busybox-static)
 fi
-if ((${#missing[@]})); then
-  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
-    say "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  else
-    die "missing ${missing[*]}: install them (Debian: apt-get install --no-install-recommends ...), or run as root on Debian"
-  fi
-fi
+"$repo/scripts/deps.sh" "${lane_needs[@]}" || die "missing packages (see above)"
 
 # --- the binaries -----------------------------------------------------------------------------
 rel=$target_dir/release
