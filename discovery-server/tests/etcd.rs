@@ -9,6 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::child::ChildServer;
 use common::etcd::{Etcd, etcd_present};
 use common::*;
 use discovery_server::server::{Config, Running, StoreKind};
@@ -289,72 +290,18 @@ async fn an_etcd_outage_makes_replicas_unready_and_they_catch_up_after() {
     }
 }
 
-/// A replica as a child process (so it can be frozen with SIGSTOP), killed when dropped.
-struct ChildReplica {
-    child: std::process::Child,
-    grpc: std::net::SocketAddr,
-    log: std::path::PathBuf,
-}
-
-impl ChildReplica {
-    async fn start(etcd: &Etcd, prefix: &str, dir: &std::path::Path) -> Self {
-        let grpc = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let log = dir.join("replica.log");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_discovery-server"))
-            .arg(format!("--addr={grpc}"))
-            .args([
-                "--landing-addr=",
-                "--metrics-addr=",
-                "--ip-rate-limit=0",
-                "--store=etcd",
-            ])
-            .arg(format!(
-                "--etcd-endpoints={}",
-                etcd.config(prefix).endpoints[0]
-            ))
-            .arg(format!("--etcd-prefix={prefix}"))
-            .arg("--etcd-lease-bucket=1s")
-            .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start the discovery-server binary");
-        let started = Instant::now();
-        while tokio::net::TcpStream::connect(grpc).await.is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "replica did not listen"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Self { child, grpc, log }
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    async fn client(&self) -> Client {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        openspan_proto::discovery::server::cluster_client::ClusterClient::new(channel)
-            .max_decoding_message_size(64 << 20)
-    }
-}
-
-impl Drop for ChildReplica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A replica as a child process (so it can be frozen with SIGSTOP or killed).
+async fn child_replica(etcd: &Etcd, prefix: &str) -> ChildServer {
+    let endpoints = format!("--etcd-endpoints={}", etcd.config(prefix).endpoints[0]);
+    let prefix = format!("--etcd-prefix={prefix}");
+    ChildServer::start(&[
+        "--ip-rate-limit=0",
+        "--store=etcd",
+        &endpoints,
+        &prefix,
+        "--etcd-lease-bucket=1s",
+    ])
+    .await
 }
 
 /// A replica frozen while the cluster changes, etcd's history is compacted past it and etcd
@@ -367,10 +314,9 @@ async fn a_replica_behind_a_compaction_relists_and_its_watchers_converge() {
     }
     let mut etcd = Etcd::start().await;
     let prefix = "/t/compact/";
-    let dir = tempfile::tempdir().unwrap();
     let a_server = start(replica_config(&etcd, prefix)).await;
     let mut a = client(&a_server).await;
-    let b = ChildReplica::start(&etcd, prefix, dir.path()).await;
+    let b = child_replica(&etcd, prefix).await;
     let mut b_client = b.client().await;
     a.affiliate_update(update("c", "keep", Some(b"k"), &[]))
         .await
@@ -616,8 +562,7 @@ async fn a_killed_replicas_clients_move_to_another_and_converge() {
     }
     let etcd = Etcd::start().await;
     let prefix = "/t/killed/";
-    let dir = tempfile::tempdir().unwrap();
-    let doomed = ChildReplica::start(&etcd, prefix, dir.path()).await;
+    let doomed = child_replica(&etcd, prefix).await;
     let survivor = start(replica_config(&etcd, prefix)).await;
     let mut via_doomed = doomed.client().await;
     for i in 0..20 {

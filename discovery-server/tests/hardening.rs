@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes};
+use common::child::ChildServer;
 use common::raw::{RawH2, cluster_request, grpc_headers};
 use common::*;
 use discovery_server::grpc::AdmissionConfig;
@@ -33,75 +34,6 @@ fn need_files(n: u64) {
         limit >= n,
         "this test opens about {n} sockets but the open-file limit is {limit}: run it with a higher `ulimit -n`"
     );
-}
-
-/// A discovery-server child process on loopback, killed when dropped.
-struct ChildServer {
-    child: std::process::Child,
-    grpc: SocketAddr,
-    metrics: SocketAddr,
-}
-
-impl ChildServer {
-    async fn start(extra: &[&str]) -> Self {
-        let (grpc, metrics) = (
-            SocketAddr::from(([127, 0, 0, 1], common::free_port())),
-            SocketAddr::from(([127, 0, 0, 1], common::free_port())),
-        );
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_discovery-server"))
-            .arg(format!("--addr={grpc}"))
-            .arg("--landing-addr=")
-            .arg(format!("--metrics-addr={metrics}"))
-            .arg("--snapshots-enabled=false")
-            .args(extra)
-            .stdout(std::process::Stdio::null())
-            .stderr(if std::env::var_os("DEBUG_CHILD").is_some() {
-                std::process::Stdio::inherit()
-            } else {
-                std::process::Stdio::null()
-            })
-            .spawn()
-            .expect("start the discovery-server binary");
-        let server = Self {
-            child,
-            grpc,
-            metrics,
-        };
-        let started = Instant::now();
-        while TcpStream::connect(grpc).await.is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "child server did not listen within 20 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        server
-    }
-
-    fn status_kib(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("read the child's /proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("{field} missing from /proc status"))
-    }
-
-    async fn metric(&self, line_prefix: &str) -> u64 {
-        let (_, body) = http_get(self.metrics, "/metrics").await;
-        body.lines()
-            .find_map(|l| l.strip_prefix(line_prefix))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .map_or(0, |v| v as u64)
-    }
-}
-
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Another client, from its own loopback address, sending `Hello` every 100 ms until stopped.

@@ -81,13 +81,7 @@ impl Etcd {
 
     /// Sends a signal to the member (STOP freezes it with its connections open).
     pub fn signal(&self, signal: &str) {
-        let child = self.child.as_ref().expect("etcd runs");
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
+        super::child::signal(self.child.as_ref().expect("etcd runs").id(), signal);
     }
 
     pub fn kill(&mut self) {

@@ -1,6 +1,7 @@
 //! Shared helpers: an in-process server on loopback ports and real gRPC clients.
 #![allow(dead_code)]
 
+pub mod child;
 pub mod etcd;
 pub mod raw;
 
