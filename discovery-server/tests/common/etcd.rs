@@ -8,6 +8,25 @@ use discovery_server::server::{Config, StoreKind};
 
 use super::free_port;
 
+/// The command of one member `name` of the cluster `initial` (name=peer-url,...), its data in
+/// `dir/<name>` and its log in `dir/<name>.log`.
+fn member(name: &str, dir: &std::path::Path, client: &str, peer: &str, initial: &str) -> Command {
+    let mut command = Command::new("etcd");
+    command
+        .arg(format!("--name={name}"))
+        .arg(format!("--data-dir={}", dir.join(name).display()))
+        .arg(format!("--listen-client-urls={client}"))
+        .arg(format!("--advertise-client-urls={client}"))
+        .arg(format!("--listen-peer-urls={peer}"))
+        .arg(format!("--initial-advertise-peer-urls={peer}"))
+        .arg(format!("--initial-cluster={initial}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.join(format!("{name}.log"))).unwrap(),
+        ));
+    command
+}
+
 /// One etcd member on loopback, killed (and its data removed) when dropped.
 pub struct Etcd {
     child: Option<Child>,
@@ -45,23 +64,15 @@ impl Etcd {
     /// Starts (or restarts) the member on its data directory and waits until it answers.
     pub async fn run(&mut self) {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new("etcd")
-            .arg("--name=t1")
-            .arg(format!(
-                "--data-dir={}",
-                self.dir.path().join("data").display()
-            ))
-            .arg(format!("--listen-client-urls={}", self.client_url))
-            .arg(format!("--advertise-client-urls={}", self.client_url))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=t1={peer}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(self.dir.path().join("etcd.log")).unwrap(),
-            ))
-            .spawn()
-            .expect("start etcd");
+        let child = member(
+            "t1",
+            self.dir.path(),
+            &self.client_url,
+            &peer,
+            &format!("t1={peer}"),
+        )
+        .spawn()
+        .expect("start etcd");
         self.child = Some(child);
         let started = Instant::now();
         loop {
@@ -73,7 +84,7 @@ impl Etcd {
             assert!(
                 started.elapsed() < Duration::from_secs(20),
                 "etcd did not answer within 20 s; its log: {}",
-                std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+                std::fs::read_to_string(self.dir.path().join("t1.log")).unwrap_or_default()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -143,27 +154,18 @@ impl EtcdCluster {
             .collect();
         let mut members = Vec::new();
         for i in 0..size {
-            let child = Command::new("etcd")
-                .arg(format!("--name={}", names[i]))
-                .arg(format!(
-                    "--data-dir={}",
-                    dir.path().join(&names[i]).display()
-                ))
-                .arg(format!("--listen-client-urls={}", clients[i]))
-                .arg(format!("--advertise-client-urls={}", clients[i]))
-                .arg(format!("--listen-peer-urls={}", peers[i]))
-                .arg(format!("--initial-advertise-peer-urls={}", peers[i]))
-                .arg(format!("--initial-cluster={}", initial.join(",")))
-                .arg("--initial-cluster-state=new")
-                // Short timeouts: a new leader within about a second of a kill.
-                .arg("--heartbeat-interval=50")
-                .arg("--election-timeout=500")
-                .stdout(Stdio::null())
-                .stderr(Stdio::from(
-                    std::fs::File::create(dir.path().join(format!("{}.log", names[i]))).unwrap(),
-                ))
-                .spawn()
-                .expect("start etcd");
+            let child = member(
+                &names[i],
+                dir.path(),
+                &clients[i],
+                &peers[i],
+                &initial.join(","),
+            )
+            // Short timeouts: a new leader within about a second of a kill.
+            .arg("--heartbeat-interval=50")
+            .arg("--election-timeout=500")
+            .spawn()
+            .expect("start etcd");
             members.push((names[i].clone(), Some(child)));
         }
         let cluster = Self {
