@@ -20,7 +20,9 @@ use crate::config::{Backend, Config};
 use crate::crypto::ClusterKeys;
 use crate::discovery::Publication;
 use crate::firewall::{self, FirewallConfig};
+use crate::host;
 use crate::netset::PrefixSet;
+use crate::paths;
 use crate::reconcile::{Action, PeerMemory, PeerReport, Policy, State, WantedPeer, reconcile};
 use crate::record;
 use crate::routing::{self, RoutingConfig};
@@ -33,6 +35,8 @@ const TICK: Duration = Duration::from_secs(1);
 /// `up` (and routed to) as soon as it answered, not up to a TICK later.
 const AWAITING_TICK: Duration = Duration::from_millis(100);
 const GOOD_ENDPOINTS_FILE: &str = "good-endpoints.json";
+/// How often this node's own networks are read again (to rank peers' endpoints).
+const NETWORKS_REFRESH: Duration = Duration::from_secs(30);
 
 /// Peer statuses for the API and metrics, keyed by base64 public key.
 #[derive(Default)]
@@ -301,6 +305,7 @@ async fn reconcile_loop(
         peer_down_after: dp.peer_down_after,
         keepalive: dp.peer_keepalive,
         updates_in_place: device.updates_in_place(),
+        races: device.races_endpoints(),
     };
     let good_path = config.state_dir.join(GOOD_ENDPOINTS_FILE);
     let mut good = load_good_endpoints(&good_path);
@@ -310,6 +315,8 @@ async fn reconcile_loop(
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut awaiting = false;
+    let mut networks: Vec<IpNet> = Vec::new();
+    let mut networks_read_at: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -318,6 +325,13 @@ async fn reconcile_loop(
             _ = tokio::time::sleep(AWAITING_TICK), if awaiting => {}
         }
         let current = view.borrow_and_update().clone();
+        if networks_read_at.is_none_or(|at| at.elapsed() >= NETWORKS_REFRESH) {
+            networks_read_at = Some(Instant::now());
+            match host::node_networks(&config.interface).await {
+                Ok(read) => networks = read,
+                Err(e) => tracing::debug!(error = %e, "cannot read this node's networks"),
+            }
+        }
         let wanted: Vec<WantedPeer> = current
             .peers
             .iter()
@@ -326,7 +340,9 @@ async fn reconcile_loop(
                 if key.is_none() {
                     tracing::warn!(peer = %spec.label, key = %spec.public_key, "ignoring a peer with an unusable public key");
                 }
-                Some(WantedPeer { public_key: key?, spec: spec.clone() })
+                let mut spec = spec.clone();
+                spec.endpoints = paths::rank(&spec.endpoints, &networks);
+                Some(WantedPeer { public_key: key?, spec })
             })
             .collect();
         let device_peers = match tokio::task::block_in_place(|| device.peers()) {
@@ -360,6 +376,22 @@ async fn reconcile_loop(
                     reset_session,
                 } => device.set_peer(config, *reset_session),
                 Action::RemovePeer { public_key } => device.remove_peer(public_key),
+                Action::Race {
+                    public_key,
+                    candidates,
+                } => device.race(public_key, candidates).map(|_| ()),
+                Action::Probe { public_key } => match device.probe(public_key) {
+                    Ok(true) => Ok(()),
+                    // Kernel WireGuard: a datagram to the peer's port 9 over the tunnel; its
+                    // kernel answers with an ICMP error, which is an answer.
+                    Ok(false) => {
+                        if let Some(want) = wanted.iter().find(|w| w.public_key == *public_key) {
+                            nudge(want.spec.mesh_address);
+                        }
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
             });
             match (action, result) {
                 (
@@ -392,6 +424,12 @@ async fn reconcile_loop(
                 (Action::RemovePeer { .. }, Ok(())) => {
                     tracing::info!("removed a peer that left the cluster")
                 }
+                (Action::Race { public_key, candidates }, Ok(())) => {
+                    if let Some(want) = wanted.iter().find(|w| w.public_key == *public_key) {
+                        tracing::debug!(peer = %want.spec.label, ?candidates, "racing endpoints");
+                    }
+                }
+                (Action::Probe { .. }, Ok(())) => {}
                 (action, Err(e)) => {
                     tracing::error!(error = %e, "WireGuard device change failed; retrying next tick");
                     // Forget what was applied so the next reconcile sends it again.
