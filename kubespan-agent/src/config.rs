@@ -79,6 +79,29 @@ struct RawConfig {
     peer_keepalive_seconds: Option<u16>,
     endpoint_timeout_seconds: Option<u64>,
     peer_down_seconds: Option<u64>,
+    #[serde(default)]
+    nat_traversal: RawNatTraversal,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawNatTraversal {
+    #[serde(default)]
+    stun_servers: Vec<String>,
+    #[serde(default)]
+    port_mapping: bool,
+}
+
+/// How this node makes itself reachable from behind NAT.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NatTraversal {
+    /// `host:port` of STUN servers (`discovery-server --stun-addr`, or any public one); asked
+    /// from the WireGuard socket every 20–30 s for this node's NAT mapping, which is then
+    /// announced as an endpoint. Empty: no STUN.
+    pub stun_servers: Vec<String>,
+    /// Ask the gateway to forward the listen port (PCP, NAT-PMP, UPnP-IGD) and announce the
+    /// mapped endpoint.
+    pub port_mapping: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -258,6 +281,7 @@ pub struct Config {
     pub cipher: Cipher,
     pub mac_address: Option<[u8; 6]>,
     pub data_plane: DataPlaneConfig,
+    pub nat_traversal: NatTraversal,
 }
 
 /// Which WireGuard implementation carries the mesh.
@@ -419,6 +443,28 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 .collect::<Result<Vec<_>, _>>()?,
         ),
     };
+    let stun_servers = raw
+        .nat_traversal
+        .stun_servers
+        .iter()
+        .enumerate()
+        .map(|(i, server)| {
+            let server = server.trim();
+            match server.rsplit_once(':') {
+                Some((host, port))
+                    if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) =>
+                {
+                    Ok(server.to_owned())
+                }
+                _ => Err(invalid(
+                    format!("natTraversal.stunServers[{i}]"),
+                    format!(
+                        "{server:?} is not host:port (e.g. 203.0.113.10:3478, stun.example.org:3478 or [2001:db8::10]:3478)"
+                    ),
+                )),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let extra_announced_endpoints = raw
         .extra_announced_endpoints
         .iter()
@@ -519,6 +565,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         cipher,
         mac_address,
         data_plane,
+        nat_traversal: NatTraversal {
+            stun_servers,
+            port_mapping: raw.nat_traversal.port_mapping,
+        },
     })
 }
 
@@ -755,6 +805,14 @@ backend: auto
 peerKeepaliveSeconds: 3
 peerDownSeconds: 9
 endpointTimeoutSeconds: 3
+# Reaching nodes behind NAT. stunServers: host:port of STUN servers (discovery-server
+# --stun-addr, or a public one), asked from the WireGuard socket every 20-30 s; the NAT mapping
+# they report is announced as an endpoint (userspace device only: kernel WireGuard's socket is
+# the kernel's). portMapping: ask the gateway to forward the listen port (PCP, NAT-PMP,
+# UPnP-IGD) and announce the mapped endpoint.
+natTraversal:
+  stunServers: []
+  portMapping: false
 # Policy routing and firewall (KubeSpan's values).
 routingTable: 180
 rulePriority: 32500

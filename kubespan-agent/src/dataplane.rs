@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{MembershipView, NodeIdentity};
+use crate::agent::{MembershipView, NatEndpoints, NodeIdentity};
 use crate::api::{PeerStatusProvider, PeerStatusView};
 use crate::config::{Backend, Config};
 use crate::crypto::ClusterKeys;
@@ -25,6 +25,7 @@ use crate::netset::PrefixSet;
 use crate::paths;
 use crate::reconcile::{Action, PeerMemory, PeerReport, Policy, State, WantedPeer, reconcile};
 use crate::record;
+use crate::reflexive::{Mapping, StunProber};
 use crate::routing::{self, RoutingConfig};
 use crate::wg::kernel::{KernelWireGuard, kernel_available};
 use crate::wg::userspace::UserspaceWireGuard;
@@ -186,6 +187,8 @@ pub struct Inputs {
     /// Node ids of the peers whose tunnels are alive (something arrived within the peer-down
     /// interval): the control loop keeps them as members when discovery stops listing them.
     pub alive: watch::Sender<BTreeSet<String>>,
+    /// Where the reflexive endpoint STUN finds goes (announced by the control loop).
+    pub nat: watch::Sender<NatEndpoints>,
 }
 
 /// Sets up the interface, routing and firewall, then reconciles until `stop`; tears all of it
@@ -257,6 +260,80 @@ pub async fn run(mut inputs: Inputs, stop: CancellationToken) -> anyhow::Result<
     result
 }
 
+/// STUN through the WireGuard socket: reads answers, sends a round or retries when due, and
+/// hands a changed mapping to the control loop.
+async fn stun_round(
+    device: &mut dyn WireGuard,
+    stun: &mut StunProber,
+    servers: &[String],
+    nat: &watch::Sender<NatEndpoints>,
+) {
+    let now = Instant::now();
+    let mut changed = false;
+    for (from, message) in device.take_stun() {
+        changed |= stun.answer(from, &message, now);
+    }
+    changed |= stun.expire(now);
+    let mut requests = stun.retries(now);
+    if stun.round_due(now) {
+        let resolved = resolve_stun_servers(servers).await;
+        requests.extend(stun.start_round(&resolved, now, rand::random::<f64>(), rand::random));
+    }
+    for (server, request) in requests {
+        if !device.send_stun(server, &request) {
+            tracing::debug!(%server, "STUN request not sent (no socket yet)");
+        }
+    }
+    if changed {
+        let (reflexive, note) = match stun.mapping(now) {
+            Mapping::Unknown => (None, None),
+            Mapping::Reflexive(endpoint) => {
+                tracing::info!(%endpoint, "reflexive endpoint (this node's NAT mapping, as STUN servers see it)");
+                (Some(endpoint), None)
+            }
+            Mapping::EndpointDependent(seen) => {
+                let note = format!(
+                    "the NAT maps per destination (STUN servers saw {seen:?}): no reflexive endpoint is announced; peers behind NAT need port mapping on one side or a relay"
+                );
+                tracing::warn!("{note}");
+                (None, Some(note))
+            }
+        };
+        nat.send_if_modified(|current| {
+            let changed = current.reflexive != reflexive || current.note != note;
+            current.reflexive = reflexive;
+            current.note = note;
+            changed
+        });
+    }
+}
+
+/// `host:port` → addresses (the first of each family), 2 s at most per name; names that do not
+/// resolve are left out of this round.
+async fn resolve_stun_servers(servers: &[String]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for server in servers {
+        if let Ok(address) = server.parse::<SocketAddr>() {
+            out.push(address);
+            continue;
+        }
+        let lookup = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::lookup_host(server.as_str()),
+        )
+        .await;
+        match lookup {
+            Ok(Ok(found)) => {
+                let found: Vec<SocketAddr> = found.collect();
+                out.extend(found.iter().find(|a| a.is_ipv4()));
+                out.extend(found.iter().find(|a| a.is_ipv6()));
+            }
+            _ => tracing::debug!(server, "STUN server name does not resolve"),
+        }
+    }
+    out
+}
+
 /// Endpoints observed for `up` peers that they do not announce themselves (e.g. a NAT mapping),
 /// sealed under the peer's id for publishing on its behalf.
 fn harvest(
@@ -317,6 +394,18 @@ async fn reconcile_loop(
     let mut awaiting = false;
     let mut networks: Vec<IpNet> = Vec::new();
     let mut networks_read_at: Option<Instant> = None;
+    let mut stun = StunProber::new();
+    let stun_enabled = !config.nat_traversal.stun_servers.is_empty()
+        && {
+            if device.races_endpoints() {
+                true
+            } else {
+                tracing::warn!(
+                    "natTraversal.stunServers needs the userspace device (backend: userspace): kernel WireGuard's socket belongs to the kernel, so no reflexive endpoint is learned; the public IP from Hello with the listen port is announced (as Talos does), and portMapping works with either backend"
+                );
+                false
+            }
+        };
     loop {
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -328,9 +417,24 @@ async fn reconcile_loop(
         if networks_read_at.is_none_or(|at| at.elapsed() >= NETWORKS_REFRESH) {
             networks_read_at = Some(Instant::now());
             match host::node_networks(&config.interface).await {
-                Ok(read) => networks = read,
+                Ok(read) => {
+                    if read != networks {
+                        // New addresses, maybe a new NAT: ask the STUN servers again now.
+                        stun.trigger();
+                    }
+                    networks = read;
+                }
                 Err(e) => tracing::debug!(error = %e, "cannot read this node's networks"),
             }
+        }
+        if stun_enabled {
+            stun_round(
+                device,
+                &mut stun,
+                &config.nat_traversal.stun_servers,
+                &inputs.nat,
+            )
+            .await;
         }
         let wanted: Vec<WantedPeer> = current
             .peers
@@ -424,7 +528,13 @@ async fn reconcile_loop(
                 (Action::RemovePeer { .. }, Ok(())) => {
                     tracing::info!("removed a peer that left the cluster")
                 }
-                (Action::Race { public_key, candidates }, Ok(())) => {
+                (
+                    Action::Race {
+                        public_key,
+                        candidates,
+                    },
+                    Ok(()),
+                ) => {
                     if let Some(want) = wanted.iter().find(|w| w.public_key == *public_key) {
                         tracing::debug!(peer = %want.spec.label, ?candidates, "racing endpoints");
                     }
@@ -463,6 +573,14 @@ async fn reconcile_loop(
                         rx_bytes: report.rx_bytes,
                         tx_bytes: report.tx_bytes,
                         last_endpoint_change_unix_ms: to_unix_ms(report.last_endpoint_change),
+                        path: paths::kind(
+                            report.endpoint,
+                            &want.spec.endpoints,
+                            &want.spec.allowed_ips,
+                            &networks,
+                        )
+                        .as_str(),
+                        candidates: want.spec.endpoints.clone(),
                     },
                 );
             }
@@ -480,8 +598,9 @@ async fn reconcile_loop(
             *current = alive;
             changed
         });
-        // `unknown` lasts at most endpoint_timeout per try, so the fast ticks do too.
-        awaiting = outcome.reports.iter().any(|r| r.state == State::Unknown);
+        // `unknown` lasts at most endpoint_timeout per try, so the fast ticks do too; STUN
+        // answers are read on the fast ticks too.
+        awaiting = outcome.reports.iter().any(|r| r.state == State::Unknown) || stun.waiting();
         if config.harvest_extra_endpoints {
             let harvested = harvest(&outcome.reports, &wanted, &inputs.keys);
             inputs.publication.send_if_modified(|p| {

@@ -43,12 +43,11 @@ pub enum PathKind {
     None,
     /// An address inside one of this node's networks.
     Lan,
-    /// One of the addresses the peer announces as its own.
+    /// One of the addresses the peer has itself.
     Direct,
-    /// The peer's NAT mapping as a STUN server saw it.
-    Reflexive,
-    /// A port the peer's gateway maps for it (NAT-PMP, PCP, UPnP).
-    Mapped,
+    /// An endpoint the peer announces that is not one of its own addresses: its NAT mapping as
+    /// a STUN server saw it (reflexive), or a port its gateway forwards (mapped).
+    Nat,
     /// An address the peer reached this node from that it does not announce (it is behind a
     /// NAT and WireGuard followed it).
     Roamed,
@@ -60,33 +59,32 @@ impl PathKind {
             PathKind::None => "none",
             PathKind::Lan => "direct LAN",
             PathKind::Direct => "direct",
-            PathKind::Reflexive => "reflexive",
-            PathKind::Mapped => "mapped",
+            PathKind::Nat => "through the peer's NAT (reflexive or mapped)",
             PathKind::Roamed => "roamed (peer behind NAT)",
         }
     }
 }
 
-/// What kind of path `endpoint` is, given the peer's announced endpoints and the kinds it
-/// declared for some of them (reflexive, mapped).
+/// What kind of path `endpoint` is, given the peer's announced endpoints, its own addresses
+/// (its allowed IPs hold them) and this node's networks.
 pub fn kind(
     endpoint: Option<SocketAddr>,
     announced: &[SocketAddr],
-    declared: &[(SocketAddr, PathKind)],
+    peer_networks: &[IpNet],
     local: &[IpNet],
 ) -> PathKind {
     let Some(endpoint) = endpoint else {
         return PathKind::None;
     };
-    if let Some((_, kind)) = declared.iter().find(|(e, _)| *e == endpoint) {
-        return *kind;
-    }
-    if local.iter().any(|net| net.contains(&endpoint.ip())) {
+    let ip = endpoint.ip();
+    if local.iter().any(|net| net.contains(&ip)) {
         PathKind::Lan
-    } else if announced.contains(&endpoint) {
+    } else if !announced.contains(&endpoint) {
+        PathKind::Roamed
+    } else if peer_networks.iter().any(|net| net.contains(&ip)) {
         PathKind::Direct
     } else {
-        PathKind::Roamed
+        PathKind::Nat
     }
 }
 
@@ -136,13 +134,17 @@ mod tests {
     #[test]
     fn path_kinds() {
         let local = nets(&["10.0.0.5/24"]);
-        let announced = [sa("10.0.0.9:51820"), sa("203.0.113.9:51820"), sa("198.51.100.1:4000")];
-        let declared = [(sa("198.51.100.1:4000"), PathKind::Reflexive)];
-        let k = |e: Option<&str>| kind(e.map(sa), &announced, &declared, &local);
+        let announced = [
+            sa("10.0.0.9:51820"),
+            sa("203.0.113.9:51820"),
+            sa("198.51.100.1:4000"),
+        ];
+        let peer_networks = nets(&["10.0.0.9/32", "203.0.113.9/32", "fd00::9/128"]);
+        let k = |e: Option<&str>| kind(e.map(sa), &announced, &peer_networks, &local);
         assert_eq!(k(None), PathKind::None);
         assert_eq!(k(Some("10.0.0.9:51820")), PathKind::Lan);
         assert_eq!(k(Some("203.0.113.9:51820")), PathKind::Direct);
-        assert_eq!(k(Some("198.51.100.1:4000")), PathKind::Reflexive);
+        assert_eq!(k(Some("198.51.100.1:4000")), PathKind::Nat);
         assert_eq!(k(Some("192.0.2.44:1234")), PathKind::Roamed);
         assert_eq!(PathKind::Lan.as_str(), "direct LAN");
     }

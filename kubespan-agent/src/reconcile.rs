@@ -195,7 +195,11 @@ fn candidates(
     last: Option<SocketAddr>,
 ) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = Vec::with_capacity(endpoints.len() + 2);
-    for endpoint in first.into_iter().chain(endpoints.iter().copied()).chain(last) {
+    for endpoint in first
+        .into_iter()
+        .chain(endpoints.iter().copied())
+        .chain(last)
+    {
         if !out.contains(&endpoint) {
             out.push(endpoint);
         }
@@ -401,7 +405,9 @@ pub fn reconcile(
             });
         } else if report_state == State::Up
             && since(now, last_answer).is_some_and(|quiet| quiet >= timers.probe_after())
-            && mem.probed_at.is_none_or(|probed| last_answer.is_some_and(|answer| answer > probed))
+            && mem
+                .probed_at
+                .is_none_or(|probed| last_answer.is_some_and(|answer| answer > probed))
         {
             // Quiet for longer than a keepalive: one probe, answered by a live peer before
             // `peer_down_after`; no second one until it answered.
@@ -543,8 +549,13 @@ mod tests {
     #[test]
     fn a_racing_device_tries_every_endpoint_at_once_the_last_good_first() {
         let mut h = Harness::racing();
-        h.good.insert("node-b".into(), "10.1.0.2:51820".parse().unwrap());
-        let w = [want(&["10.0.0.2:51820", "10.1.0.2:51820", "10.2.0.2:51820"])];
+        h.good
+            .insert("node-b".into(), "10.1.0.2:51820".parse().unwrap());
+        let w = [want(&[
+            "10.0.0.2:51820",
+            "10.1.0.2:51820",
+            "10.2.0.2:51820",
+        ])];
         let out = h.at(0, &w, &[]);
         assert_eq!(
             endpoint_set(&out),
@@ -614,15 +625,25 @@ mod tests {
     #[test]
     fn an_up_peer_on_a_worse_path_is_raced_for_a_better_one_each_minute() {
         let mut h = Harness::racing();
-        let w = [want(&["10.0.0.2:51820", "10.1.0.2:51820", "10.2.0.2:51820"])];
+        let w = [want(&[
+            "10.0.0.2:51820",
+            "10.1.0.2:51820",
+            "10.2.0.2:51820",
+        ])];
         h.at(0, &w, &[]);
         // The race was won by the second candidate.
         let mut rx = 100;
-        let dev = |h: &Harness, at: u64, rx: u64| [on_device(Some("10.1.0.2:51820"), Some(h.time(at)), rx)];
+        let dev = |h: &Harness, at: u64, rx: u64| {
+            [on_device(Some("10.1.0.2:51820"), Some(h.time(at)), rx)]
+        };
         assert_eq!(h.at(1, &w, &dev(&h, 1, rx)).reports[0].state, State::Up);
         for second in 2..60 {
             rx += 10;
-            assert_eq!(raced(&h.at(second, &w, &dev(&h, 1, rx))), None, "at {second} s");
+            assert_eq!(
+                raced(&h.at(second, &w, &dev(&h, 1, rx))),
+                None,
+                "at {second} s"
+            );
         }
         rx += 10;
         let out = h.at(60, &w, &dev(&h, 1, rx));

@@ -18,8 +18,8 @@ use super::egress::{Pumped, hand_over_tun};
 use super::gate::{Admission, HANDSHAKE_RATE_LIMIT, HandshakeGate};
 use super::peers::{Peer, PeerTable};
 use super::{
-    DATA_MESSAGE, HANDSHAKE_INITIATION, HANDSHAKE_RESPONSE, Keys, STUN_INBOX, RX_PUMP_READS, Shared, TUN_BATCH, TUN_BUFFER,
-    UDP_BATCH, UDP_BUFFER, lock, read,
+    DATA_MESSAGE, HANDSHAKE_INITIATION, HANDSHAKE_RESPONSE, Keys, RX_PUMP_READS, STUN_INBOX,
+    Shared, TUN_BATCH, TUN_BUFFER, UDP_BATCH, UDP_BUFFER, lock, read,
 };
 use crate::wake::wait_readable;
 
@@ -136,9 +136,9 @@ pub(super) fn network_to_tun(shared: &Shared) {
         };
         // STUN shares the socket (the agent learns this socket's NAT mapping): recognised by
         // its magic cookie, which no WireGuard message has where STUN keeps it.
-        if datagrams().any(|(_, d)| super::is_stun(d)) {
+        if datagrams().any(|(_, d)| openspan_stun::is_stun(d)) {
             let mut inbox = lock(&shared.stun_inbox);
-            for (from, datagram) in datagrams().filter(|(_, d)| super::is_stun(d)) {
+            for (from, datagram) in datagrams().filter(|(_, d)| openspan_stun::is_stun(d)) {
                 if inbox.len() < STUN_INBOX {
                     inbox.push_back((from, datagram.to_vec()));
                 }
@@ -149,7 +149,7 @@ pub(super) fn network_to_tun(shared: &Shared) {
             continue;
         };
         let peers = read(&shared.peers);
-        let wireguard = |(_, d): &(SocketAddr, &[u8])| !super::is_stun(d);
+        let wireguard = |(_, d): &(SocketAddr, &[u8])| !openspan_stun::is_stun(d);
         for (from, datagram) in datagrams()
             .filter(wireguard)
             .filter(|(_, d)| !is_handshake(d))
@@ -170,7 +170,10 @@ pub(super) fn network_to_tun(shared: &Shared) {
         batch.flush(shared);
         let now = Instant::now();
         gate.set_limit(keys.handshake_limit);
-        for (from, datagram) in datagrams().filter(wireguard).filter(|(_, d)| is_handshake(d)) {
+        for (from, datagram) in datagrams()
+            .filter(wireguard)
+            .filter(|(_, d)| is_handshake(d))
+        {
             if batch.count == batch.packets.len() {
                 batch.flush(shared);
             }

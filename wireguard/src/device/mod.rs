@@ -75,17 +75,6 @@ const HANDSHAKE_INITIATION: u8 = 1;
 const HANDSHAKE_RESPONSE: u8 = 2;
 const DATA_MESSAGE: u8 = 4;
 
-/// Whether a datagram is a STUN message (RFC 8489): two zero bits, a length that matches, and
-/// the magic cookie at bytes 4..8. WireGuard messages start with a type byte 1–4 and three
-/// zero bytes, so none is taken for STUN.
-pub(crate) fn is_stun(datagram: &[u8]) -> bool {
-    datagram.len() >= 20
-        && datagram[0] & 0xc0 == 0
-        && datagram[4..8] == 0x2112_A442u32.to_be_bytes()
-        && usize::from(u16::from_be_bytes([datagram[2], datagram[3]])) == datagram.len() - 20
-        && datagram[1..4] != [0, 0, 0]
-}
-
 struct Keys {
     private: StaticSecret,
     public: PublicKey,
@@ -624,9 +613,10 @@ fn timers(shared: &Shared) {
     while !shared.stop.load(Ordering::Relaxed) {
         let wake_at = next_race.map_or(next_tick, |race| race.min(next_tick));
         let timeout = wake_at.saturating_duration_since(Instant::now());
-        if let Ok([_, true]) =
-            wait_readable([shared.stopping.fd(), shared.timer_wake.fd()], Some(timeout))
-        {
+        if let Ok([_, true]) = wait_readable(
+            [shared.stopping.fd(), shared.timer_wake.fd()],
+            Some(timeout),
+        ) {
             shared.timer_wake.clear();
         }
         let now = Instant::now();
@@ -669,7 +659,8 @@ fn race_sends(shared: &Shared, peer: &Peer, now: Instant) -> Option<Instant> {
     let mut race = lock(&peer.race);
     let started = race.started()?;
     let handshake_age = lock(&peer.tunn).time_since_last_handshake();
-    let answered = handshake_age.is_some_and(|age| now.checked_sub(age).is_some_and(|at| at >= started));
+    let answered =
+        handshake_age.is_some_and(|age| now.checked_sub(age).is_some_and(|at| at >= started));
     if answered || !race.is_running(now) {
         race.finish();
         return None;

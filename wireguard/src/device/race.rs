@@ -116,12 +116,20 @@ mod tests {
     fn the_first_candidate_goes_at_once_and_the_rest_staggered_in_order() {
         let t0 = Instant::now();
         let mut race = Race::default();
-        let candidates = [sa("10.0.0.1:1"), sa("10.0.0.2:2"), sa("10.0.0.1:1"), sa("[2001:db8::1]:3")];
+        let candidates = [
+            sa("10.0.0.1:1"),
+            sa("10.0.0.2:2"),
+            sa("10.0.0.1:1"),
+            sa("[2001:db8::1]:3"),
+        ];
         assert_eq!(race.start(&candidates, b"init", t0), Some(sa("10.0.0.1:1")));
         assert_eq!(race.next_due(), Some(t0 + STAGGER));
         assert!(race.due(t0).0.is_empty());
         let (due, message) = race.due(t0 + STAGGER);
-        assert_eq!((due, message.to_vec()), (vec![sa("10.0.0.2:2")], b"init".to_vec()));
+        assert_eq!(
+            (due, message.to_vec()),
+            (vec![sa("10.0.0.2:2")], b"init".to_vec())
+        );
         // A late tick sends everything that fell due, duplicates dropped.
         assert_eq!(race.due(t0 + STAGGER * 10).0, vec![sa("[2001:db8::1]:3")]);
         assert_eq!(race.next_due(), None);
@@ -146,7 +154,9 @@ mod tests {
     #[test]
     fn candidates_are_capped() {
         let t0 = Instant::now();
-        let many: Vec<SocketAddr> = (0..200u16).map(|p| SocketAddr::from(([10, 0, 0, 1], p + 1))).collect();
+        let many: Vec<SocketAddr> = (0..200u16)
+            .map(|p| SocketAddr::from(([10, 0, 0, 1], p + 1)))
+            .collect();
         let mut race = Race::default();
         race.start(&many, b"x", t0);
         assert_eq!(race.candidates(t0).len(), MAX_CANDIDATES);
