@@ -13,7 +13,8 @@
 //!   [`RATE_LIMIT`] (20 a second, bursts of 40); the rest are dropped unanswered. A forged
 //!   victim therefore gets at most 40 answers and then 20 a second, 880 bytes/s, from one server.
 //!   The limiter's table is bounded ([`MAX_TRACKED_SOURCES`]); beyond it, newcomers share one
-//!   bucket, so a flood of forged sources can make new clients wait, never grow memory.
+//!   bucket, so a flood of forged sources can leave new clients unanswered while it lasts, but
+//!   cannot grow memory.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
