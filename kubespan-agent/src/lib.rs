@@ -21,6 +21,7 @@ pub mod members;
 pub mod metrics;
 pub mod model;
 pub mod netset;
+pub mod portmap;
 pub mod publish;
 pub mod reconcile;
 pub mod record;
