@@ -972,11 +972,12 @@ async fn upnp_map(
     let wanted = request.port.get();
     let external_port = match upnp_add(&igd, wanted, local, &mut lease, request).await {
         Ok(()) => wanted,
-        Err(igd_next::AddPortError::PortInUse) => {
-            tracing::debug!(
-                port = wanted,
-                "UPnP: external port taken; asking for any port"
-            );
+        // Taken by another client, or outside the ports the router lets clients ask for
+        // (miniupnpd's permission rules answer "not authorized"): let the gateway pick.
+        Err(
+            e @ (igd_next::AddPortError::PortInUse | igd_next::AddPortError::ActionNotAuthorized),
+        ) => {
+            tracing::debug!(port = wanted, error = %e, "UPnP: asking for any external port instead");
             upnp_add_any(&igd, local, &mut lease, request).await?
         }
         Err(e) => return Err(upnp_error(e)),
