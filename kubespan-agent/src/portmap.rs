@@ -44,8 +44,9 @@
 //!
 //! PCP and NAT-PMP through [`crab_nat`] (small, tokio, length-checks every answer before reading
 //! it); UPnP-IGD through [`igd_next`] with its tokio client (hyper 1, already in the tree). Neither
-//! adds a second major version of a crate the agent already uses. A router's answers are
-//! untrusted: the tests feed both protocols' decoders arbitrary bytes from a fake gateway.
+//! adds a second major version of a crate the agent already uses (igd-next brings `url` and its
+//! IDNA tables, crab_nat brings `num_enum`). A router's answers are untrusted: the unit tests
+//! feed crab_nat's NAT-PMP and PCP decoders arbitrary bytes from a fake gateway on loopback.
 //!
 //! The decisions (protocol order, renewal and retry schedule, what to log) are plain functions;
 //! the network calls sit behind a small `Backend` trait so the loop itself is tested on paused
