@@ -33,12 +33,13 @@
 //! # What operators enable on their routers
 //!
 //! Nothing in a datacenter: without a NAT gateway nothing answers, and the agent says so once. On
-//! a home or office router, enable **one** of: PCP or NAT-PMP (OpenWrt/miniupnpd:
-//! `enable_natpmp=yes`; pfSense/OPNsense: "Allow NAT-PMP/PCP"; FRITZ!Box: "Permit independent
-//! port sharing" for this device), or UPnP-IGD (usually "UPnP" in the router UI). Restrict it to
-//! the nodes' addresses and to ports above 1024 where the router allows, and allow UDP to the
-//! WireGuard port (51820 by default). A router whose own WAN address is private (behind carrier
-//! NAT) cannot help: the mapping works one hop short of the internet.
+//! a home or office router, enable **one** of: PCP or NAT-PMP (miniupnpd, e.g. OpenWrt's
+//! `luci-app-upnp`: `enable_natpmp=yes`, which also turns on PCP; pfSense/OPNsense: the "UPnP &
+//! NAT-PMP" service with NAT-PMP allowed; FRITZ!Box: PCP, "independent port sharing", allowed
+//! for the node), or UPnP-IGD (usually just "UPnP" in the router's settings). Where the router
+//! has permission rules, allow the nodes' addresses, UDP, external ports above 1024. A router
+//! whose own WAN address is private (behind carrier-grade NAT) cannot help: its mappings end one
+//! hop short of the internet, and the agent warns about such an external address.
 //!
 //! # Crates
 //!
@@ -718,6 +719,7 @@ enum SystemHandle {
     NatPmp {
         gateway: Ipv4Addr,
         port: NonZeroU16,
+        external_port: u16,
     },
     Upnp {
         gateway: Box<IgdGateway>,
@@ -755,7 +757,9 @@ impl Backend for System {
                 let client = local_address_towards(gateway)?;
                 pcp_map(gateway, client, None, None, request).await
             }
-            (MappingProtocol::NatPmp, IpAddr::V4(gateway)) => natpmp_map(gateway, request).await,
+            (MappingProtocol::NatPmp, IpAddr::V4(gateway)) => {
+                natpmp_map(gateway, None, request).await
+            }
             (MappingProtocol::Upnp, IpAddr::V4(gateway)) => {
                 tokio::time::timeout(UPNP_ATTEMPT_TIMEOUT, upnp_map(gateway, request))
                     .await
@@ -778,7 +782,11 @@ impl Backend for System {
                 external,
                 ..
             } => pcp_map(*gateway, *client, Some(*nonce), Some(*external), request).await,
-            SystemHandle::NatPmp { gateway, .. } => natpmp_map(*gateway, request).await,
+            SystemHandle::NatPmp {
+                gateway,
+                external_port,
+                ..
+            } => natpmp_map(*gateway, Some(*external_port), request).await,
             SystemHandle::Upnp {
                 gateway,
                 local,
@@ -813,7 +821,7 @@ impl Backend for System {
             )
             .await
             .map_err(PortMapError::Pcp),
-            SystemHandle::NatPmp { gateway, port } => crab_nat::natpmp::try_drop_mapping(
+            SystemHandle::NatPmp { gateway, port, .. } => crab_nat::natpmp::try_drop_mapping(
                 (*gateway).into(),
                 crab_nat::InternetProtocol::Udp,
                 Some(*port),
@@ -915,9 +923,11 @@ async fn pcp_map(
 }
 
 /// NAT-PMP: the public address request (RFC 6886 §3.2), then a UDP mapping request (§3.3). A
-/// renewal is the same pair again, so a changed public address is noticed too.
+/// renewal is the same pair again, suggesting the external port held (§3.3 asks for that), so a
+/// changed public address is noticed too.
 async fn natpmp_map(
     gateway: Ipv4Addr,
+    previous_port: Option<u16>,
     request: &Request,
 ) -> Result<(Grant, SystemHandle), PortMapError> {
     let external_ip =
@@ -927,18 +937,20 @@ async fn natpmp_map(
         gateway.into(),
         crab_nat::InternetProtocol::Udp,
         request.port,
-        pmp_options(request, None),
+        pmp_options(request, previous_port),
     )
     .await?;
     let lifetime = checked_lifetime(mapping.lifetime())?;
+    let external_port = mapping.external_port().get();
     Ok((
         Grant {
-            external: SocketAddr::new(external_ip, mapping.external_port().get()),
+            external: SocketAddr::new(external_ip, external_port),
             lifetime,
         },
         SystemHandle::NatPmp {
             gateway,
             port: request.port,
+            external_port,
         },
     ))
 }
