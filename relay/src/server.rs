@@ -89,6 +89,20 @@ pub struct RelayConfig {
     pub reload_on_sighup: bool,
 }
 
+impl std::fmt::Debug for RelayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayConfig")
+            .field("addr", &self.addr)
+            .field("tls", &self.tls)
+            .field("reload_interval", &self.reload_interval)
+            .field("clusters", &self.clusters.len())
+            .field("clusters_file", &self.clusters_file)
+            .field("limits", &self.limits)
+            .field("metrics_addr", &self.metrics_addr)
+            .finish_non_exhaustive()
+    }
+}
+
 impl RelayConfig {
     pub fn new(addr: impl Into<String>, tls: TlsFiles) -> Self {
         Self {
