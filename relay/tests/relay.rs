@@ -324,3 +324,114 @@ async fn a_replaced_certificate_is_served_to_new_connections() {
         "{error}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_clusters_file_admits_new_clusters_and_revokes_removed_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("clusters");
+    let line = |id: &str, secret: &[u8; 32]| {
+        format!(
+            "{id} {}\n",
+            hex::encode(openspan_relay::verifier(&openspan_relay::access_token(
+                secret, id
+            )))
+        )
+    };
+    std::fs::write(&file, line("cluster-a", &SECRET_A)).unwrap();
+    let relay = start_with(RelayLimits::default(), |config| {
+        config.clusters = Default::default();
+        config.clusters_file = Some(file.clone());
+    })
+    .await;
+    let a = relay.client("cluster-a", &SECRET_A, 1).await;
+    assert!(
+        RelayClient::connect(&relay.config("cluster-b", &SECRET_B, key(2)))
+            .await
+            .is_err()
+    );
+
+    // Written beside and renamed over, so the relay never reads half a file.
+    let next = dir.path().join("clusters.next");
+    std::fs::write(
+        &next,
+        format!("# rotated\n{}", line("cluster-b", &SECRET_B)),
+    )
+    .unwrap();
+    std::fs::rename(&next, &file).unwrap();
+    let error = tokio::time::timeout(5 * SECOND, a.recv())
+        .await
+        .expect("the removed cluster's client is disconnected")
+        .unwrap_err();
+    assert!(error.to_string().contains("revoked"), "{error}");
+    relay.client("cluster-b", &SECRET_B, 2).await;
+    assert!(
+        RelayClient::connect(&relay.config("cluster-a", &SECRET_A, key(1)))
+            .await
+            .is_err()
+    );
+    assert_eq!(relay.metrics.clusters_configured.get(), 1);
+
+    // A broken file keeps the clusters in force.
+    std::fs::write(&file, "cluster-c not-hex\n").unwrap();
+    eventually(5 * SECOND, "the failed reload to be counted", || {
+        relay
+            .metrics
+            .reloads
+            .get_or_create(&openspan_relay::metrics::ReasonLabels {
+                reason: "clusters_failed",
+            })
+            .get()
+            >= 1
+    })
+    .await;
+    relay.client("cluster-b", &SECRET_B, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rereads_the_clusters_file() {
+    // Polling is off (an hour), so only the signal can make the relay see the change.
+    let process = spawn_relay_process(&["--reload-interval=1h"]);
+    let clusters = process.dir.path().join("clusters");
+    let a = config_for(
+        process.addr,
+        &process.tls.certificate,
+        "cluster-a",
+        &SECRET_A,
+        key(1),
+    );
+    connect_retrying(&a).await;
+    let secret_c = [0xcc; 32];
+    let c = config_for(
+        process.addr,
+        &process.tls.certificate,
+        "cluster-c",
+        &secret_c,
+        key(3),
+    );
+    assert!(RelayClient::connect(&c).await.is_err());
+    let mut text = std::fs::read_to_string(&clusters).unwrap();
+    text.push_str(&format!(
+        "cluster-c {}\n",
+        hex::encode(openspan_relay::verifier(&openspan_relay::access_token(
+            &secret_c,
+            "cluster-c"
+        )))
+    ));
+    std::fs::write(&clusters, text).unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &process.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + 5 * SECOND;
+    loop {
+        match RelayClient::connect(&c).await {
+            Ok(_) => break,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "cluster-c still refused after SIGHUP: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -165,6 +165,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> String {
 pub struct RelayProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
     pub dir: tempfile::TempDir,
     pub tls: TlsFiles,
 }
@@ -189,6 +190,10 @@ pub fn spawn_relay_process(extra: &[&str]) -> RelayProcess {
     let tls = write_cert(dir.path(), "relay");
     let port = free_udp_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let clusters_file: PathBuf = dir.path().join("clusters");
     let mut text = String::new();
     for (id, secret) in [("cluster-a", SECRET_A), ("cluster-b", SECRET_B)] {
@@ -203,7 +208,7 @@ pub fn spawn_relay_process(extra: &[&str]) -> RelayProcess {
         .arg(format!("--cert-file={}", tls.certificate.display()))
         .arg(format!("--key-file={}", tls.key.display()))
         .arg(format!("--clusters-file={}", clusters_file.display()))
-        .arg("--metrics-addr=")
+        .arg(format!("--metrics-addr={metrics_addr}"))
         .args(extra)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -212,6 +217,7 @@ pub fn spawn_relay_process(extra: &[&str]) -> RelayProcess {
     RelayProcess {
         child,
         addr,
+        metrics_addr,
         dir,
         tls,
     }
