@@ -77,7 +77,7 @@ async fn receive(client: RelayClient, epoch: Instant, expected: u64, quiet: Dura
                     let nanos = u64::from_be_bytes(sent.try_into().unwrap_or([0; 8]));
                     let sent_at = epoch + Duration::from_nanos(nanos);
                     // One sample in 16 keeps memory small at high rates.
-                    if r.packets % 16 == 0 || expected < 100_000 {
+                    if r.packets.is_multiple_of(16) || expected < 100_000 {
                         r.latencies.push(now.saturating_duration_since(sent_at));
                     }
                 }
@@ -179,7 +179,7 @@ async fn main() -> anyhow::Result<()> {
             }
             Err(e) => return Err(e.into()),
         }
-        if sent % 64 == 0 {
+        if sent.is_multiple_of(64) {
             tokio::task::yield_now().await;
         }
     }
