@@ -292,13 +292,12 @@ async fn a_killed_relay_is_noticed_within_the_idle_timeout() {
 async fn a_replaced_certificate_is_served_to_new_connections() {
     let relay = start(RelayLimits::default()).await;
     let old = relay.client("cluster-a", &SECRET_A, 1).await;
+    let first = relay.dir.path().join("first.crt");
+    std::fs::copy(&relay.tls.certificate, &first).unwrap();
     // Write the new pair beside and rename over, as cert-manager and certbot do.
     let next = write_cert(relay.dir.path(), "next");
     std::fs::rename(&next.key, &relay.tls.key).unwrap();
     std::fs::rename(&next.certificate, &relay.tls.certificate).unwrap();
-    let old_ca = relay.dir.path().join("old-ca.crt");
-    // The old certificate, kept for the check below, comes from the client's first connection.
-    std::fs::write(&old_ca, b"").unwrap();
     eventually(5 * SECOND, "the certificate reload", || {
         relay
             .metrics
@@ -310,14 +309,14 @@ async fn a_replaced_certificate_is_served_to_new_connections() {
             >= 1
     })
     .await;
-    // New connections trust only the new certificate now (relay.tls.certificate holds it).
+    // New connections get the new certificate (relay.tls.certificate holds it now)...
     let new = relay.client("cluster-a", &SECRET_A, 2).await;
+    // ...while the connection made before keeps working.
     old.send(&key(2), b"old to new").unwrap();
     assert_eq!(recv_within(&new, 5 * SECOND).await.1, "old to new");
-    // A client pinning the first certificate is refused by TLS.
-    let first = write_cert(relay.dir.path(), "unrelated");
+    // A client that pins the first certificate no longer gets through TLS.
     let mut pinned = relay.config("cluster-a", &SECRET_A, key(3));
-    pinned.ca_file = Some(first.certificate);
+    pinned.ca_file = Some(first);
     let error = RelayClient::connect(&pinned).await.unwrap_err();
     assert!(
         matches!(error, RelayError::Connect { .. }) && error.to_string().contains("certificate"),
@@ -434,4 +433,61 @@ async fn sighup_rereads_the_clusters_file() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_per_ip_limit_are_refused_and_counted() {
+    let limits = RelayLimits {
+        max_connections_per_ip: 2,
+        ..RelayLimits::default()
+    };
+    let relay = start(limits).await;
+    let _a = relay.client("cluster-a", &SECRET_A, 1).await;
+    let _b = relay.client("cluster-a", &SECRET_A, 2).await;
+    let error = RelayClient::connect(&relay.config("cluster-a", &SECRET_A, key(3)))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, RelayError::Connect { .. }), "{error}");
+    assert_eq!(
+        relay
+            .metrics
+            .connections_refused
+            .get_or_create(&openspan_relay::metrics::ReasonLabels {
+                reason: "max_connections_per_ip"
+            })
+            .get(),
+        1
+    );
+    drop(_b);
+    eventually(5 * SECOND, "the closed connection's slot to free", || {
+        relay.metrics.connections.get() == 1
+    })
+    .await;
+    relay.client("cluster-a", &SECRET_A, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_a_hello_is_closed_at_the_deadline() {
+    let limits = RelayLimits {
+        hello_timeout: Duration::from_millis(300),
+        ..RelayLimits::default()
+    };
+    let relay = start(limits).await;
+    let tls = openspan_relay::tls::client_config(Some(&relay.tls.certificate)).unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let config = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+    let endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
+    let conn = endpoint
+        .connect_with(config, relay.addr, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    // Silent: no control stream, no Hello.
+    let closed = tokio::time::timeout(3 * SECOND, conn.closed())
+        .await
+        .expect("closed in time");
+    assert!(started.elapsed() < 2 * SECOND, "{:?}", started.elapsed());
+    assert!(closed.to_string().contains("no Hello in time"), "{closed}");
+    assert_eq!(relay.metrics.auth_failures("timeout"), 1);
 }
