@@ -47,6 +47,36 @@ struct Args {
     #[arg(long, env = "DISCOVERY_STUN_ADDR", default_value = "")]
     stun_addr: String,
 
+    /// Relay WireGuard packets over QUIC on this UDP address (`:3479` = every IPv4 interface)
+    /// for nodes that cannot reach each other directly; empty (the default) turns it off.
+    /// Needs a certificate (--relay-cert-file, else --certificate-path) and clusters
+    /// (--relay-cluster or --relay-clusters-file). Metrics join ours on --metrics-addr.
+    #[arg(long, env = "DISCOVERY_RELAY_ADDR", default_value = "")]
+    relay_addr: String,
+
+    /// The relay's TLS certificate chain (PEM); defaults to --certificate-path. Re-read when it
+    /// changes.
+    #[arg(long, env = "DISCOVERY_RELAY_CERT_FILE", default_value = "")]
+    relay_cert_file: String,
+
+    /// The relay's TLS private key (PEM); defaults to --key-path.
+    #[arg(long, env = "DISCOVERY_RELAY_KEY_FILE", default_value = "")]
+    relay_key_file: String,
+
+    /// A cluster allowed to use the relay: `<cluster-id>=<verifier-hex>` (SHA-256 of the
+    /// cluster's relay access token). Repeatable.
+    #[arg(
+        long = "relay-cluster",
+        env = "DISCOVERY_RELAY_CLUSTERS",
+        value_delimiter = ','
+    )]
+    relay_clusters: Vec<String>,
+
+    /// File of clusters allowed to use the relay, one `<cluster-id> <verifier-hex>` per line;
+    /// re-read when it changes and on SIGHUP.
+    #[arg(long, env = "DISCOVERY_RELAY_CLUSTERS_FILE", default_value = "")]
+    relay_clusters_file: String,
+
     /// Where the state lives: `memory` (this process, with snapshot files; one replica) or
     /// `etcd` (shared by every replica that names the same etcd and --etcd-prefix).
     #[arg(long, env = "DISCOVERY_STORE", default_value = "memory", value_parser = ["memory", "etcd"])]
@@ -351,6 +381,7 @@ impl Args {
             }
             _ => StoreKind::Memory,
         };
+        let relay = self.relay_config()?;
         let snapshots = self.snapshots_enabled && matches!(store, StoreKind::Memory);
         Ok(Config {
             store,
@@ -404,7 +435,49 @@ impl Args {
             },
             shutdown_grace: self.shutdown_grace,
             stun: non_empty(&self.stun_addr).map(StunConfig::new),
+            relay,
         })
+    }
+
+    fn relay_config(&self) -> anyhow::Result<Option<openspan_relay::RelayConfig>> {
+        let Some(addr) = non_empty(&self.relay_addr) else {
+            let relay_flag_given = non_empty(&self.relay_clusters_file).is_some()
+                || self.relay_clusters.iter().any(|c| !c.trim().is_empty());
+            if relay_flag_given {
+                anyhow::bail!("--relay-cluster and --relay-clusters-file need --relay-addr");
+            }
+            return Ok(None);
+        };
+        let certificate = non_empty(&self.relay_cert_file)
+            .or_else(|| non_empty(&self.certificate_path))
+            .context("--relay-addr needs a certificate: --relay-cert-file or --certificate-path")?;
+        let key = non_empty(&self.relay_key_file)
+            .or_else(|| non_empty(&self.key_path))
+            .context("--relay-addr needs a private key: --relay-key-file or --key-path")?;
+        let mut clusters = openspan_relay::clusters::Clusters::default();
+        for value in self.relay_clusters.iter().filter(|v| !v.trim().is_empty()) {
+            let (id, verifier) = openspan_relay::clusters::Clusters::parse_flag(value)
+                .map_err(|e| anyhow::anyhow!("--relay-cluster: {e}"))?;
+            clusters.insert("--relay-cluster", id, verifier)?;
+        }
+        let clusters_file = non_empty(&self.relay_clusters_file).map(PathBuf::from);
+        if clusters.is_empty() && clusters_file.is_none() {
+            anyhow::bail!(
+                "--relay-addr needs the clusters that may use it: --relay-cluster or --relay-clusters-file"
+            );
+        }
+        let mut config = openspan_relay::RelayConfig::new(
+            addr,
+            openspan_relay::tls::TlsFiles {
+                certificate: PathBuf::from(certificate),
+                key: PathBuf::from(key),
+            },
+        );
+        config.clusters = clusters;
+        config.clusters_file = clusters_file;
+        config.reload_interval = self.tls_reload_interval;
+        config.reload_on_sighup = true;
+        Ok(Some(config))
     }
 }
 
@@ -499,6 +572,7 @@ mod tests {
         assert!(config.admission.trust_x_real_ip);
         assert_eq!(config.redirect_endpoint.as_deref(), Some("other:3000"));
         assert_eq!(config.stun, None, "the STUN responder is off by default");
+        assert!(config.relay.is_none(), "the relay is off by default");
     }
 
     #[test]
@@ -575,6 +649,70 @@ mod tests {
             .unwrap();
         let error = server::validate(&config).unwrap_err().to_string();
         assert!(error.contains("--watch-max-bytes"), "{error}");
+    }
+
+    #[test]
+    fn relay_addr_turns_the_relay_on_with_the_server_certificate() {
+        let verifier = "cd".repeat(32);
+        let config = Args::try_parse_from([
+            "discovery-server",
+            "--relay-addr=:3479",
+            "--certificate-path=/c.pem",
+            "--key-path=/k.pem",
+            &format!("--relay-cluster=prod={verifier}"),
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap();
+        let relay = config.relay.expect("--relay-addr given");
+        assert_eq!(relay.addr, ":3479");
+        assert_eq!(relay.tls.certificate, PathBuf::from("/c.pem"));
+        assert_eq!(relay.clusters.len(), 1);
+
+        let own = Args::try_parse_from([
+            "discovery-server",
+            "--relay-addr=127.0.0.1:3479",
+            "--relay-cert-file=/r.pem",
+            "--relay-key-file=/rk.pem",
+            "--relay-clusters-file=/clusters",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap()
+        .relay
+        .unwrap();
+        assert_eq!(own.tls.key, PathBuf::from("/rk.pem"));
+        assert_eq!(own.clusters_file, Some(PathBuf::from("/clusters")));
+
+        for (argv, expected) in [
+            (
+                vec![
+                    "discovery-server",
+                    "--relay-addr=:3479",
+                    "--relay-clusters-file=/c",
+                ],
+                "certificate",
+            ),
+            (
+                vec![
+                    "discovery-server",
+                    "--relay-addr=:3479",
+                    "--certificate-path=/c",
+                    "--key-path=/k",
+                ],
+                "--relay-cluster",
+            ),
+            (
+                vec!["discovery-server", "--relay-clusters-file=/c"],
+                "--relay-addr",
+            ),
+        ] {
+            let error = Args::try_parse_from(argv)
+                .unwrap()
+                .into_config()
+                .unwrap_err();
+            assert!(format!("{error:#}").contains(expected), "{error:#}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Prometheus metrics of the discovery server (OpenMetrics text on `--metrics-addr`).
 
-use prometheus_client::encoding::{EncodeLabelSet, text::encode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::metrics::{
     counter::Counter, family::Family, gauge::Gauge, histogram::Histogram,
 };
@@ -45,6 +46,8 @@ pub struct Metrics {
     pub stun_answered: Counter,
     pub stun_rate_limited: Counter,
     pub stun_malformed: Counter,
+    /// The embedded relay's metrics (`--relay-addr`), served with ours.
+    pub relay: std::sync::OnceLock<std::sync::Arc<openspan_relay::metrics::RelayMetrics>>,
 }
 
 impl Default for Metrics {
@@ -70,6 +73,7 @@ impl Default for Metrics {
             stun_answered: Counter::default(),
             stun_rate_limited: Counter::default(),
             stun_malformed: Counter::default(),
+            relay: std::sync::OnceLock::new(),
             registry: Registry::default(),
         };
         registry.register(
@@ -190,7 +194,11 @@ impl Metrics {
         self.watchers.set(watchers as i64);
         let mut text = String::new();
         // Writing into a String cannot fail.
-        let _ = encode(&mut text, &self.registry);
+        let _ = encode_registry(&mut text, &self.registry);
+        if let Some(relay) = self.relay.get() {
+            relay.encode_into(&mut text);
+        }
+        let _ = encode_eof(&mut text);
         text
     }
 }

@@ -66,6 +66,8 @@ pub struct Config {
     pub store: StoreKind,
     /// The STUN responder; `None` (the default) turns it off.
     pub stun: Option<StunConfig>,
+    /// The embedded QUIC relay (`--relay-addr`); `None` (the default) turns it off.
+    pub relay: Option<openspan_relay::RelayConfig>,
 }
 
 /// Where the state lives.
@@ -98,6 +100,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(10),
             store: StoreKind::Memory,
             stun: None,
+            relay: None,
         }
     }
 }
@@ -130,6 +133,8 @@ pub struct Running {
     pub metrics_addr: Option<SocketAddr>,
     /// The STUN responder's UDP address, when it runs.
     pub stun_addr: Option<SocketAddr>,
+    /// The embedded relay's UDP address, when it runs.
+    pub relay_addr: Option<SocketAddr>,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -382,6 +387,23 @@ async fn serve_backend<B: Backend>(
         Some(socket) => Some(socket.local_addr()?),
         None => None,
     };
+    let relay = match config.relay.clone() {
+        Some(mut relay) => {
+            // Served on our metrics listener, not one of its own.
+            relay.metrics_addr = None;
+            let _ = metrics.relay.set(relay.metrics.clone());
+            Some(
+                openspan_relay::Relay::bind(relay)
+                    .await
+                    .context("cannot start the relay (--relay-addr)")?,
+            )
+        }
+        None => None,
+    };
+    let relay_addr = match &relay {
+        Some(relay) => Some(relay.local_addr()?),
+        None => None,
+    };
     let grpc_listener = match &config.grpc_addr {
         Some(addr) => Some(bind("--addr", addr).await?),
         None => None,
@@ -449,6 +471,13 @@ async fn serve_backend<B: Backend>(
         tasks.push(tokio::spawn(async move {
             crate::stun::serve(socket, stun, metrics, stop).await;
             Ok(())
+        }));
+    }
+
+    if let Some(relay) = relay {
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            relay.run(stop).await.context("the relay failed")
         }));
     }
 
@@ -679,6 +708,7 @@ async fn serve_backend<B: Backend>(
         landing_addr,
         metrics_addr,
         stun_addr,
+        relay_addr,
         stop,
         task,
     })
