@@ -65,6 +65,8 @@ pub struct Shared {
     pub alive: watch::Sender<BTreeSet<String>>,
     /// This node's endpoints learned behind NAT (set by the data plane and the port mapper).
     pub nat: watch::Sender<NatEndpoints>,
+    /// Bytes carried through relays, when relays are configured.
+    pub relay_counters: Option<Arc<crate::relay::RelayCounters>>,
 }
 
 /// This node's endpoints as seen from outside its NAT, announced after its own.
@@ -240,9 +242,12 @@ pub async fn run(
     config: Config,
     identity: NodeIdentity,
     keys: Arc<ClusterKeys>,
+    relays: Option<Arc<crate::relay::Relays>>,
     stop: CancellationToken,
     ready: impl FnOnce(Arc<Shared>),
 ) -> anyhow::Result<()> {
+    let (_no_relays, idle_relays) = watch::channel(Vec::new());
+    let mut relays_rx = relays.as_ref().map_or(idle_relays, |r| r.connected());
     let endpoints = config.discovery_endpoints.clone();
     let (publication_tx, _) = watch::channel(Publication::default());
     let (events_tx, mut events_rx) = mpsc::channel(1024);
@@ -329,6 +334,7 @@ pub async fn run(
         counters: settings.counters.clone(),
         alive: alive_tx,
         nat: nat_tx,
+        relay_counters: relays.as_ref().map(|r| r.counters()),
     });
     ready(shared.clone());
 
@@ -367,6 +373,16 @@ pub async fn run(
                     tracing::info!("leaving the cluster: removing every peer");
                     left = true;
                     view_changed = true;
+                }
+            }
+            changed = relays_rx.changed() => {
+                if changed.is_ok() {
+                    let connected = relays_rx.borrow_and_update().clone();
+                    if connected != facts.relays {
+                        tracing::info!(relays = ?connected, "announcing the relays that reach this node");
+                        facts.relays = connected;
+                        facts_changed = true;
+                    }
                 }
             }
             changed = nat_rx.changed() => {

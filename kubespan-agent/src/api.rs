@@ -28,7 +28,7 @@ pub struct PeerStatusView {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub last_endpoint_change_unix_ms: i64,
-    pub path: &'static str,
+    pub path: String,
     pub candidates: Vec<std::net::SocketAddr>,
 }
 
@@ -122,7 +122,7 @@ impl AgentApi {
                         rx_bytes: status.rx_bytes,
                         tx_bytes: status.tx_bytes,
                         last_endpoint_change_unix_ms: status.last_endpoint_change_unix_ms,
-                        path: status.path.into(),
+                        path: status.path.clone(),
                         candidates: status.candidates.iter().map(ToString::to_string).collect(),
                     }),
                 }

@@ -26,6 +26,7 @@ use crate::paths;
 use crate::reconcile::{Action, PeerMemory, PeerReport, Policy, State, WantedPeer, reconcile};
 use crate::record;
 use crate::reflexive::{Mapping, StunProber};
+use crate::relay::Relays;
 use crate::routing::{self, RoutingConfig};
 use crate::wg::kernel::{KernelWireGuard, kernel_available};
 use crate::wg::userspace::UserspaceWireGuard;
@@ -189,6 +190,8 @@ pub struct Inputs {
     pub alive: watch::Sender<BTreeSet<String>>,
     /// Where the reflexive endpoint STUN finds goes (announced by the control loop).
     pub nat: watch::Sender<NatEndpoints>,
+    /// Relays for peers no direct path reaches.
+    pub relays: Option<Arc<Relays>>,
 }
 
 /// Sets up the interface, routing and firewall, then reconciles until `stop`; tears all of it
@@ -396,6 +399,9 @@ async fn reconcile_loop(
     let mut networks_read_at: Option<Instant> = None;
     let mut stun = StunProber::new();
     let mut raced_logged: HashMap<Key, Vec<SocketAddr>> = HashMap::new();
+    // Per peer: since when it is not `up`, and its last endpoint (for the relay candidate).
+    let mut not_up_since: HashMap<Key, Instant> = HashMap::new();
+    let mut last_endpoints: HashMap<Key, SocketAddr> = HashMap::new();
     let stun_enabled = !config.nat_traversal.stun_servers.is_empty()
         && {
             if device.races_endpoints() {
@@ -437,7 +443,7 @@ async fn reconcile_loop(
             )
             .await;
         }
-        let wanted: Vec<WantedPeer> = current
+        let mut wanted: Vec<WantedPeer> = current
             .peers
             .iter()
             .filter_map(|spec| {
@@ -450,6 +456,34 @@ async fn reconcile_loop(
                 Some(WantedPeer { public_key: key?, spec })
             })
             .collect();
+        if let Some(relays) = &inputs.relays {
+            // The relay is the last candidate, and only for a peer no direct path reached
+            // within the endpoint timeout (or one already on it).
+            let now = Instant::now();
+            for want in &mut wanted {
+                if want.spec.relays.is_empty() {
+                    continue;
+                }
+                let stuck = not_up_since.get(&want.public_key).is_some_and(|since| {
+                    now.saturating_duration_since(*since) >= dp.endpoint_timeout
+                });
+                let on_relay = relays
+                    .relayed_via(
+                        &want.public_key,
+                        last_endpoints.get(&want.public_key).copied(),
+                    )
+                    .is_some();
+                if (stuck || on_relay)
+                    && let Some(endpoint) = relays
+                        .endpoint_for(want.public_key, &want.spec.relays)
+                        .await
+                    && !want.spec.endpoints.contains(&endpoint)
+                {
+                    want.spec.endpoints.push(endpoint);
+                }
+            }
+            relays.retain_peers(|key| wanted.iter().any(|w| w.public_key == *key));
+        }
         let device_peers = match tokio::task::block_in_place(|| device.peers()) {
             Ok(peers) => peers,
             Err(e) => {
@@ -582,14 +616,22 @@ async fn reconcile_loop(
                         rx_bytes: report.rx_bytes,
                         tx_bytes: report.tx_bytes,
                         last_endpoint_change_unix_ms: to_unix_ms(report.last_endpoint_change),
-                        path: paths::kind(
-                            report.endpoint,
-                            &want.spec.endpoints,
-                            &want.spec.learned_endpoints,
-                            &want.spec.allowed_ips,
-                            &networks,
-                        )
-                        .as_str(),
+                        path: match inputs
+                            .relays
+                            .as_ref()
+                            .and_then(|r| r.relayed_via(&want.public_key, report.endpoint))
+                        {
+                            Some(relay) => format!("relayed via {relay}"),
+                            None => paths::kind(
+                                report.endpoint,
+                                &want.spec.endpoints,
+                                &want.spec.learned_endpoints,
+                                &want.spec.allowed_ips,
+                                &networks,
+                            )
+                            .as_str()
+                            .to_owned(),
+                        },
                         candidates: want.spec.endpoints.clone(),
                     },
                 );
@@ -597,6 +639,19 @@ async fn reconcile_loop(
         }
         last_states = states.clone();
         raced_logged.retain(|key, _| wanted.iter().any(|w| w.public_key == *key));
+        for (report, want) in outcome.reports.iter().zip(&wanted) {
+            if report.state == State::Up {
+                not_up_since.remove(&want.public_key);
+            } else {
+                not_up_since.entry(want.public_key).or_insert(now);
+            }
+            match report.endpoint {
+                Some(endpoint) => last_endpoints.insert(want.public_key, endpoint),
+                None => last_endpoints.remove(&want.public_key),
+            };
+        }
+        not_up_since.retain(|key, _| wanted.iter().any(|w| w.public_key == *key));
+        last_endpoints.retain(|key, _| wanted.iter().any(|w| w.public_key == *key));
         let alive: BTreeSet<String> = outcome
             .reports
             .iter()

@@ -28,6 +28,7 @@ pub mod reconcile;
 pub mod record;
 pub mod reflexive;
 pub mod registry;
+pub mod relay;
 pub mod routing;
 pub mod warm;
 

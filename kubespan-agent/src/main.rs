@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use base64::Engine;
 use clap::Parser;
 use kubespan_agent::agent::{self, NodeIdentity};
 use kubespan_agent::api::{self, AgentApi, NoDataPlane};
@@ -97,11 +98,30 @@ async fn run() -> anyhow::Result<()> {
         None => None,
     };
 
+    // Relays: connected from the start, so the node announces them with its first record.
+    let relays = if config.relay.servers.is_empty() || config.data_plane.backend == Backend::None {
+        None
+    } else {
+        let public_key = base64::engine::general_purpose::STANDARD
+            .decode(&identity.public_key)
+            .ok()
+            .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+            .context("this node's public key is not 32 bytes of base64")?;
+        Some(kubespan_agent::relay::Relays::start(
+            &config.relay,
+            &config.cluster_id,
+            openspan_relay::access_token(&config.cluster_secret, &config.cluster_id),
+            public_key,
+            config.listen_port,
+            stop.clone(),
+        ))
+    };
     let (shared_tx, shared_rx) = tokio::sync::oneshot::channel();
     let control = tokio::spawn(agent::run(
         config.clone(),
         identity.clone(),
         keys.clone(),
+        relays.clone(),
         stop.clone(),
         move |shared| {
             let _ = shared_tx.send(shared);
@@ -126,6 +146,7 @@ async fn run() -> anyhow::Result<()> {
                 status: board.clone(),
                 alive: shared.alive.clone(),
                 nat: shared.nat.clone(),
+                relays: relays.clone(),
             };
             let task = tokio::spawn(dataplane::run(inputs, stop.clone()));
             (board, Some(task))

@@ -84,6 +84,30 @@ pub fn render(shared: &Shared, data_plane: &dyn PeerStatusProvider) -> String {
         registry.register(name, help, counter);
     }
 
+    if let Some(relayed) = &shared.relay_counters {
+        for (name, help, value) in [
+            (
+                "relay_transmit_bytes",
+                "WireGuard bytes sent to peers through relays",
+                &relayed.tx_bytes,
+            ),
+            (
+                "relay_receive_bytes",
+                "WireGuard bytes received from peers through relays",
+                &relayed.rx_bytes,
+            ),
+            (
+                "relay_dropped_packets",
+                "Packets for relayed peers dropped (no shared relay connected, or its queue full)",
+                &relayed.dropped,
+            ),
+        ] {
+            let counter = Counter::<u64>::default();
+            counter.inc_by(value.load(std::sync::atomic::Ordering::Relaxed));
+            registry.register(name, help, counter);
+        }
+    }
+
     let connected = Family::<EndpointLabels, Gauge>::default();
     let affiliates = Family::<EndpointLabels, Gauge>::default();
     for status in shared.connection_statuses() {

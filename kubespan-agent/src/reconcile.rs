@@ -50,6 +50,9 @@ impl Policy {
 /// How often an `up` peer reached on a path other than its most promising candidate is raced
 /// again, to move to a better path when one appeared (Tailscale's path upgrade: 1 min).
 pub const PATH_UPGRADE: Duration = Duration::from_secs(60);
+/// The same for a peer carried by a relay (its endpoint is the agent's loopback proxy): a
+/// direct path is worth a handshake every 15 s.
+pub const RELAYED_PATH_UPGRADE: Duration = Duration::from_secs(15);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum State {
@@ -339,7 +342,11 @@ pub fn reconcile(
                 && let Some(current) = device_endpoint
                 && (std::mem::replace(&mut mem.raced_with, endpoints.clone()) != *endpoints
                     || since(now, mem.upgraded_at.or(changed_at)).unwrap_or_default()
-                        >= PATH_UPGRADE)
+                        >= if current.ip().is_loopback() {
+                            RELAYED_PATH_UPGRADE
+                        } else {
+                            PATH_UPGRADE
+                        })
             {
                 // Up: race the candidates more promising than the current path (it last, so it
                 // answers when none of them does); the session carries on meanwhile.

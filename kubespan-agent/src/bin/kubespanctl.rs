@@ -73,6 +73,14 @@ enum Gen {
         #[arg(long)]
         cluster_secret: Option<String>,
     },
+    /// Print the line a relay needs to let this cluster's nodes in
+    /// (`openspan-relay --cluster <id>=<verifier>`): the SHA-256 of the cluster's relay access
+    /// token, from which neither the token nor the cluster secret can be recovered.
+    RelayVerifier {
+        /// The agent configuration to read clusterID and clusterSecret from.
+        #[arg(long, default_value = "/etc/kubespan/config.yaml")]
+        config: std::path::PathBuf,
+    },
 }
 
 /// Exit codes: 0 ok, 1 the request failed, 2 the agent cannot be reached.
@@ -279,6 +287,10 @@ fn peers_table(peers: &[pb::Peer]) -> String {
     )
 }
 
+fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn identity_text(id: &pb::Identity) -> String {
     table(
         &["FIELD", "VALUE"],
@@ -404,6 +416,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     &cluster_id.unwrap_or_else(random_base64),
                     &cluster_secret.unwrap_or_else(random_base64)
                 )
+            );
+            return Ok(());
+        }
+        Command::Gen(Gen::RelayVerifier { config: path }) => {
+            let config = config::load(&path).map_err(|e| Failure::Failed(e.to_string()))?;
+            let token = openspan_relay::access_token(&config.cluster_secret, &config.cluster_id);
+            println!(
+                "{}={}",
+                config.cluster_id,
+                hex_encode(&openspan_relay::verifier(&token))
             );
             return Ok(());
         }

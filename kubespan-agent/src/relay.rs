@@ -1,0 +1,362 @@
+//! Relayed paths: WireGuard packets to and from peers that no direct path reaches, carried by
+//! `openspan-relay` servers over QUIC and addressed by WireGuard public key.
+//!
+//! The agent stays connected to every configured relay and announces those that reach it, best
+//! (lowest round trip) first. For a peer that announces a relay this node is connected to too,
+//! the agent opens a UDP socket on loopback, a *proxy*: its address is the peer's relay
+//! candidate endpoint. WireGuard (the kernel's or openspan's device) sends the peer's packets
+//! there; the agent hands them to the best relay both nodes share. Packets the relays deliver
+//! from the peer leave the proxy toward WireGuard's port, so WireGuard sees the peer at the
+//! proxy. A relay that goes away changes nothing for WireGuard: the proxy's next packet takes
+//! the next shared relay. The candidate is raced only after the direct ones failed
+//! ([`crate::reconcile`]'s races rank it last), and the minute's path upgrade moves the peer off
+//! the relay when a direct path appears.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use openspan_relay::client::{ClientOptions, RelayClient, RelayClientConfig};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RelayConfig;
+use crate::wg::Key;
+
+/// Packets queued toward one relay; more are dropped (WireGuard retransmits what matters).
+const QUEUE: usize = 1024;
+/// Reconnection back-off bounds.
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// A WireGuard packet never exceeds this (MTU 1420 + overhead, far below).
+const MAX_PACKET: usize = 65_535;
+/// A relay that stops answering (killed, unplugged) is given up after this, and its peers move
+/// to the next shared relay: keepalives every 0.5 s make silence mean death quickly, for a few
+/// dozen bytes per second per relay.
+const RELAY_KEEPALIVE: Duration = Duration::from_millis(500);
+const RELAY_DEAD_AFTER: Duration = Duration::from_secs(2);
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Bytes carried through relays, for the metrics.
+#[derive(Debug, Default)]
+pub struct RelayCounters {
+    pub tx_bytes: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+/// Packets waiting for one relay connection.
+type Outbound = mpsc::Sender<(Key, Bytes)>;
+
+struct Slot {
+    /// As configured (and announced).
+    name: String,
+    /// Packets to send through this relay, while connected.
+    outbound: Mutex<Option<Outbound>>,
+    rtt: Mutex<Option<Duration>>,
+}
+
+struct Proxy {
+    socket: Arc<UdpSocket>,
+    /// The relays the peer announces, best first.
+    peer_relays: Mutex<Vec<String>>,
+    /// The relay its last packet went through.
+    via: Mutex<Option<String>>,
+}
+
+/// The relay connections and the per-peer proxies.
+pub struct Relays {
+    slots: Vec<Arc<Slot>>,
+    proxies: Mutex<HashMap<Key, Arc<Proxy>>>,
+    /// Where WireGuard listens, for packets coming back from relays.
+    wireguard: SocketAddr,
+    counters: Arc<RelayCounters>,
+    /// The connected relays, best first (announced in this node's record).
+    connected_tx: watch::Sender<Vec<String>>,
+    stop: CancellationToken,
+}
+
+impl Relays {
+    /// Starts connecting to every configured relay; `public_key` is this node's, `token` the
+    /// cluster's relay access token.
+    pub fn start(
+        config: &RelayConfig,
+        cluster_id: &str,
+        token: [u8; 32],
+        public_key: Key,
+        listen_port: u16,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
+        let (connected_tx, _) = watch::channel(Vec::new());
+        let relays = Arc::new(Self {
+            slots: config
+                .servers
+                .iter()
+                .map(|name| {
+                    Arc::new(Slot {
+                        name: name.clone(),
+                        outbound: Mutex::new(None),
+                        rtt: Mutex::new(None),
+                    })
+                })
+                .collect(),
+            proxies: Mutex::new(HashMap::new()),
+            wireguard: SocketAddr::from((Ipv4Addr::LOCALHOST, listen_port)),
+            counters: Arc::new(RelayCounters::default()),
+            connected_tx,
+            stop,
+        });
+        for slot in &relays.slots {
+            let client_config = RelayClientConfig {
+                address: slot.name.clone(),
+                server_name: config.server_name.clone(),
+                ca_file: config.ca_file.clone(),
+                cluster_id: cluster_id.to_owned(),
+                token,
+                public_key,
+            };
+            tokio::spawn(connection(relays.clone(), slot.clone(), client_config));
+        }
+        relays
+    }
+
+    pub fn counters(&self) -> Arc<RelayCounters> {
+        self.counters.clone()
+    }
+
+    /// The connected relays, best first, as they change.
+    pub fn connected(&self) -> watch::Receiver<Vec<String>> {
+        self.connected_tx.subscribe()
+    }
+
+    fn announce(&self) {
+        let mut up: Vec<(Duration, String)> = self
+            .slots
+            .iter()
+            .filter(|slot| lock(&slot.outbound).is_some())
+            .map(|slot| (lock(&slot.rtt).unwrap_or(Duration::MAX), slot.name.clone()))
+            .collect();
+        up.sort();
+        let names: Vec<String> = up.into_iter().map(|(_, name)| name).collect();
+        self.connected_tx.send_if_modified(|current| {
+            let changed = *current != names;
+            *current = names;
+            changed
+        });
+    }
+
+    /// The best connected relay among `wanted` (a peer's, best first by its measure; ours
+    /// decides).
+    fn best_shared(&self, wanted: &[String]) -> Option<(String, Outbound)> {
+        let mut best: Option<(Duration, String, Outbound)> = None;
+        for slot in &self.slots {
+            if !wanted.contains(&slot.name) {
+                continue;
+            }
+            let Some(sender) = lock(&slot.outbound).clone() else {
+                continue;
+            };
+            let rtt = lock(&slot.rtt).unwrap_or(Duration::MAX);
+            if best.as_ref().is_none_or(|(b, _, _)| rtt < *b) {
+                best = Some((rtt, slot.name.clone(), sender));
+            }
+        }
+        best.map(|(_, name, sender)| (name, sender))
+    }
+
+    /// The peer's relay candidate: the local address of its proxy, when a relay this node is
+    /// connected to reaches the peer.
+    pub async fn endpoint_for(
+        self: &Arc<Self>,
+        peer: Key,
+        peer_relays: &[String],
+    ) -> Option<SocketAddr> {
+        self.best_shared(peer_relays)?;
+        let proxy = self.proxy(peer).await?;
+        *lock(&proxy.peer_relays) = peer_relays.to_vec();
+        proxy.socket.local_addr().ok()
+    }
+
+    /// Which relay carries the peer whose WireGuard endpoint is `endpoint`, if it is a proxy.
+    pub fn relayed_via(&self, peer: &Key, endpoint: Option<SocketAddr>) -> Option<String> {
+        let proxies = lock(&self.proxies);
+        let proxy = proxies.get(peer)?;
+        let local = proxy.socket.local_addr().ok()?;
+        if endpoint? != local {
+            return None;
+        }
+        let via = lock(&proxy.via).clone();
+        via.or_else(|| lock(&proxy.peer_relays).first().cloned())
+    }
+
+    /// Closes the proxies of peers that are gone.
+    pub fn retain_peers(&self, keep: impl Fn(&Key) -> bool) {
+        lock(&self.proxies).retain(|key, _| keep(key));
+    }
+
+    async fn proxy(self: &Arc<Self>, peer: Key) -> Option<Arc<Proxy>> {
+        if let Some(proxy) = lock(&self.proxies).get(&peer) {
+            return Some(proxy.clone());
+        }
+        let socket = match UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await {
+            Ok(socket) => Arc::new(socket),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open a loopback socket for a relayed peer");
+                return None;
+            }
+        };
+        let proxy = Arc::new(Proxy {
+            socket,
+            peer_relays: Mutex::new(Vec::new()),
+            via: Mutex::new(None),
+        });
+        let existing = {
+            let mut proxies = lock(&self.proxies);
+            if let Some(existing) = proxies.get(&peer) {
+                Some(existing.clone())
+            } else {
+                proxies.insert(peer, proxy.clone());
+                None
+            }
+        };
+        if let Some(existing) = existing {
+            return Some(existing);
+        }
+        tokio::spawn(outbound(self.clone(), peer, proxy.clone()));
+        Some(proxy)
+    }
+
+    /// A packet a relay delivered from `peer`: to WireGuard, from the peer's proxy.
+    async fn deliver(self: &Arc<Self>, peer: Key, relay: &str, packet: Bytes) {
+        let Some(proxy) = self.proxy(peer).await else {
+            return;
+        };
+        if lock(&proxy.peer_relays).is_empty() {
+            // The peer used the relay before this node knew it does: answer the same way.
+            *lock(&proxy.peer_relays) = vec![relay.to_owned()];
+        }
+        self.counters
+            .rx_bytes
+            .fetch_add(packet.len() as u64, Ordering::Relaxed);
+        let _ = proxy.socket.send_to(&packet, self.wireguard).await;
+    }
+}
+
+/// WireGuard → relay for one peer, until the proxy is dropped or the agent stops.
+async fn outbound(relays: Arc<Relays>, peer: Key, proxy: Arc<Proxy>) {
+    let mut buffer = vec![0u8; MAX_PACKET];
+    loop {
+        let received = tokio::select! {
+            _ = relays.stop.cancelled() => return,
+            received = proxy.socket.recv_from(&mut buffer) => received,
+        };
+        let Ok((len, from)) = received else { continue };
+        // Only WireGuard on this host writes here.
+        if from.port() != relays.wireguard.port() || !from.ip().is_loopback() {
+            continue;
+        }
+        if !lock(&relays.proxies).contains_key(&peer) {
+            return;
+        }
+        let wanted = lock(&proxy.peer_relays).clone();
+        match relays.best_shared(&wanted) {
+            Some((name, sender)) => {
+                let packet = Bytes::copy_from_slice(&buffer[..len]);
+                if sender.try_send((peer, packet)).is_ok() {
+                    relays
+                        .counters
+                        .tx_bytes
+                        .fetch_add(len as u64, Ordering::Relaxed);
+                    let mut via = lock(&proxy.via);
+                    if via.as_deref() != Some(name.as_str()) {
+                        tracing::info!(relay = %name, peer = %base64::engine::general_purpose::STANDARD.encode(peer), "relaying a peer's packets");
+                        *via = Some(name);
+                    }
+                } else {
+                    relays.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            None => {
+                relays.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Keeps one relay connected: connects (with back-off), then moves packets both ways until the
+/// connection ends, and again.
+async fn connection(relays: Arc<Relays>, slot: Arc<Slot>, config: RelayClientConfig) {
+    let mut retry = RETRY_MIN;
+    let mut failures_logged = false;
+    let options = ClientOptions {
+        keep_alive: RELAY_KEEPALIVE,
+        idle_timeout: RELAY_DEAD_AFTER,
+        connect_timeout: Duration::from_secs(5),
+        ..ClientOptions::default()
+    };
+    loop {
+        let connected = tokio::select! {
+            _ = relays.stop.cancelled() => return,
+            connected = RelayClient::connect_with(&config, &options) => connected,
+        };
+        let client = match connected {
+            Ok(client) => client,
+            Err(e) => {
+                if !failures_logged {
+                    tracing::warn!(relay = %slot.name, error = %e, "cannot connect to the relay; retrying with back-off");
+                    failures_logged = true;
+                }
+                tokio::select! {
+                    _ = relays.stop.cancelled() => return,
+                    _ = tokio::time::sleep(retry) => {}
+                }
+                retry = (retry * 2).min(RETRY_MAX);
+                continue;
+            }
+        };
+        tracing::info!(relay = %slot.name, rtt = ?client.rtt(), "connected to the relay");
+        failures_logged = false;
+        retry = RETRY_MIN;
+        let (sender, mut queue) = mpsc::channel::<(Key, Bytes)>(QUEUE);
+        *lock(&slot.rtt) = Some(client.rtt());
+        *lock(&slot.outbound) = Some(sender);
+        relays.announce();
+        let mut rtt_check = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = relays.stop.cancelled() => break,
+                next = queue.recv() => {
+                    let Some((peer, packet)) = next else { break };
+                    if client.send(&peer, &packet).is_err() && client.is_closed() {
+                        break;
+                    }
+                }
+                received = client.recv() => match received {
+                    Ok((peer, packet)) => relays.deliver(peer, &slot.name, packet).await,
+                    Err(_) => break,
+                },
+                _ = rtt_check.tick() => {
+                    if client.is_closed() {
+                        break;
+                    }
+                    *lock(&slot.rtt) = Some(client.rtt());
+                    relays.announce();
+                }
+            }
+        }
+        *lock(&slot.outbound) = None;
+        relays.announce();
+        if relays.stop.is_cancelled() {
+            return;
+        }
+        tracing::warn!(relay = %slot.name, "lost the relay; peers relayed through it move to another shared relay");
+    }
+}
