@@ -3,7 +3,7 @@
 //! (and the data plane).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -63,6 +63,19 @@ pub struct Shared {
     pub counters: Arc<DiscoveryCounters>,
     /// Set by the data plane: node ids of peers whose tunnels are alive.
     pub alive: watch::Sender<BTreeSet<String>>,
+    /// This node's endpoints learned behind NAT (set by the data plane and the port mapper).
+    pub nat: watch::Sender<NatEndpoints>,
+}
+
+/// This node's endpoints as seen from outside its NAT, announced after its own.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NatEndpoints {
+    /// What STUN servers see (the NAT's mapping of the WireGuard socket).
+    pub reflexive: Option<SocketAddr>,
+    /// What the gateway forwards to the listen port (PCP, NAT-PMP, UPnP-IGD).
+    pub mapped: Option<SocketAddr>,
+    /// Why NAT traversal is limited, for the status (e.g. an endpoint-dependent NAT).
+    pub note: Option<String>,
 }
 
 impl Shared {
@@ -97,6 +110,7 @@ impl Shared {
 pub struct HostFacts {
     pub addresses: Vec<IpAddr>,
     pub public_ips: Vec<IpAddr>,
+    pub nat: NatEndpoints,
 }
 
 /// This node's record from configuration, identity and host facts (pure).
@@ -116,13 +130,24 @@ pub fn local_record(
             .chain(facts.public_ips.iter().copied()),
         &skip,
     );
-    let endpoints = local_endpoints(
+    let mut endpoints = local_endpoints(
         &candidates,
         None,
         config.endpoint_filters.as_deref(),
         config.listen_port,
         &config.extra_announced_endpoints,
     );
+    // Learned behind NAT: after the node's own (peers on the same LAN try those first; Talos
+    // peers try endpoints in order), the mapped one first (it takes packets from anyone, the
+    // reflexive one only from peers this node sent to). Never an unroutable one.
+    for learned in [facts.nat.mapped, facts.nat.reflexive]
+        .into_iter()
+        .flatten()
+    {
+        if !endpoints.contains(&learned) && !routable_addresses([learned.ip()], &skip).is_empty() {
+            endpoints.push(learned);
+        }
+    }
     AffiliateRecord {
         node_id: identity.node_id.clone(),
         addresses,
@@ -234,7 +259,13 @@ pub async fn run(
     let mut facts = HostFacts {
         addresses: read_addresses(&config.interface).await.unwrap_or_default(),
         public_ips: Vec::new(),
+        nat: NatEndpoints::default(),
     };
+    let (nat_tx, mut nat_rx) = watch::channel(NatEndpoints::default());
+    let port_mapper = config
+        .nat_traversal
+        .port_mapping
+        .then(|| spawn_port_mapper(config.listen_port, nat_tx.clone(), stop.clone()));
     let mut local = local_record(&config, &identity, &facts);
     let mut plaintext = record::encode(&local);
     publication_tx.send_modify(|p| p.own = Some(record::seal(&keys, &local)));
@@ -285,6 +316,7 @@ pub async fn run(
         publication: publication_tx.clone(),
         counters: settings.counters.clone(),
         alive: alive_tx,
+        nat: nat_tx,
     });
     ready(shared.clone());
 
@@ -323,6 +355,15 @@ pub async fn run(
                     tracing::info!("leaving the cluster: removing every peer");
                     left = true;
                     view_changed = true;
+                }
+            }
+            changed = nat_rx.changed() => {
+                if changed.is_ok() {
+                    let nat = nat_rx.borrow_and_update().clone();
+                    if nat.reflexive != facts.nat.reflexive || nat.mapped != facts.nat.mapped {
+                        facts_changed = true;
+                    }
+                    facts.nat = nat;
                 }
             }
             changed = alive_rx.changed() => {
@@ -392,6 +433,10 @@ pub async fn run(
     if let Some(saving) = saving.take() {
         let _ = saving.await;
     }
+    if let Some(port_mapper) = port_mapper {
+        // It removes the mapping at the gateway on the stop signal (bounded to about a second).
+        let _ = tokio::time::timeout(Duration::from_secs(3), port_mapper).await;
+    }
     if members_dirty {
         let _ = save_members(&keys, &config, &cache).await;
     }
@@ -410,6 +455,32 @@ pub async fn run(
     }
     let _ = drain.await;
     Ok(())
+}
+
+/// Keeps a port mapping for the listen port at the gateway while the agent runs, and feeds
+/// the mapped endpoint into `nat`.
+fn spawn_port_mapper(
+    listen_port: u16,
+    nat: watch::Sender<NatEndpoints>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let (updates_tx, mut updates_rx) = watch::channel(None);
+    let config = crate::portmap::PortMapperConfig::new(listen_port);
+    tokio::spawn(async move {
+        let mapper = tokio::spawn(crate::portmap::run(config, updates_tx, stop));
+        while updates_rx.changed().await.is_ok() {
+            let mapped = updates_rx
+                .borrow_and_update()
+                .as_ref()
+                .map(|mapping| mapping.external);
+            nat.send_if_modified(|current| {
+                let changed = current.mapped != mapped;
+                current.mapped = mapped;
+                changed
+            });
+        }
+        let _ = mapper.await;
+    })
 }
 
 /// Writes the warm-start cache (sealed) on a blocking thread; a failure is logged, not fatal.
@@ -475,6 +546,7 @@ mod tests {
     #[test]
     fn loopback_and_unroutable_public_ips_are_never_published() {
         let facts = HostFacts {
+            nat: NatEndpoints::default(),
             addresses: vec!["10.0.0.1".parse().unwrap()],
             public_ips: vec![
                 "127.0.0.1".parse().unwrap(),

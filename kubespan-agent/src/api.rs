@@ -28,6 +28,8 @@ pub struct PeerStatusView {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub last_endpoint_change_unix_ms: i64,
+    pub path: &'static str,
+    pub candidates: Vec<std::net::SocketAddr>,
 }
 
 /// The data plane as the API sees it.
@@ -120,6 +122,8 @@ impl AgentApi {
                         rx_bytes: status.rx_bytes,
                         tx_bytes: status.tx_bytes,
                         last_endpoint_change_unix_ms: status.last_endpoint_change_unix_ms,
+                        path: status.path.into(),
+                        candidates: status.candidates.iter().map(ToString::to_string).collect(),
                     }),
                 }
             })
@@ -198,6 +202,7 @@ impl Agent for AgentApi {
         _: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::AgentStatus>, Status> {
         let view = self.shared.view.borrow().clone();
+        let nat = self.shared.nat.borrow().clone();
         let peers = self.peers(&view);
         let count = |state: &str| {
             peers
@@ -233,6 +238,9 @@ impl Agent for AgentApi {
                 .own_record_tampered
                 .load(std::sync::atomic::Ordering::Relaxed),
             data_plane: self.data_plane.describe(),
+            reflexive_endpoint: nat.reflexive.map(|e| e.to_string()).unwrap_or_default(),
+            mapped_endpoint: nat.mapped.map(|e| e.to_string()).unwrap_or_default(),
+            nat_note: nat.note.clone().unwrap_or_default(),
         }))
     }
 

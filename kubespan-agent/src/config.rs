@@ -79,6 +79,29 @@ struct RawConfig {
     peer_keepalive_seconds: Option<u16>,
     endpoint_timeout_seconds: Option<u64>,
     peer_down_seconds: Option<u64>,
+    #[serde(default)]
+    nat_traversal: RawNatTraversal,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawNatTraversal {
+    #[serde(default)]
+    stun_servers: Vec<String>,
+    #[serde(default)]
+    port_mapping: bool,
+}
+
+/// How this node makes itself reachable from behind NAT.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NatTraversal {
+    /// `host:port` of STUN servers (`discovery-server --stun-addr`, or any public one); asked
+    /// from the WireGuard socket every 20–30 s for this node's NAT mapping, which is then
+    /// announced as an endpoint. Empty: no STUN.
+    pub stun_servers: Vec<String>,
+    /// Ask the gateway to forward the listen port (PCP, NAT-PMP, UPnP-IGD) and announce the
+    /// mapped endpoint.
+    pub port_mapping: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -258,6 +281,7 @@ pub struct Config {
     pub cipher: Cipher,
     pub mac_address: Option<[u8; 6]>,
     pub data_plane: DataPlaneConfig,
+    pub nat_traversal: NatTraversal,
 }
 
 /// Which WireGuard implementation carries the mesh.
@@ -301,9 +325,11 @@ impl Default for DataPlaneConfig {
             force_mark: 0x40,
             mark_mask: 0x60,
             nftables_table: "kubespan".into(),
-            peer_keepalive: std::time::Duration::from_secs(10),
-            endpoint_timeout: std::time::Duration::from_secs(5),
-            peer_down_after: std::time::Duration::from_secs(30),
+            // A path that dies is noticed within 10 s (9 s of silence and the 1 s tick); a
+            // keepalive every 3 s costs 1/3 packet per second per peer each way.
+            peer_keepalive: std::time::Duration::from_secs(3),
+            endpoint_timeout: std::time::Duration::from_secs(3),
+            peer_down_after: std::time::Duration::from_secs(9),
         }
     }
 }
@@ -417,6 +443,28 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 .collect::<Result<Vec<_>, _>>()?,
         ),
     };
+    let stun_servers = raw
+        .nat_traversal
+        .stun_servers
+        .iter()
+        .enumerate()
+        .map(|(i, server)| {
+            let server = server.trim();
+            match server.rsplit_once(':') {
+                Some((host, port))
+                    if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) =>
+                {
+                    Ok(server.to_owned())
+                }
+                _ => Err(invalid(
+                    format!("natTraversal.stunServers[{i}]"),
+                    format!(
+                        "{server:?} is not host:port (e.g. 203.0.113.10:3478, stun.example.org:3478 or [2001:db8::10]:3478)"
+                    ),
+                )),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let extra_announced_endpoints = raw
         .extra_announced_endpoints
         .iter()
@@ -517,6 +565,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         cipher,
         mac_address,
         data_plane,
+        nat_traversal: NatTraversal {
+            stun_servers,
+            port_mapping: raw.nat_traversal.port_mapping,
+        },
     })
 }
 
@@ -746,11 +798,21 @@ metricsAddr: "127.0.0.1:9560"
 
 # WireGuard implementation: auto (kernel if available, else userspace), kernel, userspace, none.
 backend: auto
-# Seconds between keepalives; a peer silent for peerDownSeconds is down; an endpoint that gives
-# no handshake within endpointTimeoutSeconds is abandoned for the next one.
-peerKeepaliveSeconds: 10
-peerDownSeconds: 30
-endpointTimeoutSeconds: 5
+# Seconds between keepalives; a peer silent for half of peerDownSeconds is probed (a handshake),
+# one silent for peerDownSeconds is down and its endpoints are raced again; an endpoint that
+# gives no handshake within endpointTimeoutSeconds is abandoned for the next one (kernel
+# WireGuard tries endpoints one by one, the userspace device all at once).
+peerKeepaliveSeconds: 3
+peerDownSeconds: 9
+endpointTimeoutSeconds: 3
+# Reaching nodes behind NAT. stunServers: host:port of STUN servers (discovery-server
+# --stun-addr, or a public one), asked from the WireGuard socket every 20-30 s; the NAT mapping
+# they report is announced as an endpoint (userspace device only: kernel WireGuard's socket is
+# the kernel's). portMapping: ask the gateway to forward the listen port (PCP, NAT-PMP,
+# UPnP-IGD) and announce the mapped endpoint.
+natTraversal:
+  stunServers: []
+  portMapping: false
 # Policy routing and firewall (KubeSpan's values).
 routingTable: 180
 rulePriority: 32500

@@ -14,15 +14,18 @@ use ipnet::IpNet;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{MembershipView, NodeIdentity};
+use crate::agent::{MembershipView, NatEndpoints, NodeIdentity};
 use crate::api::{PeerStatusProvider, PeerStatusView};
 use crate::config::{Backend, Config};
 use crate::crypto::ClusterKeys;
 use crate::discovery::Publication;
 use crate::firewall::{self, FirewallConfig};
+use crate::host;
 use crate::netset::PrefixSet;
+use crate::paths;
 use crate::reconcile::{Action, PeerMemory, PeerReport, Policy, State, WantedPeer, reconcile};
 use crate::record;
+use crate::reflexive::{Mapping, StunProber};
 use crate::routing::{self, RoutingConfig};
 use crate::wg::kernel::{KernelWireGuard, kernel_available};
 use crate::wg::userspace::UserspaceWireGuard;
@@ -33,6 +36,8 @@ const TICK: Duration = Duration::from_secs(1);
 /// `up` (and routed to) as soon as it answered, not up to a TICK later.
 const AWAITING_TICK: Duration = Duration::from_millis(100);
 const GOOD_ENDPOINTS_FILE: &str = "good-endpoints.json";
+/// How often this node's own networks are read again (to rank peers' endpoints).
+const NETWORKS_REFRESH: Duration = Duration::from_secs(30);
 
 /// Peer statuses for the API and metrics, keyed by base64 public key.
 #[derive(Default)]
@@ -182,6 +187,8 @@ pub struct Inputs {
     /// Node ids of the peers whose tunnels are alive (something arrived within the peer-down
     /// interval): the control loop keeps them as members when discovery stops listing them.
     pub alive: watch::Sender<BTreeSet<String>>,
+    /// Where the reflexive endpoint STUN finds goes (announced by the control loop).
+    pub nat: watch::Sender<NatEndpoints>,
 }
 
 /// Sets up the interface, routing and firewall, then reconciles until `stop`; tears all of it
@@ -253,6 +260,80 @@ pub async fn run(mut inputs: Inputs, stop: CancellationToken) -> anyhow::Result<
     result
 }
 
+/// STUN through the WireGuard socket: reads answers, sends a round or retries when due, and
+/// hands a changed mapping to the control loop.
+async fn stun_round(
+    device: &mut dyn WireGuard,
+    stun: &mut StunProber,
+    servers: &[String],
+    nat: &watch::Sender<NatEndpoints>,
+) {
+    let now = Instant::now();
+    let mut changed = false;
+    for (from, message) in device.take_stun() {
+        changed |= stun.answer(from, &message, now);
+    }
+    changed |= stun.expire(now);
+    let mut requests = stun.retries(now);
+    if stun.round_due(now) {
+        let resolved = resolve_stun_servers(servers).await;
+        requests.extend(stun.start_round(&resolved, now, rand::random::<f64>(), rand::random));
+    }
+    for (server, request) in requests {
+        if !device.send_stun(server, &request) {
+            tracing::debug!(%server, "STUN request not sent (no socket yet)");
+        }
+    }
+    if changed {
+        let (reflexive, note) = match stun.mapping(now) {
+            Mapping::Unknown => (None, None),
+            Mapping::Reflexive(endpoint) => {
+                tracing::info!(%endpoint, "reflexive endpoint (this node's NAT mapping, as STUN servers see it)");
+                (Some(endpoint), None)
+            }
+            Mapping::EndpointDependent(seen) => {
+                let note = format!(
+                    "the NAT maps per destination (STUN servers saw {seen:?}): no reflexive endpoint is announced; peers behind NAT need port mapping on one side or a relay"
+                );
+                tracing::warn!("{note}");
+                (None, Some(note))
+            }
+        };
+        nat.send_if_modified(|current| {
+            let changed = current.reflexive != reflexive || current.note != note;
+            current.reflexive = reflexive;
+            current.note = note;
+            changed
+        });
+    }
+}
+
+/// `host:port` → addresses (the first of each family), 2 s at most per name; names that do not
+/// resolve are left out of this round.
+async fn resolve_stun_servers(servers: &[String]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for server in servers {
+        if let Ok(address) = server.parse::<SocketAddr>() {
+            out.push(address);
+            continue;
+        }
+        let lookup = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::lookup_host(server.as_str()),
+        )
+        .await;
+        match lookup {
+            Ok(Ok(found)) => {
+                let found: Vec<SocketAddr> = found.collect();
+                out.extend(found.iter().find(|a| a.is_ipv4()));
+                out.extend(found.iter().find(|a| a.is_ipv6()));
+            }
+            _ => tracing::debug!(server, "STUN server name does not resolve"),
+        }
+    }
+    out
+}
+
 /// Endpoints observed for `up` peers that they do not announce themselves (e.g. a NAT mapping),
 /// sealed under the peer's id for publishing on its behalf.
 fn harvest(
@@ -301,6 +382,7 @@ async fn reconcile_loop(
         peer_down_after: dp.peer_down_after,
         keepalive: dp.peer_keepalive,
         updates_in_place: device.updates_in_place(),
+        races: device.races_endpoints(),
     };
     let good_path = config.state_dir.join(GOOD_ENDPOINTS_FILE);
     let mut good = load_good_endpoints(&good_path);
@@ -310,6 +392,20 @@ async fn reconcile_loop(
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut awaiting = false;
+    let mut networks: Vec<IpNet> = Vec::new();
+    let mut networks_read_at: Option<Instant> = None;
+    let mut stun = StunProber::new();
+    let stun_enabled = !config.nat_traversal.stun_servers.is_empty()
+        && {
+            if device.races_endpoints() {
+                true
+            } else {
+                tracing::warn!(
+                    "natTraversal.stunServers needs the userspace device (backend: userspace): kernel WireGuard's socket belongs to the kernel, so no reflexive endpoint is learned; the public IP from Hello with the listen port is announced (as Talos does), and portMapping works with either backend"
+                );
+                false
+            }
+        };
     loop {
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -318,6 +414,28 @@ async fn reconcile_loop(
             _ = tokio::time::sleep(AWAITING_TICK), if awaiting => {}
         }
         let current = view.borrow_and_update().clone();
+        if networks_read_at.is_none_or(|at| at.elapsed() >= NETWORKS_REFRESH) {
+            networks_read_at = Some(Instant::now());
+            match host::node_networks(&config.interface).await {
+                Ok(read) => {
+                    if read != networks {
+                        // New addresses, maybe a new NAT: ask the STUN servers again now.
+                        stun.trigger();
+                    }
+                    networks = read;
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot read this node's networks"),
+            }
+        }
+        if stun_enabled {
+            stun_round(
+                device,
+                &mut stun,
+                &config.nat_traversal.stun_servers,
+                &inputs.nat,
+            )
+            .await;
+        }
         let wanted: Vec<WantedPeer> = current
             .peers
             .iter()
@@ -326,7 +444,9 @@ async fn reconcile_loop(
                 if key.is_none() {
                     tracing::warn!(peer = %spec.label, key = %spec.public_key, "ignoring a peer with an unusable public key");
                 }
-                Some(WantedPeer { public_key: key?, spec: spec.clone() })
+                let mut spec = spec.clone();
+                spec.endpoints = paths::rank(&spec.endpoints, &networks);
+                Some(WantedPeer { public_key: key?, spec })
             })
             .collect();
         let device_peers = match tokio::task::block_in_place(|| device.peers()) {
@@ -360,6 +480,22 @@ async fn reconcile_loop(
                     reset_session,
                 } => device.set_peer(config, *reset_session),
                 Action::RemovePeer { public_key } => device.remove_peer(public_key),
+                Action::Race {
+                    public_key,
+                    candidates,
+                } => device.race(public_key, candidates).map(|_| ()),
+                Action::Probe { public_key } => match device.probe(public_key) {
+                    Ok(true) => Ok(()),
+                    // Kernel WireGuard: a datagram to the peer's port 9 over the tunnel; its
+                    // kernel answers with an ICMP error, which is an answer.
+                    Ok(false) => {
+                        if let Some(want) = wanted.iter().find(|w| w.public_key == *public_key) {
+                            nudge(want.spec.mesh_address);
+                        }
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
             });
             match (action, result) {
                 (
@@ -392,6 +528,18 @@ async fn reconcile_loop(
                 (Action::RemovePeer { .. }, Ok(())) => {
                     tracing::info!("removed a peer that left the cluster")
                 }
+                (
+                    Action::Race {
+                        public_key,
+                        candidates,
+                    },
+                    Ok(()),
+                ) => {
+                    if let Some(want) = wanted.iter().find(|w| w.public_key == *public_key) {
+                        tracing::debug!(peer = %want.spec.label, ?candidates, "racing endpoints");
+                    }
+                }
+                (Action::Probe { .. }, Ok(())) => {}
                 (action, Err(e)) => {
                     tracing::error!(error = %e, "WireGuard device change failed; retrying next tick");
                     // Forget what was applied so the next reconcile sends it again.
@@ -425,6 +573,14 @@ async fn reconcile_loop(
                         rx_bytes: report.rx_bytes,
                         tx_bytes: report.tx_bytes,
                         last_endpoint_change_unix_ms: to_unix_ms(report.last_endpoint_change),
+                        path: paths::kind(
+                            report.endpoint,
+                            &want.spec.endpoints,
+                            &want.spec.allowed_ips,
+                            &networks,
+                        )
+                        .as_str(),
+                        candidates: want.spec.endpoints.clone(),
                     },
                 );
             }
@@ -442,8 +598,9 @@ async fn reconcile_loop(
             *current = alive;
             changed
         });
-        // `unknown` lasts at most endpoint_timeout per try, so the fast ticks do too.
-        awaiting = outcome.reports.iter().any(|r| r.state == State::Unknown);
+        // `unknown` lasts at most endpoint_timeout per try, so the fast ticks do too; STUN
+        // answers are read on the fast ticks too.
+        awaiting = outcome.reports.iter().any(|r| r.state == State::Unknown) || stun.waiting();
         if config.harvest_extra_endpoints {
             let harvested = harvest(&outcome.reports, &wanted, &inputs.keys);
             inputs.publication.send_if_modified(|p| {

@@ -4,12 +4,22 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use futures::TryStreamExt;
+use ipnet::IpNet;
 use netlink_packet_route::address::{AddressAttribute, AddressScope};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags};
 
 /// Global-scope addresses of links that are up, except those of `skip_interface` (the mesh
 /// interface itself). Sorted by interface name, then in kernel order.
 pub async fn node_addresses(skip_interface: &str) -> Result<Vec<IpAddr>, String> {
+    Ok(node_networks(skip_interface)
+        .await?
+        .into_iter()
+        .map(|net| net.addr())
+        .collect())
+}
+
+/// [`node_addresses`] with their prefix lengths: the networks this node is on.
+pub async fn node_networks(skip_interface: &str) -> Result<Vec<IpNet>, String> {
     let (connection, handle, _) =
         rtnetlink::new_connection().map_err(|e| format!("cannot open a netlink socket: {e}"))?;
     let connection = tokio::spawn(connection);
@@ -28,7 +38,7 @@ pub async fn node_addresses(skip_interface: &str) -> Result<Vec<IpAddr>, String>
             let up = link.header.flags.contains(LinkFlags::Up);
             links.insert(link.header.index, (name, up));
         }
-        let mut found: Vec<(String, IpAddr)> = Vec::new();
+        let mut found: Vec<(String, IpNet)> = Vec::new();
         let mut dump = handle.address().get().execute();
         while let Some(message) = dump.try_next().await? {
             if message.header.scope != AddressScope::Universe {
@@ -48,12 +58,15 @@ pub async fn node_addresses(skip_interface: &str) -> Result<Vec<IpAddr>, String>
                 AddressAttribute::Address(ip) => Some(ip.to_owned()),
                 _ => None,
             });
-            if let Some(ip) = local.or(address) {
-                found.push((name.clone(), ip));
+            if let Some(net) = local
+                .or(address)
+                .and_then(|ip| IpNet::new(ip, message.header.prefix_len).ok())
+            {
+                found.push((name.clone(), net));
             }
         }
         found.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(found.into_iter().map(|(_, ip)| ip).collect())
+        Ok(found.into_iter().map(|(_, net)| net).collect())
     }
     .await
     .map_err(|e: rtnetlink::Error| format!("netlink dump failed: {e}"));

@@ -1,7 +1,7 @@
 //! openspan's node agent: who this node is, what it publishes, what it learns from discovery,
 //! and the membership API that `kubespanctl` reads.
 //!
-//! Pure logic: [`model`], [`crypto`], [`identity`] (derivations), [`netset`], [`endpoints`],
+//! Pure logic: [`model`], [`crypto`], [`identity`] (derivations), [`netset`], [`endpoints`], [`paths`],
 //! [`members`], [`record`]. Shells around I/O: [`host`], [`discovery`], [`api`], [`agent`].
 
 #![forbid(unsafe_code)]
@@ -21,9 +21,12 @@ pub mod members;
 pub mod metrics;
 pub mod model;
 pub mod netset;
+pub mod paths;
+pub mod portmap;
 pub mod publish;
 pub mod reconcile;
 pub mod record;
+pub mod reflexive;
 pub mod registry;
 pub mod routing;
 pub mod warm;

@@ -125,6 +125,7 @@ async fn run() -> anyhow::Result<()> {
                 publication: shared.publication.clone(),
                 status: board.clone(),
                 alive: shared.alive.clone(),
+                nat: shared.nat.clone(),
             };
             let task = tokio::spawn(dataplane::run(inputs, stop.clone()));
             (board, Some(task))

@@ -32,7 +32,24 @@ pub struct Policy {
     /// WireGuard, openspan's userspace device); otherwise the peer is re-created and a new
     /// handshake is needed.
     pub updates_in_place: bool,
+    /// The device races a peer's endpoints (one initiation to all at once, first answer wins:
+    /// openspan's userspace device); otherwise they are tried one by one, `endpoint_timeout`
+    /// each (kernel WireGuard).
+    pub races: bool,
 }
+
+impl Policy {
+    /// How long an `up` peer may be silent before it is asked for an answer. Peers that run
+    /// openspan send a keepalive every `keepalive`, so they are never asked; peers with a longer
+    /// keepalive (Talos: 25 s) are, so that a live one is not taken for dead.
+    pub fn probe_after(&self) -> Duration {
+        (self.peer_down_after / 2).max(self.keepalive + Duration::from_secs(1))
+    }
+}
+
+/// How often an `up` peer reached on a path other than its most promising candidate is raced
+/// again, to move to a better path when one appeared (Tailscale's path upgrade: 1 min).
+pub const PATH_UPGRADE: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum State {
@@ -71,6 +88,13 @@ pub struct PeerMemory {
     /// The peer was re-configured while up (its session may have been reset): it stays `up`
     /// while the new handshake is awaited.
     pub refreshing: bool,
+    /// The endpoints the last race covered: one the peer announces later starts a new race
+    /// (when both nodes are behind NAT, that announcement is the signal to punch at once).
+    pub raced_with: Vec<SocketAddr>,
+    /// When a better path was last raced for while `up`.
+    pub upgraded_at: Option<Instant>,
+    /// When the peer was last asked for an answer ([`Action::Probe`]).
+    pub probed_at: Option<Instant>,
 }
 
 /// A device change.
@@ -82,6 +106,15 @@ pub enum Action {
         reset_session: bool,
     },
     RemovePeer {
+        public_key: Key,
+    },
+    /// Send a handshake initiation to all of `candidates` at once, best first.
+    Race {
+        public_key: Key,
+        candidates: Vec<SocketAddr>,
+    },
+    /// Ask a quiet peer for an answer.
+    Probe {
         public_key: Key,
     },
 }
@@ -152,6 +185,26 @@ fn new_handshake(
         return None;
     }
     Some(age.map_or(now, |age| now.checked_sub(age).unwrap_or(now)))
+}
+
+/// The order a race tries a peer's endpoints in: `first` (the path that worked last), then the
+/// endpoints in the order given (the caller ranks them), then `last`; no duplicates.
+fn candidates(
+    endpoints: &[SocketAddr],
+    first: Option<SocketAddr>,
+    last: Option<SocketAddr>,
+) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::with_capacity(endpoints.len() + 2);
+    for endpoint in first
+        .into_iter()
+        .chain(endpoints.iter().copied())
+        .chain(last)
+    {
+        if !out.contains(&endpoint) {
+            out.push(endpoint);
+        }
+    }
+    out
 }
 
 fn since(now: Instant, then: Option<Instant>) -> Option<Duration> {
@@ -244,6 +297,8 @@ pub fn reconcile(
         let device_endpoint = state_on_device.and_then(|p| p.endpoint);
         let mut endpoint_to_set = None;
         let mut reset_session = false;
+        let mut race: Option<Vec<SocketAddr>> = None;
+        let new_candidate = endpoints.iter().any(|e| !mem.raced_with.contains(e));
         if changed_at.is_none() || state_on_device.is_none() {
             // First time (or the device lost the peer): the endpoint that worked last, else the first.
             let first = match (mem.last_used_endpoint, remembered) {
@@ -253,6 +308,38 @@ pub fn reconcile(
             };
             endpoint_to_set = first;
             reset_session = true;
+            if timers.races {
+                race = Some(candidates(endpoints, first, None));
+            }
+        } else if timers.races {
+            let waited = since(now, changed_at).unwrap_or_default() >= timers.endpoint_timeout;
+            if (state == State::Down && waited) || (state != State::Up && new_candidate) {
+                // Down (or a new candidate while not up): race every candidate again, the path
+                // that worked last first, the one the peer roamed to last.
+                let mut all = candidates(endpoints, remembered, None);
+                if let Some(roamed) = device_endpoint.filter(|e| !all.contains(e)) {
+                    all.push(roamed);
+                }
+                race = Some(all);
+                mem.last_endpoint_change = Some(now);
+            } else if state == State::Up
+                && let Some(current) = device_endpoint
+                && (std::mem::replace(&mut mem.raced_with, endpoints.clone()) != *endpoints
+                    || since(now, mem.upgraded_at.or(changed_at)).unwrap_or_default()
+                        >= PATH_UPGRADE)
+            {
+                // Up: race the candidates more promising than the current path (it last, so it
+                // answers when none of them does); the session carries on meanwhile.
+                let better: Vec<SocketAddr> = endpoints
+                    .iter()
+                    .copied()
+                    .take_while(|e| *e != current)
+                    .collect();
+                mem.upgraded_at = Some(now);
+                if !better.is_empty() {
+                    race = Some(candidates(&better, None, Some(current)));
+                }
+            }
         } else if state == State::Down
             && since(now, changed_at).unwrap_or_default() >= timers.endpoint_timeout
         {
@@ -270,6 +357,9 @@ pub fn reconcile(
         }
 
         let mut report_state = state;
+        if race.is_some() {
+            mem.raced_with = endpoints.clone();
+        }
         if reset_session {
             mem.last_used_endpoint = endpoint_to_set.or(mem.last_used_endpoint);
             mem.last_endpoint_change = Some(now);
@@ -308,6 +398,22 @@ pub fn reconcile(
             });
             mem.applied_allowed_ips = allowed_ips;
         }
+        if let Some(candidates) = race {
+            actions.push(Action::Race {
+                public_key: key,
+                candidates,
+            });
+        } else if report_state == State::Up
+            && since(now, last_answer).is_some_and(|quiet| quiet >= timers.probe_after())
+            && mem
+                .probed_at
+                .is_none_or(|probed| last_answer.is_some_and(|answer| answer > probed))
+        {
+            // Quiet for longer than a keepalive: one probe, answered by a live peer before
+            // `peer_down_after`; no second one until it answered.
+            mem.probed_at = Some(now);
+            actions.push(Action::Probe { public_key: key });
+        }
         mem.state = report_state;
         reports.push(PeerReport {
             public_key: key,
@@ -332,6 +438,7 @@ mod tests {
         peer_down_after: Duration::from_secs(30),
         keepalive: Duration::from_secs(10),
         updates_in_place: false,
+        races: false,
     };
     const PSK: Key = [9; 32];
 
@@ -371,6 +478,7 @@ mod tests {
         t0: Instant,
         /// Wall-clock base for what the device reports.
         wall0: SystemTime,
+        policy: Policy,
     }
 
     impl Harness {
@@ -380,6 +488,20 @@ mod tests {
                 good: BTreeMap::new(),
                 t0: Instant::now(),
                 wall0: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000),
+                policy: T,
+            }
+        }
+        /// With a device that races endpoints, and the default timers (3 s keepalive, 9 s down).
+        fn racing() -> Self {
+            Self {
+                policy: Policy {
+                    endpoint_timeout: Duration::from_secs(3),
+                    peer_down_after: Duration::from_secs(9),
+                    keepalive: Duration::from_secs(3),
+                    updates_in_place: true,
+                    races: true,
+                },
+                ..Self::new()
             }
         }
         fn at(&mut self, secs: u64, wanted: &[WantedPeer], device: &[PeerState]) -> Outcome {
@@ -389,7 +511,7 @@ mod tests {
                 &mut self.memory,
                 &mut self.good,
                 &PSK,
-                T,
+                self.policy,
                 self.t0 + Duration::from_secs(secs),
             )
         }
@@ -404,6 +526,135 @@ mod tests {
             Action::SetPeer { config, .. } => Some(config.endpoint),
             _ => None,
         })
+    }
+
+    fn raced(outcome: &Outcome) -> Option<Vec<SocketAddr>> {
+        outcome.actions.iter().find_map(|a| match a {
+            Action::Race { candidates, .. } => Some(candidates.clone()),
+            _ => None,
+        })
+    }
+
+    fn probed(outcome: &Outcome) -> bool {
+        outcome
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Probe { .. }))
+    }
+
+    fn sas(list: &[&str]) -> Vec<SocketAddr> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_racing_device_tries_every_endpoint_at_once_the_last_good_first() {
+        let mut h = Harness::racing();
+        h.good
+            .insert("node-b".into(), "10.1.0.2:51820".parse().unwrap());
+        let w = [want(&[
+            "10.0.0.2:51820",
+            "10.1.0.2:51820",
+            "10.2.0.2:51820",
+        ])];
+        let out = h.at(0, &w, &[]);
+        assert_eq!(
+            endpoint_set(&out),
+            Some(Some("10.1.0.2:51820".parse().unwrap()))
+        );
+        assert_eq!(
+            raced(&out),
+            Some(sas(&["10.1.0.2:51820", "10.0.0.2:51820", "10.2.0.2:51820"]))
+        );
+        // Nothing new within the endpoint timeout, however many ticks.
+        let dev = [on_device(Some("10.1.0.2:51820"), None, 0)];
+        assert!(h.at(1, &w, &dev).actions.is_empty());
+        assert!(h.at(2, &w, &dev).actions.is_empty());
+        // No answer by then: race again (not one endpoint after the other).
+        let out = h.at(3, &w, &dev);
+        assert_eq!(out.reports[0].state, State::Down);
+        assert_eq!(endpoint_set(&out), None);
+        assert_eq!(raced(&out).map(|c| c.len()), Some(3));
+    }
+
+    #[test]
+    fn a_newly_announced_endpoint_is_raced_at_once_while_the_peer_is_not_up() {
+        // Both behind NAT: the peer's reflexive endpoint arrives after the first race.
+        let mut h = Harness::racing();
+        h.at(0, &[want(&["192.168.1.2:51820"])], &[]);
+        let w = [want(&["192.168.1.2:51820", "198.51.100.7:61000"])];
+        let dev = [on_device(Some("192.168.1.2:51820"), None, 0)];
+        let out = h.at(1, &w, &dev);
+        assert_eq!(
+            raced(&out),
+            Some(sas(&["192.168.1.2:51820", "198.51.100.7:61000"]))
+        );
+        assert!(h.at(2, &w, &dev).actions.is_empty(), "raced once");
+    }
+
+    #[test]
+    fn a_quiet_peer_is_probed_once_and_a_silent_one_is_down_within_ten_seconds() {
+        let mut h = Harness::racing();
+        let w = [want(&["10.0.0.2:51820", "10.1.0.2:51820"])];
+        h.at(0, &w, &[]);
+        // Answered at 1 s (handshake), then silence.
+        let dev = [on_device(Some("10.0.0.2:51820"), Some(h.time(1)), 100)];
+        let out = h.at(1, &w, &dev);
+        assert_eq!(out.reports[0].state, State::Up);
+        assert!(!probed(&h.at(4, &w, &dev)), "a keepalive is due every 3 s");
+        let out = h.at(6, &w, &dev);
+        assert!(probed(&out), "quiet for 5 s: probed");
+        assert_eq!(out.reports[0].state, State::Up);
+        assert!(!probed(&h.at(7, &w, &dev)), "once until it answers");
+        // The probe is answered: up, and probed again only after a new silence.
+        let dev = [on_device(Some("10.0.0.2:51820"), Some(h.time(8)), 300)];
+        assert_eq!(h.at(8, &w, &dev).reports[0].state, State::Up);
+        assert!(!probed(&h.at(12, &w, &dev)));
+        assert!(probed(&h.at(13, &w, &dev)));
+        // No answer after that: down once silent for more than 9 s (the next 1 s tick, within
+        // 10 s of the last answer at 8 s), and raced again at once.
+        assert_eq!(h.at(17, &w, &dev).reports[0].state, State::Up);
+        let out = h.at(18, &w, &dev);
+        assert_eq!(out.reports[0].state, State::Down);
+        assert_eq!(
+            raced(&out),
+            Some(sas(&["10.0.0.2:51820", "10.1.0.2:51820"])),
+            "the path that worked first"
+        );
+    }
+
+    #[test]
+    fn an_up_peer_on_a_worse_path_is_raced_for_a_better_one_each_minute() {
+        let mut h = Harness::racing();
+        let w = [want(&[
+            "10.0.0.2:51820",
+            "10.1.0.2:51820",
+            "10.2.0.2:51820",
+        ])];
+        h.at(0, &w, &[]);
+        // The race was won by the second candidate.
+        let mut rx = 100;
+        let dev = |h: &Harness, at: u64, rx: u64| {
+            [on_device(Some("10.1.0.2:51820"), Some(h.time(at)), rx)]
+        };
+        assert_eq!(h.at(1, &w, &dev(&h, 1, rx)).reports[0].state, State::Up);
+        for second in 2..60 {
+            rx += 10;
+            assert_eq!(
+                raced(&h.at(second, &w, &dev(&h, 1, rx))),
+                None,
+                "at {second} s"
+            );
+        }
+        rx += 10;
+        let out = h.at(60, &w, &dev(&h, 1, rx));
+        assert_eq!(
+            raced(&out),
+            Some(sas(&["10.0.0.2:51820", "10.1.0.2:51820"])),
+            "the better candidate, then the current path"
+        );
+        assert_eq!(out.reports[0].state, State::Up, "the session carries on");
+        rx += 10;
+        assert_eq!(raced(&h.at(61, &w, &dev(&h, 1, rx))), None);
     }
 
     #[test]

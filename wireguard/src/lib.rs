@@ -83,4 +83,28 @@ pub trait WireGuard: Send {
     fn initiates_on_reset(&self) -> bool {
         false
     }
+    /// Whether [`WireGuard::race`] tries all candidates at once (openspan's userspace device);
+    /// otherwise the caller rotates through them one by one (kernel WireGuard).
+    fn races_endpoints(&self) -> bool {
+        false
+    }
+    /// Sends one handshake initiation to every candidate endpoint, most promising first; the
+    /// first to answer becomes the peer's endpoint. Returns whether a race started.
+    fn race(&mut self, _public_key: &Key, _candidates: &[SocketAddr]) -> Result<bool, WgError> {
+        Ok(false)
+    }
+    /// Makes a quiet peer answer if it is alive (a handshake initiation to its endpoint).
+    /// Returns false when the device cannot, and the caller probes another way.
+    fn probe(&mut self, _public_key: &Key) -> Result<bool, WgError> {
+        Ok(false)
+    }
+    /// Sends a STUN message from the WireGuard socket; false when the device cannot (kernel
+    /// WireGuard owns its socket).
+    fn send_stun(&mut self, _destination: SocketAddr, _message: &[u8]) -> bool {
+        false
+    }
+    /// STUN messages that arrived on the WireGuard socket since the last call.
+    fn take_stun(&mut self) -> Vec<(SocketAddr, Vec<u8>)> {
+        Vec::new()
+    }
 }

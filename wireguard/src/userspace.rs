@@ -7,6 +7,7 @@
 //! standalone device (`openspan-wireguard`) serves the socket writable, like wireguard-go.
 
 use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -251,5 +252,25 @@ impl WireGuard for UserspaceWireGuard {
 
     fn peers(&mut self) -> Result<Vec<PeerState>, WgError> {
         Ok(self.device.peers())
+    }
+
+    fn races_endpoints(&self) -> bool {
+        true
+    }
+
+    fn race(&mut self, public_key: &Key, candidates: &[SocketAddr]) -> Result<bool, WgError> {
+        Ok(self.device.race(public_key, candidates))
+    }
+
+    fn probe(&mut self, public_key: &Key) -> Result<bool, WgError> {
+        Ok(self.device.probe(public_key))
+    }
+
+    fn send_stun(&mut self, destination: SocketAddr, message: &[u8]) -> bool {
+        self.device.send_stun(destination, message)
+    }
+
+    fn take_stun(&mut self) -> Vec<(SocketAddr, Vec<u8>)> {
+        self.device.take_stun()
     }
 }

@@ -252,6 +252,8 @@ fn peers_table(peers: &[pb::Peer]) -> String {
             "PEER",
             "STATE",
             "ENDPOINT",
+            "PATH",
+            "CANDIDATES",
             "LAST HANDSHAKE",
             "RX",
             "TX",
@@ -265,6 +267,8 @@ fn peers_table(peers: &[pb::Peer]) -> String {
                     dash(&p.label),
                     dash(&s.state),
                     dash(&s.endpoint),
+                    dash(&s.path),
+                    dash(&s.candidates.join(",")),
                     ago(s.last_handshake_unix_ms),
                     bytes(s.rx_bytes),
                     bytes(s.tx_bytes),
@@ -346,6 +350,16 @@ fn status_text(status: &pb::AgentStatus) -> String {
         "\nMembers:     {}{retained}\nPeers:       {} (up {}, down {}, unknown {})\n",
         status.members, status.peers, status.peers_up, status.peers_down, status.peers_unknown
     );
+    if !status.reflexive_endpoint.is_empty() || !status.mapped_endpoint.is_empty() {
+        out += &format!(
+            "NAT:         reflexive {} · mapped {}\n",
+            dash(&status.reflexive_endpoint),
+            dash(&status.mapped_endpoint)
+        );
+    }
+    if !status.nat_note.is_empty() {
+        out += &format!("NAT note:    {}\n", status.nat_note);
+    }
     if status.own_record_tampered > 0 {
         out += &format!(
             "Tampering:   this node's record was changed by someone else {} times (restored)\n",

@@ -18,8 +18,8 @@ use super::egress::{Pumped, hand_over_tun};
 use super::gate::{Admission, HANDSHAKE_RATE_LIMIT, HandshakeGate};
 use super::peers::{Peer, PeerTable};
 use super::{
-    DATA_MESSAGE, HANDSHAKE_RESPONSE, Keys, RX_PUMP_READS, Shared, TUN_BATCH, TUN_BUFFER,
-    UDP_BATCH, UDP_BUFFER, lock, read,
+    DATA_MESSAGE, HANDSHAKE_INITIATION, HANDSHAKE_RESPONSE, Keys, RX_PUMP_READS, STUN_INBOX,
+    Shared, TUN_BATCH, TUN_BUFFER, UDP_BATCH, UDP_BUFFER, lock, read,
 };
 use crate::wake::wait_readable;
 
@@ -56,8 +56,6 @@ impl TunBatch {
         self.count = 0;
     }
 }
-
-const HANDSHAKE_INITIATION: u8 = 1;
 
 /// Whether a datagram looks like a handshake message (initiation or response): the ones that
 /// can cost a DH, so the gate decides about them.
@@ -126,11 +124,6 @@ pub(super) fn network_to_tun(shared: &Shared) {
                 continue;
             }
         };
-        let keys_guard = read(&shared.keys);
-        let Some(keys) = keys_guard.as_ref() else {
-            continue;
-        };
-        let peers = read(&shared.peers);
         let datagrams = || {
             meta[..count]
                 .iter()
@@ -141,7 +134,26 @@ pub(super) fn network_to_tun(shared: &Shared) {
                         .map(|datagram| (received.addr, datagram))
                 })
         };
-        for (from, datagram) in datagrams().filter(|(_, d)| !is_handshake(d)) {
+        // STUN shares the socket (the agent learns this socket's NAT mapping): recognised by
+        // its magic cookie, which no WireGuard message has where STUN keeps it.
+        if datagrams().any(|(_, d)| openspan_stun::is_stun(d)) {
+            let mut inbox = lock(&shared.stun_inbox);
+            for (from, datagram) in datagrams().filter(|(_, d)| openspan_stun::is_stun(d)) {
+                if inbox.len() < STUN_INBOX {
+                    inbox.push_back((from, datagram.to_vec()));
+                }
+            }
+        }
+        let keys_guard = read(&shared.keys);
+        let Some(keys) = keys_guard.as_ref() else {
+            continue;
+        };
+        let peers = read(&shared.peers);
+        let wireguard = |(_, d): &(SocketAddr, &[u8])| !openspan_stun::is_stun(d);
+        for (from, datagram) in datagrams()
+            .filter(wireguard)
+            .filter(|(_, d)| !is_handshake(d))
+        {
             if batch.count == batch.packets.len() {
                 batch.flush(shared);
             }
@@ -158,7 +170,10 @@ pub(super) fn network_to_tun(shared: &Shared) {
         batch.flush(shared);
         let now = Instant::now();
         gate.set_limit(keys.handshake_limit);
-        for (from, datagram) in datagrams().filter(|(_, d)| is_handshake(d)) {
+        for (from, datagram) in datagrams()
+            .filter(wireguard)
+            .filter(|(_, d)| is_handshake(d))
+        {
             if batch.count == batch.packets.len() {
                 batch.flush(shared);
             }

@@ -18,12 +18,14 @@ mod egress;
 mod gate;
 mod ingress;
 mod peers;
+mod race;
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
@@ -66,6 +68,10 @@ const TUN_BUFFER: usize = VIRTIO_NET_HDR_LEN + 65_536;
 const DATA_OVERHEAD: usize = 32;
 /// boringtun needs this much room for any message it may write (a handshake initiation).
 const MIN_MESSAGE_ROOM: usize = 148;
+/// STUN messages received on the WireGuard socket kept for the agent; more are dropped (the
+/// agent sends a handful of binding requests every 20–30 s).
+const STUN_INBOX: usize = 64;
+const HANDSHAKE_INITIATION: u8 = 1;
 const HANDSHAKE_RESPONSE: u8 = 2;
 const DATA_MESSAGE: u8 = 4;
 
@@ -97,6 +103,10 @@ struct Shared {
     rx_wake: Wake,
     /// Wakes the transmit thread to take the TUN device over.
     tx_wake: Wake,
+    /// Wakes the timer thread for a race's staggered sends.
+    timer_wake: Wake,
+    /// STUN messages that arrived on the WireGuard socket (source, bytes), for the agent.
+    stun_inbox: Mutex<VecDeque<(SocketAddr, Vec<u8>)>>,
     /// Whether the transmit thread is watching the TUN device (under load); otherwise the
     /// receive thread does, and one thread carries everything.
     tx_active: AtomicBool,
@@ -180,6 +190,8 @@ impl Device {
             stopping: Wake::new()?,
             rx_wake: Wake::new()?,
             tx_wake: Wake::new()?,
+            timer_wake: Wake::new()?,
+            stun_inbox: Mutex::new(VecDeque::new()),
             tx_active: AtomicBool::new(false),
             egress: Mutex::new(Egress::new()),
         });
@@ -375,6 +387,64 @@ impl Device {
         })
     }
 
+    /// Sends one fresh handshake initiation to each of `candidates` (most promising first, the
+    /// others [`race::STAGGER`] apart) and keeps sending boringtun's retries to all of them
+    /// until a handshake completes; the first answer moves the peer to its address. Returns
+    /// false when the peer is unknown or no initiation can be made (no key yet).
+    pub fn race(&self, public_key: &Key, candidates: &[SocketAddr]) -> bool {
+        let Some(peer) = read(&self.shared.peers).by_key.get(public_key).cloned() else {
+            return false;
+        };
+        let mut message = [0u8; MIN_MESSAGE_ROOM];
+        let len = match lock(&peer.tunn).format_handshake_initiation(&mut message, true) {
+            TunnResult::WriteToNetwork(m) => m.len(),
+            _ => return false,
+        };
+        let first = lock(&peer.race).start(candidates, &message[..len], Instant::now());
+        if let Some(first) = first {
+            self.shared.send_to(Some(first), &message[..len]);
+            if peer.endpoint().is_none() {
+                *write(&peer.endpoint) = Some(first);
+            }
+        }
+        self.shared.timer_wake.notify();
+        true
+    }
+
+    /// Asks a quiet peer for an answer: a handshake initiation to its endpoint (answered by any
+    /// live WireGuard peer, openspan or not). Nothing is sent while a handshake is under way.
+    pub fn probe(&self, public_key: &Key) -> bool {
+        let Some(peer) = read(&self.shared.peers).by_key.get(public_key).cloned() else {
+            return false;
+        };
+        let mut message = [0u8; MIN_MESSAGE_ROOM];
+        let len = match lock(&peer.tunn).format_handshake_initiation(&mut message, false) {
+            TunnResult::WriteToNetwork(m) => m.len(),
+            _ => return false,
+        };
+        self.shared.send_to(peer.endpoint(), &message[..len]);
+        true
+    }
+
+    /// Sends a STUN message from the WireGuard socket (so the NAT mapping learned is the one
+    /// WireGuard uses); false when the socket is not bound yet.
+    pub fn send_stun(&self, destination: SocketAddr, message: &[u8]) -> bool {
+        let Some(socket) = self.shared.socket() else {
+            return false;
+        };
+        socket.send(destination, message, None).is_ok()
+    }
+
+    /// STUN messages received since the last call (source, bytes), oldest first.
+    pub fn take_stun(&self) -> Vec<(SocketAddr, Vec<u8>)> {
+        lock(&self.shared.stun_inbox).drain(..).collect()
+    }
+
+    /// The device's UDP port, once bound.
+    pub fn port(&self) -> Option<u16> {
+        self.shared.socket().map(|s| s.port())
+    }
+
     /// Applies a `wg(8)` `set` request (for the standalone device, configured like
     /// wireguard-go).
     pub fn apply(&self, request: &SetRequest) -> Result<(), WgError> {
@@ -534,20 +604,72 @@ fn peer_state(peer: &Peer) -> PeerState {
     }
 }
 
-/// boringtun's timers: handshake retries and rekeys, keepalives, session expiry.
+/// boringtun's timers: handshake retries and rekeys, keepalives, session expiry; and the
+/// staggered sends of endpoint races.
 fn timers(shared: &Shared) {
     let mut message = vec![0u8; 2_048];
+    let mut next_tick = Instant::now();
+    let mut next_race: Option<Instant> = None;
     while !shared.stop.load(Ordering::Relaxed) {
-        let _ = wait_readable([shared.stopping.fd()], Some(TIMER_TICK));
+        let wake_at = next_race.map_or(next_tick, |race| race.min(next_tick));
+        let timeout = wake_at.saturating_duration_since(Instant::now());
+        if let Ok([_, true]) = wait_readable(
+            [shared.stopping.fd(), shared.timer_wake.fd()],
+            Some(timeout),
+        ) {
+            shared.timer_wake.clear();
+        }
+        let now = Instant::now();
         let peers: Vec<Arc<Peer>> = read(&shared.peers).by_key.values().cloned().collect();
+        next_race = None;
+        for peer in &peers {
+            if let Some(due) = race_sends(shared, peer, now) {
+                next_race = Some(next_race.map_or(due, |earlier: Instant| earlier.min(due)));
+            }
+        }
+        if now < next_tick {
+            continue;
+        }
+        next_tick = now + TIMER_TICK;
         for peer in peers {
             let len = match lock(&peer.tunn).update_timers(&mut message) {
                 TunnResult::WriteToNetwork(m) => m.len(),
                 _ => continue,
             };
-            shared.send_to(peer.endpoint(), &message[..len]);
+            let retry_to = if message[0] == HANDSHAKE_INITIATION {
+                lock(&peer.race).candidates(now).to_vec()
+            } else {
+                Vec::new()
+            };
+            if retry_to.is_empty() {
+                shared.send_to(peer.endpoint(), &message[..len]);
+            } else {
+                // A handshake retry during a race goes to every candidate again.
+                for destination in retry_to {
+                    shared.send_to(Some(destination), &message[..len]);
+                }
+            }
         }
     }
+}
+
+/// Sends what a peer's race has due now and ends the race once a handshake completed after
+/// it began; returns when the next staggered send is due.
+fn race_sends(shared: &Shared, peer: &Peer, now: Instant) -> Option<Instant> {
+    let mut race = lock(&peer.race);
+    let started = race.started()?;
+    let handshake_age = lock(&peer.tunn).time_since_last_handshake();
+    let answered =
+        handshake_age.is_some_and(|age| now.checked_sub(age).is_some_and(|at| at >= started));
+    if answered || !race.is_running(now) {
+        race.finish();
+        return None;
+    }
+    let (due, message) = race.due(now);
+    for destination in due {
+        shared.send_to(Some(destination), message);
+    }
+    race.next_due()
 }
 
 #[cfg(test)]

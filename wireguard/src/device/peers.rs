@@ -11,6 +11,7 @@ use ip_network::IpNetwork;
 use ip_network_table::IpNetworkTable;
 use ipnet::IpNet;
 
+use super::race::Race;
 use super::{read, write};
 use crate::{Key, PeerConfig};
 
@@ -23,6 +24,8 @@ pub(super) struct Peer {
     pub(super) index: u32,
     pub(super) tunn: Mutex<Tunn>,
     pub(super) endpoint: RwLock<Option<SocketAddr>>,
+    /// The endpoint race in progress, if any ([`Race`]).
+    pub(super) race: Mutex<Race>,
 }
 
 impl Peer {
@@ -40,6 +43,7 @@ impl Peer {
             index,
             tunn: Mutex::new(tunn),
             endpoint: RwLock::new(endpoint),
+            race: Mutex::new(Race::default()),
         })
     }
 
