@@ -1,26 +1,37 @@
-//! A NAT lab: an "internet" bridge namespace where the discovery server runs (and answers STUN
-//! when asked to), and nodes of four kinds cabled to it:
+//! A NAT lab: an "internet" namespace routing between sites, where the discovery server runs (and
+//! answers STUN when asked to), and nodes of four kinds, each on its own link to it:
 //!
-//! - [`Kind::Public`]: the node itself is on the internet bridge;
+//! - [`Kind::Public`]: the node itself is on the internet;
 //! - [`Kind::Easy`]: behind its own router namespace doing `masquerade` on its WAN side. Linux
 //!   keeps a flow's source port when it is free, so every destination sees the node at the same
 //!   `wan:port` (endpoint-independent mapping), but conntrack only lets in what answers a flow the
 //!   node started: from the exact `ip:port` it sent to (address- and port-dependent filtering);
-//! - [`Kind::Hard`]: a router doing `masquerade fully-random` (iptables' `--random-fully`): a new random source port per
-//!   flow, so each destination sees another port (endpoint-dependent, "symmetric" NAT);
+//! - [`Kind::Hard`]: a router doing `masquerade fully-random` (iptables' `--random-fully`): a new
+//!   random source port per flow, so each destination sees another port (endpoint-dependent,
+//!   "symmetric" NAT);
 //! - [`Kind::Upnp`]: an easy router that also runs `miniupnpd` (NAT-PMP, PCP and UPnP IGD for its
 //!   LAN): a mapped port takes packets from any source.
 //!
+//! Every router drops unsolicited packets to itself on its WAN side, as home routers do. That
+//! matters: without it, a peer's packet that arrives before the node has sent anything leaves a
+//! conntrack entry (to the router itself) whose tuple the node's own flow then collides with,
+//! and masquerade moves that flow to another port: the published mapping stops being the one in
+//! use. With the drop the entry is never confirmed.
+//!
 //! Addresses (`S` is per lab, as in [`crate::Lab`]):
 //!
-//! - internet bridge `11.77.S.0/24` in namespace `<id>-inet`; the discovery server on
-//!   `11.77.S.254:3000` and STUN on `11.77.S.254:3478`. Public-looking on purpose: miniupnpd
-//!   refuses to map ports on a WAN address in any reserved range (RFC 1918, shared address
-//!   space, the documentation and benchmarking nets), and a real internet has public addresses.
-//!   They never leave the lab's namespaces (the bridge namespace has no uplink);
-//! - slot `n`'s internet address is `11.77.S.n`: the node's own when it is public (default route
-//!   via `.254`, which does not forward: traffic to a private address dies there silently, as on
-//!   the internet), else its router's WAN (`wan0`, namespace `<id>-r<n>`);
+//! - the internet is `11.S.0.0/16`, namespace `<id>-inet`, which forwards between its links
+//!   and black-holes private and shared address space (RFC 1918, RFC 6598): a packet to another
+//!   site's LAN address vanishes there without an answer, as on the real internet. The discovery
+//!   server (gRPC `:3000`, STUN `:3478`) is `11.S.0.1`, the lab's second STUN server
+//!   ([`NatLab::start_stun_responder`]) `11.S.0.2`. Public-looking on purpose: miniupnpd refuses to
+//!   map ports on a WAN address in any reserved range (private, shared, documentation and
+//!   benchmarking nets alike), and a real internet has public addresses. They never leave the
+//!   lab's namespaces (the internet namespace has no uplink);
+//! - slot `n` has its own link `11.S.n.0/24`: the internet's side is `11.S.n.254`, the slot's
+//!   `11.S.n.1` (its public address): the node's own when it is public, else its router's WAN
+//!   (`wan0`, namespace `<id>-r<n>`). Sites share no subnet, so no public endpoint looks like
+//!   "the same LAN" to another site;
 //! - behind every router the same LAN, `192.168.1.0/24`: the router's `lan0` is `192.168.1.1` and
 //!   the node (namespace `<id>-n<n>`) is `192.168.1.2` with a default route via the router. Every
 //!   NATed node therefore announces `192.168.1.2:51820` first: an endpoint that, seen from another
@@ -54,7 +65,7 @@ pub const NAT_PMP_PORT: u16 = 5351;
 /// The agents' WireGuard port (the default).
 pub const WIREGUARD_PORT: u16 = 51820;
 
-/// How a node reaches the internet bridge.
+/// How a node reaches the internet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Public,
@@ -83,7 +94,7 @@ impl std::fmt::Display for Kind {
 /// A NATed node's router.
 pub struct Router {
     pub netns: String,
-    /// Its WAN address on the internet bridge.
+    /// Its WAN address on the internet.
     pub wan: Ipv4Addr,
     /// miniupnpd, on a [`Kind::Upnp`] router.
     miniupnpd: Option<Daemon>,
@@ -97,6 +108,29 @@ impl Router {
             .as_ref()
             .and_then(|p| std::fs::read_to_string(p).ok())
             .unwrap_or_default()
+    }
+
+    /// The router's UDP connection tracking entries (`/proc/net/nf_conntrack`): its mappings.
+    pub fn udp_conntrack(&self) -> String {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.netns,
+                "cat",
+                "/proc/net/nf_conntrack",
+            ],
+        )
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.contains(" udp "))
+                .map(|l| l.split_whitespace().skip(3).collect::<Vec<_>>().join(" "))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default()
     }
 
     /// The router's nftables ruleset (miniupnpd's mappings appear in its chains).
@@ -166,25 +200,76 @@ pub struct ServerOptions {
     pub stun: bool,
 }
 
+/// A second STUN server on the internet, in the test process: a thread answering Binding
+/// requests with `openspan_stun`. Two STUN servers that see a node at different ports reveal
+/// an endpoint-dependent (hard) NAT; the discovery server is one, this is the other.
+struct StunResponder {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StunResponder {
+    fn start(socket: UdpSocket) -> anyhow::Result<Self> {
+        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("lab-stun".into())
+            .spawn(move || {
+                let mut packet = [0u8; 1500];
+                let mut answer = [0u8; 64];
+                while !stopped.load(Ordering::Relaxed) {
+                    let Ok((len, from)) = socket.recv_from(&mut packet) else {
+                        continue;
+                    };
+                    if let Ok(n) =
+                        openspan_stun::answer_binding_request(&packet[..len], from, &mut answer)
+                    {
+                        let _ = socket.send_to(&answer[..n], from);
+                    }
+                }
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for StunResponder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 pub struct NatLab {
     pub id: String,
-    /// The internet bridge's namespace; the discovery server runs there.
+    /// The internet's namespace (a router between the slots); the discovery server runs there.
     pub internet: String,
     pub root: PathBuf,
-    /// `11.77.S`: the internet bridge's /24 without its last octet.
+    /// `11.S`: the internet's /16 (each slot has its own /24 in it).
     pub net: String,
     pub server_ip: Ipv4Addr,
     /// The discovery server's gRPC address.
     pub server_address: String,
     /// The discovery server's STUN address (answered when started with [`ServerOptions::stun`]).
     pub stun_address: String,
+    /// Where [`NatLab::start_stun_responder`] answers STUN: another host on the internet.
+    pub second_stun_address: String,
     pub nodes: Vec<NatNode>,
     /// The lab's fast agent timers (keepalive 2 s, down after 6 s, endpoint timeout 3 s), as in
     /// [`crate::Lab`]; off: the agents' defaults (benchmarks measure those).
     pub fast_timers: bool,
     /// The agents' WireGuard backend ([`test_backend`]).
     pub backend: &'static str,
+    /// The STUN servers [`NatLab::nat_traversal_yaml`] names: the discovery server's, once
+    /// started with [`ServerOptions::stun`], and the lab's own ([`NatLab::start_stun_responder`]).
+    pub stun_servers: Vec<String>,
     server: Option<Child>,
+    stun_responders: Vec<StunResponder>,
     namespaces: Vec<String>,
     release: bool,
 }
@@ -222,6 +307,11 @@ fn router_ruleset(kind: Kind) -> String {
          \x20   ct state established,related accept\n\
          \x20   iifname \"lan0\" accept\n\
          \x20   jump miniupnpd\n\
+         \x20 }}\n\
+         \x20 chain input {{\n\
+         \x20   type filter hook input priority filter; policy accept;\n\
+         \x20   iifname \"wan0\" ct state established,related accept\n\
+         \x20   iifname \"wan0\" drop\n\
          \x20 }}\n\
          \x20 chain prerouting {{\n\
          \x20   type nat hook prerouting priority dstnat; policy accept;\n\
@@ -275,8 +365,9 @@ impl NatLab {
         let root = std::env::temp_dir().join(format!("openspan-{id}"));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root)?;
-        let net = format!("11.77.{}", 100 + (pid + lab) % 100);
-        let server_ip: Ipv4Addr = format!("{net}.254").parse()?;
+        let net = format!("11.{}", 100 + (pid + lab) % 100);
+        let server_ip: Ipv4Addr = format!("{net}.0.1").parse()?;
+        let second_stun_ip: Ipv4Addr = format!("{net}.0.2").parse()?;
         let internet = format!("{id}-inet");
         let mut this = Self {
             id: id.clone(),
@@ -286,10 +377,13 @@ impl NatLab {
             server_ip,
             server_address: format!("{server_ip}:3000"),
             stun_address: format!("{server_ip}:{STUN_PORT}"),
+            second_stun_address: format!("{second_stun_ip}:{STUN_PORT}"),
             nodes: Vec::new(),
             fast_timers: true,
             backend,
+            stun_servers: Vec::new(),
             server: None,
+            stun_responders: Vec::new(),
             namespaces: Vec::new(),
             release: false,
         };
@@ -300,19 +394,43 @@ impl NatLab {
             all.extend_from_slice(args);
             sh("ip", &all)
         };
-        inet(&["link", "add", "br0", "type", "bridge"])?;
-        inet(&["link", "set", "br0", "up"])?;
         inet(&["link", "set", "lo", "up"])?;
-        inet(&["addr", "add", &format!("{server_ip}/24"), "dev", "br0"])?;
+        // The servers' hosts: the discovery server (and its STUN) on .0.1, the lab's second STUN
+        // server on .0.2; on loopback (no dummy interfaces needed: some kernels lack the module).
+        inet(&["addr", "add", &format!("{server_ip}/32"), "dev", "lo"])?;
+        inet(&["addr", "add", &format!("{second_stun_ip}/32"), "dev", "lo"])?;
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &internet,
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv4.ip_forward=1",
+            ],
+        )?;
+        // The internet routes no private or shared address space: what is sent there (another
+        // site's LAN endpoint) vanishes without an answer.
+        for private in [
+            "10.0.0.0/8",
+            "172.16.0.0/12",
+            "192.168.0.0/16",
+            "100.64.0.0/10",
+        ] {
+            inet(&["route", "add", "blackhole", private])?;
+        }
         for (i, kind) in kinds.iter().copied().enumerate() {
             let n = i + 1;
-            let public_ip: Ipv4Addr = format!("{net}.{n}").parse()?;
+            let public_ip: Ipv4Addr = format!("{net}.{n}.1").parse()?;
+            let gateway_ip = format!("{net}.{n}.254");
             let dir = this.root.join(format!("{kind}-{n}"));
             std::fs::create_dir_all(&dir)?;
             let node_ns = format!("{id}-n{n}");
             sh("ip", &["netns", "add", &node_ns])?;
             this.namespaces.push(node_ns.clone());
-            // The namespace cabled to the bridge: the node itself, or its router.
+            // The namespace cabled to the internet: the node itself, or its router.
             let edge_ns = if kind == Kind::Public {
                 node_ns.clone()
             } else {
@@ -322,24 +440,17 @@ impl NatLab {
                 router_ns
             };
             let edge_if = if kind == Kind::Public { "eth0" } else { "wan0" };
-            let bridge_port = format!("{id}v{n}");
+            let uplink = format!("{id}v{n}");
             sh(
                 "ip",
                 &[
-                    "link",
-                    "add",
-                    &bridge_port,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    edge_if,
-                    "netns",
+                    "link", "add", &uplink, "type", "veth", "peer", "name", edge_if, "netns",
                     &edge_ns,
                 ],
             )?;
-            sh("ip", &["link", "set", &bridge_port, "netns", &internet])?;
-            inet(&["link", "set", &bridge_port, "master", "br0", "up"])?;
+            sh("ip", &["link", "set", &uplink, "netns", &internet])?;
+            inet(&["addr", "add", &format!("{gateway_ip}/24"), "dev", &uplink])?;
+            inet(&["link", "set", &uplink, "up"])?;
             let edge = |args: &[&str]| {
                 let mut all = vec!["-n", edge_ns.as_str()];
                 all.extend_from_slice(args);
@@ -354,6 +465,7 @@ impl NatLab {
             edge(&["link", "set", "lo", "up"])?;
             edge(&["addr", "add", &format!("{public_ip}/24"), "dev", edge_if])?;
             edge(&["link", "set", edge_if, "up"])?;
+            edge(&["route", "add", "default", "via", &gateway_ip])?;
             let node_ip = if kind == Kind::Public {
                 public_ip
             } else {
@@ -413,12 +525,9 @@ impl NatLab {
                 node(&["addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
                 node(&["link", "set", "eth0", "up"])?;
             }
-            let gateway = if kind == Kind::Public {
-                server_ip
-            } else {
-                LAN_ROUTER
-            };
-            node(&["route", "add", "default", "via", &gateway.to_string()])?;
+            if kind != Kind::Public {
+                node(&["route", "add", "default", "via", &LAN_ROUTER.to_string()])?;
+            }
             this.nodes.push(NatNode {
                 node: Node {
                     name: format!("{kind}-{n}"),
@@ -495,7 +604,7 @@ impl NatLab {
         }
     }
 
-    /// Runs `f` on a thread that has entered the internet bridge's namespace (sockets made
+    /// Runs `f` on a thread that has entered the internet's namespace (sockets made
     /// there stay in it): a host on the internet, next to the discovery server.
     pub fn in_internet<T: Send + 'static>(
         &self,
@@ -512,7 +621,7 @@ impl NatLab {
         &mut self.nodes[n - 1]
     }
 
-    /// Starts the discovery server on the internet bridge and waits until it accepts
+    /// Starts the discovery server on the internet and waits until it accepts
     /// connections (fails with its log if it exits, e.g. on a flag it does not know).
     pub fn start_server(&mut self, options: ServerOptions) -> anyhow::Result<()> {
         let log_path = self.root.join("server.log");
@@ -528,6 +637,9 @@ impl NatLab {
         ];
         if options.stun {
             args.push(format!("--stun-addr={}", self.stun_address));
+            if !self.stun_servers.contains(&self.stun_address) {
+                self.stun_servers.insert(0, self.stun_address.clone());
+            }
         }
         let child = Command::new("ip")
             .args(["netns", "exec", &self.internet])
@@ -567,12 +679,34 @@ impl NatLab {
         }
     }
 
-    /// The `natTraversal` configuration that points the agents at the lab's STUN server and
+    /// Starts the lab's own STUN server at [`NatLab::second_stun_address`] (a second host on the
+    /// internet) and adds it to [`NatLab::stun_servers`].
+    pub fn start_stun_responder(&mut self) -> anyhow::Result<String> {
+        let address: SocketAddrV4 = self.second_stun_address.parse()?;
+        self.start_stun_responder_at(address)
+    }
+
+    /// Starts a STUN responder of the lab at `address` on the internet (one of the internet
+    /// namespace's addresses) and adds it to [`NatLab::stun_servers`].
+    pub fn start_stun_responder_at(&mut self, address: SocketAddrV4) -> anyhow::Result<String> {
+        let socket = in_namespace(&self.internet, move || UdpSocket::bind(address))?
+            .with_context(|| format!("bind the lab's STUN responder to {address}"))?;
+        self.stun_responders.push(StunResponder::start(socket)?);
+        self.stun_servers.push(address.to_string());
+        Ok(address.to_string())
+    }
+
+    /// The `natTraversal` configuration that points the agents at the lab's STUN servers and
     /// lets them ask their router for a port mapping.
     pub fn nat_traversal_yaml(&self) -> String {
+        let servers: Vec<String> = self
+            .stun_servers
+            .iter()
+            .map(|s| format!("\"{s}\""))
+            .collect();
         format!(
-            "natTraversal:\n  stunServers: [\"{}\"]\n  portMapping: true\n",
-            self.stun_address
+            "natTraversal:\n  stunServers: [{}]\n  portMapping: true\n",
+            servers.join(", ")
         )
     }
 
@@ -643,12 +777,19 @@ impl NatLab {
                 node.name,
                 tail(&node.log(), 25)
             ));
-            if let Some(router) = node.router.as_ref().filter(|r| r.miniupnpd.is_some()) {
+            if let Some(router) = node.router.as_ref() {
                 out.push(format!(
-                    "--- {} miniupnpd log (tail)\n{}",
+                    "--- {}'s router: UDP conntrack\n{}",
                     node.name,
-                    tail(&router.miniupnpd_log(), 15)
+                    router.udp_conntrack()
                 ));
+                if router.miniupnpd.is_some() {
+                    out.push(format!(
+                        "--- {} miniupnpd log (tail)\n{}",
+                        node.name,
+                        tail(&router.miniupnpd_log(), 15)
+                    ));
+                }
             }
         }
         out.push(format!(
@@ -793,6 +934,7 @@ impl Drop for NatLab {
             }
         }
         self.stop_server();
+        self.stun_responders.clear();
         for netns in &self.namespaces {
             let _ = run("ip", &["netns", "del", netns]);
         }
