@@ -193,6 +193,16 @@ impl NatNode {
     }
 }
 
+/// How a [`NatLab`] is built.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NatLabOptions {
+    /// Routers without the WAN input drop: bare Linux boxes doing masquerade and nothing else
+    /// (a cloud NAT instance, a host masquerading for its containers). A packet to the router
+    /// itself that arrives before the node's own flow then leaves a conntrack entry, and the
+    /// node's flow to that peer is moved to another port when it starts.
+    pub bare_routers: bool,
+}
+
 /// How the discovery server is started.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ServerOptions {
@@ -290,12 +300,21 @@ pub fn require_tool(program: &str, package: &str) -> anyhow::Result<()> {
 /// it adds a DNAT rule to `prerouting_miniupnpd` and an accept rule to `miniupnpd` per mapping;
 /// on easy and hard routers those chains stay empty. The forward policy is a home router's:
 /// answers and the LAN's own traffic pass, nothing unsolicited gets in unless mapped.
-fn router_ruleset(kind: Kind) -> String {
+fn router_ruleset(kind: Kind, bare: bool) -> String {
     let masquerade = match kind {
         // A fresh random source port for every flow: each destination sees another port.
         Kind::Hard => "masquerade fully-random",
         // The source port is kept when no other flow uses it: one mapping for all destinations.
         _ => "masquerade",
+    };
+    let input = if bare {
+        ""
+    } else {
+        "  chain input {\n\
+         \x20   type filter hook input priority filter; policy accept;\n\
+         \x20   iifname \"wan0\" ct state established,related accept\n\
+         \x20   iifname \"wan0\" drop\n\
+         \x20 }\n"
     };
     format!(
         "table inet natlab {{\n\
@@ -308,11 +327,7 @@ fn router_ruleset(kind: Kind) -> String {
          \x20   iifname \"lan0\" accept\n\
          \x20   jump miniupnpd\n\
          \x20 }}\n\
-         \x20 chain input {{\n\
-         \x20   type filter hook input priority filter; policy accept;\n\
-         \x20   iifname \"wan0\" ct state established,related accept\n\
-         \x20   iifname \"wan0\" drop\n\
-         \x20 }}\n\
+         {input}\
          \x20 chain prerouting {{\n\
          \x20   type nat hook prerouting priority dstnat; policy accept;\n\
          \x20   jump prerouting_miniupnpd\n\
@@ -353,6 +368,11 @@ fn miniupnpd_config(dir: &std::path::Path, uuid_tail: u32) -> String {
 impl NatLab {
     /// One slot per entry of `kinds`, numbered from 1 (see the module's address plan).
     pub fn new(kinds: &[Kind]) -> anyhow::Result<Self> {
+        Self::new_with(kinds, NatLabOptions::default())
+    }
+
+    /// [`NatLab::new`] with `options`.
+    pub fn new_with(kinds: &[Kind], options: NatLabOptions) -> anyhow::Result<Self> {
         require_tool("nft", "nftables")?;
         if kinds.contains(&Kind::Upnp) {
             require_tool("miniupnpd", "miniupnpd-nftables")?;
@@ -495,7 +515,7 @@ impl NatLab {
                     ],
                 )?;
                 let rules = dir.join("router.nft");
-                std::fs::write(&rules, router_ruleset(kind))?;
+                std::fs::write(&rules, router_ruleset(kind, options.bare_routers))?;
                 sh(
                     "ip",
                     &[
