@@ -5,7 +5,7 @@
 //! (Watch and List to many streams from shared encodings), [`backend`] (the storage seam and the
 //! embedded in-memory backend), [`persist`]
 //! (snapshot files), [`ratelimit`] (pure per-IP limiter), [`grpc`] (the service), [`http`],
-//! [`tls`] and [`server`] (wiring).
+//! [`tls`], [`stun`] (the optional STUN responder) and [`server`] (wiring).
 
 #![forbid(unsafe_code)]
 
@@ -24,4 +24,5 @@ pub mod persist;
 pub mod ratelimit;
 pub mod server;
 pub mod store;
+pub mod stun;
 pub mod tls;

@@ -15,6 +15,7 @@ use discovery_server::limits::Limits;
 use discovery_server::net::ConnectionLimits;
 use discovery_server::ratelimit::RateLimit;
 use discovery_server::server::{self, Config, SnapshotConfig, StoreKind};
+use discovery_server::stun::StunConfig;
 use discovery_server::tls::TlsFiles;
 
 /// Discovery service for KubeSpan-style WireGuard meshes.
@@ -37,6 +38,14 @@ struct Args {
     /// Prometheus metrics (`/metrics`) and probes (`/healthz`, `/readyz`); empty disables it.
     #[arg(long, env = "DISCOVERY_METRICS_ADDR", default_value = ":2122")]
     metrics_addr: String,
+
+    /// Answer STUN binding requests (RFC 8489) on this UDP address (`:3478` = every interface)
+    /// so agents learn the ip:port their NAT maps their WireGuard port to; empty (the default)
+    /// turns it off. The answer is the source address the server sees, so behind a load
+    /// balancer UDP must be forwarded 1:1 without source NAT (else every node learns the
+    /// balancer's address). At most 20 answers/s (bursts of 40) per source IP, IPv6 per /64.
+    #[arg(long, env = "DISCOVERY_STUN_ADDR", default_value = "")]
+    stun_addr: String,
 
     /// Where the state lives: `memory` (this process, with snapshot files; one replica) or
     /// `etcd` (shared by every replica that names the same etcd and --etcd-prefix).
@@ -394,6 +403,7 @@ impl Args {
                 response_stall_timeout: self.response_stall_timeout,
             },
             shutdown_grace: self.shutdown_grace,
+            stun: non_empty(&self.stun_addr).map(StunConfig::new),
         })
     }
 }
@@ -488,6 +498,25 @@ mod tests {
         assert_eq!(config.gc_interval, Duration::from_secs(30));
         assert!(config.admission.trust_x_real_ip);
         assert_eq!(config.redirect_endpoint.as_deref(), Some("other:3000"));
+        assert_eq!(config.stun, None, "the STUN responder is off by default");
+    }
+
+    #[test]
+    fn stun_addr_turns_the_responder_on() {
+        // Go-style spelling, as every other flag.
+        let argv = ["discovery-server", "-stun-addr=:3478"].map(String::from);
+        let config = Args::try_parse_from(go_style_flags(argv.into_iter()))
+            .unwrap()
+            .into_config()
+            .unwrap();
+        let stun = config.stun.expect("--stun-addr given");
+        assert_eq!(stun.addr, ":3478");
+        assert_eq!(stun.rate_limit, discovery_server::stun::RATE_LIMIT);
+        let blank = Args::try_parse_from(["discovery-server", "--stun-addr= "])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert_eq!(blank.stun, None);
     }
 
     #[test]

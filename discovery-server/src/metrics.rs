@@ -42,6 +42,9 @@ pub struct Metrics {
     pub connections: Gauge,
     pub connections_refused: Family<OutcomeLabels, Counter>,
     pub connections_closed: Family<OutcomeLabels, Counter>,
+    pub stun_answered: Counter,
+    pub stun_rate_limited: Counter,
+    pub stun_malformed: Counter,
 }
 
 impl Default for Metrics {
@@ -64,6 +67,9 @@ impl Default for Metrics {
             connections: Gauge::default(),
             connections_refused: Family::default(),
             connections_closed: Family::default(),
+            stun_answered: Counter::default(),
+            stun_rate_limited: Counter::default(),
+            stun_malformed: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -141,6 +147,21 @@ impl Default for Metrics {
             "connections_closed",
             "Connections the server closed: handshake_timeout (no TLS handshake or protocol preface in time) or idle",
             metrics.connections_closed.clone(),
+        );
+        registry.register(
+            "stun_answered",
+            "STUN Binding requests answered on --stun-addr",
+            metrics.stun_answered.clone(),
+        );
+        registry.register(
+            "stun_rate_limited",
+            "STUN Binding requests left unanswered because their source IP (IPv6: /64) was over its rate",
+            metrics.stun_rate_limited.clone(),
+        );
+        registry.register(
+            "stun_malformed",
+            "UDP packets on --stun-addr dropped unanswered because they were not a well-formed STUN Binding request",
+            metrics.stun_malformed.clone(),
         );
         Self {
             registry,

@@ -56,6 +56,8 @@ pub struct RateLimiter {
     next_free: HashMap<IpAddr, Instant>,
     /// Shared by addresses that arrive while the table is full of active ones.
     overflow_next_free: Option<Instant>,
+    /// When the table was last swept for idle addresses.
+    last_sweep: Option<Instant>,
 }
 
 impl RateLimiter {
@@ -73,6 +75,7 @@ impl RateLimiter {
             max_tracked: max_tracked.max(1),
             next_free: HashMap::new(),
             overflow_next_free: None,
+            last_sweep: None,
         }
     }
 
@@ -85,7 +88,15 @@ impl RateLimiter {
         if !self.enabled() {
             return Admission::After(Duration::ZERO);
         }
-        if !self.next_free.contains_key(&ip) && self.next_free.len() >= self.max_tracked {
+        // A full table is swept for idle addresses at most once per interval: the sweep visits
+        // every entry, and a flood of new addresses (spoofed UDP sources at the STUN responder)
+        // must not cost that much per request. Newcomers meanwhile share the overflow bucket.
+        if !self.next_free.contains_key(&ip)
+            && self.next_free.len() >= self.max_tracked
+            && self
+                .last_sweep
+                .is_none_or(|at| now.saturating_duration_since(at) >= self.interval)
+        {
             self.forget_idle(now);
         }
         let (interval, tolerance) = (self.interval, self.tolerance);
@@ -105,6 +116,7 @@ impl RateLimiter {
 
     /// Drops addresses whose bucket has refilled: they are indistinguishable from new ones.
     pub fn forget_idle(&mut self, now: Instant) {
+        self.last_sweep = Some(now);
         self.next_free.retain(|_, next| *next > now);
         if self.overflow_next_free.is_some_and(|next| next <= now) {
             self.overflow_next_free = None;
@@ -214,6 +226,31 @@ mod tests {
         ));
         l.forget_idle(t + Duration::from_secs(5));
         assert_eq!(l.tracked(), 0);
+    }
+
+    #[test]
+    fn a_full_table_is_swept_at_most_once_per_interval() {
+        let mut l = RateLimiter::new(
+            RateLimit {
+                per_second: 10.0,
+                burst: 1,
+            },
+            2,
+        );
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let ip = |i: u32| IpAddr::V4(i.into());
+        l.admit(ip(1), t, None); // idle from t + 100 ms
+        l.admit(ip(2), t + ms(50), None); // idle from t + 150 ms
+        // Full: a newcomer sweeps (nothing is idle yet) and shares the overflow bucket.
+        l.admit(ip(3), t + ms(50), None);
+        assert_eq!(l.tracked(), 2);
+        // 1 is idle now, but the last sweep was only 50 ms ago: no sweep, 1 stays.
+        l.admit(ip(4), t + ms(100), None);
+        assert_eq!(l.tracked(), 2);
+        // A whole interval after the last sweep, both idle entries go and the newcomer is in.
+        l.admit(ip(5), t + ms(150), None);
+        assert_eq!(l.tracked(), 1);
     }
 
     #[test]

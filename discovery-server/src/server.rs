@@ -25,6 +25,7 @@ use crate::net::{ConnectionLimits, Connections, Protocol};
 use crate::persist;
 use crate::ratelimit::RateLimit;
 use crate::store::Store;
+use crate::stun::StunConfig;
 use crate::tls::{ReloadingTls, TlsFiles};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -63,6 +64,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Where the state lives.
     pub store: StoreKind,
+    /// The STUN responder; `None` (the default) turns it off.
+    pub stun: Option<StunConfig>,
 }
 
 /// Where the state lives.
@@ -94,6 +97,7 @@ impl Default for Config {
             connections: ConnectionLimits::default(),
             shutdown_grace: Duration::from_secs(10),
             store: StoreKind::Memory,
+            stun: None,
         }
     }
 }
@@ -124,6 +128,8 @@ pub struct Running {
     pub grpc_addr: Option<SocketAddr>,
     pub landing_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
+    /// The STUN responder's UDP address, when it runs.
+    pub stun_addr: Option<SocketAddr>,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -366,6 +372,16 @@ async fn serve_backend<B: Backend>(
         None => None,
     };
 
+    // Bound before the gRPC listener, so a server that accepts gRPC connections also has its
+    // STUN socket (tests and probes rely on that order).
+    let stun_socket = match &config.stun {
+        Some(stun) => Some(crate::stun::bind(&stun.addr).await?),
+        None => None,
+    };
+    let stun_addr = match &stun_socket {
+        Some(socket) => Some(socket.local_addr()?),
+        None => None,
+    };
     let grpc_listener = match &config.grpc_addr {
         Some(addr) => Some(bind("--addr", addr).await?),
         None => None,
@@ -418,6 +434,20 @@ async fn serve_backend<B: Backend>(
         tracing::info!(addr = %listener.local_addr()?, "serving {name} over HTTP");
         tasks.push(tokio::spawn(async move {
             crate::net::serve(listener, Protocol::Http, None, router, connections, stop).await;
+            Ok(())
+        }));
+    }
+
+    if let (Some(socket), Some(stun), Some(addr)) = (stun_socket, config.stun.clone(), stun_addr) {
+        tracing::info!(
+            %addr,
+            per_second = stun.rate_limit.per_second,
+            burst = stun.rate_limit.burst,
+            "answering STUN binding requests over UDP"
+        );
+        let (metrics, stop) = (metrics.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            crate::stun::serve(socket, stun, metrics, stop).await;
             Ok(())
         }));
     }
@@ -648,6 +678,7 @@ async fn serve_backend<B: Backend>(
         grpc_addr,
         landing_addr,
         metrics_addr,
+        stun_addr,
         stop,
         task,
     })

@@ -395,6 +395,7 @@ async fn reconcile_loop(
     let mut networks: Vec<IpNet> = Vec::new();
     let mut networks_read_at: Option<Instant> = None;
     let mut stun = StunProber::new();
+    let mut raced_logged: HashMap<Key, Vec<SocketAddr>> = HashMap::new();
     let stun_enabled = !config.nat_traversal.stun_servers.is_empty()
         && {
             if device.races_endpoints() {
@@ -510,6 +511,8 @@ async fn reconcile_loop(
                             wanted.iter().find(|w| w.public_key == config.public_key)
                     {
                         match config.endpoint {
+                            // A racing device logs the race instead.
+                            Some(_) if device.races_endpoints() => {}
                             Some(endpoint) => {
                                 tracing::info!(peer = %want.spec.label, %endpoint, "trying endpoint")
                             }
@@ -536,7 +539,13 @@ async fn reconcile_loop(
                     Ok(()),
                 ) => {
                     if let Some(want) = wanted.iter().find(|w| w.public_key == *public_key) {
-                        tracing::debug!(peer = %want.spec.label, ?candidates, "racing endpoints");
+                        // Once per candidate list: a down peer is raced every few seconds.
+                        if raced_logged.get(public_key) != Some(candidates) {
+                            raced_logged.insert(*public_key, candidates.clone());
+                            tracing::info!(peer = %want.spec.label, ?candidates, "racing endpoints (one handshake to each, the first answer wins)");
+                        } else {
+                            tracing::debug!(peer = %want.spec.label, ?candidates, "racing endpoints again");
+                        }
                     }
                 }
                 (Action::Probe { .. }, Ok(())) => {}
@@ -586,6 +595,7 @@ async fn reconcile_loop(
             }
         }
         last_states = states.clone();
+        raced_logged.retain(|key, _| wanted.iter().any(|w| w.public_key == *key));
         let alive: BTreeSet<String> = outcome
             .reports
             .iter()

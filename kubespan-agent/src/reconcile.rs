@@ -165,6 +165,10 @@ fn next_endpoint(endpoints: &[SocketAddr], last_used: Option<SocketAddr>) -> Opt
 /// slewing, not a handshake (handshakes are at least seconds apart).
 const HANDSHAKE_CHANGE: Duration = Duration::from_secs(1);
 
+/// How early the userspace device may date a handshake (boringtun stamps it with the time of
+/// its last timer tick, every 250 ms).
+const HANDSHAKE_STAMP_GRAIN: Duration = Duration::from_millis(300);
+
 /// When a new handshake happened, if the device shows one since the last read: its monotonic
 /// age when the device has one (a wall-clock step moves `last_handshake` but not the age), else
 /// now (kernel WireGuard stores the wall time once, so only a real handshake changes it).
@@ -269,7 +273,16 @@ pub fn reconcile(
             None => false,
             // Strictly later: a handshake noticed in the very reconcile that changed the endpoint
             // answered the previous one.
-            Some(t) => mem.handshake_at.is_some_and(|h| h > t),
+            Some(t) if !timers.races => mem.handshake_at.is_some_and(|h| h > t),
+            // A race keeps the peer's session (no new one to date the handshake from): the
+            // device stamps a handshake with the time of its last timer tick, up to 250 ms
+            // early; and anything the peer sent after the race proves it answers on some path
+            // (the device follows it there).
+            Some(t) => {
+                mem.handshake_at
+                    .is_some_and(|h| h + HANDSHAKE_STAMP_GRAIN > t)
+                    || mem.last_rx_change.is_some_and(|rx| rx > t)
+            }
         };
         let last_answer = [mem.handshake_at, mem.last_rx_change]
             .into_iter()

@@ -503,7 +503,10 @@ fn spawn_agent(node: &Node, agent: &std::path::Path) -> anyhow::Result<Child> {
         .arg(agent)
         .arg("--config")
         .arg(node.dir.join("config.yaml"))
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("LAB_RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

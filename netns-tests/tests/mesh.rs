@@ -190,10 +190,10 @@ fn a_dead_first_endpoint_is_left_for_the_next_one() -> anyhow::Result<()> {
         peer_state(&lab, 1, "node-2")
             .is_some_and(|(state, endpoint)| state == "up" && endpoint == good)
     })?;
-    eprintln!("node-2 up on its second endpoint {waited:?} after start (endpoint timeout 3 s)");
+    eprintln!("node-2 up on its second endpoint {waited:?} after start");
     assert!(
         lab.node(1).log().contains("10.99.0.2:51820"),
-        "node-1 tried the dead endpoint first"
+        "node-1 tried the dead endpoint too"
     );
     let roamed = format!("{}:51820", lab.node(1).address);
     lab.wait_for("node-2 to see node-1 up at its roamed endpoint", UP, || {
