@@ -187,6 +187,25 @@ impl NatNode {
             .map(|(_, state, endpoint)| (state, endpoint))
     }
 
+    /// The endpoint this node publishes on its router's WAN address whose port the router
+    /// forwards to the node's WireGuard port (a miniupnpd DNAT rule): its port mapping, if it
+    /// has one and publishes it.
+    pub fn mapped_endpoint(&self) -> Option<String> {
+        let router = self.router.as_ref()?;
+        let wan = format!("{}:", self.public_ip);
+        let rules = router.ruleset().ok()?;
+        let forwards = |port: &str| {
+            rules.lines().any(|l| {
+                l.contains(&format!("th dport {port} "))
+                    && l.contains(&format!("dnat ip to {LAN_NODE}:{WIREGUARD_PORT}"))
+            })
+        };
+        self.published_endpoints()
+            .ok()?
+            .into_iter()
+            .find(|e| e.strip_prefix(&wan).is_some_and(forwards))
+    }
+
     /// Whether the peer labelled `label` is `up`.
     pub fn peer_up(&self, label: &str) -> bool {
         self.peer(label).is_some_and(|(state, _)| state == "up")

@@ -9,7 +9,10 @@
 //! - `both up`: until both report the other `up` (`kubespanctl peers`, polled every 100 ms);
 //! - `cut → down` (`cut-path`): an established public↔easy pair loses every packet at the easy
 //!   router (nftables drop, no link change); the time until both report the peer `down`;
-//! - `heal → up` (`cut-path`): the drop removed; the time until both report `up` again.
+//! - `heal → up` (`cut-path`): the drop removed; the time until both report `up` again;
+//! - `mapping published` (UPnP scenarios): until the UPnP node publishes an endpoint its router
+//!   forwards to it (a miniupnpd mapping). Easy↔UPnP comes up without one too (that router also
+//!   masquerades like an easy one), so this says whether port mapping played a part.
 //!
 //! Scenarios: `public-easy` (no NAT traversal needed: the NATed side starts, the public one
 //! roams), `easy-easy`, `easy-upnp`, `hard-upnp` (with `natTraversal`: STUN at the discovery
@@ -79,6 +82,9 @@ impl Scenario {
     fn measures(self) -> &'static [&'static str] {
         match self {
             Scenario::CutPath => &["first handshake", "both up", "cut → down", "heal → up"],
+            Scenario::EasyUpnp | Scenario::HardUpnp => {
+                &["first handshake", "both up", "mapping published"]
+            }
             _ => &["first handshake", "both up"],
         }
     }
@@ -188,6 +194,18 @@ fn run_once(args: &Args, scenario: Scenario) -> anyhow::Result<Vec<Option<Durati
         |lab| both_in_state(lab, "up"),
     )?;
     let mut out = vec![handshake, up];
+    if matches!(scenario, Scenario::EasyUpnp | Scenario::HardUpnp) {
+        // Easy↔UPnP also comes up without the mapping (the UPnP router masquerades like an easy
+        // one): whether the node published its mapping is measured on its own.
+        let mapped = measure(
+            &mut lab,
+            started,
+            timeout,
+            Duration::from_millis(100),
+            |lab| lab.node(2).mapped_endpoint().is_some(),
+        )?;
+        out.push(mapped);
+    }
     if scenario == Scenario::CutPath {
         if up.is_none() {
             out.extend([None, None]);
