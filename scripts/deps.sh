@@ -16,6 +16,9 @@ declare -A needed=(
   [iperf3]=iperf3
   [tcpdump]=tcpdump
   [wireguard-go]=wireguard-go
+  # The port mapper's tests run a real gateway (UPnP-IGD, NAT-PMP, PCP); this package is the
+  # binary alone, without the service that would start it.
+  [miniupnpd]=miniupnpd-nftables
   # The etcd backend's tests run a real etcd.
   [etcd]=etcd-server
   # etcd-client compiles etcd's .proto files at build time.

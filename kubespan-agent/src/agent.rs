@@ -18,7 +18,7 @@ use crate::discovery::{
 };
 use crate::endpoints::{local_endpoints, routable_addresses};
 use crate::members::{Member, PeerSpec, PeerWarning, members, merge_affiliates, peer_specs};
-use crate::model::{AffiliateRecord, KubeSpanInfo};
+use crate::model::{AffiliateRecord, KubeSpanInfo, LearnedKind};
 use crate::netset::PrefixSet;
 use crate::record;
 use crate::registry::RegistryCache;
@@ -140,13 +140,20 @@ pub fn local_record(
     // Learned behind NAT: after the node's own (peers on the same LAN try those first; Talos
     // peers try endpoints in order), the mapped one first (it takes packets from anyone, the
     // reflexive one only from peers this node sent to). Never an unroutable one.
-    for learned in [facts.nat.mapped, facts.nat.reflexive]
-        .into_iter()
-        .flatten()
-    {
-        if !endpoints.contains(&learned) && !routable_addresses([learned.ip()], &skip).is_empty() {
-            endpoints.push(learned);
+    let mut learned_endpoints = Vec::new();
+    let learned = [
+        (facts.nat.mapped, LearnedKind::Mapped),
+        (facts.nat.reflexive, LearnedKind::Reflexive),
+    ];
+    for (endpoint, kind) in learned {
+        let Some(endpoint) = endpoint else { continue };
+        if routable_addresses([endpoint.ip()], &skip).is_empty() {
+            continue;
         }
+        if !endpoints.contains(&endpoint) {
+            endpoints.push(endpoint);
+        }
+        learned_endpoints.push((endpoint, kind));
     }
     AffiliateRecord {
         node_id: identity.node_id.clone(),
@@ -160,6 +167,7 @@ pub fn local_record(
             address: identity.mesh_address,
             additional_addresses: config.advertise_networks.clone(),
             exclude_advertised_networks: config.exclude_advertised_networks.clone(),
+            learned_endpoints,
         }),
         control_plane_port: None,
         endpoints,
@@ -563,6 +571,59 @@ mod tests {
                 SocketAddr::new("10.0.0.1".parse().unwrap(), port),
                 SocketAddr::new("203.0.113.9".parse().unwrap(), port),
             ]
+        );
+    }
+
+    /// Endpoints learned behind NAT come after the node's own, the mapped one first, and are
+    /// declared as such; an unroutable or repeated one is not announced.
+    #[test]
+    fn mapped_and_reflexive_endpoints_follow_the_nodes_own() {
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let port = config().listen_port;
+        let facts = HostFacts {
+            addresses: vec!["192.168.1.2".parse().unwrap()],
+            public_ips: vec!["198.51.100.7".parse().unwrap()],
+            nat: NatEndpoints {
+                reflexive: Some(sa("198.51.100.7:61000")),
+                mapped: Some(sa("198.51.100.7:51820")),
+                note: None,
+            },
+        };
+        let record = local_record(&config(), &identity(), &facts);
+        assert_eq!(port, 51820);
+        assert_eq!(
+            record.endpoints,
+            [
+                sa("192.168.1.2:51820"),
+                sa("198.51.100.7:51820"),
+                sa("198.51.100.7:61000"),
+            ],
+            "the mapped endpoint equals Hello's IP with the port: announced once"
+        );
+        let learned = &record.kubespan.as_ref().unwrap().learned_endpoints;
+        assert_eq!(
+            learned,
+            &[
+                (sa("198.51.100.7:51820"), LearnedKind::Mapped),
+                (sa("198.51.100.7:61000"), LearnedKind::Reflexive)
+            ]
+        );
+        let facts = HostFacts {
+            nat: NatEndpoints {
+                reflexive: Some(sa("127.0.0.1:61000")),
+                mapped: Some(sa("203.0.113.5:40000")),
+                note: None,
+            },
+            ..facts
+        };
+        let record = local_record(&config(), &identity(), &facts);
+        assert_eq!(record.endpoints.last(), Some(&sa("203.0.113.5:40000")));
+        assert!(!record.endpoints.contains(&sa("127.0.0.1:61000")));
+        // The declaration survives the wire format.
+        let decoded = crate::record::decode(&crate::record::encode(&record)).unwrap();
+        assert_eq!(
+            decoded.kubespan.unwrap().learned_endpoints,
+            [(sa("203.0.113.5:40000"), LearnedKind::Mapped)]
         );
     }
 }

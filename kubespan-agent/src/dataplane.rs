@@ -585,6 +585,7 @@ async fn reconcile_loop(
                         path: paths::kind(
                             report.endpoint,
                             &want.spec.endpoints,
+                            &want.spec.learned_endpoints,
                             &want.spec.allowed_ips,
                             &networks,
                         )

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::model::{AffiliateRecord, KubeSpanInfo};
+use crate::model::{AffiliateRecord, KubeSpanInfo, LearnedKind};
 use crate::netset::PrefixSet;
 
 /// The machine type that never overrides a known one when merging.
@@ -92,6 +92,7 @@ fn merge_into(into: &mut AffiliateRecord, next: &AffiliateRecord) {
             address: Ipv6Addr::UNSPECIFIED,
             additional_addresses: Vec::new(),
             exclude_advertised_networks: Vec::new(),
+            learned_endpoints: Vec::new(),
         });
         if !next_ks.public_key.is_empty() {
             ks.public_key.clone_from(&next_ks.public_key);
@@ -104,6 +105,7 @@ fn merge_into(into: &mut AffiliateRecord, next: &AffiliateRecord) {
             &mut ks.exclude_advertised_networks,
             &next_ks.exclude_advertised_networks,
         );
+        union_into(&mut ks.learned_endpoints, &next_ks.learned_endpoints);
     }
 }
 
@@ -184,6 +186,8 @@ pub struct PeerSpec {
     pub mesh_address: Ipv6Addr,
     pub allowed_ips: Vec<IpNet>,
     pub endpoints: Vec<SocketAddr>,
+    /// Endpoints the peer says it learned behind NAT (for display).
+    pub learned_endpoints: Vec<(SocketAddr, LearnedKind)>,
 }
 
 /// Conflicts found while computing peer specs.
@@ -404,6 +408,7 @@ pub fn peer_specs(
             mesh_address: kubespan.address,
             allowed_ips: wanted.to_prefixes(),
             endpoints: candidate.record.endpoints.clone(),
+            learned_endpoints: kubespan.learned_endpoints.clone(),
         });
         finals.push(wanted);
     }
@@ -466,6 +471,7 @@ mod tests {
             address: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, n),
             additional_addresses: Vec::new(),
             exclude_advertised_networks: Vec::new(),
+            learned_endpoints: Vec::new(),
         });
         r
     }
@@ -533,6 +539,7 @@ mod tests {
             address: Ipv6Addr::UNSPECIFIED,
             additional_addresses: Vec::new(),
             exclude_advertised_networks: Vec::new(),
+            learned_endpoints: Vec::new(),
         });
         let merged = merge_affiliates([("k8s/a", &base), ("service/a", &later)]);
         assert_eq!(merged["a"], base);
@@ -734,6 +741,7 @@ mod tests {
                 mesh_address: v6("fd00::42"),
                 allowed_ips: nets(&["10.244.3.0/25", "192.168.3.4/32", "fd00::42/128"]),
                 endpoints: r.endpoints.clone(),
+                learned_endpoints: Vec::new(),
             }]
         );
     }

@@ -32,4 +32,32 @@ pub struct KubeSpanInfo {
     pub additional_addresses: Vec<IpNet>,
     /// Networks receivers must not route to this node through the mesh.
     pub exclude_advertised_networks: Vec<IpNet>,
+    /// Announced endpoints the node learned behind NAT, with how (openspan's extension).
+    pub learned_endpoints: Vec<(SocketAddr, LearnedKind)>,
+}
+
+/// How a node learned one of its endpoints behind NAT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LearnedKind {
+    /// Its NAT's mapping of the WireGuard socket, as STUN servers see it.
+    Reflexive,
+    /// A port its gateway forwards (PCP, NAT-PMP, UPnP-IGD).
+    Mapped,
+}
+
+impl LearnedKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LearnedKind::Reflexive => "reflexive",
+            LearnedKind::Mapped => "mapped",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "reflexive" => Some(LearnedKind::Reflexive),
+            "mapped" => Some(LearnedKind::Mapped),
+            _ => None,
+        }
+    }
 }

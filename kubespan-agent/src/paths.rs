@@ -5,6 +5,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
+use crate::model::LearnedKind;
+
 /// A peer's announced endpoints, most promising first: those inside one of this node's own
 /// networks (the same LAN), then global IPv6 when this node has global IPv6 (no NAT on the
 /// way), then the rest in the order the peer announced them (its own addresses first, then
@@ -45,8 +47,12 @@ pub enum PathKind {
     Lan,
     /// One of the addresses the peer has itself.
     Direct,
-    /// An endpoint the peer announces that is not one of its own addresses: its NAT mapping as
-    /// a STUN server saw it (reflexive), or a port its gateway forwards (mapped).
+    /// The peer's NAT mapping as STUN servers saw it.
+    Reflexive,
+    /// A port the peer's gateway forwards to it (PCP, NAT-PMP, UPnP-IGD).
+    Mapped,
+    /// An endpoint the peer announces that is not one of its own addresses, learned some other
+    /// way (e.g. `extraAnnouncedEndpoints`, a harvested NAT mapping).
     Nat,
     /// An address the peer reached this node from that it does not announce (it is behind a
     /// NAT and WireGuard followed it).
@@ -59,17 +65,20 @@ impl PathKind {
             PathKind::None => "none",
             PathKind::Lan => "direct LAN",
             PathKind::Direct => "direct",
-            PathKind::Nat => "through the peer's NAT (reflexive or mapped)",
+            PathKind::Reflexive => "reflexive",
+            PathKind::Mapped => "mapped",
+            PathKind::Nat => "through the peer's NAT",
             PathKind::Roamed => "roamed (peer behind NAT)",
         }
     }
 }
 
-/// What kind of path `endpoint` is, given the peer's announced endpoints, its own addresses
-/// (its allowed IPs hold them) and this node's networks.
+/// What kind of path `endpoint` is, given the peer's announced endpoints, those it says it
+/// learned behind NAT, its own addresses (its allowed IPs hold them) and this node's networks.
 pub fn kind(
     endpoint: Option<SocketAddr>,
     announced: &[SocketAddr],
+    learned: &[(SocketAddr, LearnedKind)],
     peer_networks: &[IpNet],
     local: &[IpNet],
 ) -> PathKind {
@@ -77,6 +86,12 @@ pub fn kind(
         return PathKind::None;
     };
     let ip = endpoint.ip();
+    if let Some((_, kind)) = learned.iter().find(|(e, _)| *e == endpoint) {
+        return match kind {
+            LearnedKind::Reflexive => PathKind::Reflexive,
+            LearnedKind::Mapped => PathKind::Mapped,
+        };
+    }
     if local.iter().any(|net| net.contains(&ip)) {
         PathKind::Lan
     } else if !announced.contains(&endpoint) {
@@ -140,12 +155,18 @@ mod tests {
             sa("198.51.100.1:4000"),
         ];
         let peer_networks = nets(&["10.0.0.9/32", "203.0.113.9/32", "fd00::9/128"]);
-        let k = |e: Option<&str>| kind(e.map(sa), &announced, &peer_networks, &local);
-        assert_eq!(k(None), PathKind::None);
-        assert_eq!(k(Some("10.0.0.9:51820")), PathKind::Lan);
-        assert_eq!(k(Some("203.0.113.9:51820")), PathKind::Direct);
-        assert_eq!(k(Some("198.51.100.1:4000")), PathKind::Nat);
-        assert_eq!(k(Some("192.0.2.44:1234")), PathKind::Roamed);
+        let k = |e: Option<&str>, learned: &[(SocketAddr, LearnedKind)]| {
+            kind(e.map(sa), &announced, learned, &peer_networks, &local)
+        };
+        assert_eq!(k(None, &[]), PathKind::None);
+        assert_eq!(k(Some("10.0.0.9:51820"), &[]), PathKind::Lan);
+        assert_eq!(k(Some("203.0.113.9:51820"), &[]), PathKind::Direct);
+        assert_eq!(k(Some("198.51.100.1:4000"), &[]), PathKind::Nat);
+        let learned = [(sa("198.51.100.1:4000"), LearnedKind::Mapped)];
+        assert_eq!(k(Some("198.51.100.1:4000"), &learned), PathKind::Mapped);
+        let learned = [(sa("198.51.100.1:4000"), LearnedKind::Reflexive)];
+        assert_eq!(k(Some("198.51.100.1:4000"), &learned), PathKind::Reflexive);
+        assert_eq!(k(Some("192.0.2.44:1234"), &[]), PathKind::Roamed);
         assert_eq!(PathKind::Lan.as_str(), "direct LAN");
     }
 }

@@ -468,6 +468,7 @@ mod tests {
                     "fd00::b/128".parse().unwrap(),
                 ],
                 endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
+                learned_endpoints: Vec::new(),
             },
         }
     }

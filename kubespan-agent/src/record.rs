@@ -11,7 +11,7 @@ use prost::Message;
 use thiserror::Error;
 
 use crate::crypto::{ClusterKeys, CryptoError};
-use crate::model::{AffiliateRecord, KubeSpanInfo};
+use crate::model::{AffiliateRecord, KubeSpanInfo, LearnedKind};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum RecordError {
@@ -83,6 +83,15 @@ pub fn encode(record: &AffiliateRecord) -> Vec<u8> {
                 .iter()
                 .map(prefix_to_pb)
                 .collect(),
+            learned_endpoints: k
+                .learned_endpoints
+                .iter()
+                .map(|(endpoint, kind)| pb::LearnedEndpoint {
+                    ip: ip_to_bytes(endpoint.ip()),
+                    port: u32::from(endpoint.port()),
+                    kind: kind.as_str().to_owned(),
+                })
+                .collect(),
         }),
         control_plane: record.control_plane_port.map(|port| pb::ControlPlane {
             api_server_port: u32::from(port),
@@ -118,6 +127,18 @@ pub fn decode(bytes: &[u8]) -> Result<AffiliateRecord, RecordError> {
                     .exclude_advertised_networks
                     .iter()
                     .filter_map(prefix_from_pb)
+                    .collect(),
+                // Malformed or unknown entries are skipped (display only).
+                learned_endpoints: k
+                    .learned_endpoints
+                    .iter()
+                    .filter_map(|learned| {
+                        let ip = ip_from_bytes(&learned.ip)?;
+                        let port = u16::try_from(learned.port).ok().filter(|p| *p != 0)?;
+                        let kind = LearnedKind::parse(&learned.kind)?;
+                        Some((SocketAddr::new(ip, port), kind))
+                    })
+                    .take(64)
                     .collect(),
             })
         }
@@ -209,6 +230,7 @@ mod tests {
                 address: "fd7f:175a:b97c:5602:2c1a:b6ff:fe53:8169".parse().unwrap(),
                 additional_addresses: vec!["10.244.1.0/24".parse().unwrap()],
                 exclude_advertised_networks: vec!["192.168.0.0/16".parse().unwrap()],
+                learned_endpoints: Vec::new(),
             }),
             control_plane_port: Some(6443),
             endpoints: vec![
