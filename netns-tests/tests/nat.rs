@@ -649,6 +649,8 @@ mod talos_like {
                     address: mesh,
                     additional_addresses: Vec::new(),
                     exclude_advertised_networks: Vec::new(),
+                    // A Talos node declares none (openspan's own field).
+                    learned_endpoints: Default::default(),
                 }),
                 control_plane_port: None,
                 endpoints: vec![SocketAddr::from((talos.public_ip, WIREGUARD_PORT))],
