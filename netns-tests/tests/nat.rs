@@ -4,8 +4,8 @@
 //! ping over the mesh addresses, `kubespanctl peers` and the devices' handshakes.
 //!
 //! The scenarios marked "needs natTraversal" use the agent's `natTraversal` settings (STUN from
-//! the WireGuard socket, port mapping) and the discovery server's `--stun-addr`; until those
-//! exist they fail saying the flag or the key is unknown.
+//! the WireGuard socket, port mapping) and the discovery server's `--stun-addr`; an agent or server
+//! without them fails the scenario saying the key or the flag is unknown.
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -32,7 +32,8 @@ fn pair(kinds: [Kind; 2], server: ServerOptions, extra_yaml: &str) -> anyhow::Re
     Ok(lab)
 }
 
-/// A pair whose agents use `natTraversal` (STUN at the lab's server, port mapping).
+/// A pair whose agents use `natTraversal`: STUN at the discovery server and at the lab's second
+/// STUN server, port mapping on.
 fn traversing_pair(kinds: [Kind; 2]) -> anyhow::Result<NatLab> {
     let mut lab = NatLab::new(&kinds)?;
     lab.start_server(ServerOptions { stun: true })?;
@@ -345,13 +346,14 @@ fn a_hard_nat_node_reaches_a_upnp_node_at_its_mapping() -> anyhow::Result<()> {
 }
 
 /// Needs natTraversal. Expected: no direct path. The easy node E publishes its mapping
-/// `E_wan:51820`, valid for every destination; the hard node H publishes what STUN saw,
-/// `H_wan:p_stun`, a port its router opened for the STUN server only. H's packets to E leave
-/// from yet another random port `p_E` (a new flow, a new port), and E's router lets in only
-/// answers to flows E started: E sent to `H_wan:51820` and `H_wan:p_stun`, never to `H_wan:p_E`,
-/// which E cannot know, so H's packets are dropped. E's packets to `H_wan:p_stun` or
-/// `H_wan:51820` match no flow of H's toward E and are dropped at H's router. Only a relay or
-/// port guessing (not implemented) could join them.
+/// `E_wan:51820`, valid for every destination. The hard node H has none to publish: each STUN
+/// server saw another port, each opened for that server only (H says so and publishes no
+/// reflexive endpoint; its `H_wan:51820`, from the address discovery saw, is closed). H's
+/// packets to E leave from yet another random port `p_E` (a new flow, a new port), and E's router
+/// lets in only answers to flows E started: E sent to `H_wan:51820`, never to `H_wan:p_E`, which
+/// E cannot know, so H's packets are dropped. E's packets to `H_wan:51820` match no flow of H's
+/// toward E and are dropped at H's router. Only a relay or port guessing (not implemented) could
+/// join them.
 #[test]
 fn an_easy_and_a_hard_nat_node_have_no_direct_path() -> anyhow::Result<()> {
     if !require_root() {
