@@ -318,7 +318,7 @@ fn an_easy_nat_node_reaches_a_upnp_node_at_its_mapping() -> anyhow::Result<()> {
     let mut lab = traversing_pair([Kind::Easy, Kind::Upnp])?;
     let mapped = mapped_endpoint(&lab, 2)?;
     let waited = both_up(&mut lab)?;
-    eprintln!("easy↔upnp up {waited:?} after the agents started (mapping {mapped})");
+    eprintln!("easy↔upnp up {waited:?} after the mapping {mapped} was published");
     let (_, endpoint) = lab.node(1).peer("upnp-2").context("peer listed")?;
     assert_eq!(endpoint, mapped, "easy-1 reaches upnp-2 at its mapping");
     pings_both_ways(&lab)
@@ -334,7 +334,7 @@ fn a_hard_nat_node_reaches_a_upnp_node_at_its_mapping() -> anyhow::Result<()> {
     let mut lab = traversing_pair([Kind::Hard, Kind::Upnp])?;
     let mapped = mapped_endpoint(&lab, 2)?;
     let waited = both_up(&mut lab)?;
-    eprintln!("hard↔upnp up {waited:?} after the agents started (mapping {mapped})");
+    eprintln!("hard↔upnp up {waited:?} after the mapping {mapped} was published");
     let (_, endpoint) = lab.node(1).peer("upnp-2").context("peer listed")?;
     assert_eq!(endpoint, mapped, "hard-1 reaches upnp-2 at its mapping");
     let (_, back) = lab.node(2).peer("hard-1").context("peer listed")?;
