@@ -114,28 +114,36 @@ struct Args {
     fast_timers: bool,
 }
 
-/// Waits for `check` (polled every `every`) until `timeout`; None when it never held. Fails
-/// when an agent exits (e.g. refusing its configuration): the run is not counted.
+/// A condition of the lab polled by [`measure`], and every how many 20 ms ticks.
+type Check = (u32, Box<dyn FnMut(&NatLab) -> bool>);
+
+/// Polls the checks side by side (each every its number of 20 ms ticks) until all held or
+/// `timeout` passed; each result is the time from `from` at which it first held, None when it
+/// never did. Fails when an agent exits (e.g. refusing its configuration): the run is not
+/// counted.
 fn measure(
     lab: &mut NatLab,
     from: Instant,
     timeout: Duration,
-    every: Duration,
-    mut check: impl FnMut(&NatLab) -> bool,
-) -> anyhow::Result<Option<Duration>> {
+    mut checks: Vec<Check>,
+) -> anyhow::Result<Vec<Option<Duration>>> {
     let deadline = from + timeout;
-    loop {
+    let mut results = vec![None; checks.len()];
+    for tick in 0u32.. {
         for n in 1..=2 {
             lab.check_agent(n)?;
         }
-        if check(lab) {
-            return Ok(Some(from.elapsed()));
+        for ((every, check), result) in checks.iter_mut().zip(&mut results) {
+            if result.is_none() && tick % *every == 0 && check(lab) {
+                *result = Some(from.elapsed());
+            }
         }
-        if Instant::now() > deadline {
-            return Ok(None);
+        if results.iter().all(Option::is_some) || Instant::now() > deadline {
+            break;
         }
-        std::thread::sleep(every);
+        std::thread::sleep(Duration::from_millis(20));
     }
+    Ok(results)
 }
 
 fn handshaken(lab: &NatLab) -> bool {
@@ -174,60 +182,46 @@ fn run_once(args: &Args, scenario: Scenario) -> anyhow::Result<Vec<Option<Durati
         yaml[0] = "filters:\n  endpoints: [\"192.0.2.0/24\"]\n".into();
     }
     let [first, second] = yaml;
+    let started = Instant::now();
     lab.start_agents(&[
         (1, AgentOptions { extra_yaml: first }),
         (2, AgentOptions { extra_yaml: second }),
     ])?;
-    let started = Instant::now();
-    let handshake = measure(
-        &mut lab,
-        started,
-        timeout,
-        Duration::from_millis(20),
-        handshaken,
-    )?;
-    let up = measure(
-        &mut lab,
-        started,
-        timeout,
-        Duration::from_millis(100),
-        |lab| both_in_state(lab, "up"),
-    )?;
-    let mut out = vec![handshake, up];
+    let mut checks: Vec<Check> = vec![
+        (1, Box::new(handshaken)),
+        (5, Box::new(|lab: &NatLab| both_in_state(lab, "up"))),
+    ];
     if matches!(scenario, Scenario::EasyUpnp | Scenario::HardUpnp) {
         // Easy↔UPnP also comes up without the mapping (the UPnP router masquerades like an easy
         // one): whether the node published its mapping is measured on its own.
-        let mapped = measure(
-            &mut lab,
-            started,
-            timeout,
-            Duration::from_millis(100),
-            |lab| lab.node(2).mapped_endpoint().is_some(),
-        )?;
-        out.push(mapped);
+        checks.push((
+            5,
+            Box::new(|lab: &NatLab| lab.node(2).mapped_endpoint().is_some()),
+        ));
     }
+    let mut out = measure(&mut lab, started, timeout, checks)?;
     if scenario == Scenario::CutPath {
-        if up.is_none() {
+        if out[1].is_none() {
             out.extend([None, None]);
             return Ok(out);
         }
         // Keepalives flowing in both directions before the cut.
         std::thread::sleep(Duration::from_secs(2));
         lab.cut(2, lab.node(1).public_ip)?;
-        let cut = Instant::now();
-        let down = measure(&mut lab, cut, timeout, Duration::from_millis(100), |lab| {
-            both_in_state(lab, "down")
-        })?;
+        let down = measure(
+            &mut lab,
+            Instant::now(),
+            timeout,
+            vec![(5, Box::new(|lab: &NatLab| both_in_state(lab, "down")))],
+        )?;
         lab.heal(2)?;
-        let healed = Instant::now();
         let back = measure(
             &mut lab,
-            healed,
+            Instant::now(),
             timeout,
-            Duration::from_millis(100),
-            |lab| both_in_state(lab, "up"),
+            vec![(5, Box::new(|lab: &NatLab| both_in_state(lab, "up")))],
         )?;
-        out.extend([down, back]);
+        out.extend(down.into_iter().chain(back));
     }
     if out.iter().any(Option::is_none) {
         eprintln!(
