@@ -111,6 +111,8 @@ pub struct HostFacts {
     pub addresses: Vec<IpAddr>,
     pub public_ips: Vec<IpAddr>,
     pub nat: NatEndpoints,
+    /// The relays this node is connected to, best first.
+    pub relays: Vec<String>,
 }
 
 /// This node's record from configuration, identity and host facts (pure).
@@ -168,6 +170,7 @@ pub fn local_record(
             additional_addresses: config.advertise_networks.clone(),
             exclude_advertised_networks: config.exclude_advertised_networks.clone(),
             learned_endpoints,
+            relays: facts.relays.clone(),
         }),
         control_plane_port: None,
         endpoints,
@@ -268,6 +271,7 @@ pub async fn run(
         addresses: read_addresses(&config.interface).await.unwrap_or_default(),
         public_ips: Vec::new(),
         nat: NatEndpoints::default(),
+        relays: Vec::new(),
     };
     let (nat_tx, mut nat_rx) = watch::channel(NatEndpoints::default());
     let port_mapper = config
@@ -555,6 +559,7 @@ mod tests {
     fn loopback_and_unroutable_public_ips_are_never_published() {
         let facts = HostFacts {
             nat: NatEndpoints::default(),
+            relays: Vec::new(),
             addresses: vec!["10.0.0.1".parse().unwrap()],
             public_ips: vec![
                 "127.0.0.1".parse().unwrap(),
@@ -588,6 +593,7 @@ mod tests {
                 mapped: Some(sa("198.51.100.7:51820")),
                 note: None,
             },
+            relays: Vec::new(),
         };
         let record = local_record(&config(), &identity(), &facts);
         assert_eq!(port, 51820);

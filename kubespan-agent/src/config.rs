@@ -81,6 +81,29 @@ struct RawConfig {
     peer_down_seconds: Option<u64>,
     #[serde(default)]
     nat_traversal: RawNatTraversal,
+    #[serde(default)]
+    relay: RawRelay,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRelay {
+    #[serde(default)]
+    servers: Vec<String>,
+    ca_file: Option<PathBuf>,
+    server_name: Option<String>,
+}
+
+/// Relays (`openspan-relay`) that carry WireGuard packets for peers no direct path reaches.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RelayConfig {
+    /// `host:port` of the relays, as every node of the cluster writes them (nodes announce the
+    /// relays they are connected to by these names).
+    pub servers: Vec<String>,
+    /// The CA that signed the relays' certificates (required: relays are private services).
+    pub ca_file: Option<PathBuf>,
+    /// The name in the relays' certificates, when it differs from the host in `servers`.
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -282,6 +305,7 @@ pub struct Config {
     pub mac_address: Option<[u8; 6]>,
     pub data_plane: DataPlaneConfig,
     pub nat_traversal: NatTraversal,
+    pub relay: RelayConfig,
 }
 
 /// Which WireGuard implementation carries the mesh.
@@ -465,6 +489,34 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             }
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let relay_servers = raw
+        .relay
+        .servers
+        .iter()
+        .enumerate()
+        .map(|(i, server)| {
+            let server = server.trim();
+            match server.rsplit_once(':') {
+                Some((host, port))
+                    if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) =>
+                {
+                    Ok(server.to_owned())
+                }
+                _ => Err(invalid(
+                    format!("relay.servers[{i}]"),
+                    format!("{server:?} is not host:port (e.g. relay.example.org:7443)"),
+                )),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(ca) = &raw.relay.ca_file
+        && !ca.is_file()
+    {
+        return Err(invalid(
+            "relay.caFile",
+            format!("{} is not a readable file", ca.display()),
+        ));
+    }
     let extra_announced_endpoints = raw
         .extra_announced_endpoints
         .iter()
@@ -568,6 +620,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         nat_traversal: NatTraversal {
             stun_servers,
             port_mapping: raw.nat_traversal.port_mapping,
+        },
+        relay: RelayConfig {
+            servers: relay_servers,
+            ca_file: raw.relay.ca_file,
+            server_name: raw.relay.server_name,
         },
     })
 }
@@ -813,6 +870,11 @@ endpointTimeoutSeconds: 3
 natTraversal:
   stunServers: []
   portMapping: false
+# Relays (openspan-relay, host:port, written the same on every node) for peers no direct path
+# reaches (both behind endpoint-dependent NAT, or UDP blocked); used only while no direct path
+# answers. caFile: the CA of the relays' certificates.
+relay:
+  servers: []
 # Policy routing and firewall (KubeSpan's values).
 routingTable: 180
 rulePriority: 32500

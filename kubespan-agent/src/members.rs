@@ -93,6 +93,7 @@ fn merge_into(into: &mut AffiliateRecord, next: &AffiliateRecord) {
             additional_addresses: Vec::new(),
             exclude_advertised_networks: Vec::new(),
             learned_endpoints: Vec::new(),
+            relays: Vec::new(),
         });
         if !next_ks.public_key.is_empty() {
             ks.public_key.clone_from(&next_ks.public_key);
@@ -106,6 +107,7 @@ fn merge_into(into: &mut AffiliateRecord, next: &AffiliateRecord) {
             &next_ks.exclude_advertised_networks,
         );
         union_into(&mut ks.learned_endpoints, &next_ks.learned_endpoints);
+        union_into(&mut ks.relays, &next_ks.relays);
     }
 }
 
@@ -188,6 +190,8 @@ pub struct PeerSpec {
     pub endpoints: Vec<SocketAddr>,
     /// Endpoints the peer says it learned behind NAT (for display).
     pub learned_endpoints: Vec<(SocketAddr, LearnedKind)>,
+    /// The relays that reach the peer, best first.
+    pub relays: Vec<String>,
 }
 
 /// Conflicts found while computing peer specs.
@@ -409,6 +413,7 @@ pub fn peer_specs(
             allowed_ips: wanted.to_prefixes(),
             endpoints: candidate.record.endpoints.clone(),
             learned_endpoints: kubespan.learned_endpoints.clone(),
+            relays: kubespan.relays.clone(),
         });
         finals.push(wanted);
     }
@@ -472,6 +477,7 @@ mod tests {
             additional_addresses: Vec::new(),
             exclude_advertised_networks: Vec::new(),
             learned_endpoints: Vec::new(),
+            relays: Vec::new(),
         });
         r
     }
@@ -540,6 +546,7 @@ mod tests {
             additional_addresses: Vec::new(),
             exclude_advertised_networks: Vec::new(),
             learned_endpoints: Vec::new(),
+            relays: Vec::new(),
         });
         let merged = merge_affiliates([("k8s/a", &base), ("service/a", &later)]);
         assert_eq!(merged["a"], base);
@@ -742,6 +749,7 @@ mod tests {
                 allowed_ips: nets(&["10.244.3.0/25", "192.168.3.4/32", "fd00::42/128"]),
                 endpoints: r.endpoints.clone(),
                 learned_endpoints: Vec::new(),
+                relays: Vec::new(),
             }]
         );
     }

@@ -34,6 +34,8 @@ pub struct KubeSpanInfo {
     pub exclude_advertised_networks: Vec<IpNet>,
     /// Announced endpoints the node learned behind NAT, with how (openspan's extension).
     pub learned_endpoints: Vec<(SocketAddr, LearnedKind)>,
+    /// The relays that reach the node (`host:port` as configured), best first.
+    pub relays: Vec<String>,
 }
 
 /// How a node learned one of its endpoints behind NAT.

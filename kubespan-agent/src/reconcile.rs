@@ -469,6 +469,7 @@ mod tests {
                 ],
                 endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
                 learned_endpoints: Vec::new(),
+                relays: Vec::new(),
             },
         }
     }

@@ -92,6 +92,7 @@ pub fn encode(record: &AffiliateRecord) -> Vec<u8> {
                     kind: kind.as_str().to_owned(),
                 })
                 .collect(),
+            relays: k.relays.clone(),
         }),
         control_plane: record.control_plane_port.map(|port| pb::ControlPlane {
             api_server_port: u32::from(port),
@@ -139,6 +140,12 @@ pub fn decode(bytes: &[u8]) -> Result<AffiliateRecord, RecordError> {
                         Some((SocketAddr::new(ip, port), kind))
                     })
                     .take(64)
+                    .collect(),
+                relays: k
+                    .relays
+                    .into_iter()
+                    .filter(|r| !r.is_empty() && r.len() <= 255)
+                    .take(16)
                     .collect(),
             })
         }
@@ -231,6 +238,7 @@ mod tests {
                 additional_addresses: vec!["10.244.1.0/24".parse().unwrap()],
                 exclude_advertised_networks: vec!["192.168.0.0/16".parse().unwrap()],
                 learned_endpoints: Vec::new(),
+                relays: Vec::new(),
             }),
             control_plane_port: Some(6443),
             endpoints: vec![

@@ -206,6 +206,7 @@ mod tests {
                 additional_addresses: vec!["10.244.1.0/24".parse().unwrap()],
                 exclude_advertised_networks: vec![],
                 learned_endpoints: Vec::new(),
+                relays: Vec::new(),
             }),
             endpoints: vec!["10.0.0.2:51820".parse().unwrap()],
             ..AffiliateRecord::default()
