@@ -489,7 +489,7 @@ fn wireguard_go_reaches_an_easy_nat_node_at_its_reflexive_endpoint() -> anyhow::
 mod talos_like {
     use super::*;
     use kubespan_agent::crypto::{Cipher, ClusterKeys, parse_cluster_secret};
-    use kubespan_agent::model::{AffiliateRecord, KubeSpanInfo};
+    use openspan_proto::discovery::client;
     use openspan_proto::discovery::server::{
         AffiliateUpdateRequest, cluster_client::ClusterClient,
     };
@@ -504,12 +504,23 @@ mod talos_like {
             )
     }
 
-    /// Publishes `record` to the lab's discovery server from the internet, sealed with `keys`.
-    fn publish(lab: &NatLab, keys: ClusterKeys, record: AffiliateRecord) -> anyhow::Result<()> {
+    /// Publishes `affiliate` (the protobuf a Talos node sends, with only Talos's fields) and its
+    /// `endpoints` to the lab's discovery server from the internet, sealed with `keys`.
+    fn publish(
+        lab: &NatLab,
+        keys: ClusterKeys,
+        affiliate: client::Affiliate,
+        endpoints: Vec<SocketAddr>,
+    ) -> anyhow::Result<()> {
         let server = lab.server_address.clone();
         let cluster_id = lab.cluster_id();
         lab.in_internet(move || -> anyhow::Result<()> {
-            let sealed = kubespan_agent::record::seal(&keys, &record);
+            let id = affiliate.node_id.clone();
+            let data = keys.seal_record(&id, &prost::Message::encode_to_vec(&affiliate));
+            let sealed_endpoints: Vec<Vec<u8>> = endpoints
+                .iter()
+                .map(|e| keys.seal_endpoint(&id, *e))
+                .collect();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -520,13 +531,9 @@ mod talos_like {
                 ClusterClient::new(channel)
                     .affiliate_update(AffiliateUpdateRequest {
                         cluster_id,
-                        affiliate_id: record.node_id.clone(),
-                        affiliate_data: Some(sealed.data.to_vec().into()),
-                        affiliate_endpoints: sealed
-                            .endpoints
-                            .iter()
-                            .map(|e| e.to_vec().into())
-                            .collect(),
+                        affiliate_id: id,
+                        affiliate_data: Some(data.into()),
+                        affiliate_endpoints: sealed_endpoints.into_iter().map(Into::into).collect(),
                         ttl: Some(prost_types::Duration {
                             seconds: 1800,
                             nanos: 0,
@@ -636,27 +643,29 @@ mod talos_like {
             "ip",
             &["link", "set", &interface, "mtu", "1420", "up"],
         )?;
+        let ip_bytes = |ip: std::net::IpAddr| match ip {
+            std::net::IpAddr::V4(v4) => v4.octets().to_vec().into(),
+            std::net::IpAddr::V6(v6) => v6.octets().to_vec().into(),
+        };
         publish(
             &lab,
             keys,
-            AffiliateRecord {
+            client::Affiliate {
                 node_id: kubespan_agent::identity::base62_encode(&[0x54; 32]),
-                addresses: vec![talos.public_ip.into()],
+                addresses: vec![ip_bytes(talos.public_ip.into())],
                 hostname: "talos-1".into(),
                 nodename: "talos-1".into(),
                 machine_type: "worker".into(),
                 operating_system: "Talos (wireguard-go)".into(),
-                kubespan: Some(KubeSpanInfo {
+                kubespan: Some(client::KubeSpan {
                     public_key: public_key.clone(),
-                    address: mesh,
-                    additional_addresses: Vec::new(),
-                    exclude_advertised_networks: Vec::new(),
-                    // A Talos node declares none (openspan's own field).
-                    learned_endpoints: Default::default(),
+                    address: ip_bytes(mesh.into()),
+                    // openspan's extension fields stay empty, as a Talos node leaves them.
+                    ..Default::default()
                 }),
-                control_plane_port: None,
-                endpoints: vec![SocketAddr::from((talos.public_ip, WIREGUARD_PORT))],
+                ..Default::default()
             },
+            vec![SocketAddr::from((talos.public_ip, WIREGUARD_PORT))],
         )?;
         let waited = lab.wait_for("easy-2 to see talos-1 up", UP, || {
             lab.node(2).peer_up("talos-1")
