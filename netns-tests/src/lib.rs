@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub mod nat;
 mod process;
 pub mod procfs;
 pub use process::{Daemon, in_netns, ns_output, ns_sh, tail, wait_until};
