@@ -237,6 +237,18 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads what is still arriving (bounded: stops at a quiet 100 ms or a million packets).
+async fn drain(client: &RelayClient) {
+    for _ in 0..1_000_000 {
+        if tokio::time::timeout(Duration::from_millis(100), client.recv())
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!("relay-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
