@@ -141,14 +141,8 @@ async fn main() -> anyhow::Result<()> {
         b.send(&[1; 32], &[0; 64])?;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    while tokio::time::timeout(Duration::from_millis(50), b.recv())
-        .await
-        .is_ok()
-    {}
-    while tokio::time::timeout(Duration::from_millis(50), a.recv())
-        .await
-        .is_ok()
-    {}
+    drain(&b).await;
+    drain(&a).await;
     println!(
         "packet size {} B; largest packet in one datagram: {:?} B; rtt {:?}",
         args.size,
@@ -201,10 +195,7 @@ async fn main() -> anyhow::Result<()> {
         percentile(&got.latencies, 0.50),
         percentile(&got.latencies, 0.99)
     );
-    while tokio::time::timeout(Duration::from_millis(100), b.recv())
-        .await
-        .is_ok()
-    {}
+    drain(&b).await;
 
     // Phase 2: paced latency.
     let total = (f64::from(args.paced_rate) * args.paced_seconds) as u64;
@@ -235,6 +226,18 @@ async fn main() -> anyhow::Result<()> {
     serving.await??;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Reads what is still arriving (bounded: stops at a quiet 100 ms or a million packets).
+async fn drain(client: &RelayClient) {
+    for _ in 0..1_000_000 {
+        if tokio::time::timeout(Duration::from_millis(100), client.recv())
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
 }
 
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
