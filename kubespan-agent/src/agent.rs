@@ -78,6 +78,9 @@ pub struct NatEndpoints {
     pub mapped: Option<SocketAddr>,
     /// Why NAT traversal is limited, for the status (e.g. an endpoint-dependent NAT).
     pub note: Option<String>,
+    /// STUN servers saw different mappings: the NAT maps per destination, so Hello's public IP
+    /// with the listen port is no endpoint either (nothing forwards it).
+    pub endpoint_dependent: bool,
 }
 
 impl Shared {
@@ -127,13 +130,14 @@ pub fn local_record(
     let addresses = routable_addresses(facts.addresses.iter().copied(), &skip);
     // The address Hello saw goes through the same filter: over loopback (a server on this
     // host) it is 127.0.0.1, which would send every peer to itself.
-    let candidates = routable_addresses(
-        addresses
-            .iter()
-            .copied()
-            .chain(facts.public_ips.iter().copied()),
-        &skip,
-    );
+    // Behind a NAT that maps per destination, a public IP that is not the node's own is only
+    // worth announcing with a port the gateway maps (below).
+    let public_ips = facts
+        .public_ips
+        .iter()
+        .copied()
+        .filter(|ip| !facts.nat.endpoint_dependent || addresses.contains(ip));
+    let candidates = routable_addresses(addresses.iter().copied().chain(public_ips), &skip);
     let mut endpoints = local_endpoints(
         &candidates,
         None,
@@ -388,7 +392,10 @@ pub async fn run(
             changed = nat_rx.changed() => {
                 if changed.is_ok() {
                     let nat = nat_rx.borrow_and_update().clone();
-                    if nat.reflexive != facts.nat.reflexive || nat.mapped != facts.nat.mapped {
+                    if nat.reflexive != facts.nat.reflexive
+                        || nat.mapped != facts.nat.mapped
+                        || nat.endpoint_dependent != facts.nat.endpoint_dependent
+                    {
                         facts_changed = true;
                     }
                     facts.nat = nat;
@@ -608,6 +615,7 @@ mod tests {
                 reflexive: Some(sa("198.51.100.7:61000")),
                 mapped: Some(sa("198.51.100.7:51820")),
                 note: None,
+                endpoint_dependent: false,
             },
             relays: Vec::new(),
         };
@@ -635,12 +643,25 @@ mod tests {
                 reflexive: Some(sa("127.0.0.1:61000")),
                 mapped: Some(sa("203.0.113.5:40000")),
                 note: None,
+                endpoint_dependent: false,
             },
             ..facts
         };
         let record = local_record(&config(), &identity(), &facts);
         assert_eq!(record.endpoints.last(), Some(&sa("203.0.113.5:40000")));
         assert!(!record.endpoints.contains(&sa("127.0.0.1:61000")));
+        // Behind a NAT that maps per destination, Hello's IP with the listen port is dropped.
+        let hard = HostFacts {
+            nat: NatEndpoints {
+                endpoint_dependent: true,
+                ..NatEndpoints::default()
+            },
+            ..facts.clone()
+        };
+        assert_eq!(
+            local_record(&config(), &identity(), &hard).endpoints,
+            [sa("192.168.1.2:51820")]
+        );
         // The declaration survives the wire format.
         let decoded = crate::record::decode(&crate::record::encode(&record)).unwrap();
         assert_eq!(

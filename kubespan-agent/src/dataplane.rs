@@ -288,6 +288,7 @@ async fn stun_round(
         }
     }
     if changed {
+        let hard = matches!(stun.mapping(now), Mapping::EndpointDependent(_));
         let (reflexive, note) = match stun.mapping(now) {
             Mapping::Unknown => (None, None),
             Mapping::Reflexive(endpoint) => {
@@ -303,9 +304,12 @@ async fn stun_round(
             }
         };
         nat.send_if_modified(|current| {
-            let changed = current.reflexive != reflexive || current.note != note;
+            let changed = current.reflexive != reflexive
+                || current.note != note
+                || current.endpoint_dependent != hard;
             current.reflexive = reflexive;
             current.note = note;
+            current.endpoint_dependent = hard;
             changed
         });
     }

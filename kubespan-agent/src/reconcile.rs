@@ -53,6 +53,8 @@ pub const PATH_UPGRADE: Duration = Duration::from_secs(60);
 /// The same for a peer carried by a relay (its endpoint is the agent's loopback proxy): a
 /// direct path is worth a handshake every 15 s.
 pub const RELAYED_PATH_UPGRADE: Duration = Duration::from_secs(15);
+/// When an unanswered first race is tried again.
+pub const FIRST_RACE_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum State {
@@ -96,6 +98,10 @@ pub struct PeerMemory {
     pub raced_with: Vec<SocketAddr>,
     /// When a better path was last raced for while `up`.
     pub upgraded_at: Option<Instant>,
+    /// Races since the last answer: the first is retried after [`FIRST_RACE_RETRY`] (an
+    /// initiation that reached a peer whose device was not up yet is lost), later ones after
+    /// the endpoint timeout.
+    pub unanswered_races: u32,
     /// When the peer was last asked for an answer ([`Action::Probe`]).
     pub probed_at: Option<Instant>,
 }
@@ -328,8 +334,13 @@ pub fn reconcile(
                 race = Some(candidates(endpoints, first, None));
             }
         } else if timers.races {
-            let waited = since(now, changed_at).unwrap_or_default() >= timers.endpoint_timeout;
-            if (state == State::Down && waited) || (state != State::Up && new_candidate) {
+            let retry_after = if mem.unanswered_races <= 1 {
+                FIRST_RACE_RETRY.min(timers.endpoint_timeout)
+            } else {
+                timers.endpoint_timeout
+            };
+            let waited = since(now, changed_at).unwrap_or_default() >= retry_after;
+            if (state != State::Up && waited) || (state != State::Up && new_candidate) {
                 // Down (or a new candidate while not up): race every candidate again, the path
                 // that worked last first, the one the peer roamed to last.
                 let mut all = candidates(endpoints, remembered, None);
@@ -379,6 +390,12 @@ pub fn reconcile(
         let mut report_state = state;
         if race.is_some() {
             mem.raced_with = endpoints.clone();
+            if report_state != State::Up {
+                mem.unanswered_races = mem.unanswered_races.saturating_add(1);
+            }
+        }
+        if answered_since_change {
+            mem.unanswered_races = 0;
         }
         if reset_session {
             mem.last_used_endpoint = endpoint_to_set.or(mem.last_used_endpoint);
@@ -587,12 +604,15 @@ mod tests {
             raced(&out),
             Some(sas(&["10.1.0.2:51820", "10.0.0.2:51820", "10.2.0.2:51820"]))
         );
-        // Nothing new within the endpoint timeout, however many ticks.
+        // Unanswered: once more after 1 s (the peer's device may not have been up yet)...
         let dev = [on_device(Some("10.1.0.2:51820"), None, 0)];
-        assert!(h.at(1, &w, &dev).actions.is_empty());
+        let out = h.at(1, &w, &dev);
+        assert_eq!(raced(&out).map(|c| c.len()), Some(3));
+        assert_eq!(out.reports[0].state, State::Unknown);
+        // ...then every endpoint timeout, all of them again (not one after the other).
         assert!(h.at(2, &w, &dev).actions.is_empty());
-        // No answer by then: race again (not one endpoint after the other).
-        let out = h.at(3, &w, &dev);
+        assert!(h.at(3, &w, &dev).actions.is_empty());
+        let out = h.at(4, &w, &dev);
         assert_eq!(out.reports[0].state, State::Down);
         assert_eq!(endpoint_set(&out), None);
         assert_eq!(raced(&out).map(|c| c.len()), Some(3));
