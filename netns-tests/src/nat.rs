@@ -982,3 +982,107 @@ impl Drop for NatLab {
         }
     }
 }
+
+/// The port the lab's relays listen on.
+pub const RELAY_PORT: u16 = 7443;
+/// The name in the lab relays' certificate.
+pub const RELAY_SERVER_NAME: &str = "relay.lab.test";
+
+/// The lab's relays (killed when dropped).
+pub struct Relays {
+    children: Vec<(String, Child)>,
+}
+
+impl Relays {
+    /// SIGKILL to the relay at `address`; false when it is not one of these.
+    pub fn kill(&mut self, address: &str) -> bool {
+        let Some(index) = self.children.iter().position(|(a, _)| a == address) else {
+            return false;
+        };
+        let (_, mut child) = self.children.remove(index);
+        let _ = child.kill();
+        let _ = child.wait();
+        true
+    }
+}
+
+impl Drop for Relays {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl NatLab {
+    /// Starts two `openspan-relay`s on the internet (next to the discovery server and at the lab's
+    /// second public address) letting the lab's cluster in, with `extra_args` (e.g. limits);
+    /// returns them and the agents' `relay` YAML.
+    pub fn start_relays(&self, extra_args: &[&str]) -> anyhow::Result<(Relays, String)> {
+        let lab = self;
+        let cert = rcgen::generate_simple_self_signed(vec![RELAY_SERVER_NAME.to_owned()])?;
+        let (cert_file, key_file) = (lab.root.join("relay.crt"), lab.root.join("relay.key"));
+        std::fs::write(&cert_file, cert.cert.pem())?;
+        std::fs::write(&key_file, cert.signing_key.serialize_pem())?;
+        // The verifier as an operator gets it: from a node's configuration.
+        let config_file = lab.root.join("verifier-config.yaml");
+        std::fs::write(&config_file, lab.agent_config(1, &AgentOptions::default()))?;
+        let output = Command::new(binary("kubespanctl"))
+            .args(["gen", "relay-verifier", "--config"])
+            .arg(&config_file)
+            .output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "kubespanctl gen relay-verifier failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let cluster = String::from_utf8(output.stdout)?.trim().to_owned();
+        anyhow::ensure!(
+            cluster.starts_with(&format!("{}=", lab.cluster_id())) && cluster.len() > 64,
+            "unexpected verifier line {cluster:?}"
+        );
+        let second_ip = lab
+            .second_stun_address
+            .rsplit_once(':')
+            .map(|(ip, _)| ip.to_owned())
+            .context("the lab's second address")?;
+        let addresses = [
+            format!("{}:{RELAY_PORT}", lab.server_ip),
+            format!("{second_ip}:{RELAY_PORT}"),
+        ];
+        let mut relays = Relays {
+            children: Vec::new(),
+        };
+        for (n, address) in addresses.iter().enumerate() {
+            let ip = address
+                .rsplit_once(':')
+                .map(|(ip, _)| ip)
+                .unwrap_or_default();
+            let log = std::fs::File::create(lab.root.join(format!("relay-{n}.log")))?;
+            let child = Command::new("ip")
+                .args(["netns", "exec", &lab.internet])
+                .arg(binary("openspan-relay"))
+                .arg(format!("--addr={address}"))
+                .arg("--cert-file")
+                .arg(&cert_file)
+                .arg("--key-file")
+                .arg(&key_file)
+                .arg(format!("--cluster={cluster}"))
+                .arg(format!("--metrics-addr={ip}:2123"))
+                .args(extra_args)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .context("start openspan-relay")?;
+            relays.children.push((address.clone(), child));
+        }
+        let yaml = format!(
+            "relay:\n  servers: [\"{}\", \"{}\"]\n  caFile: {}\n  serverName: {RELAY_SERVER_NAME}\n",
+            addresses[0],
+            addresses[1],
+            cert_file.display()
+        );
+        Ok((relays, yaml))
+    }
+}

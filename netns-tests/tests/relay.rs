@@ -9,104 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use netns_tests::nat::{Kind, NatLab, ServerOptions};
-use netns_tests::{AgentOptions, binary, require_root};
+use netns_tests::{AgentOptions, require_root};
 
 const UP: Duration = Duration::from_secs(40);
-const RELAY_PORT: u16 = 7443;
-const SERVER_NAME: &str = "relay.lab.test";
-
-/// The lab's relays (killed when dropped).
-struct Relays {
-    children: Vec<(String, Child)>,
-}
-
-impl Relays {
-    fn kill(&mut self, address: &str) -> bool {
-        let Some(index) = self.children.iter().position(|(a, _)| a == address) else {
-            return false;
-        };
-        let (_, mut child) = self.children.remove(index);
-        let _ = child.kill();
-        let _ = child.wait();
-        true
-    }
-}
-
-impl Drop for Relays {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Starts two relays on the internet (next to the discovery server and at the lab's second
-/// public address) letting the lab's cluster in; returns them and the agents' `relay` YAML.
-fn start_relays(lab: &NatLab) -> anyhow::Result<(Relays, String)> {
-    let cert = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_owned()])?;
-    let (cert_file, key_file) = (lab.root.join("relay.crt"), lab.root.join("relay.key"));
-    std::fs::write(&cert_file, cert.cert.pem())?;
-    std::fs::write(&key_file, cert.signing_key.serialize_pem())?;
-    // The verifier as an operator gets it: from a node's configuration.
-    let config_file = lab.root.join("verifier-config.yaml");
-    std::fs::write(&config_file, lab.agent_config(1, &AgentOptions::default()))?;
-    let output = Command::new(binary("kubespanctl"))
-        .args(["gen", "relay-verifier", "--config"])
-        .arg(&config_file)
-        .output()?;
-    anyhow::ensure!(
-        output.status.success(),
-        "kubespanctl gen relay-verifier failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let cluster = String::from_utf8(output.stdout)?.trim().to_owned();
-    anyhow::ensure!(
-        cluster.starts_with(&format!("{}=", lab.cluster_id())) && cluster.len() > 64,
-        "unexpected verifier line {cluster:?}"
-    );
-    let second_ip = lab
-        .second_stun_address
-        .rsplit_once(':')
-        .map(|(ip, _)| ip.to_owned())
-        .context("the lab's second address")?;
-    let addresses = [
-        format!("{}:{RELAY_PORT}", lab.server_ip),
-        format!("{second_ip}:{RELAY_PORT}"),
-    ];
-    let mut relays = Relays {
-        children: Vec::new(),
-    };
-    for (n, address) in addresses.iter().enumerate() {
-        let ip = address
-            .rsplit_once(':')
-            .map(|(ip, _)| ip)
-            .unwrap_or_default();
-        let log = std::fs::File::create(lab.root.join(format!("relay-{n}.log")))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &lab.internet])
-            .arg(binary("openspan-relay"))
-            .arg(format!("--addr={address}"))
-            .arg("--cert-file")
-            .arg(&cert_file)
-            .arg("--key-file")
-            .arg(&key_file)
-            .arg(format!("--cluster={cluster}"))
-            .arg(format!("--metrics-addr={ip}:2123"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("start openspan-relay")?;
-        relays.children.push((address.clone(), child));
-    }
-    let yaml = format!(
-        "relay:\n  servers: [\"{}\", \"{}\"]\n  caFile: {}\n  serverName: {SERVER_NAME}\n",
-        addresses[0],
-        addresses[1],
-        cert_file.display()
-    );
-    Ok((relays, yaml))
-}
 
 fn options(yaml: &str) -> AgentOptions {
     AgentOptions {
@@ -147,7 +52,7 @@ fn two_hard_nat_nodes_talk_through_a_relay() -> anyhow::Result<()> {
     }
     let mut lab = NatLab::new(&[Kind::Hard, Kind::Hard])?;
     lab.start_server(ServerOptions { stun: false })?;
-    let (_relays, yaml) = start_relays(&lab)?;
+    let (_relays, yaml) = lab.start_relays(&[])?;
     lab.start_agents(&[(1, options(&yaml)), (2, options(&yaml))])?;
     let waited = relayed_both_ways(&mut lab)?;
     eprintln!("hard↔hard up through a relay {waited:?} after start");
@@ -207,7 +112,7 @@ fn a_killed_relay_hands_the_traffic_to_the_other() -> anyhow::Result<()> {
     }
     let mut lab = NatLab::new(&[Kind::Hard, Kind::Hard])?;
     lab.start_server(ServerOptions { stun: false })?;
-    let (mut relays, yaml) = start_relays(&lab)?;
+    let (mut relays, yaml) = lab.start_relays(&[])?;
     lab.start_agents(&[(1, options(&yaml)), (2, options(&yaml))])?;
     relayed_both_ways(&mut lab)?;
     let node2 = lab.node(2).name.clone();
@@ -277,7 +182,7 @@ fn a_direct_path_that_appears_later_is_taken() -> anyhow::Result<()> {
     // punch through and leave the relay.
     let mut lab = NatLab::new(&[Kind::Easy, Kind::Easy])?;
     lab.start_server(ServerOptions { stun: true })?;
-    let (_relays, relay_yaml) = start_relays(&lab)?;
+    let (_relays, relay_yaml) = lab.start_relays(&[])?;
     let (ip1, ip2) = (lab.node(1).public_ip, lab.node(2).public_ip);
     lab.cut(1, ip2)?;
     lab.cut(2, ip1)?;
