@@ -340,7 +340,7 @@ pub fn reconcile(
                 timers.endpoint_timeout
             };
             let waited = since(now, changed_at).unwrap_or_default() >= retry_after;
-            if (state != State::Up && waited) || (state != State::Up && new_candidate) {
+            if state != State::Up && (waited || new_candidate) {
                 // Down (or a new candidate while not up): race every candidate again, the path
                 // that worked last first, the one the peer roamed to last.
                 let mut all = candidates(endpoints, remembered, None);

@@ -22,14 +22,12 @@ use base64::Engine;
 use bytes::Bytes;
 use openspan_relay::client::{ClientOptions, RelayClient, RelayClientConfig};
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RelayConfig;
 use crate::wg::Key;
 
-/// Packets queued toward one relay; more are dropped (WireGuard retransmits what matters).
-const QUEUE: usize = 1024;
 /// Reconnection back-off bounds.
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(30);
@@ -53,14 +51,11 @@ pub struct RelayCounters {
     pub dropped: AtomicU64,
 }
 
-/// Packets waiting for one relay connection.
-type Outbound = mpsc::Sender<(Key, Bytes)>;
-
 struct Slot {
     /// As configured (and announced).
     name: String,
-    /// Packets to send through this relay, while connected.
-    outbound: Mutex<Option<Outbound>>,
+    /// The connection, while connected (packets are sent on it from the proxies' tasks).
+    client: Mutex<Option<RelayClient>>,
     rtt: Mutex<Option<Duration>>,
 }
 
@@ -103,7 +98,7 @@ impl Relays {
                 .map(|name| {
                     Arc::new(Slot {
                         name: name.clone(),
-                        outbound: Mutex::new(None),
+                        client: Mutex::new(None),
                         rtt: Mutex::new(None),
                     })
                 })
@@ -141,7 +136,7 @@ impl Relays {
         let mut up: Vec<(Duration, String)> = self
             .slots
             .iter()
-            .filter(|slot| lock(&slot.outbound).is_some())
+            .filter(|slot| lock(&slot.client).is_some())
             .map(|slot| (lock(&slot.rtt).unwrap_or(Duration::MAX), slot.name.clone()))
             .collect();
         up.sort();
@@ -155,13 +150,13 @@ impl Relays {
 
     /// The best connected relay among `wanted` (a peer's, best first by its measure; ours
     /// decides).
-    fn best_shared(&self, wanted: &[String]) -> Option<(String, Outbound)> {
-        let mut best: Option<(Duration, String, Outbound)> = None;
+    fn best_shared(&self, wanted: &[String]) -> Option<(String, RelayClient)> {
+        let mut best: Option<(Duration, String, RelayClient)> = None;
         for slot in &self.slots {
             if !wanted.contains(&slot.name) {
                 continue;
             }
-            let Some(sender) = lock(&slot.outbound).clone() else {
+            let Some(sender) = lock(&slot.client).clone() else {
                 continue;
             };
             let rtt = lock(&slot.rtt).unwrap_or(Duration::MAX);
@@ -250,9 +245,14 @@ impl Relays {
     }
 }
 
+/// How long a proxy keeps sending through the relay it picked before it looks again (a relay
+/// that closes is left at once).
+const RECHOOSE: Duration = Duration::from_millis(250);
+
 /// WireGuard → relay for one peer, until the proxy is dropped or the agent stops.
 async fn outbound(relays: Arc<Relays>, peer: Key, proxy: Arc<Proxy>) {
     let mut buffer = vec![0u8; MAX_PACKET];
+    let mut chosen: Option<(String, RelayClient, tokio::time::Instant)> = None;
     loop {
         let received = tokio::select! {
             _ = relays.stop.cancelled() => return,
@@ -263,29 +263,40 @@ async fn outbound(relays: Arc<Relays>, peer: Key, proxy: Arc<Proxy>) {
         if from.port() != relays.wireguard.port() || !from.ip().is_loopback() {
             continue;
         }
-        if !lock(&relays.proxies).contains_key(&peer) {
-            return;
-        }
-        let wanted = lock(&proxy.peer_relays).clone();
-        match relays.best_shared(&wanted) {
-            Some((name, sender)) => {
-                let packet = Bytes::copy_from_slice(&buffer[..len]);
-                if sender.try_send((peer, packet)).is_ok() {
-                    relays
-                        .counters
-                        .tx_bytes
-                        .fetch_add(len as u64, Ordering::Relaxed);
-                    let mut via = lock(&proxy.via);
-                    if via.as_deref() != Some(name.as_str()) {
-                        tracing::info!(relay = %name, peer = %base64::engine::general_purpose::STANDARD.encode(peer), "relaying a peer's packets");
-                        *via = Some(name);
-                    }
-                } else {
-                    relays.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        let stale = chosen
+            .as_ref()
+            .is_none_or(|(_, client, at)| client.is_closed() || at.elapsed() >= RECHOOSE);
+        if stale {
+            if !lock(&relays.proxies).contains_key(&peer) {
+                return;
+            }
+            let wanted = lock(&proxy.peer_relays).clone();
+            chosen = relays
+                .best_shared(&wanted)
+                .map(|(name, client)| (name, client, tokio::time::Instant::now()));
+            if let Some((name, _, _)) = &chosen {
+                let mut via = lock(&proxy.via);
+                if via.as_deref() != Some(name.as_str()) {
+                    tracing::info!(relay = %name, peer = %base64::engine::general_purpose::STANDARD.encode(peer), "relaying a peer's packets");
+                    *via = Some(name.clone());
                 }
             }
-            None => {
-                relays.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        let sent = chosen
+            .as_ref()
+            .is_some_and(|(_, client, _)| client.send(&peer, &buffer[..len]).is_ok());
+        if sent {
+            relays
+                .counters
+                .tx_bytes
+                .fetch_add(len as u64, Ordering::Relaxed);
+        } else {
+            relays.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            if chosen
+                .as_ref()
+                .is_some_and(|(_, client, _)| client.is_closed())
+            {
+                chosen = None;
             }
         }
     }
@@ -325,20 +336,13 @@ async fn connection(relays: Arc<Relays>, slot: Arc<Slot>, config: RelayClientCon
         tracing::info!(relay = %slot.name, rtt = ?client.rtt(), "connected to the relay");
         failures_logged = false;
         retry = RETRY_MIN;
-        let (sender, mut queue) = mpsc::channel::<(Key, Bytes)>(QUEUE);
         *lock(&slot.rtt) = Some(client.rtt());
-        *lock(&slot.outbound) = Some(sender);
+        *lock(&slot.client) = Some(client.clone());
         relays.announce();
         let mut rtt_check = tokio::time::interval(Duration::from_secs(5));
         loop {
             tokio::select! {
                 _ = relays.stop.cancelled() => break,
-                next = queue.recv() => {
-                    let Some((peer, packet)) = next else { break };
-                    if client.send(&peer, &packet).is_err() && client.is_closed() {
-                        break;
-                    }
-                }
                 received = client.recv() => match received {
                     Ok((peer, packet)) => relays.deliver(peer, &slot.name, packet).await,
                     Err(_) => break,
@@ -352,7 +356,7 @@ async fn connection(relays: Arc<Relays>, slot: Arc<Slot>, config: RelayClientCon
                 }
             }
         }
-        *lock(&slot.outbound) = None;
+        *lock(&slot.client) = None;
         relays.announce();
         if relays.stop.is_cancelled() {
             return;
