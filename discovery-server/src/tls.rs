@@ -1,18 +1,13 @@
 //! TLS for the gRPC listener: rustls with certificates that are reloaded when their files change,
 //! and optional verification of client certificates against a CA (mTLS).
 
-use std::fs;
-use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use rustls::RootCertStore;
 use rustls::server::{ServerConfig, WebPkiClientVerifier};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use thiserror::Error;
 use tokio_rustls::TlsAcceptor;
 
 #[derive(Clone, Debug)]
@@ -23,24 +18,9 @@ pub struct TlsFiles {
     pub client_ca: Option<PathBuf>,
 }
 
-#[derive(Debug, Error)]
-pub enum TlsError {
-    #[error("cannot read {what} {path}: {source}")]
-    Read {
-        what: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
-    #[error("{what} {path} holds no usable PEM {expected}: {detail}")]
-    Pem {
-        what: &'static str,
-        path: PathBuf,
-        expected: &'static str,
-        detail: String,
-    },
-    #[error("invalid TLS configuration: {0}")]
-    Config(String),
-}
+/// The same errors as the embedded relay's TLS, whose PEM helpers this module uses.
+pub use openspan_relay::tls::TlsError;
+use openspan_relay::tls::{certificates, file_stamp, private_key};
 
 type Stamp = Vec<Option<(SystemTime, u64)>>;
 
@@ -89,48 +69,13 @@ fn stamp(files: &TlsFiles) -> Stamp {
     ]
     .into_iter()
     .flatten()
-    .map(|p| {
-        fs::metadata(p)
-            .ok()
-            .and_then(|m| Some((m.modified().ok()?, m.len())))
-    })
+    .map(|p| file_stamp(p))
     .collect()
-}
-
-fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    fs::read(path).map_err(|source| TlsError::Read {
-        what,
-        path: path.to_owned(),
-        source,
-    })
-}
-
-fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem_error = |detail: String| TlsError::Pem {
-        what,
-        path: path.to_owned(),
-        expected: "certificate",
-        detail,
-    };
-    let bytes = read(what, path)?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_error(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(pem_error("no CERTIFICATE block found".into()));
-    }
-    Ok(certs)
 }
 
 fn build_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
     let chain = certificates("certificate", &files.certificate)?;
-    let key_bytes = read("key", &files.key)?;
-    let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| TlsError::Pem {
-        what: "key",
-        path: files.key.clone(),
-        expected: "private key",
-        detail: e.to_string(),
-    })?;
+    let key = private_key(&files.key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

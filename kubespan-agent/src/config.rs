@@ -467,48 +467,16 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 .collect::<Result<Vec<_>, _>>()?,
         ),
     };
-    let stun_servers = raw
-        .nat_traversal
-        .stun_servers
-        .iter()
-        .enumerate()
-        .map(|(i, server)| {
-            let server = server.trim();
-            match server.rsplit_once(':') {
-                Some((host, port))
-                    if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) =>
-                {
-                    Ok(server.to_owned())
-                }
-                _ => Err(invalid(
-                    format!("natTraversal.stunServers[{i}]"),
-                    format!(
-                        "{server:?} is not host:port (e.g. 203.0.113.10:3478, stun.example.org:3478 or [2001:db8::10]:3478)"
-                    ),
-                )),
-            }
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let relay_servers = raw
-        .relay
-        .servers
-        .iter()
-        .enumerate()
-        .map(|(i, server)| {
-            let server = server.trim();
-            match server.rsplit_once(':') {
-                Some((host, port))
-                    if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) =>
-                {
-                    Ok(server.to_owned())
-                }
-                _ => Err(invalid(
-                    format!("relay.servers[{i}]"),
-                    format!("{server:?} is not host:port (e.g. relay.example.org:7443)"),
-                )),
-            }
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let stun_servers = host_ports(
+        "natTraversal.stunServers",
+        &raw.nat_traversal.stun_servers,
+        "203.0.113.10:3478, stun.example.org:3478 or [2001:db8::10]:3478",
+    )?;
+    let relay_servers = host_ports(
+        "relay.servers",
+        &raw.relay.servers,
+        "relay.example.org:7443 or 203.0.113.10:7443",
+    )?;
     if let Some(ca) = &raw.relay.ca_file
         && !ca.is_file()
     {
@@ -627,6 +595,28 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             server_name: raw.relay.server_name,
         },
     })
+}
+
+/// `host:port` entries (a name or an address, port 1–65535), trimmed; errors name the entry.
+fn host_ports(key: &str, entries: &[String], examples: &str) -> Result<Vec<String>, ConfigError> {
+    entries
+        .iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            let entry = entry.trim();
+            match entry.rsplit_once(':') {
+                Some((host, port))
+                    if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) =>
+                {
+                    Ok(entry.to_owned())
+                }
+                _ => Err(invalid(
+                    format!("{key}[{i}]"),
+                    format!("{entry:?} is not host:port (e.g. {examples})"),
+                )),
+            }
+        })
+        .collect()
 }
 
 fn validate_endpoint(key: &str, entry: RawEndpoint) -> Result<DiscoveryEndpoint, ConfigError> {

@@ -207,6 +207,22 @@ impl NatNode {
     }
 
     /// Whether the peer labelled `label` is `up`.
+    /// The kind of path this node reports for its peer `label` (`kubespanctl peers`, e.g.
+    /// `reflexive` or `relayed via 11.1.0.1:7443`); empty when unknown.
+    pub fn peer_path(&self, label: &str) -> String {
+        self.node
+            .kubespanctl(&["peers"])
+            .ok()
+            .and_then(|peers| {
+                peers
+                    .as_array()?
+                    .iter()
+                    .find(|p| p["label"] == label)
+                    .map(|p| p["status"]["path"].as_str().unwrap_or_default().to_owned())
+            })
+            .unwrap_or_default()
+    }
+
     pub fn peer_up(&self, label: &str) -> bool {
         self.peer(label).is_some_and(|(state, _)| state == "up")
     }

@@ -19,29 +19,13 @@ fn options(yaml: &str) -> AgentOptions {
     }
 }
 
-/// The path node `n` reports for its peer (e.g. "relayed via 11.1.0.1:7443").
-fn path(lab: &NatLab, n: usize, label: &str) -> String {
-    lab.node(n)
-        .node
-        .kubespanctl(&["peers"])
-        .ok()
-        .and_then(|peers| {
-            peers
-                .as_array()?
-                .iter()
-                .find(|p| p["label"] == label)
-                .map(|p| p["status"]["path"].as_str().unwrap_or_default().to_owned())
-        })
-        .unwrap_or_default()
-}
-
 fn relayed_both_ways(lab: &mut NatLab) -> anyhow::Result<Duration> {
     let (a, b) = (lab.node(1).name.clone(), lab.node(2).name.clone());
     lab.wait_for(&format!("{a} and {b} up through a relay"), UP, || {
         lab.node(1).peer_up(&b)
             && lab.node(2).peer_up(&a)
-            && path(lab, 1, &b).starts_with("relayed via")
-            && path(lab, 2, &a).starts_with("relayed via")
+            && lab.node(1).peer_path(&b).starts_with("relayed via")
+            && lab.node(2).peer_path(&a).starts_with("relayed via")
     })
 }
 
@@ -116,7 +100,9 @@ fn a_killed_relay_hands_the_traffic_to_the_other() -> anyhow::Result<()> {
     lab.start_agents(&[(1, options(&yaml)), (2, options(&yaml))])?;
     relayed_both_ways(&mut lab)?;
     let node2 = lab.node(2).name.clone();
-    let used = path(&lab, 1, &node2)
+    let used = lab
+        .node(1)
+        .peer_path(&node2)
         .trim_start_matches("relayed via ")
         .to_owned();
     let mesh2 = lab.node(2).mesh_address()?;
@@ -164,7 +150,7 @@ fn a_killed_relay_hands_the_traffic_to_the_other() -> anyhow::Result<()> {
         gap < Duration::from_secs(6),
         "traffic moved to the other relay: {text}"
     );
-    let now = path(&lab, 1, &node2);
+    let now = lab.node(1).peer_path(&node2);
     assert!(
         now.starts_with("relayed via") && !now.ends_with(&used),
         "node-1 reaches node-2 through the other relay now ({now}, {:?} after the kill)",
@@ -200,7 +186,7 @@ fn a_direct_path_that_appears_later_is_taken() -> anyhow::Result<()> {
         "both nodes to leave the relay for a direct path",
         Duration::from_secs(75),
         || {
-            let (p1, p2) = (path(&lab, 1, &b), path(&lab, 2, &a));
+            let (p1, p2) = (lab.node(1).peer_path(&b), lab.node(2).peer_path(&a));
             lab.node(1).peer_up(&b)
                 && lab.node(2).peer_up(&a)
                 && !p1.is_empty()
@@ -212,7 +198,7 @@ fn a_direct_path_that_appears_later_is_taken() -> anyhow::Result<()> {
     eprintln!(
         "direct path taken {waited:?} after the heal ({:?}): node-1 sees {}",
         healed.elapsed(),
-        path(&lab, 1, &b)
+        lab.node(1).peer_path(&b)
     );
     let mesh2 = lab.node(2).mesh_address()?;
     assert!(lab.node(1).ping(&mesh2));

@@ -86,14 +86,19 @@ impl ResolvesServerCert for ReloadingCert {
 }
 
 fn stamp(files: &TlsFiles) -> Stamp {
-    [&files.certificate, &files.key].map(|p| {
-        fs::metadata(p)
-            .ok()
-            .and_then(|m| Some((m.modified().ok()?, m.len())))
-    })
+    [&files.certificate, &files.key].map(|p| file_stamp(p))
 }
 
-fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+/// A file's modification time and size, to notice a replaced file (`None`: unreadable).
+/// Shared with the discovery server's reloading TLS.
+pub fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    fs::metadata(path)
+        .ok()
+        .and_then(|m| Some((m.modified().ok()?, m.len())))
+}
+
+/// A file's bytes, or an error naming it as `what`.
+pub fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     fs::read(path).map_err(|source| TlsError::Read {
         what,
         path: path.to_owned(),
@@ -126,15 +131,20 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn load_certified_key(files: &TlsFiles) -> Result<CertifiedKey, TlsError> {
-    let chain = certificates("certificate", &files.certificate)?;
-    let key_bytes = read("key", &files.key)?;
-    let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| TlsError::Pem {
+/// The private key in a PEM file.
+pub fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let key_bytes = read("key", path)?;
+    PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| TlsError::Pem {
         what: "key",
-        path: files.key.clone(),
+        path: path.to_owned(),
         expected: "private key",
         detail: e.to_string(),
-    })?;
+    })
+}
+
+fn load_certified_key(files: &TlsFiles) -> Result<CertifiedKey, TlsError> {
+    let chain = certificates("certificate", &files.certificate)?;
+    let key = private_key(&files.key)?;
     CertifiedKey::from_der(chain, key, &provider()).map_err(|e| {
         TlsError::Config(format!(
             "certificate {} and key {} do not form a usable pair: {e}",

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use netns_tests::nat::{Kind, NatLab, NatNode, ServerOptions};
+use netns_tests::nat::{Kind, NatLab, ServerOptions};
 use netns_tests::{AgentOptions, ns_sh, require_root};
 
 #[derive(Parser, Debug)]
@@ -40,20 +40,6 @@ struct Measure {
     mbit: f64,
     rtt_avg_ms: f64,
     rtt_max_ms: f64,
-}
-
-fn path(node: &NatNode, label: &str) -> String {
-    node.node
-        .kubespanctl(&["peers"])
-        .ok()
-        .and_then(|peers| {
-            peers
-                .as_array()?
-                .iter()
-                .find(|p| p["label"] == label)
-                .map(|p| p["status"]["path"].as_str().unwrap_or_default().to_owned())
-        })
-        .unwrap_or_default()
 }
 
 fn measure(lab: &NatLab, args: &Args) -> anyhow::Result<Measure> {
@@ -122,8 +108,8 @@ fn run_once(args: &Args) -> anyhow::Result<(Measure, Duration, Measure)> {
     lab.wait_for("a direct path both ways", Duration::from_secs(60), || {
         lab.node(1).peer_up(&b)
             && lab.node(2).peer_up(&a)
-            && !path(lab.node(1), &b).starts_with("relayed")
-            && !path(lab.node(2), &a).starts_with("relayed")
+            && !lab.node(1).peer_path(&b).starts_with("relayed")
+            && !lab.node(2).peer_path(&a).starts_with("relayed")
     })?;
     let direct = measure(&lab, args)?;
     let (ip1, ip2) = (lab.node(1).public_ip, lab.node(2).public_ip);
@@ -133,8 +119,8 @@ fn run_once(args: &Args) -> anyhow::Result<(Measure, Duration, Measure)> {
     lab.wait_for("both relayed", Duration::from_secs(90), || {
         lab.node(1).peer_up(&b)
             && lab.node(2).peer_up(&a)
-            && path(lab.node(1), &b).starts_with("relayed")
-            && path(lab.node(2), &a).starts_with("relayed")
+            && lab.node(1).peer_path(&b).starts_with("relayed")
+            && lab.node(2).peer_path(&a).starts_with("relayed")
     })?;
     let to_relay = cut.elapsed();
     let relayed = measure(&lab, args)?;
