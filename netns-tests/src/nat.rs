@@ -1033,7 +1033,8 @@ impl Drop for Relays {
 
 impl NatLab {
     /// Starts two `openspan-relay`s on the internet (next to the discovery server and at the lab's
-    /// second public address) letting the lab's cluster in, with `extra_args` (e.g. limits);
+    /// second public address) letting the lab's cluster in (unless `extra_args` name the clusters
+    /// with `--cluster=`), with `extra_args` (e.g. limits);
     /// returns them and the agents' `relay` YAML.
     pub fn start_relays(&self, extra_args: &[&str]) -> anyhow::Result<(Relays, String)> {
         let lab = self;
@@ -1084,7 +1085,11 @@ impl NatLab {
                 .arg(&cert_file)
                 .arg("--key-file")
                 .arg(&key_file)
-                .arg(format!("--cluster={cluster}"))
+                // A `--cluster=` among `extra_args` replaces the lab's own (e.g. to shut it out).
+                .args(
+                    (!extra_args.iter().any(|a| a.starts_with("--cluster=")))
+                        .then(|| format!("--cluster={cluster}")),
+                )
                 .arg(format!("--metrics-addr={ip}:2123"))
                 .args(extra_args)
                 .stdout(Stdio::null())

@@ -204,3 +204,29 @@ fn a_direct_path_that_appears_later_is_taken() -> anyhow::Result<()> {
     assert!(lab.node(1).ping(&mesh2));
     Ok(())
 }
+
+#[test]
+fn nodes_of_a_cluster_the_relay_does_not_know_are_refused() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut lab = NatLab::new(&[Kind::Hard, Kind::Hard])?;
+    lab.start_server(ServerOptions { stun: false })?;
+    // The relays let in another cluster only (a verifier of a token nobody here has).
+    let other = format!("--cluster=another-cluster={}", "ab".repeat(32));
+    let (_relays, yaml) = lab.start_relays(&[&other])?;
+    lab.start_agents(&[(1, options(&yaml)), (2, options(&yaml))])?;
+    lab.wait_for("both agents to report the relay's refusal", UP, || {
+        (1..=2).all(|n| {
+            let log = lab.node(n).node.log();
+            log.contains("cannot connect to the relay") && log.contains("unauthorized")
+        })
+    })?;
+    // No relay reaches either node, so neither announces one and no path exists.
+    std::thread::sleep(Duration::from_secs(5));
+    let (a, b) = (lab.node(1).name.clone(), lab.node(2).name.clone());
+    assert!(!lab.node(1).peer_up(&b) && !lab.node(2).peer_up(&a));
+    let mesh2 = lab.node(2).mesh_address()?;
+    assert!(!lab.node(1).ping(&mesh2), "no packet crossed");
+    Ok(())
+}
