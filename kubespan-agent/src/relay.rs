@@ -65,6 +65,8 @@ struct Proxy {
     peer_relays: Mutex<Vec<String>>,
     /// The relay its last packet went through.
     via: Mutex<Option<String>>,
+    /// Cancelled when the peer is gone: its task ends and the socket closes.
+    closed: CancellationToken,
 }
 
 /// The relay connections and the per-peer proxies.
@@ -194,7 +196,13 @@ impl Relays {
 
     /// Closes the proxies of peers that are gone.
     pub fn retain_peers(&self, keep: impl Fn(&Key) -> bool) {
-        lock(&self.proxies).retain(|key, _| keep(key));
+        lock(&self.proxies).retain(|key, proxy| {
+            let kept = keep(key);
+            if !kept {
+                proxy.closed.cancel();
+            }
+            kept
+        });
     }
 
     async fn proxy(self: &Arc<Self>, peer: Key) -> Option<Arc<Proxy>> {
@@ -212,6 +220,7 @@ impl Relays {
             socket,
             peer_relays: Mutex::new(Vec::new()),
             via: Mutex::new(None),
+            closed: self.stop.child_token(),
         });
         let existing = {
             let mut proxies = lock(&self.proxies);
@@ -255,7 +264,7 @@ async fn outbound(relays: Arc<Relays>, peer: Key, proxy: Arc<Proxy>) {
     let mut chosen: Option<(String, RelayClient, tokio::time::Instant)> = None;
     loop {
         let received = tokio::select! {
-            _ = relays.stop.cancelled() => return,
+            _ = proxy.closed.cancelled() => return,
             received = proxy.socket.recv_from(&mut buffer) => received,
         };
         let Ok((len, from)) = received else { continue };
@@ -267,9 +276,6 @@ async fn outbound(relays: Arc<Relays>, peer: Key, proxy: Arc<Proxy>) {
             .as_ref()
             .is_none_or(|(_, client, at)| client.is_closed() || at.elapsed() >= RECHOOSE);
         if stale {
-            if !lock(&relays.proxies).contains_key(&peer) {
-                return;
-            }
             let wanted = lock(&proxy.peer_relays).clone();
             chosen = relays
                 .best_shared(&wanted)
