@@ -234,6 +234,18 @@ pub async fn run(mut inputs: Inputs, stop: CancellationToken) -> anyhow::Result<
             })
         })
         .context("cannot configure the WireGuard device")?;
+        if let Some(relays) = &inputs.relays {
+            let link: Arc<dyn crate::wg::RelayLink> = relays.clone();
+            match device.attach_relay(link) {
+                Some(injector) => {
+                    relays.attach_device(injector);
+                    tracing::info!("relayed peers go straight between the device and the relays");
+                }
+                None => tracing::info!(
+                    "relayed peers go through a loopback socket per peer (kernel WireGuard)"
+                ),
+            }
+        }
         // Described once configured: the userspace device then knows its socket's offloads.
         *status
             .description

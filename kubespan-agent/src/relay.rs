@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RelayConfig;
-use crate::wg::Key;
+use crate::wg::{Key, RelayInjector, RelayLink};
 
 /// Reconnection back-off bounds.
 const RETRY_MIN: Duration = Duration::from_millis(200);
@@ -67,6 +67,35 @@ struct Proxy {
     via: Mutex<Option<String>>,
     /// Cancelled when the peer is gone: its task ends and the socket closes.
     closed: CancellationToken,
+    /// Its address (the peer's relay candidate).
+    address: SocketAddr,
+    /// The relay connection packets go through, and when it was chosen.
+    chosen: Mutex<Option<(String, RelayClient, tokio::time::Instant)>>,
+}
+
+impl Proxy {
+    /// The relay connection to send on: the one chosen less than [`RECHOOSE`] ago if still
+    /// open, else the best shared one now.
+    fn client(&self, relays: &Relays, peer: &Key) -> Option<RelayClient> {
+        let mut chosen = lock(&self.chosen);
+        let stale = chosen
+            .as_ref()
+            .is_none_or(|(_, client, at)| client.is_closed() || at.elapsed() >= RECHOOSE);
+        if stale {
+            let wanted = lock(&self.peer_relays).clone();
+            *chosen = relays
+                .best_shared(&wanted)
+                .map(|(name, client)| (name, client, tokio::time::Instant::now()));
+            if let Some((name, _, _)) = chosen.as_ref() {
+                let mut via = lock(&self.via);
+                if via.as_deref() != Some(name.as_str()) {
+                    tracing::info!(relay = %name, peer = %base64::engine::general_purpose::STANDARD.encode(peer), "relaying a peer's packets");
+                    *via = Some(name.clone());
+                }
+            }
+        }
+        chosen.as_ref().map(|(_, client, _)| client.clone())
+    }
 }
 
 /// The relay connections and the per-peer proxies.
@@ -79,6 +108,11 @@ pub struct Relays {
     /// The connected relays, best first (announced in this node's record).
     connected_tx: watch::Sender<Vec<String>>,
     stop: CancellationToken,
+    /// Proxy addresses → peers, for the device's relay link.
+    by_address: Mutex<HashMap<SocketAddr, Key>>,
+    /// Set when the WireGuard device takes relayed packets directly (openspan's userspace
+    /// device): no loopback hop either way.
+    direct: Mutex<Option<RelayInjector>>,
 }
 
 impl Relays {
@@ -110,6 +144,8 @@ impl Relays {
             counters: Arc::new(RelayCounters::default()),
             connected_tx,
             stop,
+            by_address: Mutex::new(HashMap::new()),
+            direct: Mutex::new(None),
         });
         for slot in &relays.slots {
             let client_config = RelayClientConfig {
@@ -123,6 +159,12 @@ impl Relays {
             tokio::spawn(connection(relays.clone(), slot.clone(), client_config));
         }
         relays
+    }
+
+    /// The device sends relayed peers' packets through [`RelayLink`] and takes theirs through
+    /// `injector`, instead of the loopback sockets.
+    pub fn attach_device(&self, injector: RelayInjector) {
+        *lock(&self.direct) = Some(injector);
     }
 
     pub fn counters(&self) -> Arc<RelayCounters> {
@@ -196,10 +238,12 @@ impl Relays {
 
     /// Closes the proxies of peers that are gone.
     pub fn retain_peers(&self, keep: impl Fn(&Key) -> bool) {
+        let mut by_address = lock(&self.by_address);
         lock(&self.proxies).retain(|key, proxy| {
             let kept = keep(key);
             if !kept {
                 proxy.closed.cancel();
+                by_address.remove(&proxy.address);
             }
             kept
         });
@@ -216,11 +260,16 @@ impl Relays {
                 return None;
             }
         };
+        let Ok(address) = socket.local_addr() else {
+            return None;
+        };
         let proxy = Arc::new(Proxy {
             socket,
             peer_relays: Mutex::new(Vec::new()),
             via: Mutex::new(None),
             closed: self.stop.child_token(),
+            address,
+            chosen: Mutex::new(None),
         });
         let existing = {
             let mut proxies = lock(&self.proxies);
@@ -228,6 +277,7 @@ impl Relays {
                 Some(existing.clone())
             } else {
                 proxies.insert(peer, proxy.clone());
+                lock(&self.by_address).insert(address, peer);
                 None
             }
         };
@@ -250,7 +300,13 @@ impl Relays {
         self.counters
             .rx_bytes
             .fetch_add(packet.len() as u64, Ordering::Relaxed);
-        let _ = proxy.socket.send_to(&packet, self.wireguard).await;
+        let direct = lock(&self.direct).clone();
+        match direct {
+            Some(inject) => inject(proxy.address, &packet),
+            None => {
+                let _ = proxy.socket.send_to(&packet, self.wireguard).await;
+            }
+        }
     }
 }
 
@@ -258,10 +314,10 @@ impl Relays {
 /// that closes is left at once).
 const RECHOOSE: Duration = Duration::from_millis(250);
 
-/// WireGuard → relay for one peer, until the proxy is dropped or the agent stops.
+/// WireGuard → relay for one peer over its loopback socket (kernel WireGuard), until the proxy
+/// is closed or the agent stops.
 async fn outbound(relays: Arc<Relays>, peer: Key, proxy: Arc<Proxy>) {
     let mut buffer = vec![0u8; MAX_PACKET];
-    let mut chosen: Option<(String, RelayClient, tokio::time::Instant)> = None;
     loop {
         let received = tokio::select! {
             _ = proxy.closed.cancelled() => return,
@@ -272,39 +328,39 @@ async fn outbound(relays: Arc<Relays>, peer: Key, proxy: Arc<Proxy>) {
         if from.port() != relays.wireguard.port() || !from.ip().is_loopback() {
             continue;
         }
-        let stale = chosen
-            .as_ref()
-            .is_none_or(|(_, client, at)| client.is_closed() || at.elapsed() >= RECHOOSE);
-        if stale {
-            let wanted = lock(&proxy.peer_relays).clone();
-            chosen = relays
-                .best_shared(&wanted)
-                .map(|(name, client)| (name, client, tokio::time::Instant::now()));
-            if let Some((name, _, _)) = &chosen {
-                let mut via = lock(&proxy.via);
-                if via.as_deref() != Some(name.as_str()) {
-                    tracing::info!(relay = %name, peer = %base64::engine::general_purpose::STANDARD.encode(peer), "relaying a peer's packets");
-                    *via = Some(name.clone());
-                }
-            }
-        }
-        let sent = chosen
-            .as_ref()
-            .is_some_and(|(_, client, _)| client.send(&peer, &buffer[..len]).is_ok());
+        relays.send_via(&proxy, &peer, &buffer[..len]);
+    }
+}
+
+impl Relays {
+    fn send_via(&self, proxy: &Proxy, peer: &Key, packet: &[u8]) -> bool {
+        let sent = proxy
+            .client(self, peer)
+            .is_some_and(|client| client.send(peer, packet).is_ok());
         if sent {
-            relays
-                .counters
+            self.counters
                 .tx_bytes
-                .fetch_add(len as u64, Ordering::Relaxed);
+                .fetch_add(packet.len() as u64, Ordering::Relaxed);
         } else {
-            relays.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            if chosen
-                .as_ref()
-                .is_some_and(|(_, client, _)| client.is_closed())
-            {
-                chosen = None;
-            }
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
         }
+        sent
+    }
+}
+
+impl RelayLink for Relays {
+    fn owns(&self, endpoint: SocketAddr) -> bool {
+        lock(&self.by_address).contains_key(&endpoint)
+    }
+
+    fn send(&self, endpoint: SocketAddr, packet: &[u8]) -> bool {
+        let Some(peer) = lock(&self.by_address).get(&endpoint).copied() else {
+            return false;
+        };
+        let Some(proxy) = lock(&self.proxies).get(&peer).cloned() else {
+            return false;
+        };
+        self.send_via(&proxy, &peer, packet)
     }
 }
 

@@ -64,6 +64,18 @@ pub struct PeerState {
     pub allowed_ips: Vec<IpNet>,
 }
 
+/// Carries packets for endpoints that are not UDP addresses: a relayed peer's endpoint is a
+/// placeholder address the link owns (the agent's relays).
+pub trait RelayLink: Send + Sync {
+    /// Whether `endpoint` is one of the link's.
+    fn owns(&self, endpoint: SocketAddr) -> bool;
+    /// Sends `packet` to the peer behind `endpoint`; false when it was dropped.
+    fn send(&self, endpoint: SocketAddr, packet: &[u8]) -> bool;
+}
+
+/// Hands the device a packet that arrived through a relay, as if from `endpoint`.
+pub type RelayInjector = std::sync::Arc<dyn Fn(SocketAddr, &[u8]) + Send + Sync>;
+
 /// A WireGuard interface the agent owns.
 pub trait WireGuard: Send {
     /// The network interface name.
@@ -106,5 +118,11 @@ pub trait WireGuard: Send {
     /// STUN messages that arrived on the WireGuard socket since the last call.
     fn take_stun(&mut self) -> Vec<(SocketAddr, Vec<u8>)> {
         Vec::new()
+    }
+    /// Sends packets for the link's endpoints through it, and returns how to hand the device
+    /// what comes back; `None` when the device cannot (kernel WireGuard: the caller carries
+    /// relayed packets over loopback UDP instead).
+    fn attach_relay(&mut self, _link: std::sync::Arc<dyn RelayLink>) -> Option<RelayInjector> {
+        None
     }
 }

@@ -23,7 +23,9 @@ use super::device::Device;
 use super::uapi;
 use super::wake::{Wake, wait_readable};
 use super::worker::NetlinkWorker;
-use super::{DeviceSettings, Key, PeerConfig, PeerState, WgError, WireGuard};
+use super::{
+    DeviceSettings, Key, PeerConfig, PeerState, RelayInjector, RelayLink, WgError, WireGuard,
+};
 
 pub struct UserspaceWireGuard {
     interface: String,
@@ -272,5 +274,9 @@ impl WireGuard for UserspaceWireGuard {
 
     fn take_stun(&mut self) -> Vec<(SocketAddr, Vec<u8>)> {
         self.device.take_stun()
+    }
+
+    fn attach_relay(&mut self, link: std::sync::Arc<dyn RelayLink>) -> Option<RelayInjector> {
+        Some(self.device.attach_relay(link))
     }
 }

@@ -194,6 +194,13 @@ impl Egress {
         drop(peers);
         for batch in &self.batches {
             let contents = &self.out[batch.start..batch.end];
+            if let Some(link) = shared.relay_for(batch.destination) {
+                // A relayed peer: its datagrams one by one to the relay link.
+                for datagram in contents.chunks(batch.segment.max(1)) {
+                    link.send(batch.destination, datagram);
+                }
+                continue;
+            }
             if let Err(e) = socket.send(batch.destination, contents, Some(batch.segment)) {
                 tracing::debug!(interface = %shared.interface, destination = %batch.destination, error = %e, "WireGuard send failed");
             }

@@ -85,7 +85,10 @@ pub(super) fn network_to_tun(shared: &Shared) {
             shared.rx_wake.clear();
             continue;
         };
-        let received = {
+        let relayed = take_relayed(shared, &mut storage, &mut meta);
+        let received = if relayed > 0 {
+            Ok(relayed)
+        } else {
             let mut slices: Vec<IoSliceMut<'_>> =
                 storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
             socket.recv(&mut slices, &mut meta)
@@ -204,6 +207,28 @@ pub(super) fn network_to_tun(shared: &Shared) {
             hand_over_tun(shared);
         }
     }
+}
+
+/// Moves packets relays delivered into the receive buffers, as if the socket had received them
+/// from their placeholder addresses; returns how many.
+fn take_relayed(shared: &Shared, storage: &mut [Vec<u8>], meta: &mut [RecvMeta]) -> usize {
+    let mut inbox = lock(&shared.relay_inbox);
+    let mut count = 0;
+    while count < storage.len()
+        && let Some((from, packet)) = inbox.pop_front()
+    {
+        if packet.len() > storage[count].len() {
+            continue;
+        }
+        storage[count][..packet.len()].copy_from_slice(&packet);
+        let mut received = RecvMeta::default();
+        received.addr = from;
+        received.len = packet.len();
+        received.stride = packet.len();
+        meta[count] = received;
+        count += 1;
+    }
+    count
 }
 
 /// A handshake message: the gate decides whether it is worth a DH, a cookie reply or nothing.

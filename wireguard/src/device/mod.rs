@@ -38,7 +38,7 @@ use self::peers::{Peer, PeerTable};
 use super::uapi::{DeviceView, PeerView, SetRequest, render_get};
 use super::udp::UdpTransport;
 use super::wake::{Wake, wait_readable};
-use super::{DeviceSettings, Key, PeerConfig, PeerState, WgError};
+use super::{DeviceSettings, Key, PeerConfig, PeerState, RelayInjector, RelayLink, WgError};
 
 /// Handshake messages per second allowed per configured peer. When a whole cluster starts at
 /// once, each peer sends its initiation, its response to ours and often a second initiation
@@ -71,6 +71,9 @@ const MIN_MESSAGE_ROOM: usize = 148;
 /// STUN messages received on the WireGuard socket kept for the agent; more are dropped (the
 /// agent sends a handful of binding requests every 20–30 s).
 const STUN_INBOX: usize = 64;
+/// Packets from relays waiting for the receive thread; more are dropped (as a full socket
+/// buffer would).
+const RELAY_INBOX: usize = 4_096;
 const HANDSHAKE_INITIATION: u8 = 1;
 const HANDSHAKE_RESPONSE: u8 = 2;
 const DATA_MESSAGE: u8 = 4;
@@ -107,6 +110,10 @@ struct Shared {
     timer_wake: Wake,
     /// STUN messages that arrived on the WireGuard socket (source, bytes), for the agent.
     stun_inbox: Mutex<VecDeque<(SocketAddr, Vec<u8>)>>,
+    /// Where packets for relayed peers go, when the agent attached its relays.
+    relay: RwLock<Option<Arc<dyn RelayLink>>>,
+    /// Packets relays delivered (placeholder source, bytes), for the receive thread.
+    relay_inbox: Mutex<VecDeque<(SocketAddr, Vec<u8>)>>,
     /// Whether the transmit thread is watching the TUN device (under load); otherwise the
     /// receive thread does, and one thread carries everything.
     tx_active: AtomicBool,
@@ -130,8 +137,26 @@ impl Shared {
         read(&self.socket).clone()
     }
 
+    /// The relay link when it owns `destination`.
+    fn relay_for(&self, destination: SocketAddr) -> Option<Arc<dyn RelayLink>> {
+        if !destination.ip().is_loopback() {
+            return None;
+        }
+        read(&self.relay)
+            .as_ref()
+            .filter(|link| link.owns(destination))
+            .cloned()
+    }
+
     fn send_to(&self, destination: Option<SocketAddr>, message: &[u8]) {
-        let (Some(destination), Some(socket)) = (destination, self.socket()) else {
+        let Some(destination) = destination else {
+            return;
+        };
+        if let Some(link) = self.relay_for(destination) {
+            link.send(destination, message);
+            return;
+        }
+        let Some(socket) = self.socket() else {
             return;
         };
         if let Err(e) = socket.send(destination, message, None) {
@@ -192,6 +217,8 @@ impl Device {
             tx_wake: Wake::new()?,
             timer_wake: Wake::new()?,
             stun_inbox: Mutex::new(VecDeque::new()),
+            relay: RwLock::new(None),
+            relay_inbox: Mutex::new(VecDeque::new()),
             tx_active: AtomicBool::new(false),
             egress: Mutex::new(Egress::new()),
         });
@@ -433,6 +460,23 @@ impl Device {
             return false;
         };
         socket.send(destination, message, None).is_ok()
+    }
+
+    /// Sends the link's endpoints' packets through it; returns how relays hand packets back.
+    pub fn attach_relay(self: &Arc<Self>, link: Arc<dyn RelayLink>) -> RelayInjector {
+        *write(&self.shared.relay) = Some(link);
+        let shared = Arc::downgrade(&self.shared);
+        Arc::new(move |from: SocketAddr, packet: &[u8]| {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let mut inbox = lock(&shared.relay_inbox);
+            if inbox.len() < RELAY_INBOX {
+                inbox.push_back((from, packet.to_vec()));
+            }
+            drop(inbox);
+            shared.rx_wake.notify();
+        })
     }
 
     /// STUN messages received since the last call (source, bytes), oldest first.
