@@ -471,11 +471,16 @@ impl Device {
                 return;
             };
             let mut inbox = lock(&shared.relay_inbox);
+            // The receive thread drains the inbox before it waits again, so only the first
+            // packet into an empty one needs to wake it (a system call per packet otherwise).
+            let was_empty = inbox.is_empty();
             if inbox.len() < RELAY_INBOX {
                 inbox.push_back((from, packet.to_vec()));
             }
             drop(inbox);
-            shared.rx_wake.notify();
+            if was_empty {
+                shared.rx_wake.notify();
+            }
         })
     }
 
