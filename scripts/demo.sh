@@ -64,6 +64,7 @@ cleanup() {
   exit "$status"
 }
 trap cleanup EXIT
+trap 'printf "demo: line %s failed: %s\n" "$LINENO" "$BASH_COMMAND" >&2' ERR
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
@@ -146,7 +147,7 @@ peers_up() {
     python3 -c 'import json, sys
 print(sum(1 for p in json.load(sys.stdin) if (p.get("status") or {}).get("state") == "up"))' <<<"$json" 2>/dev/null || echo 0
   else
-    grep -Eo '"state": *"up"' <<<"$json" | wc -l
+    { grep -Eo '"state": *"up"' <<<"$json" || true; } | wc -l
   fi
 }
 
