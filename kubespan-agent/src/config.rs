@@ -378,10 +378,60 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
     } else {
         serde_norway::from_str(text).map_err(|e| ConfigError::Syntax {
             path: PathBuf::from("<config>"),
-            message: e.to_string(),
+            message: suggest_known_key(&e.to_string()),
         })?
     };
     validate(raw)
+}
+
+/// Adds "did you mean `listenPort`?" to serde's "unknown field `listenport`, expected one of
+/// `clusterID`, …" when one expected key is close to the unknown one.
+fn suggest_known_key(message: &str) -> String {
+    const MARK: &str = "unknown field `";
+    let Some(start) = message.find(MARK).map(|i| i + MARK.len()) else {
+        return message.to_string();
+    };
+    let Some(len) = message[start..].find('`') else {
+        return message.to_string();
+    };
+    let unknown = &message[start..start + len];
+    let after = start + len + 1;
+    let Some(expected) = message[after..].find("expected").map(|i| after + i) else {
+        return message.to_string();
+    };
+    let candidates = message[expected..].split('`').skip(1).step_by(2);
+    let best = candidates
+        .map(|known| {
+            let distance = levenshtein(&unknown.to_lowercase(), &known.to_lowercase());
+            (distance, known)
+        })
+        .min_by_key(|(distance, _)| *distance);
+    match best {
+        Some((distance, known)) if distance <= 2.max(unknown.chars().count() / 3) => format!(
+            "{} (did you mean `{known}`?){}",
+            &message[..after],
+            &message[after..]
+        ),
+        _ => message.to_string(),
+    }
+}
+
+/// Edit distance (insertions, deletions, substitutions) between two strings.
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 fn parse_prefix(key: &str, text: &str) -> Result<IpNet, ConfigError> {
@@ -994,6 +1044,27 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_key_suggests_the_closest_known_one() {
+        let message = error(&format!("{}listenport: 5\n", base()));
+        assert!(
+            message.contains("unknown field `listenport` (did you mean `listenPort`?), expected"),
+            "{message}"
+        );
+        let message = error(&format!("{}filters:\n  endpoint: []\n", base()));
+        assert!(message.contains("did you mean `endpoints`?"), "{message}");
+        let message = error(&format!("{}clusterSecrte: x\n", base()));
+        assert!(
+            message.contains("did you mean `clusterSecret`?"),
+            "{message}"
+        );
+        // Nothing close: no guess.
+        let message = error(&format!("{}wireguardKernelModule: true\n", base()));
+        assert!(!message.contains("did you mean"), "{message}");
+        assert_eq!(levenshtein("kitten", "sitting"), 3);
+        assert_eq!(levenshtein("", "abc"), 3);
+    }
+
+    #[test]
     fn discovery_urls_follow_talos_rules() {
         let https = DiscoveryEndpoint::parse("https://discovery.talos.dev/").unwrap();
         assert_eq!(
@@ -1151,7 +1222,7 @@ mod tests {
             ),
             (
                 "    - url: https://x:1\n      cafile: /ca.pem\n".to_string(),
-                "unknown field `cafile`, expected one of".to_string(),
+                "unknown field `cafile` (did you mean `caFile`?), expected one of".to_string(),
             ),
             (
                 "    - caFile: /ca.pem\n".to_string(),
