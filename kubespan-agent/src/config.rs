@@ -837,7 +837,13 @@ fn validate_data_plane(raw: &RawConfig) -> Result<DataPlaneConfig, ConfigError> 
 }
 
 /// A commented configuration with fresh secrets, for `kubespanctl gen config`.
-pub fn example(cluster_id: &str, cluster_secret: &str) -> String {
+/// `endpoints` are the discovery URLs (at least one; `kubespanctl` defaults to
+/// `http://127.0.0.1:3000`).
+pub fn example(cluster_id: &str, cluster_secret: &str, endpoints: &[String]) -> String {
+    let endpoints: String = endpoints
+        .iter()
+        .map(|url| format!("    - {url}\n"))
+        .collect();
     format!(
         r#"# kubespan-agent configuration. Every node of a cluster uses the same clusterID and
 # clusterSecret; keep the secret private (it encrypts member records and is the WireGuard
@@ -851,10 +857,10 @@ clusterSecret: {cluster_secret}
 
 discovery:
   # One or more discovery services; their views are merged. http:// is plaintext gRPC,
-  # https:// (or grpc://) is TLS.
+  # https:// (or grpc://) is TLS. Every node must reach them (127.0.0.1 only works for nodes
+  # on the discovery service's own host).
   endpoints:
-    - http://127.0.0.1:3000
-    # A TLS service with a private CA (trusted instead of the system roots), a client
+{endpoints}    # A TLS service with a private CA (trusted instead of the system roots), a client
     # certificate when it requires mutual TLS, and the name its certificate carries when the URL
     # names an address:
     # - url: https://10.0.0.5:3000
@@ -961,11 +967,16 @@ mod tests {
 
     #[test]
     fn the_generated_example_is_valid() {
-        let config = parse(&example("abc", SECRET)).unwrap();
+        let config = parse(&example(
+            "abc",
+            SECRET,
+            &["http://127.0.0.1:3000".to_string()],
+        ))
+        .unwrap();
         assert_eq!(config.cluster_id, "abc");
         assert_eq!(config.metrics_addr.as_deref(), Some("127.0.0.1:9560"));
         // The commented TLS entry has the right shape: uncommented, only its files are missing.
-        let uncommented = example("abc", SECRET)
+        let uncommented = example("abc", SECRET, &["http://127.0.0.1:3000".to_string()])
             .replace("    # - url:", "    - url:")
             .replace("    #   ", "      ");
         assert!(uncommented.contains("    - url: https://10.0.0.5:3000\n      caFile:"));
