@@ -396,6 +396,46 @@ async fn kubespanctl_shows_the_mesh_and_explains_a_missing_agent() {
     server.shutdown().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discovery_service_never_reached_is_reported_with_its_cause() {
+    // A port nothing listens on: the connection is refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let root = tempfile::tempdir().unwrap();
+    let a = agent(root.path(), "node-a", "02:00:00:00:00:0a", &closed);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let output = Command::new(env!("CARGO_BIN_EXE_kubespanctl"))
+            .arg("--socket")
+            .arg(a.socket())
+            .arg("status")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        if text.contains("is not connected") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        status.contains(&format!(
+            "discovery service http://{closed} is not connected"
+        )) && status.contains("Connection refused"),
+        "{status}"
+    );
+    let log = a.log();
+    assert!(
+        log.contains("cannot reach the discovery service")
+            && log.contains(&format!("cannot connect to {closed}"))
+            && log.contains("Connection refused"),
+        "{log}"
+    );
+    assert!(!log.contains("connection lost"), "{log}");
+}
+
 #[test]
 fn generated_config_is_accepted_by_the_agent() {
     let output = Command::new(env!("CARGO_BIN_EXE_kubespanctl"))

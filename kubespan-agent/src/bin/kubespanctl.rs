@@ -464,11 +464,28 @@ fn status_text(status: &pb::AgentStatus) -> String {
             status.own_record_tampered
         );
     }
-    if status.warnings.is_empty() {
+    let mut warnings: Vec<String> = status
+        .discovery
+        .iter()
+        .filter(|d| d.state != "connected")
+        .map(|d| {
+            let cause = match d.last_error.as_str() {
+                "" => String::new(),
+                error => format!(": {error}"),
+            };
+            format!(
+                "discovery service {} is not connected ({}){cause}; no member is learned or \
+                 announced through it (is it running, and reachable from this node?)",
+                d.endpoint, d.state
+            )
+        })
+        .collect();
+    warnings.extend(status.warnings.iter().cloned());
+    if warnings.is_empty() {
         out += "Warnings:    none\n";
     } else {
         out += "Warnings:\n";
-        for w in &status.warnings {
+        for w in &warnings {
             out += &format!("  - {w}\n");
         }
     }
@@ -635,5 +652,40 @@ async fn main() -> ExitCode {
             eprintln!("kubespanctl: {message}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_warns_about_a_discovery_service_that_is_not_connected() {
+        let connection = |endpoint: &str, state: &str, last_error: &str| pb::DiscoveryConnection {
+            endpoint: endpoint.into(),
+            state: state.into(),
+            last_error: last_error.into(),
+            ..Default::default()
+        };
+        let mut status = pb::AgentStatus {
+            discovery: vec![connection("http://a:3000", "connected", "")],
+            ..Default::default()
+        };
+        assert!(status_text(&status).contains("Warnings:    none"));
+        status.discovery.push(connection(
+            "http://b:3000",
+            "backoff",
+            "cannot connect to b:3000: Connection refused",
+        ));
+        status.warnings.push("another warning".into());
+        let text = status_text(&status);
+        assert!(
+            text.contains(
+                "  - discovery service http://b:3000 is not connected (backoff): cannot connect to b:3000: Connection refused;"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("http://a:3000 is not connected"), "{text}");
+        assert!(text.contains("  - another warning\n"), "{text}");
     }
 }
