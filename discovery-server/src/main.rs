@@ -551,6 +551,18 @@ mod tests {
     }
 
     #[test]
+    fn a_bare_port_is_refused_with_the_go_notation() {
+        let argv = ["discovery-server", "--addr", "3000"].map(String::from);
+        let config = Args::try_parse_from(go_style_flags(argv.into_iter()))
+            .unwrap()
+            .into_config()
+            .unwrap();
+        let message = server::validate(&config).unwrap_err().to_string();
+        assert!(message.contains("--addr \"3000\""), "{message}");
+        assert!(message.contains("`:3000`"), "{message}");
+    }
+
+    #[test]
     fn reference_flags_parse() {
         let args = Args::try_parse_from([
             "discovery-server",

@@ -156,8 +156,19 @@ impl Running {
     }
 }
 
+/// Refuses a bare port (`3000`), which no listener accepts, pointing at Go's `:3000`.
+pub fn check_listen_addr(flag: &str, addr: &str) -> anyhow::Result<()> {
+    if !addr.is_empty() && addr.parse::<u16>().is_ok() {
+        bail!(
+            "{flag} {addr:?} is a bare port: write `:{addr}` (every interface) or `127.0.0.1:{addr}` (this host only)"
+        );
+    }
+    Ok(())
+}
+
 /// Binds an address in Go's notation: `:3000` means every interface (IPv6 and IPv4).
 pub async fn bind(flag: &str, addr: &str) -> anyhow::Result<TcpListener> {
+    check_listen_addr(flag, addr)?;
     let listener = if let Some(port) = addr.strip_prefix(':') {
         let port: u16 = port
             .parse()
@@ -734,6 +745,15 @@ async fn bounded(
 }
 
 pub fn validate(config: &Config) -> anyhow::Result<()> {
+    for (flag, addr) in [
+        ("--addr", &config.grpc_addr),
+        ("--landing-addr", &config.landing_addr),
+        ("--metrics-addr", &config.metrics_addr),
+    ] {
+        if let Some(addr) = addr {
+            check_listen_addr(flag, addr)?;
+        }
+    }
     if config.grpc_addr.is_none() {
         tracing::warn!("--addr is empty: the gRPC API is disabled");
     }

@@ -66,6 +66,7 @@ impl StunConfig {
 /// Binds the responder's socket; `addr` as the TCP listeners take it (`:3478` = every
 /// interface). A failure says which address and what to do about it.
 pub async fn bind(addr: &str) -> anyhow::Result<UdpSocket> {
+    crate::server::check_listen_addr("--stun-addr", addr)?;
     let socket = if let Some(port) = addr.strip_prefix(':') {
         let port: u16 = port
             .parse()

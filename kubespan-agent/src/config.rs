@@ -378,10 +378,60 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
     } else {
         serde_norway::from_str(text).map_err(|e| ConfigError::Syntax {
             path: PathBuf::from("<config>"),
-            message: e.to_string(),
+            message: suggest_known_key(&e.to_string()),
         })?
     };
     validate(raw)
+}
+
+/// Adds "did you mean `listenPort`?" to serde's "unknown field `listenport`, expected one of
+/// `clusterID`, …" when one expected key is close to the unknown one.
+fn suggest_known_key(message: &str) -> String {
+    const MARK: &str = "unknown field `";
+    let Some(start) = message.find(MARK).map(|i| i + MARK.len()) else {
+        return message.to_string();
+    };
+    let Some(len) = message[start..].find('`') else {
+        return message.to_string();
+    };
+    let unknown = &message[start..start + len];
+    let after = start + len + 1;
+    let Some(expected) = message[after..].find("expected").map(|i| after + i) else {
+        return message.to_string();
+    };
+    let candidates = message[expected..].split('`').skip(1).step_by(2);
+    let best = candidates
+        .map(|known| {
+            let distance = levenshtein(&unknown.to_lowercase(), &known.to_lowercase());
+            (distance, known)
+        })
+        .min_by_key(|(distance, _)| *distance);
+    match best {
+        Some((distance, known)) if distance <= 2.max(unknown.chars().count() / 3) => format!(
+            "{} (did you mean `{known}`?){}",
+            &message[..after],
+            &message[after..]
+        ),
+        _ => message.to_string(),
+    }
+}
+
+/// Edit distance (insertions, deletions, substitutions) between two strings.
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 fn parse_prefix(key: &str, text: &str) -> Result<IpNet, ConfigError> {
@@ -787,7 +837,13 @@ fn validate_data_plane(raw: &RawConfig) -> Result<DataPlaneConfig, ConfigError> 
 }
 
 /// A commented configuration with fresh secrets, for `kubespanctl gen config`.
-pub fn example(cluster_id: &str, cluster_secret: &str) -> String {
+/// `endpoints` are the discovery URLs (at least one; `kubespanctl` defaults to
+/// `http://127.0.0.1:3000`).
+pub fn example(cluster_id: &str, cluster_secret: &str, endpoints: &[String]) -> String {
+    let endpoints: String = endpoints
+        .iter()
+        .map(|url| format!("    - {url}\n"))
+        .collect();
     format!(
         r#"# kubespan-agent configuration. Every node of a cluster uses the same clusterID and
 # clusterSecret; keep the secret private (it encrypts member records and is the WireGuard
@@ -801,10 +857,10 @@ clusterSecret: {cluster_secret}
 
 discovery:
   # One or more discovery services; their views are merged. http:// is plaintext gRPC,
-  # https:// (or grpc://) is TLS.
+  # https:// (or grpc://) is TLS. Every node must reach them (127.0.0.1 only works for nodes
+  # on the discovery service's own host).
   endpoints:
-    - http://127.0.0.1:3000
-    # A TLS service with a private CA (trusted instead of the system roots), a client
+{endpoints}    # A TLS service with a private CA (trusted instead of the system roots), a client
     # certificate when it requires mutual TLS, and the name its certificate carries when the URL
     # names an address:
     # - url: https://10.0.0.5:3000
@@ -911,11 +967,16 @@ mod tests {
 
     #[test]
     fn the_generated_example_is_valid() {
-        let config = parse(&example("abc", SECRET)).unwrap();
+        let config = parse(&example(
+            "abc",
+            SECRET,
+            &["http://127.0.0.1:3000".to_string()],
+        ))
+        .unwrap();
         assert_eq!(config.cluster_id, "abc");
         assert_eq!(config.metrics_addr.as_deref(), Some("127.0.0.1:9560"));
         // The commented TLS entry has the right shape: uncommented, only its files are missing.
-        let uncommented = example("abc", SECRET)
+        let uncommented = example("abc", SECRET, &["http://127.0.0.1:3000".to_string()])
             .replace("    # - url:", "    - url:")
             .replace("    #   ", "      ");
         assert!(uncommented.contains("    - url: https://10.0.0.5:3000\n      caFile:"));
@@ -991,6 +1052,27 @@ mod tests {
         assert!(message.contains("unknown field `listenport`"), "{message}");
         let message = error(&format!("{}filters:\n  endpoint: []\n", base()));
         assert!(message.contains("unknown field `endpoint`"), "{message}");
+    }
+
+    #[test]
+    fn an_unknown_key_suggests_the_closest_known_one() {
+        let message = error(&format!("{}listenport: 5\n", base()));
+        assert!(
+            message.contains("unknown field `listenport` (did you mean `listenPort`?), expected"),
+            "{message}"
+        );
+        let message = error(&format!("{}filters:\n  endpoint: []\n", base()));
+        assert!(message.contains("did you mean `endpoints`?"), "{message}");
+        let message = error(&format!("{}clusterSecrte: x\n", base()));
+        assert!(
+            message.contains("did you mean `clusterSecret`?"),
+            "{message}"
+        );
+        // Nothing close: no guess.
+        let message = error(&format!("{}wireguardKernelModule: true\n", base()));
+        assert!(!message.contains("did you mean"), "{message}");
+        assert_eq!(levenshtein("kitten", "sitting"), 3);
+        assert_eq!(levenshtein("", "abc"), 3);
     }
 
     #[test]
@@ -1151,7 +1233,7 @@ mod tests {
             ),
             (
                 "    - url: https://x:1\n      cafile: /ca.pem\n".to_string(),
-                "unknown field `cafile`, expected one of".to_string(),
+                "unknown field `cafile` (did you mean `caFile`?), expected one of".to_string(),
             ),
             (
                 "    - caFile: /ca.pem\n".to_string(),

@@ -156,31 +156,55 @@ pub enum CryptoError {
     BadSecret(String),
 }
 
-/// Parses the cluster secret: standard base64 of exactly 32 bytes (`openssl rand -base64 32`).
+/// Parses the cluster secret: standard base64 of exactly 32 bytes (`kubespanctl gen secrets`),
+/// the only encoding Talos accepts. Hex and base64url are refused with the way to convert them.
 pub fn parse_cluster_secret(base64_text: &str) -> Result<[u8; 32], CryptoError> {
+    const GENERATE: &str = "generate one with `kubespanctl gen secrets`";
     let text = base64_text.trim();
     if text.is_empty() {
-        return Err(CryptoError::BadSecret(
-            "it is empty; generate one with `openssl rand -base64 32`".into(),
-        ));
+        return Err(CryptoError::BadSecret(format!("it is empty; {GENERATE}")));
+    }
+    if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(CryptoError::BadSecret(format!(
+            "it looks like hex (64 hex digits), but it must be standard base64 of 32 bytes; \
+             convert it with `echo <hex> | xxd -r -p | base64`, or {GENERATE}"
+        )));
     }
     let bytes = BASE64.decode(text).map_err(|e| {
-        CryptoError::BadSecret(format!(
-            "it is not standard base64 ({e}); it must be 32 random bytes in base64, e.g. from \
-             `openssl rand -base64 32`"
-        ))
+        let url_safe = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(text.trim_end_matches('='))
+            .is_ok_and(|b| b.len() == 32);
+        let standard_unpadded = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(text)
+            .is_ok_and(|b| b.len() == 32);
+        if standard_unpadded {
+            CryptoError::BadSecret(format!(
+                "it is base64 without its padding; clusterSecret is standard base64 of 32 bytes \
+                 ending in `=`: add the trailing `=` (or {GENERATE})"
+            ))
+        } else if url_safe {
+            CryptoError::BadSecret(format!(
+                "it looks like base64url (`-` and `_`), but it must be standard base64 of 32 bytes; \
+                 convert it with `echo <value> | tr -- '-_' '+/'` and add `=` to make 44 characters, \
+                 or {GENERATE}"
+            ))
+        } else {
+            CryptoError::BadSecret(format!(
+                "it is not standard base64 ({e}); it must be 32 random bytes in standard base64 \
+                 (44 characters ending in `=`); {GENERATE}"
+            ))
+        }
     })?;
     let secret: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
         CryptoError::BadSecret(format!(
-            "it decodes to {} bytes, but exactly 32 are needed; generate one with \
-             `openssl rand -base64 32`",
+            "it decodes to {} bytes, but exactly 32 are needed; {GENERATE}",
             bytes.len()
         ))
     })?;
     if secret == [0; 32] {
-        return Err(CryptoError::BadSecret(
-            "it is all zero bytes; use 32 random bytes, e.g. from `openssl rand -base64 32`".into(),
-        ));
+        return Err(CryptoError::BadSecret(format!(
+            "it is all zero bytes; use 32 random bytes: {GENERATE}"
+        )));
     }
     Ok(secret)
 }
@@ -647,8 +671,21 @@ mod tests {
         ] {
             let err = parse_cluster_secret(bad).unwrap_err();
             assert!(matches!(err, CryptoError::BadSecret(_)), "{bad:?}: {err}");
-            assert!(err.to_string().contains("openssl rand -base64 32"), "{err}");
+            assert!(err.to_string().contains("kubespanctl gen secrets"), "{err}");
         }
+        let hex: String = (0..32).map(|i| format!("{i:02x}")).collect();
+        let err = parse_cluster_secret(&hex).unwrap_err().to_string();
+        assert!(err.contains("looks like hex"), "{err}");
+        assert!(err.contains("xxd -r -p | base64"), "{err}");
+        // 32 bytes whose base64url form has `-` and `_`.
+        let url = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([0xfb; 32]);
+        assert!(url.contains('-') || url.contains('_'), "{url}");
+        let err = parse_cluster_secret(&url).unwrap_err().to_string();
+        assert!(err.contains("looks like base64url"), "{err}");
+        assert!(err.contains("standard base64 of 32 bytes"), "{err}");
+        let unpadded = text.trim_end_matches('=');
+        let err = parse_cluster_secret(unpadded).unwrap_err().to_string();
+        assert!(err.contains("without its padding"), "{err}");
         let err = parse_cluster_secret(&BASE64.encode([0u8; 32])).unwrap_err();
         assert!(err.to_string().contains("all zero"), "{err}");
         let err = parse_cluster_secret(&BASE64.encode([1u8; 16])).unwrap_err();

@@ -198,6 +198,7 @@ pub async fn run_client(
         warned: WarnLimiter::new(WARN_MEMORY, WARN_INTERVAL),
         known: HashSet::new(),
         reached_watch: false,
+        connected: false,
         published: Published::default(),
         expect_own_delete: None,
         own_foreign_endpoints: 0,
@@ -279,6 +280,8 @@ struct Session {
     /// Readable affiliates this session currently knows, for the status count.
     known: HashSet<String>,
     reached_watch: bool,
+    /// This session opened its watch (else its failure is "cannot connect", not "lost").
+    connected: bool,
     /// When to publish this node's record next.
     plan: PublishPlan,
     /// What this client last got accepted (kept across sessions).
@@ -333,7 +336,17 @@ fn hash(bytes: &[u8]) -> u64 {
 
 impl Session {
     async fn disconnected(&mut self, error: String) {
-        tracing::warn!(endpoint = %self.status.lock().unwrap_or_else(|p| p.into_inner()).endpoint, %error, "discovery connection lost; retrying");
+        let endpoint = self
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .endpoint
+            .clone();
+        if self.connected {
+            tracing::warn!(%endpoint, %error, "discovery connection lost; retrying");
+        } else {
+            tracing::warn!(%endpoint, %error, "cannot reach the discovery service; retrying");
+        }
         set_state(&self.status, "backoff", Some(error.clone()));
         let _ = self
             .events
@@ -356,6 +369,7 @@ impl Session {
         target: &DiscoveryEndpoint,
         stop: &CancellationToken,
     ) -> Result<SessionEnd, String> {
+        self.connected = false;
         let channel: Channel = tokio::select! {
             _ = stop.cancelled() => return Ok(SessionEnd::Stopped),
             c = async { connect_endpoint(target, self.settings.ttl)?.connect().await.map_err(|e| format!("cannot connect to {}: {}", target.authority, crate::discovery_tls::error_chain(&e))) } => c?,
@@ -395,8 +409,9 @@ impl Session {
                 cluster_id: cluster_id.clone(),
             })
             .await
-            .map_err(|s| format!("Watch failed: {}", s.message()))?
+            .map_err(|s| format!("Watch failed: {}", crate::discovery_tls::status_chain(&s)))?
             .into_inner();
+        self.connected = true;
         set_state(&self.status, "connected", Some(String::new()));
         tracing::info!(endpoint = %target.authority, ?public_ip, "connected to discovery service");
 
@@ -442,7 +457,7 @@ impl Session {
                         first = false;
                     }
                     Ok(None) => return Err("the discovery service closed the watch stream".into()),
-                    Err(status) => return Err(format!("watch stream ended: {:?}: {}", status.code(), status.message())),
+                    Err(status) => return Err(format!("watch stream ended: {:?}: {}", status.code(), crate::discovery_tls::status_chain(&status))),
                 }
             }
         }

@@ -396,6 +396,46 @@ async fn kubespanctl_shows_the_mesh_and_explains_a_missing_agent() {
     server.shutdown().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discovery_service_never_reached_is_reported_with_its_cause() {
+    // A port nothing listens on: the connection is refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let root = tempfile::tempdir().unwrap();
+    let a = agent(root.path(), "node-a", "02:00:00:00:00:0a", &closed);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let output = Command::new(env!("CARGO_BIN_EXE_kubespanctl"))
+            .arg("--socket")
+            .arg(a.socket())
+            .arg("status")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        if text.contains("is not connected") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        status.contains(&format!(
+            "discovery service http://{closed} is not connected"
+        )) && status.contains("Connection refused"),
+        "{status}"
+    );
+    let log = a.log();
+    assert!(
+        log.contains("cannot reach the discovery service")
+            && log.contains(&format!("cannot connect to {closed}"))
+            && log.contains("Connection refused"),
+        "{log}"
+    );
+    assert!(!log.contains("connection lost"), "{log}");
+}
+
 #[test]
 fn generated_config_is_accepted_by_the_agent() {
     let output = Command::new(env!("CARGO_BIN_EXE_kubespanctl"))
@@ -411,6 +451,69 @@ fn generated_config_is_accepted_by_the_agent() {
         .unwrap();
     let secrets: serde_json::Value = serde_json::from_slice(&secrets.stdout).unwrap();
     assert_eq!(secrets["clusterSecret"].as_str().unwrap().len(), 44);
+}
+
+#[test]
+fn gen_config_takes_endpoints_checks_the_secret_and_writes_a_private_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let kubespanctl = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_kubespanctl"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, text, _) = kubespanctl(&[
+        "gen",
+        "config",
+        "--discovery-endpoint",
+        "http://10.1.2.3:3000",
+        "--discovery-endpoint",
+        "https://discovery.example",
+    ]);
+    assert_eq!(code, Some(0));
+    let config = kubespan_agent::config::parse(&text).expect("a generated config is valid");
+    assert_eq!(config.discovery_endpoints.len(), 2);
+    assert!(text.contains("    - http://10.1.2.3:3000\n    - https://discovery.example\n"));
+
+    let hex: String = (0..32).map(|i| format!("{:02x}", i + 1)).collect();
+    let (code, _, err) = kubespanctl(&["gen", "config", "--cluster-secret", &hex]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("--cluster-secret") && err.contains("looks like hex"),
+        "{err}"
+    );
+    let (code, _, err) = kubespanctl(&["gen", "config", "-o", "json"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("-o json is not supported"), "{err}");
+    let (code, _, err) = kubespanctl(&["gen", "config", "--discovery-endpoint", "10.0.0.1:3000"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no scheme"), "{err}");
+
+    let root = tempfile::tempdir().unwrap();
+    let file = root.path().join("etc/kubespan/config.yaml");
+    let file_arg = file.to_str().unwrap();
+    let (code, out, err) = kubespanctl(&["gen", "config", "--output-file", file_arg]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.is_empty(), "{out}");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let first = std::fs::read_to_string(&file).unwrap();
+    kubespan_agent::config::parse(&first).expect("the written config is valid");
+    let (code, _, err) = kubespanctl(&["gen", "config", "--output-file", file_arg]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), first);
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, _, err) = kubespanctl(&["gen", "config", "--output-file", file_arg, "--force"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_ne!(std::fs::read_to_string(&file).unwrap(), first);
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -66,12 +66,32 @@ enum Command {
 enum Gen {
     /// Print a fresh cluster id and cluster secret.
     Secrets,
-    /// Print a commented configuration with a fresh cluster id and secret (or the given ones).
+    /// Print (or write with --output-file) a commented YAML configuration with a fresh cluster
+    /// id and secret (or the given ones). Every node of a cluster needs the same id and secret:
+    /// generate once, then pass them to the other nodes with --cluster-id and --cluster-secret.
     Config {
-        #[arg(long)]
+        /// The cluster id shared by every node (default: a fresh random one).
+        #[arg(long, value_name = "ID")]
         cluster_id: Option<String>,
-        #[arg(long)]
+        /// The cluster secret shared by every node: 32 bytes in standard base64, as printed by
+        /// `kubespanctl gen secrets` (default: a fresh random one).
+        #[arg(long, value_name = "BASE64")]
         cluster_secret: Option<String>,
+        /// A discovery service URL every node can reach (http://host:port plaintext, https:// TLS);
+        /// repeat for several services.
+        #[arg(
+            long = "discovery-endpoint",
+            value_name = "URL",
+            default_value = "http://127.0.0.1:3000"
+        )]
+        discovery_endpoints: Vec<String>,
+        /// Write the configuration to this file (mode 0600: it holds the cluster secret),
+        /// creating its directory, instead of printing it.
+        #[arg(long, value_name = "FILE")]
+        output_file: Option<PathBuf>,
+        /// Replace --output-file if it exists.
+        #[arg(long, requires = "output_file")]
+        force: bool,
     },
     /// Print the line a relay needs to let this cluster's nodes in
     /// (`openspan-relay --cluster <id>=<verifier>`): the SHA-256 of the cluster's relay access
@@ -93,6 +113,72 @@ enum Failure {
 fn random_base64() -> String {
     let bytes: [u8; 32] = rand::random();
     base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The configuration `gen config` prints, its flags checked as the agent would check the file.
+fn generate_config(
+    cluster_id: Option<String>,
+    cluster_secret: Option<String>,
+    endpoints: &[String],
+) -> Result<String, Failure> {
+    let cluster_id = cluster_id.unwrap_or_else(random_base64);
+    if cluster_id.trim().is_empty() || cluster_id.trim() != cluster_id {
+        return Err(Failure::Failed(
+            "--cluster-id: it must be a non-empty string without surrounding spaces".into(),
+        ));
+    }
+    let cluster_secret = cluster_secret.unwrap_or_else(random_base64);
+    kubespan_agent::crypto::parse_cluster_secret(&cluster_secret)
+        .map_err(|e| Failure::Failed(format!("--cluster-secret: {e}")))?;
+    for url in endpoints {
+        config::DiscoveryEndpoint::parse(url)
+            .map_err(|e| Failure::Failed(format!("--discovery-endpoint: {e}")))?;
+    }
+    let text = config::example(&cluster_id, &cluster_secret, endpoints);
+    config::parse(&text)
+        .map_err(|e| Failure::Failed(format!("the generated configuration is invalid: {e}")))?;
+    Ok(text)
+}
+
+/// Writes a file only its owner can read (0600), creating its directory; an existing file is
+/// replaced only with `force`.
+fn write_private_file(path: &Path, text: &str, force: bool) -> Result<(), Failure> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let fail = |what: &str, e: std::io::Error| {
+        Failure::Failed(format!("cannot {what} {}: {e}", path.display()))
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Failure::Failed(format!(
+                "cannot create the directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).mode(0o600);
+    if force {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    let mut file = options.open(path).map_err(|e| {
+        if e.kind() == ErrorKind::AlreadyExists {
+            Failure::Failed(format!(
+                "{} exists; pass --force to replace it",
+                path.display()
+            ))
+        } else {
+            fail("create", e)
+        }
+    })?;
+    // A replaced file keeps its old mode: make it 0600 too.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| fail("restrict the mode of", e))?;
+    file.write_all(text.as_bytes())
+        .map_err(|e| fail("write", e))?;
+    file.sync_all().map_err(|e| fail("write", e))
 }
 
 async fn connect(socket: &Path) -> Result<AgentClient<Channel>, Failure> {
@@ -378,11 +464,28 @@ fn status_text(status: &pb::AgentStatus) -> String {
             status.own_record_tampered
         );
     }
-    if status.warnings.is_empty() {
+    let mut warnings: Vec<String> = status
+        .discovery
+        .iter()
+        .filter(|d| d.state != "connected")
+        .map(|d| {
+            let cause = match d.last_error.as_str() {
+                "" => String::new(),
+                error => format!(": {error}"),
+            };
+            format!(
+                "discovery service {} is not connected ({}){cause}; no member is learned or \
+                 announced through it (is it running, and reachable from this node?)",
+                d.endpoint, d.state
+            )
+        })
+        .collect();
+    warnings.extend(status.warnings.iter().cloned());
+    if warnings.is_empty() {
         out += "Warnings:    none\n";
     } else {
         out += "Warnings:\n";
-        for w in &status.warnings {
+        for w in &warnings {
             out += &format!("  - {w}\n");
         }
     }
@@ -409,17 +512,37 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Gen(Gen::Config {
             cluster_id,
             cluster_secret,
+            discovery_endpoints,
+            output_file,
+            force,
         }) => {
-            print!(
-                "{}",
-                config::example(
-                    &cluster_id.unwrap_or_else(random_base64),
-                    &cluster_secret.unwrap_or_else(random_base64)
-                )
-            );
+            if format == Format::Json {
+                return Err(Failure::Failed(
+                    "gen config writes a commented YAML file; -o json is not supported here \
+                     (`kubespanctl gen secrets -o json` prints the id and secret as JSON)"
+                        .into(),
+                ));
+            }
+            let text = generate_config(cluster_id, cluster_secret, &discovery_endpoints)?;
+            match output_file {
+                Some(path) => {
+                    write_private_file(&path, &text, force)?;
+                    eprintln!(
+                        "wrote {} (mode 0600: it holds the cluster secret)",
+                        path.display()
+                    );
+                }
+                None => print!("{text}"),
+            }
             return Ok(());
         }
         Command::Gen(Gen::RelayVerifier { config: path }) => {
+            if format != Format::Table {
+                return Err(Failure::Failed(
+                    "gen relay-verifier prints one `id=verifier` line; -o json/yaml is not supported here"
+                        .into(),
+                ));
+            }
             let config = config::load(&path).map_err(|e| Failure::Failed(e.to_string()))?;
             let token = openspan_relay::access_token(&config.cluster_secret, &config.cluster_id);
             println!(
@@ -529,5 +652,40 @@ async fn main() -> ExitCode {
             eprintln!("kubespanctl: {message}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_warns_about_a_discovery_service_that_is_not_connected() {
+        let connection = |endpoint: &str, state: &str, last_error: &str| pb::DiscoveryConnection {
+            endpoint: endpoint.into(),
+            state: state.into(),
+            last_error: last_error.into(),
+            ..Default::default()
+        };
+        let mut status = pb::AgentStatus {
+            discovery: vec![connection("http://a:3000", "connected", "")],
+            ..Default::default()
+        };
+        assert!(status_text(&status).contains("Warnings:    none"));
+        status.discovery.push(connection(
+            "http://b:3000",
+            "backoff",
+            "cannot connect to b:3000: Connection refused",
+        ));
+        status.warnings.push("another warning".into());
+        let text = status_text(&status);
+        assert!(
+            text.contains(
+                "  - discovery service http://b:3000 is not connected (backoff): cannot connect to b:3000: Connection refused;"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("http://a:3000 is not connected"), "{text}");
+        assert!(text.contains("  - another warning\n"), "{text}");
     }
 }
