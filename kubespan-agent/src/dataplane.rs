@@ -366,7 +366,9 @@ fn harvest(
         .filter(|(report, _)| report.state == State::Up)
         .filter_map(|(report, want)| {
             let endpoint = report.endpoint?;
-            (!want.spec.endpoints.contains(&endpoint)).then(|| {
+            // Never this node's relay proxies (loopback) or nonsense.
+            let publishable = !endpoint.ip().is_loopback() && !endpoint.ip().is_unspecified();
+            (publishable && !want.spec.endpoints.contains(&endpoint)).then(|| {
                 let sealed = record::seal_endpoints(keys, &want.spec.node_id, &[endpoint]);
                 (want.spec.node_id.clone(), sealed)
             })
@@ -498,7 +500,7 @@ async fn reconcile_loop(
                     want.spec.endpoints.push(endpoint);
                 }
             }
-            relays.retain_peers(|key| wanted.iter().any(|w| w.public_key == *key));
+            relays.set_peers(wanted.iter().map(|w| w.public_key).collect());
         }
         let device_peers = match tokio::task::block_in_place(|| device.peers()) {
             Ok(peers) => peers,

@@ -343,7 +343,8 @@ pub fn reconcile(
             if state != State::Up && (waited || new_candidate) {
                 // Down (or a new candidate while not up): race every candidate again, the path
                 // that worked last first, the one the peer roamed to last.
-                let mut all = candidates(endpoints, remembered, None);
+                let last_good = remembered.filter(|good| endpoints.contains(good));
+                let mut all = candidates(endpoints, last_good, None);
                 if let Some(roamed) = device_endpoint.filter(|e| !all.contains(e)) {
                     all.push(roamed);
                 }
@@ -407,6 +408,8 @@ pub fn reconcile(
             };
         } else if state == State::Up
             && let Some(endpoint) = device_endpoint
+            // A relayed path's loopback address means nothing after a restart.
+            && !endpoint.ip().is_loopback()
         {
             good_endpoints.insert(want.spec.node_id.clone(), endpoint);
         }

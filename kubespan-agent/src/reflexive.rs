@@ -152,10 +152,18 @@ impl StunProber {
 
     /// The mapping from the answers fresh at `now` (all of them when `None`).
     fn mapping_of(&self, now: Option<Instant>) -> Mapping {
+        let fresh: Vec<SocketAddr> = self
+            .seen
+            .values()
+            .filter(|(_, at)| now.is_none_or(|now| now.saturating_duration_since(*at) < FRESH_FOR))
+            .map(|(mapped, _)| *mapped)
+            .collect();
+        // One family decides: a dual-stack socket seen over IPv6 shows the node's own address,
+        // which says nothing about the IPv4 NAT. IPv4 answers win when there are any.
+        let v4 = fresh.iter().any(SocketAddr::is_ipv4);
         let mut distinct: Vec<SocketAddr> = Vec::new();
-        for (mapped, at) in self.seen.values() {
-            let fresh = now.is_none_or(|now| now.saturating_duration_since(*at) < FRESH_FOR);
-            if fresh && !distinct.contains(mapped) {
+        for mapped in fresh.iter().filter(|m| m.is_ipv4() == v4) {
+            if !distinct.contains(mapped) {
                 distinct.push(*mapped);
             }
         }
@@ -252,6 +260,22 @@ mod tests {
         let mapped = sa("198.51.100.7:61000");
         prober.answer(a, &answer_to(&requests[0].1, mapped), t0);
         prober.answer(b, &answer_to(&requests[1].1, mapped), t0);
+        assert_eq!(prober.mapping(t0), Mapping::Reflexive(mapped));
+    }
+
+    #[test]
+    fn an_ipv6_answer_does_not_make_a_dual_stack_node_look_endpoint_dependent() {
+        let t0 = Instant::now();
+        let mut prober = StunProber::new();
+        let (v4, v6) = (sa("203.0.113.10:3478"), sa("[2001:db8::10]:3478"));
+        let requests = prober.start_round(&[v4, v6], t0, 0.0, ids());
+        let mapped = sa("198.51.100.7:61000");
+        prober.answer(v4, &answer_to(&requests[0].1, mapped), t0);
+        prober.answer(
+            v6,
+            &answer_to(&requests[1].1, sa("[2001:db8::77]:51820")),
+            t0,
+        );
         assert_eq!(prober.mapping(t0), Mapping::Reflexive(mapped));
     }
 

@@ -113,6 +113,9 @@ pub struct Relays {
     /// Set when the WireGuard device takes relayed packets directly (openspan's userspace
     /// device): no loopback hop either way.
     direct: Mutex<Option<RelayInjector>>,
+    /// The current peers (`None` until the data plane says): a relay delivering for any other
+    /// key gets nothing from this node, not even a proxy.
+    peers: Mutex<Option<std::collections::HashSet<Key>>>,
 }
 
 impl Relays {
@@ -146,6 +149,7 @@ impl Relays {
             stop,
             by_address: Mutex::new(HashMap::new()),
             direct: Mutex::new(None),
+            peers: Mutex::new(None),
         });
         for slot in &relays.slots {
             let client_config = RelayClientConfig {
@@ -177,11 +181,16 @@ impl Relays {
     }
 
     fn announce(&self) {
-        let mut up: Vec<(Duration, String)> = self
+        // Round trips in 5 ms steps, then names: relays about as near do not swap places (and
+        // make every node publish its record again) on every measurement.
+        let mut up: Vec<(u128, String)> = self
             .slots
             .iter()
             .filter(|slot| lock(&slot.client).is_some())
-            .map(|slot| (lock(&slot.rtt).unwrap_or(Duration::MAX), slot.name.clone()))
+            .map(|slot| {
+                let rtt = lock(&slot.rtt).unwrap_or(Duration::MAX);
+                (rtt.as_millis() / 5, slot.name.clone())
+            })
             .collect();
         up.sort();
         let names: Vec<String> = up.into_iter().map(|(_, name)| name).collect();
@@ -236,17 +245,31 @@ impl Relays {
         via.or_else(|| lock(&proxy.peer_relays).first().cloned())
     }
 
+    /// Sets who the peers are (packets relays deliver from anyone else are dropped) and closes
+    /// the proxies of peers that are gone.
+    pub fn set_peers(&self, peers: std::collections::HashSet<Key>) {
+        self.retain_peers(|key| peers.contains(key));
+        *lock(&self.peers) = Some(peers);
+    }
+
     /// Closes the proxies of peers that are gone.
-    pub fn retain_peers(&self, keep: impl Fn(&Key) -> bool) {
-        let mut by_address = lock(&self.by_address);
-        lock(&self.proxies).retain(|key, proxy| {
+    fn retain_peers(&self, keep: impl Fn(&Key) -> bool) {
+        // Lock order everywhere: `proxies`, then `by_address` (never the other way round).
+        let mut proxies = lock(&self.proxies);
+        let mut gone = Vec::new();
+        proxies.retain(|key, proxy| {
             let kept = keep(key);
             if !kept {
                 proxy.closed.cancel();
-                by_address.remove(&proxy.address);
+                gone.push(proxy.address);
             }
             kept
         });
+        drop(proxies);
+        let mut by_address = lock(&self.by_address);
+        for address in gone {
+            by_address.remove(&address);
+        }
     }
 
     async fn proxy(self: &Arc<Self>, peer: Key) -> Option<Arc<Proxy>> {
@@ -290,6 +313,13 @@ impl Relays {
 
     /// A packet a relay delivered from `peer`: to WireGuard, from the peer's proxy.
     async fn deliver(self: &Arc<Self>, peer: Key, relay: &str, packet: Bytes) {
+        let known = lock(&self.peers)
+            .as_ref()
+            .is_some_and(|peers| peers.contains(&peer));
+        if !known {
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let Some(proxy) = self.proxy(peer).await else {
             return;
         };

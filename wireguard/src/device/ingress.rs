@@ -85,13 +85,23 @@ pub(super) fn network_to_tun(shared: &Shared) {
             shared.rx_wake.clear();
             continue;
         };
-        let relayed = take_relayed(shared, &mut storage, &mut meta);
-        let received = if relayed > 0 {
-            Ok(relayed)
-        } else {
-            let mut slices: Vec<IoSliceMut<'_>> =
-                storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-            socket.recv(&mut slices, &mut meta)
+        // Relayed packets take at most half of the batch, and the socket is read every time:
+        // a busy relay must not starve direct peers (or the handshakes that move a peer off it).
+        let relayed = take_relayed(
+            shared,
+            &mut storage[..UDP_BATCH / 2],
+            &mut meta[..UDP_BATCH / 2],
+        );
+        let received = {
+            let mut slices: Vec<IoSliceMut<'_>> = storage[relayed..]
+                .iter_mut()
+                .map(|b| IoSliceMut::new(b))
+                .collect();
+            match socket.recv(&mut slices, &mut meta[relayed..]) {
+                Ok(count) => Ok(relayed + count),
+                Err(_) if relayed > 0 => Ok(relayed),
+                Err(e) => Err(e),
+            }
         };
         let count = match received {
             Ok(0) => {

@@ -73,7 +73,7 @@ const MIN_MESSAGE_ROOM: usize = 148;
 const STUN_INBOX: usize = 64;
 /// Packets from relays waiting for the receive thread; more are dropped (as a full socket
 /// buffer would).
-const RELAY_INBOX: usize = 4_096;
+const RELAY_INBOX: usize = 1_024;
 const HANDSHAKE_INITIATION: u8 = 1;
 const HANDSHAKE_RESPONSE: u8 = 2;
 const DATA_MESSAGE: u8 = 4;
@@ -708,8 +708,10 @@ fn race_sends(shared: &Shared, peer: &Peer, now: Instant) -> Option<Instant> {
     let mut race = lock(&peer.race);
     let started = race.started()?;
     let handshake_age = lock(&peer.tunn).time_since_last_handshake();
+    // boringtun dates a handshake by its last timer tick: up to a tick before the real moment.
+    let since = started.checked_sub(TIMER_TICK).unwrap_or(started);
     let answered =
-        handshake_age.is_some_and(|age| now.checked_sub(age).is_some_and(|at| at >= started));
+        handshake_age.is_some_and(|age| now.checked_sub(age).is_some_and(|at| at >= since));
     if answered || !race.is_running(now) {
         race.finish();
         return None;
