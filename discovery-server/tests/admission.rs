@@ -178,23 +178,32 @@ async fn over_the_rate_requests_wait_or_fail_before_their_deadline() {
         started.elapsed() >= Duration::from_millis(300),
         "it was delayed, not refused"
     );
-    // Without a deadline the wait is still bounded: 80 concurrent calls with long deadlines
-    // reserve tokens 40 s ahead, so a call without a deadline is refused rather than parked.
-    let flood: Vec<_> = (0..80)
+    server.shutdown().await.unwrap();
+
+    // The bound on waiting, on a server slow enough (one request per 10 s, no burst) that every
+    // verdict below has seconds of margin on a loaded machine: at 2/s the window between "the
+    // bucket is 30 s ahead" and "it has drained one token" is at most half a second.
+    let server = start(limited(0.1, 1)).await;
+    let mut c = client(&server).await;
+    // Calls with long deadlines reserve tokens up to 30 s ahead (the first is served at once,
+    // the next three wait 10, 20 and 30 s) and no further, whatever their deadline.
+    let flood: Vec<_> = (0..8)
         .map(|_| {
             let mut c = c.clone();
             tokio::spawn(async move {
-                let _ = c
-                    .hello(with_deadline(
-                        hello(),
-                        "192.0.2.9",
-                        Some(Duration::from_secs(60)),
-                    ))
-                    .await;
+                c.hello(with_deadline(
+                    hello(),
+                    "192.0.2.9",
+                    Some(Duration::from_secs(60)),
+                ))
+                .await
+                .map(|_| ())
+                .map_err(|status| status.code())
             })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // Without a deadline the wait is still bounded: refused rather than parked for 40 s.
     let status = c
         .hello(with_deadline(hello(), "192.0.2.9", None))
         .await
@@ -211,12 +220,18 @@ async fn over_the_rate_requests_wait_or_fail_before_their_deadline() {
         .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     flood.iter().for_each(tokio::task::JoinHandle::abort);
-    // Streams are limited too.
-    for _ in 0..3 {
-        c.hello(with_deadline(hello(), "192.0.2.3", None))
-            .await
-            .unwrap();
+    let mut refused = 0;
+    for call in flood {
+        if let Ok(Err(code)) = call.await {
+            assert_eq!(code, Code::ResourceExhausted);
+            refused += 1;
+        }
     }
+    assert_eq!(refused, 4, "four of eight calls fit in the 30 s horizon");
+    // Streams are limited too.
+    c.hello(with_deadline(hello(), "192.0.2.3", None))
+        .await
+        .unwrap();
     let status = c
         .watch(with_deadline(
             WatchRequest {
