@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A one-command demo of an openspan mesh: three nodes in network namespaces on one bridge, a
 # discovery server on the bridge, three kubespan-agents (userspace WireGuard). It waits until
-# every node sees its two peers up, shows `kubespanctl status` and `kubespanctl peers` of each
+# every node sees its two peers up, shows `kubespanctl status`, `peers` and `health` of each
 # node, pings node-3's mesh address from node-1 through the tunnel, then removes everything
 # (also on failure and on Ctrl-C).
 #
@@ -185,6 +185,8 @@ for n in $(seq "$nodes"); do
   ctl_on "$n" status
   step "node-$n: kubespanctl peers"
   ctl_on "$n" peers
+  step "node-$n: kubespanctl health"
+  ctl_on "$n" health || fail "node-$n is not healthy"
 done
 
 # --- a ping through the mesh ----------------------------------------------------------------

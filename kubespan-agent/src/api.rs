@@ -131,6 +131,95 @@ impl AgentApi {
     }
 }
 
+impl AgentApi {
+    /// Gathers what `kubespanctl health` judges: the control loop's state, and reads of the
+    /// kernel's state (firewall table, rules and routes, sockets) and, when asked, the path probe.
+    async fn health_facts(&self, probe_paths: bool) -> crate::health::HealthFacts {
+        use crate::health::{DataPlaneFacts, HealthFacts, PeerFacts};
+        let config = &self.shared.config;
+        let view = self.shared.view.borrow().clone();
+        let peers = self.peers(&view);
+        let peer_facts = peers
+            .iter()
+            .map(|p| {
+                let status = p.status.clone().unwrap_or_default();
+                PeerFacts {
+                    label: p.label.clone(),
+                    state: status.state,
+                    last_handshake_unix_ms: status.last_handshake_unix_ms,
+                    endpoint: (!status.endpoint.is_empty()).then_some(status.endpoint),
+                    tried: if status.candidates.is_empty() {
+                        p.endpoints.clone()
+                    } else {
+                        status.candidates
+                    },
+                }
+            })
+            .collect::<Vec<_>>();
+        let data_plane = if config.data_plane.backend == crate::config::Backend::None {
+            None
+        } else {
+            let routing = crate::routing::RoutingConfig::from_data_plane(
+                &config.data_plane,
+                config.interface.clone(),
+                self.shared.identity.mesh_address,
+                config.mtu,
+            );
+            let table = config.data_plane.nftables_table.clone();
+            let port = config.listen_port;
+            let up: Vec<(String, std::net::Ipv6Addr)> = peers
+                .iter()
+                .filter(|p| p.status.as_ref().is_some_and(|s| s.state == "up"))
+                .filter_map(|p| Some((p.label.clone(), p.mesh_address.parse().ok()?)))
+                .collect();
+            let mtu = config.mtu;
+            let blocking = tokio::task::spawn_blocking(move || {
+                let firewall = crate::firewall::chains(&table);
+                let bound = crate::health_probe::listen_port_bound(port);
+                let probes = probe_paths.then(|| {
+                    crate::health_probe::probe_paths(&up, mtu).unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "path probe failed");
+                        Vec::new()
+                    })
+                });
+                (firewall, bound, probes)
+            });
+            let routing_missing = crate::routing::missing(&routing)
+                .await
+                .map_err(|e| e.to_string());
+            let (firewall, bound, probes) = blocking.await.unwrap_or_else(|e| {
+                let error = format!("health probe task failed: {e}");
+                (Err(error.clone()), Err(error), None)
+            });
+            Some(DataPlaneFacts {
+                interface: config.interface.clone(),
+                mtu,
+                listen_port: port,
+                firewall: Some(firewall),
+                routing_missing: Some(routing_missing),
+                listen_port_bound: Some(bound),
+                path_probes: probes,
+            })
+        };
+        HealthFacts {
+            now_unix_ms: crate::wg::uapi::unix_ms(std::time::SystemTime::now()),
+            cipher: config.cipher.as_str().into(),
+            discovery: self.shared.connection_statuses(),
+            node_addresses: view.local.addresses.clone(),
+            nat: self.shared.nat.borrow().clone(),
+            relays: view
+                .local
+                .kubespan
+                .as_ref()
+                .map(|k| k.relays.clone())
+                .unwrap_or_default(),
+            listen_port: config.listen_port,
+            peers: peer_facts,
+            data_plane,
+        }
+    }
+}
+
 fn members_response(view: &MembershipView) -> pb::ListMembersResponse {
     pb::ListMembersResponse {
         members: view
@@ -241,6 +330,29 @@ impl Agent for AgentApi {
             reflexive_endpoint: nat.reflexive.map(|e| e.to_string()).unwrap_or_default(),
             mapped_endpoint: nat.mapped.map(|e| e.to_string()).unwrap_or_default(),
             nat_note: nat.note.clone().unwrap_or_default(),
+        }))
+    }
+
+    async fn get_health(
+        &self,
+        request: Request<pb::GetHealthRequest>,
+    ) -> Result<Response<pb::Health>, Status> {
+        let probe_paths = !request.into_inner().skip_path_probe;
+        let facts = self.health_facts(probe_paths).await;
+        let (overall, checks) = crate::health::evaluate(&facts);
+        Ok(Response::new(pb::Health {
+            status: overall.as_str().into(),
+            checks: checks
+                .into_iter()
+                .map(|c| pb::HealthCheck {
+                    name: c.name.into(),
+                    status: c.status.as_str().into(),
+                    summary: c.summary,
+                    details: c.details,
+                    hint: c.hint,
+                })
+                .collect(),
+            checked_unix_ms: facts.now_unix_ms,
         }))
     }
 

@@ -99,6 +99,11 @@ pub struct ConnectionStatus {
     pub public_ip: Option<IpAddr>,
     /// This node's record was deleted from this service (leave).
     pub left: bool,
+    /// Affiliates this service lists whose records do not open with this cluster's keys now.
+    pub unreadable_affiliates: usize,
+    /// The service's clock minus this node's, from the `date` header of its last Hello answer
+    /// (one-second resolution).
+    pub clock_offset_ms: Option<i64>,
 }
 
 pub type SharedStatus = Arc<Mutex<ConnectionStatus>>;
@@ -197,6 +202,7 @@ pub async fn run_client(
         status,
         warned: WarnLimiter::new(WARN_MEMORY, WARN_INTERVAL),
         known: HashSet::new(),
+        unreadable: HashSet::new(),
         reached_watch: false,
         connected: false,
         published: Published::default(),
@@ -279,6 +285,8 @@ struct Session {
     warned: WarnLimiter,
     /// Readable affiliates this session currently knows, for the status count.
     known: HashSet<String>,
+    /// Affiliates whose current record does not open (for `kubespanctl health`).
+    unreadable: HashSet<String>,
     reached_watch: bool,
     /// This session opened its watch (else its failure is "cannot connect", not "lost").
     connected: bool,
@@ -385,8 +393,9 @@ impl Session {
         let hello = client
             .hello(hello)
             .await
-            .map_err(|s| format!("Hello failed: {}", crate::discovery_tls::status_chain(&s)))?
-            .into_inner();
+            .map_err(|s| format!("Hello failed: {}", crate::discovery_tls::status_chain(&s)))?;
+        let clock_offset_ms = server_clock_offset_ms(hello.metadata(), SystemTime::now());
+        let hello = hello.into_inner();
         if let Some(redirect) = hello.redirect.filter(|r| !r.endpoint.is_empty()) {
             let next = target
                 .redirected(&redirect.endpoint)
@@ -394,10 +403,11 @@ impl Session {
             return Ok(SessionEnd::Redirect(next));
         }
         let public_ip = record::ip_from_bytes(&hello.client_ip);
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .public_ip = public_ip;
+        {
+            let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            status.public_ip = public_ip;
+            status.clock_offset_ms = clock_offset_ms;
+        }
         self.send(DiscoveryEvent::Connected {
             index: self.index,
             public_ip,
@@ -727,10 +737,8 @@ impl Session {
                 }
             }
             self.known = affiliates.iter().map(|r| r.node_id.clone()).collect();
-            self.status
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .affiliates = self.known.len();
+            self.unreadable = unreadable.iter().cloned().collect();
+            self.update_counts();
             return self
                 .send(DiscoveryEvent::Snapshot {
                     index,
@@ -764,23 +772,71 @@ impl Session {
                 }
             };
             match &event {
-                DiscoveryEvent::Upsert { record, .. } => self.known.insert(record.node_id.clone()),
-                DiscoveryEvent::Remove { node_id, .. } => self.known.remove(node_id),
-                _ => false,
-            };
+                DiscoveryEvent::Upsert { record, .. } => {
+                    self.unreadable.remove(&record.node_id);
+                    self.known.insert(record.node_id.clone());
+                }
+                DiscoveryEvent::Remove { node_id, .. } => {
+                    self.unreadable.remove(node_id);
+                    self.known.remove(node_id);
+                }
+                DiscoveryEvent::Unreadable { node_id, .. } => {
+                    self.unreadable.insert(node_id.clone());
+                }
+                _ => {}
+            }
             self.send(event).await?;
         }
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .affiliates = self.known.len();
+        self.update_counts();
         Ok(())
     }
+
+    fn update_counts(&self) {
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        status.affiliates = self.known.len();
+        status.unreadable_affiliates = self.unreadable.len();
+    }
+}
+
+/// The server's clock minus this node's, from an HTTP `date` header (RFC 9110 IMF-fixdate).
+/// `None` without a parseable header: a proxy may strip it, and then nothing is known.
+fn server_clock_offset_ms(metadata: &tonic::metadata::MetadataMap, now: SystemTime) -> Option<i64> {
+    let date = metadata.get("date")?.to_str().ok()?;
+    let server = httpdate::parse_http_date(date).ok()?;
+    let offset = match server.duration_since(now) {
+        Ok(ahead) => i64::try_from(ahead.as_millis()).ok()?,
+        Err(behind) => -i64::try_from(behind.duration().as_millis()).ok()?,
+    };
+    // The header has whole seconds: a server less than a second ahead reads as behind.
+    Some(offset)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_servers_clock_offset_comes_from_the_date_header() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        assert_eq!(server_clock_offset_ms(&metadata, now), None);
+        metadata.insert(
+            "date",
+            httpdate::fmt_http_date(now + Duration::from_secs(90))
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(server_clock_offset_ms(&metadata, now), Some(90_000));
+        metadata.insert(
+            "date",
+            httpdate::fmt_http_date(now - Duration::from_secs(30))
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(server_clock_offset_ms(&metadata, now), Some(-30_000));
+        metadata.insert("date", "yesterday".parse().unwrap());
+        assert_eq!(server_clock_offset_ms(&metadata, now), None);
+    }
 
     #[test]
     fn backoff_grows_caps_and_jitters() {

@@ -263,6 +263,35 @@ pub fn remove(config: &FirewallConfig) -> Result<(), FirewallError> {
     run_nft(&config.table, "delete", &batch)
 }
 
+/// The chains of the agent's table as the kernel has them (read only; for `kubespanctl
+/// health`). `Err` says why the table cannot be listed: missing, or `nft` itself.
+pub fn chains(table: &str) -> Result<Vec<String>, String> {
+    let output = Command::new("nft")
+        .args(["-j", "list", "table", "inet", table])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                FirewallError::NftMissing.to_string()
+            } else {
+                format!("cannot run `nft list table inet {table}`: {e}")
+            }
+        })?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let first = stderr.lines().next().unwrap_or("").trim();
+        return Err(format!("table inet {table} is not there ({first})"));
+    }
+    let listing: Value = serde_json::from_slice(&output.stdout)
+        .map_err(|e| format!("cannot read `nft -j list table inet {table}`: {e}"))?;
+    Ok(listing["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|item| item["chain"]["name"].as_str().map(str::to_owned))
+        .collect())
+}
+
 /// Where nft reads the batch the agent pipes to it.
 const NFT_INPUT: &str = "/proc/self/fd/0";
 

@@ -15,6 +15,8 @@ pub mod discovery;
 pub mod discovery_tls;
 pub mod endpoints;
 pub mod firewall;
+pub mod health;
+pub mod health_probe;
 pub mod host;
 pub mod identity;
 pub mod members;

@@ -105,6 +105,94 @@ pub async fn remove(config: &RoutingConfig) -> Result<(), RoutingError> {
     with_handle(|handle| async move { remove_with(&handle, config).await }).await
 }
 
+/// What [`apply`] installs that is not there now (read only; for `kubespanctl health`): the
+/// interface, its being up, each family's rule and each family's default route in the table.
+pub async fn missing(config: &RoutingConfig) -> Result<Vec<String>, RoutingError> {
+    let (connection, handle, _) = rtnetlink::new_connection().map_err(RoutingError::Socket)?;
+    let connection = tokio::spawn(connection);
+    let result = missing_with(&handle, config).await;
+    connection.abort();
+    result
+}
+
+async fn missing_with(
+    handle: &Handle,
+    config: &RoutingConfig,
+) -> Result<Vec<String>, RoutingError> {
+    let mut missing = Vec::new();
+    for version in [IpVersion::V4, IpVersion::V6] {
+        if matching_rules(handle, config, version.clone())
+            .await?
+            .is_empty()
+        {
+            missing.push(format!(
+                "{} rule `priority {} fwmark {:#x}/{:#x} lookup {}`",
+                family_name(&version),
+                config.rule_priority,
+                config.force_mark,
+                config.mark_mask,
+                config.table
+            ));
+        }
+    }
+    let Some(index) = interface_index(handle, &config.interface).await? else {
+        missing.push(format!("interface {}", config.interface));
+        return Ok(missing);
+    };
+    let mut links = handle.link().get().match_index(index).execute();
+    if let Ok(Some(link)) = links.try_next().await
+        && !link
+            .header
+            .flags
+            .contains(netlink_packet_route::link::LinkFlags::Up)
+    {
+        missing.push(format!("interface {} is down", config.interface));
+    }
+    for version in [IpVersion::V4, IpVersion::V6] {
+        let name = family_name(&version);
+        // Without a destination attribute the request is a dump (with one, a route lookup).
+        let filter = match version {
+            IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new()
+                .table_id(config.table)
+                .build(),
+            IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new()
+                .table_id(config.table)
+                .build(),
+        };
+        let mut dump = handle.route().get(filter).execute();
+        let mut found = false;
+        while let Some(route) = dump
+            .try_next()
+            .await
+            .map_err(netlink(format!("list the {name} routes")))?
+        {
+            let table = route
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RouteAttribute::Table(t) => Some(*t),
+                    _ => None,
+                })
+                .unwrap_or(u32::from(route.header.table));
+            let through_mesh = route
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index));
+            if table == config.table && route.header.destination_prefix_length == 0 && through_mesh
+            {
+                found = true;
+            }
+        }
+        if !found {
+            missing.push(format!(
+                "{name} default route via {} in table {}",
+                config.interface, config.table
+            ));
+        }
+    }
+    Ok(missing)
+}
+
 async fn with_handle<F, Fut>(body: F) -> Result<(), RoutingError>
 where
     F: FnOnce(Handle) -> Fut,

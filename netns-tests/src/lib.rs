@@ -747,6 +747,16 @@ impl Lab {
         Ok(())
     }
 
+    /// Starts node `n`'s agent with this configuration text instead of the generated one (e.g.
+    /// [`Lab::agent_config`] with a line changed).
+    pub fn start_agent_with_config(&mut self, n: usize, config: &str) -> anyhow::Result<()> {
+        let agent = self.daemon_binary("kubespan-agent");
+        let node = &mut self.nodes[n - 1];
+        std::fs::write(node.dir.join("config.yaml"), config)?;
+        node.agent = Some(spawn_agent(node, &agent)?);
+        Ok(())
+    }
+
     /// Starts every node's agent at once, as after a power cut: the configurations are written
     /// first, then the agents are spawned from several threads (one after the other, 40 spawns
     /// of `ip netns exec` take most of a second on a busy 2-core machine).

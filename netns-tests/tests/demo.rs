@@ -35,7 +35,7 @@ fn the_demo_script_brings_up_a_mesh_and_pings_through_it() -> anyhow::Result<()>
         output.status
     );
     for n in 1..=3 {
-        for command in ["status", "peers"] {
+        for command in ["status", "peers", "health"] {
             assert!(
                 stdout.contains(&format!("node-{n}: kubespanctl {command}")),
                 "no `kubespanctl {command}` of node-{n}:\n{all}"
@@ -52,6 +52,11 @@ fn the_demo_script_brings_up_a_mesh_and_pings_through_it() -> anyhow::Result<()>
             .count(),
         3,
         "not every node has its two peers up:\n{all}"
+    );
+    assert_eq!(
+        stdout.matches("Health:      ok").count(),
+        3,
+        "not every node is healthy:\n{all}"
     );
     assert!(
         stdout.contains(" 0% packet loss"),

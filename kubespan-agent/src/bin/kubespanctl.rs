@@ -57,6 +57,17 @@ enum Command {
     Watch,
     /// Delete this node's record from every discovery service; peers drop it at once.
     Leave,
+    /// Is this node's mesh healthy? Each check (discovery, public-address, decrypt, clock,
+    /// peers, path-mtu, firewall, routing, listen-port) says what it found and what to do.
+    /// Exit code: 0 healthy (warnings allowed), 3 a check failed (or warned, with --strict).
+    Health {
+        /// Do not probe the path MTU over the tunnel (one ICMPv6 echo per peer, up to 1.5 s).
+        #[arg(long)]
+        skip_path_probe: bool,
+        /// Exit 3 on warnings too.
+        #[arg(long)]
+        strict: bool,
+    },
     /// Generate secrets or a configuration file.
     #[command(subcommand)]
     Gen(Gen),
@@ -103,11 +114,13 @@ enum Gen {
     },
 }
 
-/// Exit codes: 0 ok, 1 the request failed, 2 the agent cannot be reached.
+/// Exit codes: 0 ok, 1 the request failed, 2 the agent cannot be reached, 3 unhealthy.
 #[derive(Debug)]
 enum Failure {
     Unreachable(String),
     Failed(String),
+    /// `health` found a failing check; its report is already printed.
+    Unhealthy,
 }
 
 fn random_base64() -> String {
@@ -492,6 +505,27 @@ fn status_text(status: &pb::AgentStatus) -> String {
     out
 }
 
+fn health_text(health: &pb::Health) -> String {
+    let mut out = String::new();
+    for check in &health.checks {
+        let mark = match check.status.as_str() {
+            "ok" => "ok  ",
+            "warn" => "WARN",
+            "fail" => "FAIL",
+            _ => "--  ",
+        };
+        out += &format!("{mark}  {:<15} {}\n", check.name, check.summary);
+        for detail in &check.details {
+            out += &format!("{:22}{detail}\n", "");
+        }
+        if !check.hint.is_empty() {
+            out += &format!("{:22}-> {}\n", "", check.hint);
+        }
+    }
+    out += &format!("\nHealth:      {}\n", health.status);
+    out
+}
+
 async fn run(cli: Cli) -> Result<(), Failure> {
     let format = cli.output;
     let command = match cli.command {
@@ -634,6 +668,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 response.deleted_from
             );
         }
+        Command::Health {
+            skip_path_probe,
+            strict,
+        } => {
+            let health = client
+                .get_health(pb::GetHealthRequest { skip_path_probe })
+                .await
+                .map_err(failed)?
+                .into_inner();
+            match format {
+                Format::Table => print!("{}", health_text(&health)),
+                _ => print_structured(format, &health)?,
+            }
+            if health.status == "fail" || (strict && health.status == "warn") {
+                return Err(Failure::Unhealthy);
+            }
+        }
         Command::Gen(_) => {}
     }
     Ok(())
@@ -652,6 +703,7 @@ async fn main() -> ExitCode {
             eprintln!("kubespanctl: {message}");
             ExitCode::from(1)
         }
+        Err(Failure::Unhealthy) => ExitCode::from(3),
     }
 }
 
