@@ -789,6 +789,13 @@ impl Lab {
         })
     }
 
+    /// Whether node `n` lists exactly `expected` peers, all up.
+    pub fn all_up(&self, n: usize, expected: usize) -> bool {
+        self.node(n).peers().is_ok_and(|peers| {
+            peers.len() == expected && peers.iter().all(|(_, state, _)| state == "up")
+        })
+    }
+
     /// Polls `check` every 100 ms until it returns true or `timeout` passes; returns the wait.
     pub fn wait_for(
         &self,

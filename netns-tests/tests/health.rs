@@ -76,13 +76,7 @@ fn each_health_check_fails_when_its_subject_breaks() -> anyhow::Result<()> {
     for n in 1..=3 {
         lab.start_agent(n, &AgentOptions::default())?;
     }
-    lab.wait_for("three nodes up", UP, || {
-        (1..=3).all(|n| {
-            lab.node(n)
-                .peers()
-                .is_ok_and(|p| p.len() == 2 && p.iter().all(|(_, state, _)| state == "up"))
-        })
-    })?;
+    lab.wait_for("three nodes up", UP, || (1..=3).all(|n| lab.all_up(n, 2)))?;
 
     // Healthy: every check ok (the path probe included), exit 0, also with --strict.
     let (code, report) = health(&lab, 1, &["--strict"])?;

@@ -7,12 +7,6 @@ use netns_tests::{AgentOptions, Lab, require_root, sh};
 
 const UP: Duration = Duration::from_secs(20);
 
-fn all_up(lab: &Lab, n: usize, expected: usize) -> bool {
-    lab.node(n).peers().is_ok_and(|peers| {
-        peers.len() == expected && peers.iter().all(|(_, state, _)| state == "up")
-    })
-}
-
 fn peer_state(lab: &Lab, n: usize, label: &str) -> Option<(String, String)> {
     lab.node(n)
         .peers()
@@ -72,7 +66,7 @@ fn three_nodes_form_an_encrypted_mesh_and_leave_nothing_behind() -> anyhow::Resu
         lab.start_agent(n, &AgentOptions::default())?;
     }
     let waited = lab.wait_for("every node to see two peers up", UP, || {
-        (1..=3).all(|n| all_up(&lab, n, 2))
+        (1..=3).all(|n| lab.all_up(n, 2))
     })?;
     eprintln!("mesh of 3 up {waited:?} after the agents started");
 
@@ -230,7 +224,7 @@ fn a_dead_peer_is_down_quickly_and_its_traffic_never_leaks_unless_bypass_is_on()
         },
     )?;
     lab.start_agent(3, &AgentOptions::default())?;
-    lab.wait_for("the mesh", UP, || (1..=3).all(|n| all_up(&lab, n, 2)))?;
+    lab.wait_for("the mesh", UP, || (1..=3).all(|n| lab.all_up(n, 2)))?;
 
     lab.node_mut(3).kill_agent(); // a crash: no goodbye, leftovers stay
     // A kernel WireGuard link outlives its agent and would keep answering handshakes: a dead
@@ -281,9 +275,7 @@ fn a_dead_peer_is_down_quickly_and_its_traffic_never_leaks_unless_bypass_is_on()
 
     // Restarting the crashed agent cleans its leftovers and the mesh heals.
     lab.start_agent(3, &AgentOptions::default())?;
-    let waited = lab.wait_for("the mesh to heal", UP, || {
-        (1..=3).all(|n| all_up(&lab, n, 2))
-    })?;
+    let waited = lab.wait_for("the mesh to heal", UP, || (1..=3).all(|n| lab.all_up(n, 2)))?;
     eprintln!("mesh healed {waited:?} after node-3's agent restarted");
     assert!(lab.node(1).ping(&target));
     Ok(())
@@ -364,7 +356,7 @@ fn a_new_node_address_is_published_and_routed_to_the_node() -> anyhow::Result<()
     lab.start_server()?;
     lab.start_agent(1, &AgentOptions::default())?;
     lab.start_agent(2, &AgentOptions::default())?;
-    lab.wait_for("the pair", UP, || all_up(&lab, 1, 1) && all_up(&lab, 2, 1))?;
+    lab.wait_for("the pair", UP, || lab.all_up(1, 1) && lab.all_up(2, 1))?;
     sh(
         "ip",
         &[
@@ -437,7 +429,7 @@ fn an_agent_killed_with_sigkill_restarts_and_takes_its_link_back() -> anyhow::Re
     for n in 1..=2 {
         lab.start_agent(n, &AgentOptions::default())?;
     }
-    lab.wait_for("the pair", UP, || all_up(&lab, 1, 1) && all_up(&lab, 2, 1))?;
+    lab.wait_for("the pair", UP, || lab.all_up(1, 1) && lab.all_up(2, 1))?;
     let before = link_index(&lab, 2)?;
     assert!(before.is_some(), "node-2 has its WireGuard link");
 
@@ -461,7 +453,7 @@ fn an_agent_killed_with_sigkill_restarts_and_takes_its_link_back() -> anyhow::Re
 
     lab.start_agent(2, &AgentOptions::default())?;
     let waited = lab.wait_for("the pair again", UP, || {
-        all_up(&lab, 1, 1) && all_up(&lab, 2, 1)
+        lab.all_up(1, 1) && lab.all_up(2, 1)
     })?;
     eprintln!("pair up {waited:?} after node-2's agent restarted");
     if let Some(index) = survived {

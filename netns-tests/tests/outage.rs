@@ -13,12 +13,6 @@ use openspan_proto::discovery::server::{
 
 const UP: Duration = Duration::from_secs(20);
 
-fn all_up(lab: &Lab, n: usize, expected: usize) -> bool {
-    lab.node(n).peers().is_ok_and(|peers| {
-        peers.len() == expected && peers.iter().all(|(_, state, _)| state == "up")
-    })
-}
-
 fn three_node_mesh() -> anyhow::Result<Lab> {
     let mut lab = Lab::new(3)?;
     lab.start_server()?;
@@ -26,7 +20,7 @@ fn three_node_mesh() -> anyhow::Result<Lab> {
         lab.start_agent(n, &AgentOptions::default())?;
     }
     lab.wait_for("every node to see two peers up", UP, || {
-        (1..=3).all(|n| all_up(&lab, n, 2))
+        (1..=3).all(|n| lab.all_up(n, 2))
     })?;
     Ok(lab)
 }
@@ -157,7 +151,7 @@ fn a_node_restarted_during_a_discovery_outage_rejoins_from_its_warm_cache() -> a
     let waited = lab.wait_for(
         "node-3 to be back with both peers up, discovery still down",
         UP,
-        || all_up(&lab, 3, 2) && all_up(&lab, 1, 2) && all_up(&lab, 2, 2),
+        || lab.all_up(3, 2) && lab.all_up(1, 2) && lab.all_up(2, 2),
     )?;
     assert!(
         lab.node(3).log().contains("warm-start cache"),
