@@ -149,10 +149,12 @@ pub(super) fn network_to_tun(shared: &Shared) {
         };
         // STUN shares the socket (the agent learns this socket's NAT mapping): recognised by
         // its magic cookie, which no WireGuard message has where STUN keeps it.
+        // Only answers from servers asked recently are kept: anyone can send the cookie.
         if datagrams().any(|(_, d)| openspan_stun::is_stun(d)) {
+            let now = Instant::now();
             let mut inbox = lock(&shared.stun_inbox);
             for (from, datagram) in datagrams().filter(|(_, d)| openspan_stun::is_stun(d)) {
-                if inbox.len() < STUN_INBOX {
+                if inbox.len() < STUN_INBOX && shared.stun_expected(from, now) {
                     inbox.push_back((from, datagram.to_vec()));
                 }
             }

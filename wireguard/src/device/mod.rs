@@ -71,6 +71,11 @@ const MIN_MESSAGE_ROOM: usize = 148;
 /// STUN messages received on the WireGuard socket kept for the agent; more are dropped (the
 /// agent sends a handful of binding requests every 20–30 s).
 const STUN_INBOX: usize = 64;
+/// STUN messages are kept only from addresses a request went to this long ago at most: anyone
+/// can send a datagram with STUN's magic cookie, and unsolicited ones would fill the inbox.
+const STUN_ANSWER_WINDOW: Duration = Duration::from_secs(10);
+/// Servers remembered for [`STUN_ANSWER_WINDOW`]; the agent asks a handful.
+const STUN_SERVERS: usize = 16;
 /// Packets from relays waiting for the receive thread; more are dropped (as a full socket
 /// buffer would).
 const RELAY_INBOX: usize = 1_024;
@@ -110,6 +115,8 @@ struct Shared {
     timer_wake: Wake,
     /// STUN messages that arrived on the WireGuard socket (source, bytes), for the agent.
     stun_inbox: Mutex<VecDeque<(SocketAddr, Vec<u8>)>>,
+    /// Where STUN requests went and when: only those addresses' answers enter the inbox.
+    stun_asked: Mutex<VecDeque<(SocketAddr, Instant)>>,
     /// Where packets for relayed peers go, when the agent attached its relays.
     relay: RwLock<Option<Arc<dyn RelayLink>>>,
     /// Packets relays delivered (placeholder source, bytes), for the receive thread.
@@ -133,6 +140,14 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Whether a STUN message from `from` answers a recent request of ours.
+    fn stun_expected(&self, from: SocketAddr, now: Instant) -> bool {
+        let from = canonical(from);
+        lock(&self.stun_asked).iter().any(|(address, at)| {
+            *address == from && now.saturating_duration_since(*at) <= STUN_ANSWER_WINDOW
+        })
+    }
+
     fn socket(&self) -> Option<Arc<UdpTransport>> {
         read(&self.socket).clone()
     }
@@ -178,6 +193,11 @@ fn device_error(interface: &str, message: String) -> WgError {
     }
 }
 
+/// IPv4 peers of a dual-stack socket appear as IPv4-mapped IPv6 addresses.
+fn canonical(address: SocketAddr) -> SocketAddr {
+    SocketAddr::new(address.ip().to_canonical(), address.port())
+}
+
 impl Device {
     /// Creates the TUN interface (with offloads) and starts the device threads. The interface
     /// is brought up and addressed by the caller.
@@ -217,6 +237,7 @@ impl Device {
             tx_wake: Wake::new()?,
             timer_wake: Wake::new()?,
             stun_inbox: Mutex::new(VecDeque::new()),
+            stun_asked: Mutex::new(VecDeque::new()),
             relay: RwLock::new(None),
             relay_inbox: Mutex::new(VecDeque::new()),
             tx_active: AtomicBool::new(false),
@@ -459,6 +480,15 @@ impl Device {
         let Some(socket) = self.shared.socket() else {
             return false;
         };
+        let destination_seen = canonical(destination);
+        {
+            let mut asked = lock(&self.shared.stun_asked);
+            asked.retain(|(address, _)| *address != destination_seen);
+            if asked.len() == STUN_SERVERS {
+                asked.pop_front();
+            }
+            asked.push_back((destination_seen, Instant::now()));
+        }
         socket.send(destination, message, None).is_ok()
     }
 
