@@ -42,7 +42,7 @@ fn only_answers_from_servers_asked_enter_the_stun_inbox() -> anyhow::Result<()> 
     }
     let lab = Lab::new(1)?;
     let interface = lab.node(1).interface.clone();
-    let result = in_namespace(&lab.node(1).netns, move || -> anyhow::Result<()> {
+    in_namespace(&lab.node(1).netns, move || -> anyhow::Result<()> {
         let mut device = UserspaceWireGuard::create(&interface)?;
         device.configure(&DeviceSettings {
             private_key: rand::random(),
@@ -82,6 +82,5 @@ fn only_answers_from_servers_asked_enter_the_stun_inbox() -> anyhow::Result<()> 
             "only the asked server's answer"
         );
         Ok(())
-    })?;
-    result
+    })?
 }
