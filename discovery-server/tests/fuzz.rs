@@ -7,8 +7,6 @@
 //! A longer campaign: `FUZZ_CASES=2000000 cargo test --release -p discovery-server --test fuzz`
 //! (see README, "Fuzzing"). A failing case is shrunk and printed with its seed.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -22,6 +20,7 @@ use discovery_server::limits::Update;
 use discovery_server::metrics::Metrics;
 use discovery_server::persist::{self, FORMAT_V1_ABSOLUTE, FORMAT_VERSION};
 use discovery_server::store::Store;
+use openspan_fuzz_support::{CountingAllocator, allocated_by, cases};
 use openspan_proto::discovery::server::{
     AffiliateDeleteRequest, AffiliateUpdateRequest, HelloRequest, ListRequest, WatchRequest,
 };
@@ -30,69 +29,16 @@ use proptest::test_runner::TestCaseError;
 use prost::Message;
 use tonic::Code;
 
-/// Counts the bytes each thread allocates, so a target can bound what decoding one input costs
-/// (a length field that makes the decoder reserve gigabytes fails the test instead of the CI
-/// machine). Per thread, because tests run in parallel.
-struct CountingAllocator;
-
-thread_local! {
-    static ALLOCATED: Cell<usize> = const { Cell::new(0) };
-}
-
-fn count(bytes: usize) {
-    // `try_with`: allocations during thread teardown happen after the counter is gone.
-    let _ = ALLOCATED.try_with(|c| c.set(c.get().saturating_add(bytes)));
-}
-
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        count(layout.size());
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count(new_size);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
+/// Counts what each thread allocates, so a target can bound what decoding one input costs (a
+/// length field that makes the decoder reserve gigabytes fails the test instead of the CI
+/// machine).
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
-
-/// Runs `f` and returns its result with the bytes it allocated on this thread.
-fn allocated_by<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    let before = ALLOCATED.with(Cell::get);
-    let result = f();
-    (result, ALLOCATED.with(Cell::get) - before)
-}
 
 /// What decoding `input_len` bytes may cost: linear in the input. The factor covers the
 /// per-record overhead of the maps and decoded messages that a few input bytes can ask for.
 fn allocation_budget(input_len: usize) -> usize {
     (1 << 20) + 1024 * input_len
-}
-
-/// Cases per target: `FUZZ_CASES`, else `default` (the CI budget).
-fn cases(default: u32) -> ProptestConfig {
-    let cases = std::env::var("FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default);
-    ProptestConfig {
-        cases,
-        // Found failures are printed with their seed; no files are written into the tree.
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
 }
 
 const WALL: i64 = 1_700_000_000_000;

@@ -7,23 +7,12 @@
 //! `FUZZ_CASES=1000000 cargo test --release -p openspan-relay --test fuzz`.
 
 use bytes::Bytes;
+use openspan_fuzz_support::cases;
 use openspan_relay::clusters::Clusters;
 use openspan_relay::protocol::{
     self, Answer, Code, Hello, KEY_LEN, MAX_CONTROL_FRAME, StreamDecoder,
 };
 use proptest::prelude::*;
-
-fn cases(default: u32) -> ProptestConfig {
-    let cases = std::env::var("FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default);
-    ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
 
 /// A valid Hello's body, to mutate.
 fn hello_body() -> impl Strategy<Value = Vec<u8>> {

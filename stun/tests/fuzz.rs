@@ -8,10 +8,9 @@
 //! longer campaign: `FUZZ_CASES=1000000 cargo test --release -p openspan-stun --test fuzz`. A
 //! failing case is shrunk and printed with its seed.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use openspan_fuzz_support::{CountingAllocator, allocated_by, cases};
 use openspan_stun::{
     MAGIC_COOKIE, MAX_BINDING_RESPONSE_LEN, TransactionId, answer_binding_request, binding_request,
     is_stun, parse_binding_response,
@@ -19,64 +18,15 @@ use openspan_stun::{
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
-/// Counts the bytes each thread allocates, so the targets can hold the crate to its promise of
-/// never allocating (it runs on the WireGuard receive path). Per thread: tests run in parallel.
-struct CountingAllocator;
-
-thread_local! {
-    static ALLOCATED: Cell<usize> = const { Cell::new(0) };
-}
-
-fn count(bytes: usize) {
-    // `try_with`: allocations during thread teardown happen after the counter is gone.
-    let _ = ALLOCATED.try_with(|c| c.set(c.get().saturating_add(bytes)));
-}
-
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        count(layout.size());
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count(new_size);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
+/// The crate promises never to allocate (it runs on the WireGuard receive path): counted.
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
 /// Runs `f` and fails the case if it allocated anything on this thread.
 fn without_allocating<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, TestCaseError> {
-    let before = ALLOCATED.with(Cell::get);
-    let result = f();
-    let allocated = ALLOCATED.with(Cell::get) - before;
+    let (result, allocated) = allocated_by(f);
     prop_assert_eq!(allocated, 0, "{} allocated {} bytes", what, allocated);
     Ok(result)
-}
-
-/// Cases per target: `FUZZ_CASES`, else `default` (the CI budget).
-fn cases(default: u32) -> ProptestConfig {
-    let cases = std::env::var("FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default);
-    ProptestConfig {
-        cases,
-        // Found failures are printed with their seed; no files are written into the tree.
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
 }
 
 /// What a server sees as a source: any IPv4 or IPv6 address and port, IPv4-mapped ones
