@@ -16,7 +16,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 /// Show and manage the local kubespan-agent: members, WireGuard peers and mesh health.
 #[derive(Debug, Parser)]
-#[command(name = "kubespanctl", version, about, long_about)]
+#[command(name = "kubespanctl", version)]
 struct Cli {
     /// The agent's API socket.
     #[arg(
@@ -60,9 +60,11 @@ enum Command {
     /// Generate secrets or a configuration file.
     #[command(subcommand)]
     Gen(Gen),
-    /// Print a shell completion script. Load it for this shell with
-    /// `source <(kubespanctl completion bash)` (zsh: `source <(kubespanctl completion zsh)`,
-    /// fish: `kubespanctl completion fish | source`), or install it where the shell looks:
+    /// Print a shell completion script (bash, zsh or fish).
+    ///
+    /// Load it into the current shell with `source <(kubespanctl completion bash)` (zsh:
+    /// `source <(kubespanctl completion zsh)`, fish: `kubespanctl completion fish | source`), or
+    /// install it where the shell looks for completions:
     /// /usr/share/bash-completion/completions/kubespanctl,
     /// /usr/share/zsh/vendor-completions/_kubespanctl,
     /// /usr/share/fish/vendor_completions.d/kubespanctl.fish (the Debian package does).
