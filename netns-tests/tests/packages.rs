@@ -180,10 +180,15 @@ fn check_man(root: &Path, name: &str, section: &str, expect: &str) {
 #[test]
 fn debian_packages_install_into_a_scratch_root_and_purge_cleanly() {
     let uid = ok(Command::new("id").arg("-u"));
+    if uid.trim() != "0" && std::env::var("OPENSPAN_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
+        eprintln!("SKIPPED: the package test needs root (OPENSPAN_SKIP_ROOT_TESTS=1 is set)");
+        return;
+    }
     assert_eq!(
         uid.trim(),
         "0",
-        "the package test installs packages with dpkg (files owned by root): run it as root"
+        "the package test installs packages with dpkg (files owned by root): run it as root, \
+         or set OPENSPAN_SKIP_ROOT_TESTS=1 to skip it explicitly"
     );
     require_tools();
     let dir = tempfile::tempdir().unwrap();
