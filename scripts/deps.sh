@@ -24,6 +24,11 @@ declare -A needed=(
   # etcd-client compiles etcd's .proto files at build time.
   [protoc]=protobuf-compiler
   [/usr/include/google/protobuf/descriptor.proto]=libprotobuf-dev
+  # scripts/package-deb.sh: Depends from the binaries' libraries, stripping; its test renders
+  # the man pages with groff.
+  [dpkg-shlibdeps]=dpkg-dev
+  [strip]=binutils
+  [groff]=groff-base
 )
 missing=()
 for arg in "$@"; do

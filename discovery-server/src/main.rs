@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use discovery_server::bytesize::parse_byte_size;
 use discovery_server::duration::parse_go_duration;
 use discovery_server::etcd::EtcdConfig;
@@ -500,6 +500,12 @@ fn go_style_flags(args: impl Iterator<Item = String>) -> Vec<String> {
 }
 
 fn main() -> std::process::ExitCode {
+    if let Some(code) = openspan_runtime::manpages::generate_if_asked(
+        Args::command,
+        openspan_runtime::manpages::Section::Admin,
+    ) {
+        return code;
+    }
     openspan_runtime::exit_with(run())
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use base64::Engine;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use kubespan_agent::agent::{self, NodeIdentity};
 use kubespan_agent::api::{self, AgentApi, NoDataPlane};
 use kubespan_agent::config::Backend;
@@ -69,6 +69,12 @@ fn node_identity(
 }
 
 fn main() -> std::process::ExitCode {
+    if let Some(code) = openspan_runtime::manpages::generate_if_asked(
+        Args::command,
+        openspan_runtime::manpages::Section::Admin,
+    ) {
+        return code;
+    }
     openspan_runtime::exit_with(run())
 }
 

@@ -728,3 +728,78 @@ fn the_binaries_name_themselves_in_their_version() {
         );
     }
 }
+
+/// `kubespanctl completion SHELL` prints a script that knows the subcommands, for each shell;
+/// an unknown shell is a usage error.
+#[test]
+fn kubespanctl_prints_completion_scripts() {
+    for (shell, marker) in [
+        ("bash", "complete -F _kubespanctl"),
+        ("zsh", "#compdef kubespanctl"),
+        ("fish", "complete -c kubespanctl"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_kubespanctl"))
+            .args(["completion", shell])
+            .output()
+            .expect("run kubespanctl completion");
+        assert!(output.status.success(), "completion {shell}: {output:?}");
+        let script = String::from_utf8_lossy(&output.stdout);
+        assert!(script.contains(marker), "completion {shell}:\n{script}");
+        for sub in ["status", "members", "peers", "relay-verifier", "completion"] {
+            assert!(script.contains(sub), "completion {shell} lacks {sub}");
+        }
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_kubespanctl"))
+        .args(["completion", "powershell-9"])
+        .output()
+        .expect("run kubespanctl completion");
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+}
+
+/// The hidden `--generate-man DIR` writes a page per binary and per kubespanctl subcommand
+/// (what scripts/package-deb.sh packages); without DIR it is a usage error.
+#[test]
+fn the_binaries_write_their_man_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    for (binary, pages) in [
+        (
+            env!("CARGO_BIN_EXE_kubespanctl"),
+            &[
+                "kubespanctl.1",
+                "kubespanctl-status.1",
+                "kubespanctl-gen.1",
+                "kubespanctl-gen-config.1",
+                "kubespanctl-completion.1",
+            ][..],
+        ),
+        (
+            env!("CARGO_BIN_EXE_kubespan-agent"),
+            &["kubespan-agent.8"][..],
+        ),
+    ] {
+        let output = Command::new(binary)
+            .arg("--generate-man")
+            .arg(dir.path())
+            .output()
+            .expect("run --generate-man");
+        assert!(output.status.success(), "{binary}: {output:?}");
+        for page in pages {
+            let path = dir.path().join(page);
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{binary} wrote no {page}: {e}"));
+            let (name, section) = page.rsplit_once('.').unwrap();
+            assert!(
+                text.contains(&format!(".TH {name} {section} ")),
+                "{page}:\n{text}"
+            );
+            assert!(!text.contains("generate\\-man"), "{page}:\n{text}");
+        }
+        // The option is hidden: not in the help, nor in the pages.
+        let help = Command::new(binary).arg("--help").output().unwrap();
+        assert!(!String::from_utf8_lossy(&help.stdout).contains("generate-man"));
+        let usage = Command::new(binary).arg("--generate-man").output().unwrap();
+        assert_eq!(usage.status.code(), Some(2), "{usage:?}");
+    }
+    let all = std::fs::read_dir(dir.path()).unwrap().count();
+    assert_eq!(all, 13, "12 kubespanctl pages and the agent's");
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use openspan_relay::clusters::Clusters;
 use openspan_relay::metrics::RelayMetrics;
 use openspan_relay::ratelimit::Rate;
@@ -173,6 +173,12 @@ impl Args {
 }
 
 fn main() -> std::process::ExitCode {
+    if let Some(code) = openspan_runtime::manpages::generate_if_asked(
+        Args::command,
+        openspan_runtime::manpages::Section::Admin,
+    ) {
+        return code;
+    }
     openspan_runtime::exit_with(run())
 }
 

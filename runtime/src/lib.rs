@@ -1,6 +1,8 @@
-//! Process plumbing shared by `discovery-server` and `kubespan-agent`.
+//! Process plumbing shared by openspan's binaries: logging, exit, signals, man pages.
 
 #![forbid(unsafe_code)]
+
+pub mod manpages;
 
 use std::io::IsTerminal;
 

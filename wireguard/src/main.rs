@@ -1,7 +1,7 @@
 //! `openspan-wireguard`: openspan's userspace WireGuard device on its own, outside the mesh.
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use openspan_wireguard::WireGuard;
 use openspan_wireguard::userspace::UserspaceWireGuard;
 
@@ -25,6 +25,12 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    if let Some(code) = openspan_runtime::manpages::generate_if_asked(
+        Args::command,
+        openspan_runtime::manpages::Section::Admin,
+    ) {
+        return code;
+    }
     openspan_runtime::exit_with(run())
 }
 

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use hyper_util::rt::TokioIo;
 use kubespan_agent::config;
 use openspan_proto::openspan::agent::v1::{self as pb, agent_client::AgentClient};
@@ -16,7 +16,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 /// Show and manage the local kubespan-agent: members, WireGuard peers and mesh health.
 #[derive(Debug, Parser)]
-#[command(name = "kubespanctl", version, about, long_about)]
+#[command(name = "kubespanctl", version)]
 struct Cli {
     /// The agent's API socket.
     #[arg(
@@ -71,6 +71,27 @@ enum Command {
     /// Generate secrets or a configuration file.
     #[command(subcommand)]
     Gen(Gen),
+    /// Print a shell completion script (bash, zsh or fish).
+    ///
+    /// Load it into the current shell with `source <(kubespanctl completion bash)` (zsh:
+    /// `source <(kubespanctl completion zsh)`, fish: `kubespanctl completion fish | source`), or
+    /// install it where the shell looks for completions:
+    /// /usr/share/bash-completion/completions/kubespanctl,
+    /// /usr/share/zsh/vendor-completions/_kubespanctl,
+    /// /usr/share/fish/vendor_completions.d/kubespanctl.fish (the Debian package does).
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+}
+
+/// The shells `kubespanctl completion` writes scripts for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Shell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Debug, Subcommand)]
@@ -529,6 +550,10 @@ fn health_text(health: &pb::Health) -> String {
 async fn run(cli: Cli) -> Result<(), Failure> {
     let format = cli.output;
     let command = match cli.command {
+        Command::Completion { shell } => {
+            print_completion(shell);
+            return Ok(());
+        }
         Command::Gen(Gen::Secrets) => {
             let secrets = serde_json::json!({ "clusterID": random_base64(), "clusterSecret": random_base64() });
             return match format {
@@ -685,13 +710,34 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 return Err(Failure::Unhealthy);
             }
         }
-        Command::Gen(_) => {}
+        Command::Gen(_) | Command::Completion { .. } => {}
     }
     Ok(())
 }
 
+/// Writes the completion script for `shell` to stdout.
+fn print_completion(shell: Shell) {
+    let generator = match shell {
+        Shell::Bash => clap_complete::Shell::Bash,
+        Shell::Zsh => clap_complete::Shell::Zsh,
+        Shell::Fish => clap_complete::Shell::Fish,
+    };
+    clap_complete::generate(
+        generator,
+        &mut Cli::command(),
+        "kubespanctl",
+        &mut std::io::stdout(),
+    );
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    if let Some(code) = openspan_runtime::manpages::generate_if_asked(
+        Cli::command,
+        openspan_runtime::manpages::Section::User,
+    ) {
+        return code;
+    }
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
