@@ -24,6 +24,10 @@ declare -A needed=(
   # etcd-client compiles etcd's .proto files at build time.
   [protoc]=protobuf-compiler
   [/usr/include/google/protobuf/descriptor.proto]=libprotobuf-dev
+  # The monitoring kit's tests (netns-tests/tests/monitoring.rs): promtool checks and unit-tests
+  # the alert rules; the dashboard is validated against its JSON schema by Debian's python3.
+  [promtool]=prometheus
+  [/usr/lib/python3/dist-packages/jsonschema]=python3-jsonschema
 )
 missing=()
 for arg in "$@"; do
