@@ -29,6 +29,10 @@ declare -A needed=(
   [dpkg-shlibdeps]=dpkg-dev
   [strip]=binutils
   [groff]=groff-base
+  # The monitoring kit's tests (netns-tests/tests/monitoring.rs): promtool checks and unit-tests
+  # the alert rules; the dashboard is validated against its JSON schema by Debian's python3.
+  [promtool]=prometheus
+  [/usr/lib/python3/dist-packages/jsonschema]=python3-jsonschema
 )
 missing=()
 for arg in "$@"; do

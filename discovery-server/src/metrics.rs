@@ -76,6 +76,27 @@ impl Default for Metrics {
             relay: std::sync::OnceLock::new(),
             registry: Registry::default(),
         };
+        // Every known label value exists from the start, at zero: a query or an alert finds the
+        // family before the first event, and increase() counts that first event (a series that
+        // appears at 1 has no increase to show).
+        for outcome in ["delayed", "refused"] {
+            let _ = metrics
+                .rate_limited
+                .get_or_create(&OutcomeLabels { outcome });
+        }
+        for outcome in ["global_limit", "per_ip_limit"] {
+            let _ = metrics
+                .connections_refused
+                .get_or_create(&OutcomeLabels { outcome });
+        }
+        for outcome in ["handshake_timeout", "idle", "no_call", "response_stalled"] {
+            let _ = metrics
+                .connections_closed
+                .get_or_create(&OutcomeLabels { outcome });
+        }
+        for kind in ["affiliate", "endpoints_of_affiliate"] {
+            let _ = metrics.gc_removed.get_or_create(&KindLabels { kind });
+        }
         registry.register(
             "clusters",
             "Clusters with at least one affiliate",

@@ -37,6 +37,11 @@ pub trait PeerStatusProvider: Send + Sync + 'static {
     /// A short description, e.g. "kernel WireGuard on kubespan".
     fn describe(&self) -> String;
     fn peer_status(&self, public_key: &str) -> Option<PeerStatusView>;
+    /// Data messages that did not decrypt, when the data plane counts them (the userspace
+    /// device does; kernel WireGuard and `backend: none` do not).
+    fn decrypt_failures(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// No data plane: every peer is `unknown`.

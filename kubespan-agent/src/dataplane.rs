@@ -45,6 +45,8 @@ const NETWORKS_REFRESH: Duration = Duration::from_secs(30);
 pub struct StatusBoard {
     description: RwLock<String>,
     peers: RwLock<HashMap<String, PeerStatusView>>,
+    /// The device's decrypt failure count at the last tick, when it counts them.
+    decrypt_failures: RwLock<Option<u64>>,
 }
 
 impl PeerStatusProvider for StatusBoard {
@@ -61,6 +63,13 @@ impl PeerStatusProvider for StatusBoard {
             .unwrap_or_else(|p| p.into_inner())
             .get(public_key)
             .cloned()
+    }
+
+    fn decrypt_failures(&self) -> Option<u64> {
+        *self
+            .decrypt_failures
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -616,6 +625,10 @@ async fn reconcile_loop(
             save_good_endpoints(&good_path, &good);
         }
 
+        *status
+            .decrypt_failures
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = device.decrypt_failures();
         let mut states = HashMap::new();
         {
             let mut board = status.peers.write().unwrap_or_else(|p| p.into_inner());

@@ -108,6 +108,18 @@ pub fn render(shared: &Shared, data_plane: &dyn PeerStatusProvider) -> String {
         }
     }
 
+    // Only where the data plane counts them: an absent series says "not measured", where a
+    // zero from kernel WireGuard would claim a health nobody checked.
+    if let Some(failures) = data_plane.decrypt_failures() {
+        let counter = Counter::<u64>::default();
+        counter.inc_by(failures);
+        registry.register(
+            "wireguard_decrypt_failures",
+            "WireGuard data messages that did not decrypt (unknown session, bad tag, replay); userspace device only",
+            counter,
+        );
+    }
+
     let connected = Family::<EndpointLabels, Gauge>::default();
     let affiliates = Family::<EndpointLabels, Gauge>::default();
     for status in shared.connection_statuses() {

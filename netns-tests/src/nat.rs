@@ -313,6 +313,8 @@ pub struct NatLab {
     /// The STUN servers [`NatLab::nat_traversal_yaml`] names: the discovery server's, once
     /// started with [`ServerOptions::stun`], and the lab's own ([`NatLab::start_stun_responder`]).
     pub stun_servers: Vec<String>,
+    /// Where the discovery server serves `/metrics` (in the internet's namespace); none: off.
+    pub server_metrics_addr: Option<String>,
     server: Option<Child>,
     stun_responders: Vec<StunResponder>,
     namespaces: Vec<String>,
@@ -437,6 +439,7 @@ impl NatLab {
             fast_timers: true,
             backend,
             stun_servers: Vec::new(),
+            server_metrics_addr: None,
             server: None,
             stun_responders: Vec::new(),
             namespaces: Vec::new(),
@@ -687,7 +690,10 @@ impl NatLab {
         let mut args = vec![
             format!("--addr={}", self.server_address),
             "--landing-addr=".into(),
-            "--metrics-addr=".into(),
+            format!(
+                "--metrics-addr={}",
+                self.server_metrics_addr.as_deref().unwrap_or_default()
+            ),
             "--snapshots-enabled=false".into(),
         ];
         if options.stun {

@@ -49,6 +49,33 @@ impl Default for RelayMetrics {
             reloads: Family::default(),
             registry: Registry::default(),
         };
+        // Every known label value exists from the start, at zero: a query or an alert finds the
+        // family before the first event, and increase() counts that first event.
+        for reason in [
+            "unauthorized",
+            "malformed",
+            "timeout",
+            "handshake",
+            "cluster_full",
+        ] {
+            let _ = m.auth_failures.get_or_create(&ReasonLabels { reason });
+        }
+        for transport in ["datagram", "stream"] {
+            let _ = m.packets.get_or_create(&TransportLabels { transport });
+            let _ = m.bytes.get_or_create(&TransportLabels { transport });
+        }
+        for reason in [
+            "unknown_destination",
+            "to_self",
+            "packet_rate",
+            "byte_rate",
+            "queue_full",
+            "too_large",
+            "closed",
+            "malformed",
+        ] {
+            let _ = m.drops.get_or_create(&ReasonLabels { reason });
+        }
         registry.register(
             "connections",
             "Open QUIC connections (registered or still in their Hello)",

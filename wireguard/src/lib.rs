@@ -125,4 +125,9 @@ pub trait WireGuard: Send {
     fn attach_relay(&mut self, _link: std::sync::Arc<dyn RelayLink>) -> Option<RelayInjector> {
         None
     }
+    /// Data messages received that did not decrypt since the device started; `None` when the
+    /// device does not count them (kernel WireGuard drops them without a counter).
+    fn decrypt_failures(&self) -> Option<u64> {
+        None
+    }
 }

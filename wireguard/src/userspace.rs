@@ -279,4 +279,8 @@ impl WireGuard for UserspaceWireGuard {
     fn attach_relay(&mut self, link: std::sync::Arc<dyn RelayLink>) -> Option<RelayInjector> {
         Some(self.device.attach_relay(link))
     }
+
+    fn decrypt_failures(&self) -> Option<u64> {
+        Some(self.device.decrypt_failures())
+    }
 }

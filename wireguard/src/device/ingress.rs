@@ -165,6 +165,7 @@ pub(super) fn network_to_tun(shared: &Shared) {
         };
         let peers = read(&shared.peers);
         let wireguard = |(_, d): &(SocketAddr, &[u8])| !openspan_stun::is_stun(d);
+        let mut undecryptable = 0;
         for (from, datagram) in datagrams()
             .filter(wireguard)
             .filter(|(_, d)| !is_handshake(d))
@@ -172,7 +173,7 @@ pub(super) fn network_to_tun(shared: &Shared) {
             if batch.count == batch.packets.len() {
                 batch.flush(shared);
             }
-            receive_datagram(
+            let received = receive_datagram(
                 keys,
                 &peers,
                 from,
@@ -181,6 +182,14 @@ pub(super) fn network_to_tun(shared: &Shared) {
                 &mut scratch,
                 &mut outbox,
             );
+            if received == Received::Undecryptable {
+                undecryptable += 1;
+            }
+        }
+        if undecryptable > 0 {
+            shared
+                .decrypt_failures
+                .fetch_add(undecryptable, Ordering::Relaxed);
         }
         batch.flush(shared);
         let now = Instant::now();
@@ -260,9 +269,20 @@ fn receive_handshake(
         Admission::Drop => {}
         Admission::CookieReply(len) => outbox.push((from, scratch[..len].to_vec())),
         Admission::Process => {
-            receive_datagram(keys, peers, from, datagram, batch, scratch, outbox);
+            // Handshakes are not data: whatever happened, it is no decrypt failure.
+            let _ = receive_datagram(keys, peers, from, datagram, batch, scratch, outbox);
         }
     }
+}
+
+/// What became of one datagram, as far as the device's counters care.
+#[derive(Debug, PartialEq, Eq)]
+enum Received {
+    /// Handled: decrypted, answered, or a handshake (whatever its fate).
+    Handled,
+    /// A data message that did not decrypt: no session has its receiver index, or its
+    /// authentication tag or counter failed.
+    Undecryptable,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -274,14 +294,20 @@ fn receive_datagram(
     batch: &mut TunBatch,
     scratch: &mut [u8],
     outbox: &mut Vec<(SocketAddr, Vec<u8>)>,
-) {
+) -> Received {
+    let data_message = datagram.first() == Some(&DATA_MESSAGE);
+    let failed = if data_message {
+        Received::Undecryptable
+    } else {
+        Received::Handled
+    };
     // Handshakes passed the gate already (which decided about load and cookies); this parses
     // and checks mac1.
     let Ok(packet) = keys
         .unlimited
         .verify_packet(Some(from.ip()), datagram, scratch)
     else {
-        return;
+        return failed;
     };
     let peer = match &packet {
         Packet::HandshakeInit(init) => parse_handshake_anon(&keys.private, &keys.public, init)
@@ -292,7 +318,7 @@ fn receive_datagram(
         Packet::PacketData(data) => peers.by_index.get(&(data.receiver_idx >> 8)),
     };
     let Some(peer) = peer else {
-        return;
+        return failed;
     };
     let is_data = matches!(packet, Packet::PacketData(_));
     let is_cookie = matches!(packet, Packet::PacketCookieReply(_));
@@ -340,8 +366,10 @@ fn receive_datagram(
         }
         TunnResult::Err(e) => {
             tracing::trace!(peer = %hex::encode(peer.public_key), error = ?e, "decapsulate failed");
+            return failed;
         }
     }
+    Received::Handled
 }
 
 /// Keeps a decrypted packet when its source address belongs to the peer that sent it
@@ -644,7 +672,21 @@ mod tests {
         let mut data = vec![4u8, 0, 0, 0];
         data.extend_from_slice(&0x00ab_cdefu32.to_le_bytes());
         data.extend_from_slice(&[0; 40]);
-        for datagram in [&foreign[..], &data[..], &[1, 2, 3][..], &[][..]] {
+        // A data message for the peer's own index whose tag cannot verify (no session, and
+        // forged bytes anyway).
+        let index = *peers.by_index.keys().next().unwrap();
+        let mut forged = vec![4u8, 0, 0, 0];
+        forged.extend_from_slice(&(index << 8).to_le_bytes());
+        forged.extend_from_slice(&[0x5a; 48]);
+        let outcomes: Vec<Received> = [
+            &foreign[..],
+            &data[..],
+            &forged[..],
+            &[1, 2, 3][..],
+            &[][..],
+        ]
+        .into_iter()
+        .map(|datagram| {
             receive_datagram(
                 &keys,
                 &peers,
@@ -653,8 +695,20 @@ mod tests {
                 &mut batch,
                 &mut scratch,
                 &mut outbox,
-            );
-        }
+            )
+        })
+        .collect();
+        // Only the data messages count as decrypt failures (the device's metric).
+        assert_eq!(
+            outcomes,
+            [
+                Received::Handled,
+                Received::Undecryptable,
+                Received::Undecryptable,
+                Received::Handled,
+                Received::Handled,
+            ]
+        );
         assert!(outbox.is_empty(), "answered garbage: {outbox:?}");
         assert_eq!(batch.count, 0);
         assert_eq!(endpoint(&peers), Some(home));

@@ -22,7 +22,7 @@ mod race;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -125,6 +125,8 @@ struct Shared {
     /// receive thread does, and one thread carries everything.
     tx_active: AtomicBool,
     egress: Mutex<Egress>,
+    /// Data messages that did not decrypt (see [`Device::decrypt_failures`]).
+    decrypt_failures: AtomicU64,
 }
 
 fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -242,6 +244,7 @@ impl Device {
             relay_inbox: Mutex::new(VecDeque::new()),
             tx_active: AtomicBool::new(false),
             egress: Mutex::new(Egress::new()),
+            decrypt_failures: AtomicU64::new(0),
         });
         let mut threads = Vec::new();
         for (role, body) in [
@@ -517,6 +520,14 @@ impl Device {
     /// STUN messages received since the last call (source, bytes), oldest first.
     pub fn take_stun(&self) -> Vec<(SocketAddr, Vec<u8>)> {
         lock(&self.shared.stun_inbox).drain(..).collect()
+    }
+
+    /// Data messages received that did not decrypt since the device started: an unknown
+    /// receiver index (a session this device no longer has, or forged), a failed authentication
+    /// tag, or a replayed counter. A steady rate means a peer with stale keys or someone sending
+    /// junk to the port; either way packets are being lost or refused.
+    pub fn decrypt_failures(&self) -> u64 {
+        self.shared.decrypt_failures.load(Ordering::Relaxed)
     }
 
     /// The device's UDP port, once bound.
