@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::{Packet, TunnResult};
+use boringtun::noise::{Packet, Tunn, TunnResult};
 use quinn_udp::RecvMeta;
 use tun_rs::{GROTable, VIRTIO_NET_HDR_LEN};
 
@@ -274,29 +274,60 @@ fn receive_datagram(
     outbox: &mut Vec<(SocketAddr, Vec<u8>)>,
 ) {
     // Handshakes passed the gate already (which decided about load and cookies); this parses
-    // and checks mac1.
-    let Ok(packet) = keys
-        .unlimited
-        .verify_packet(Some(from.ip()), datagram, scratch)
-    else {
-        return;
+    // and checks mac1: sealed to our key, or during a rotation's grace to the previous one.
+    let (packet, to_previous_key) =
+        match keys
+            .unlimited
+            .verify_packet(Some(from.ip()), datagram, scratch)
+        {
+            Ok(packet) => (packet, false),
+            Err(_) => {
+                let Some(Ok(packet)) = keys.previous.as_ref().map(|previous| {
+                    previous
+                        .unlimited
+                        .verify_packet(Some(from.ip()), datagram, scratch)
+                }) else {
+                    return;
+                };
+                (packet, true)
+            }
+        };
+    // The receiver index says which of a peer's Tunns a message is for (the one from before a
+    // key change has its own); an initiation, which key it was sealed to.
+    let found = match &packet {
+        Packet::HandshakeInit(init) => {
+            let (private, public) = match (&keys.previous, to_previous_key) {
+                (Some(previous), true) => (&previous.private, &previous.public),
+                _ => (&keys.private, &keys.public),
+            };
+            parse_handshake_anon(private, public, init)
+                .ok()
+                .and_then(|half| peers.by_key.get(&half.peer_static_public))
+                .map(|peer| (peer, to_previous_key))
+        }
+        Packet::HandshakeResponse(response) => by_index(peers, response.receiver_idx),
+        Packet::PacketCookieReply(reply) => by_index(peers, reply.receiver_idx),
+        Packet::PacketData(data) => by_index(peers, data.receiver_idx),
     };
-    let peer = match &packet {
-        Packet::HandshakeInit(init) => parse_handshake_anon(&keys.private, &keys.public, init)
-            .ok()
-            .and_then(|half| peers.by_key.get(&half.peer_static_public)),
-        Packet::HandshakeResponse(response) => peers.by_index.get(&(response.receiver_idx >> 8)),
-        Packet::PacketCookieReply(reply) => peers.by_index.get(&(reply.receiver_idx >> 8)),
-        Packet::PacketData(data) => peers.by_index.get(&(data.receiver_idx >> 8)),
-    };
-    let Some(peer) = peer else {
+    let Some((peer, previous)) = found else {
         return;
     };
     let is_data = matches!(packet, Packet::PacketData(_));
     let is_cookie = matches!(packet, Packet::PacketCookieReply(_));
     let buffer = &mut batch.packets[batch.count];
     buffer.resize(VIRTIO_NET_HDR_LEN + datagram.len(), 0);
-    let mut tunn = lock(&peer.tunn);
+    let mut current_guard;
+    let mut previous_guard;
+    let tunn: &mut Tunn = if previous {
+        previous_guard = lock(&peer.previous);
+        match previous_guard.as_mut() {
+            Some(previous) => &mut previous.tunn,
+            None => return,
+        }
+    } else {
+        current_guard = lock(&peer.tunn);
+        &mut current_guard
+    };
     match tunn.decapsulate(Some(from.ip()), datagram, &mut buffer[VIRTIO_NET_HDR_LEN..]) {
         TunnResult::WriteToTunnelV4(inner, source) => {
             let len = inner.len();
@@ -340,6 +371,14 @@ fn receive_datagram(
             tracing::trace!(peer = %hex::encode(peer.public_key), error = ?e, "decapsulate failed");
         }
     }
+}
+
+/// The peer a receiver index belongs to, and whether it is its session from before a key
+/// change.
+fn by_index(peers: &PeerTable, receiver: u32) -> Option<(&Arc<Peer>, bool)> {
+    let index = receiver >> 8;
+    let peer = peers.by_index.get(&index)?;
+    Some((peer, peer.index != index))
 }
 
 /// Keeps a decrypted packet when its source address belongs to the peer that sent it
@@ -395,6 +434,7 @@ mod tests {
             unlimited: Arc::new(RateLimiter::new(&public, u64::MAX)),
             private,
             public,
+            previous: None,
         }
     }
 
