@@ -57,6 +57,10 @@ enum Command {
     Watch,
     /// Delete this node's record from every discovery service; peers drop it at once.
     Leave,
+    /// Replace this node's WireGuard key: stored in the state directory, put on the device and
+    /// published; peers learn it through discovery. With the userspace device the old key keeps
+    /// working until every peer has a session under the new one (no traffic gap).
+    RotateKey,
     /// Generate secrets or a configuration file.
     #[command(subcommand)]
     Gen(Gen),
@@ -634,9 +638,32 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 response.deleted_from
             );
         }
+        Command::RotateKey => {
+            let response = client
+                .rotate_key(pb::RotateKeyRequest {})
+                .await
+                .map_err(failed)?
+                .into_inner();
+            match format {
+                Format::Table => print!("{}", rotation_text(&response)),
+                _ => print_structured(format, &response)?,
+            }
+        }
         Command::Gen(_) => {}
     }
     Ok(())
+}
+
+fn rotation_text(response: &pb::RotateKeyResponse) -> String {
+    let grace = if response.grace_seconds > 0 {
+        format!("{} s at most", response.grace_seconds)
+    } else {
+        "none".to_owned()
+    };
+    format!(
+        "rotated this node's WireGuard key\n  old key: {}\n  new key: {}\n  grace:   {grace}\n  {}\n",
+        response.old_public_key, response.new_public_key, response.note
+    )
 }
 
 #[tokio::main(flavor = "current_thread")]
