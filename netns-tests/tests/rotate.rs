@@ -192,6 +192,21 @@ fn a_rotated_key_loses_no_ping_and_survives_a_restart() -> anyhow::Result<()> {
         rotated_at.elapsed()
     );
     assert_none_lost(&lab, pings, PINGS)?;
+    // Every peer has a session under the new key: the old key goes a few seconds later, long
+    // before the grace period ends.
+    lab.wait_for(
+        "node-1 to stop answering its old key",
+        Duration::from_secs(20),
+        || {
+            lab.node(1)
+                .log()
+                .contains("the previous WireGuard key is no longer answered")
+        },
+    )?;
+    eprintln!(
+        "node-1 dropped its old key {:?} after the rotation",
+        rotated_at.elapsed()
+    );
 
     assert_eq!(public_key(&lab, 1)?, new_key, "the API shows the new key");
     let log = lab.node(1).log();

@@ -659,6 +659,137 @@ mod tests {
         assert!(outbox.is_empty(), "a replayed cookie made us initiate");
     }
 
+    /// Our keys after a rotation from `OURS` to `NEW`, the old one still answered.
+    fn rotated_keys() -> Keys {
+        const NEW: [u8; 32] = [8; 32];
+        let old = keys();
+        let private = StaticSecret::from(NEW);
+        let public = PublicKey::from(&private);
+        Keys {
+            cookies: Arc::new(RateLimiter::new(&public, 0)),
+            handshake_limit: 100,
+            unlimited: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            private,
+            public,
+            previous: Some(super::super::PreviousKey {
+                private: old.private,
+                public: old.public,
+                cookies: old.cookies,
+                unlimited: old.unlimited,
+                deadline: Instant::now() + Duration::from_secs(180),
+            }),
+        }
+    }
+
+    /// An IPv4 packet from the peer's allowed address to ours.
+    fn ping_packet() -> Vec<u8> {
+        let mut packet = vec![0u8; 28];
+        packet[0] = 0x45;
+        packet[2..4].copy_from_slice(&28u16.to_be_bytes());
+        packet[8] = 64;
+        packet[9] = 1;
+        packet[12..16].copy_from_slice(&[10, 0, 0, 2]);
+        packet[16..20].copy_from_slice(&[10, 0, 0, 1]);
+        packet
+    }
+
+    #[test]
+    fn during_a_rotation_a_peer_that_knows_only_the_old_key_is_answered_and_decrypted() {
+        let old_keys = keys();
+        let keys = rotated_keys();
+        let home: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        // The peer as it was before the rotation, its Tunn kept as the previous session, and a
+        // new one under the new key.
+        let mut peers = table(&old_keys, home);
+        let before = peers.by_key.values().next().unwrap().clone();
+        let new_index = peers.allocate_index();
+        let config = super::super::peer_config(&before);
+        let peer = Peer::new(
+            &config,
+            new_index,
+            super::super::new_tunn(&keys, &config, new_index),
+            Some(home),
+        );
+        super::super::keep_previous(
+            &before,
+            &peer,
+            &keys,
+            &config,
+            Instant::now(),
+            Duration::from_secs(180),
+        );
+        peers.insert(peer.clone());
+        assert_eq!(peers.by_index.len(), 2, "both receiver indexes lead to it");
+        let mut remote = remote(&old_keys);
+        let mut batch = TunBatch::new();
+        let mut scratch = vec![0u8; 2 * 65_536];
+        let mut outbox = Vec::new();
+
+        // An initiation sealed to the old key passes the gate and is answered under it.
+        let mut gate = HandshakeGate::new(100);
+        let first = initiation(&mut remote);
+        receive_handshake(
+            &mut gate,
+            Instant::now(),
+            &keys,
+            &peers,
+            home,
+            &first,
+            &mut batch,
+            &mut scratch,
+            &mut outbox,
+        );
+        assert_eq!(outbox.len(), 1, "the old key's initiation was not answered");
+        assert_eq!(outbox[0].1[0], HANDSHAKE_RESPONSE);
+        let mut buffer = vec![0u8; 2_048];
+        let keepalive = match remote.decapsulate(Some(home.ip()), &outbox[0].1, &mut buffer) {
+            TunnResult::WriteToNetwork(message) => message.to_vec(),
+            other => panic!("the response did not complete the handshake: {other:?}"),
+        };
+        assert!(lock(&peer.tunn).time_since_last_handshake().is_none());
+        outbox.clear();
+        receive_datagram(
+            &keys,
+            &peers,
+            home,
+            &keepalive,
+            &mut batch,
+            &mut scratch,
+            &mut outbox,
+        );
+        // Data on that session decrypts through the previous Tunn and reaches the TUN batch.
+        let data = match remote.encapsulate(&ping_packet(), &mut buffer) {
+            TunnResult::WriteToNetwork(message) => message.to_vec(),
+            other => panic!("no data message: {other:?}"),
+        };
+        receive_datagram(
+            &keys,
+            &peers,
+            home,
+            &data,
+            &mut batch,
+            &mut scratch,
+            &mut outbox,
+        );
+        assert_eq!(batch.count, 1, "data under the old key was dropped");
+        assert!(outbox.is_empty(), "{outbox:?}");
+
+        // Once the grace is over, the old key answers nothing.
+        let mut over = rotated_keys();
+        over.previous = None;
+        let late = initiation(&mut remote);
+        receive_datagram(
+            &over,
+            &peers,
+            home,
+            &late,
+            &mut batch,
+            &mut scratch,
+            &mut outbox,
+        );
+        assert!(outbox.is_empty(), "answered the retired key: {outbox:?}");
+    }
+
     #[test]
     fn garbage_and_unknown_senders_change_nothing() {
         let keys = keys();
