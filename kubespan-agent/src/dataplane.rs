@@ -459,6 +459,14 @@ async fn reconcile_loop(
                     fwmark: dp.firewall_mark,
                 };
                 let result = tokio::task::block_in_place(|| device.rotate_key(&settings, ROTATION_GRACE));
+                if result.is_ok()
+                    && let Some(relays) = &inputs.relays
+                {
+                    // Relays deliver by key: peers that learn the new one reach it there.
+                    relays.set_public_key(
+                        crate::identity::WireguardKeys::from_private(rotation.private_key).public_key,
+                    );
+                }
                 let _ = rotation.done.send(result.map_err(|e| e.to_string()));
             }
         }
