@@ -687,6 +687,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_rotation_shows_both_keys_and_the_grace() {
+        let mut response = pb::RotateKeyResponse {
+            old_public_key: "old=".into(),
+            new_public_key: "new=".into(),
+            grace_seconds: 180,
+            note: "the old key keeps working".into(),
+        };
+        let text = rotation_text(&response);
+        assert!(text.contains("  old key: old=\n  new key: new=\n"), "{text}");
+        assert!(text.contains("grace:   180 s at most"), "{text}");
+        assert!(text.contains("the old key keeps working"), "{text}");
+        response.grace_seconds = 0;
+        assert!(rotation_text(&response).contains("grace:   none"));
+    }
+
+    #[test]
     fn status_warns_about_a_discovery_service_that_is_not_connected() {
         let connection = |endpoint: &str, state: &str, last_error: &str| pb::DiscoveryConnection {
             endpoint: endpoint.into(),
