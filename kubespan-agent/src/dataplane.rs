@@ -621,7 +621,11 @@ async fn reconcile_loop(
                 }
                 (Action::ReplacePeer { config, .. }, Ok(())) => {
                     if let Some(want) = wanted.iter().find(|w| w.public_key == config.public_key) {
-                        tracing::info!(peer = %want.spec.label, public_key = %want.spec.public_key, "peer's WireGuard key changed: peer replaced (its old session carries packets until the new key has one)");
+                        tracing::info!(peer = %want.spec.label, public_key = %want.spec.public_key, "peer's WireGuard key changed: peer replaced, handshaking to the new key");
+                        // Kernel WireGuard: a packet starts the handshake to the new key now.
+                        if !device.initiates_on_reset() {
+                            nudge(want.spec.mesh_address);
+                        }
                     }
                 }
                 (

@@ -695,7 +695,10 @@ mod tests {
             note: "the old key keeps working".into(),
         };
         let text = rotation_text(&response);
-        assert!(text.contains("  old key: old=\n  new key: new=\n"), "{text}");
+        assert!(
+            text.contains("  old key: old=\n  new key: new=\n"),
+            "{text}"
+        );
         assert!(text.contains("grace:   180 s at most"), "{text}");
         assert!(text.contains("the old key keeps working"), "{text}");
         response.grace_seconds = 0;
