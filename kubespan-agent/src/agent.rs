@@ -29,7 +29,8 @@ use crate::wg::uapi::unix_ms;
 /// expiry runs.
 const HOUSEKEEPING: Duration = Duration::from_secs(5);
 
-/// Who this node is; fixed for the agent's lifetime.
+/// Who this node is; fixed for the agent's lifetime, except the WireGuard public key
+/// (`kubespanctl rotate-key`), whose current value is [`Shared::public_key`].
 #[derive(Clone, Debug)]
 pub struct NodeIdentity {
     pub node_id: String,
@@ -67,6 +68,9 @@ pub struct Shared {
     pub nat: watch::Sender<NatEndpoints>,
     /// Bytes carried through relays, when relays are configured.
     pub relay_counters: Option<Arc<crate::relay::RelayCounters>>,
+    /// This node's WireGuard public key (base64) as published; a new value (a rotation) is
+    /// published at once.
+    pub public_key: watch::Sender<String>,
 }
 
 /// This node's endpoints as seen from outside its NAT, announced after its own.
@@ -244,7 +248,7 @@ fn describe_warning(warning: &PeerWarning) -> String {
 /// (after deleting this node's record when leaving).
 pub async fn run(
     config: Config,
-    identity: NodeIdentity,
+    mut identity: NodeIdentity,
     keys: Arc<ClusterKeys>,
     relays: Option<Arc<crate::relay::Relays>>,
     stop: CancellationToken,
@@ -339,7 +343,9 @@ pub async fn run(
         alive: alive_tx,
         nat: nat_tx,
         relay_counters: relays.as_ref().map(|r| r.counters()),
+        public_key: watch::Sender::new(identity.public_key.clone()),
     });
+    let mut public_key_rx = shared.public_key.subscribe();
     ready(shared.clone());
 
     let mut address_poll = tokio::time::interval(Duration::from_secs(5));
@@ -399,6 +405,15 @@ pub async fn run(
                         facts_changed = true;
                     }
                     facts.nat = nat;
+                }
+            }
+            changed = public_key_rx.changed() => {
+                if changed.is_ok() {
+                    let key = public_key_rx.borrow_and_update().clone();
+                    if key != identity.public_key {
+                        identity.public_key = key;
+                        facts_changed = true;
+                    }
                 }
             }
             changed = alive_rx.changed() => {

@@ -4,7 +4,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::Stream;
@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::agent::{MembershipView, Shared};
+use crate::dataplane::{ROTATION_GRACE, Rotation};
 
 /// What the data plane reports about one peer.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -60,11 +61,105 @@ impl PeerStatusProvider for NoDataPlane {
 pub struct AgentApi {
     shared: Arc<Shared>,
     data_plane: Arc<dyn PeerStatusProvider>,
+    /// Where key rotations go to the data plane (`None`: no data plane).
+    rotations: Option<tokio::sync::mpsc::Sender<Rotation>>,
+    /// When the last rotation's grace ends: another rotation before then is refused (the
+    /// device keeps one previous key).
+    rotating_until: tokio::sync::Mutex<Option<Instant>>,
 }
 
 impl AgentApi {
     pub fn new(shared: Arc<Shared>, data_plane: Arc<dyn PeerStatusProvider>) -> Self {
-        Self { shared, data_plane }
+        Self {
+            shared,
+            data_plane,
+            rotations: None,
+            rotating_until: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Sends key rotations to the data plane.
+    pub fn with_rotations(mut self, rotations: tokio::sync::mpsc::Sender<Rotation>) -> Self {
+        self.rotations = Some(rotations);
+        self
+    }
+
+    /// `RotateKey`: a new key pair, stored (atomically) before anything else so a crash never
+    /// loses a key peers may know; then put on the device, and only then published, so a peer
+    /// that learns it finds the device answering to it.
+    async fn rotate_key(&self) -> Result<pb::RotateKeyResponse, Status> {
+        let mut rotating_until = self.rotating_until.lock().await;
+        let now = Instant::now();
+        if let Some(until) = rotating_until.filter(|until| *until > now) {
+            return Err(Status::failed_precondition(format!(
+                "the last key rotation is still in its grace period for {} s (the old key may still be in use); try again then",
+                until.saturating_duration_since(now).as_secs() + 1
+            )));
+        }
+        let old_public_key = self.shared.public_key.borrow().clone();
+        let keys = crate::identity::WireguardKeys::try_generate()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let state_dir = self.shared.config.state_dir.clone();
+        let stored = keys.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::identity::store_wireguard_keys(&state_dir, &stored)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("storing the key failed: {e}")))?
+        .map_err(|e| Status::internal(format!("the key was not changed: {e}")))?;
+        let seamless = match &self.rotations {
+            Some(rotations) => {
+                let (done, result) = tokio::sync::oneshot::channel();
+                let sent = rotations
+                    .send(Rotation {
+                        private_key: keys.private_key,
+                        done,
+                    })
+                    .await;
+                let applied = match sent {
+                    Ok(()) => result
+                        .await
+                        .unwrap_or_else(|_| Err("the data plane stopped".into())),
+                    Err(_) => Err("the data plane stopped".into()),
+                };
+                match applied {
+                    Ok(seamless) => seamless,
+                    Err(e) => {
+                        // Stored already: the next start uses it. Publishing it now would cut
+                        // this node off from peers that learn it, so it is not published.
+                        return Err(Status::internal(format!(
+                            "the new key is stored but the WireGuard device refused it ({e}); restart the agent to use it"
+                        )));
+                    }
+                }
+            }
+            None => false,
+        };
+        let new_public_key = keys.public_base64();
+        self.shared.public_key.send_replace(new_public_key.clone());
+        let grace = if seamless {
+            ROTATION_GRACE
+        } else {
+            Duration::ZERO
+        };
+        *rotating_until = Some(now + grace);
+        tracing::info!(old = %old_public_key, new = %new_public_key, grace_s = grace.as_secs(), "WireGuard key rotated and published; peers learn it through discovery");
+        let note = if seamless {
+            format!(
+                "the old key keeps working until every peer has a session under the new one, {} s at most",
+                grace.as_secs()
+            )
+        } else if self.rotations.is_some() {
+            "this device holds one key (kernel WireGuard): each peer is cut off until it has learned the new key through discovery and handshaken to it".to_owned()
+        } else {
+            "no data plane: the new key is published".to_owned()
+        };
+        Ok(pb::RotateKeyResponse {
+            old_public_key,
+            new_public_key,
+            grace_seconds: grace.as_secs() as u32,
+            note,
+        })
     }
 
     fn identity(&self) -> pb::Identity {
@@ -76,7 +171,7 @@ impl AgentApi {
             nodename: id.nodename.clone(),
             hostname: id.hostname.clone(),
             cluster_id: config.cluster_id.clone(),
-            public_key: id.public_key.clone(),
+            public_key: self.shared.public_key.borrow().clone(),
             mesh_address: id.mesh_address.to_string(),
             mesh_prefix: id.mesh_prefix.to_string(),
             mac_source: id.mac_source.clone(),
@@ -359,6 +454,14 @@ impl Agent for AgentApi {
                 .collect(),
             checked_unix_ms: facts.now_unix_ms,
         }))
+    }
+
+    async fn rotate_key(
+        &self,
+        _: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::RotateKeyResponse>, Status> {
+        tracing::info!("key rotation requested through the API");
+        AgentApi::rotate_key(self).await.map(Response::new)
     }
 
     async fn leave(

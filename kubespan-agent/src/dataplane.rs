@@ -39,6 +39,19 @@ const AWAITING_TICK: Duration = Duration::from_millis(100);
 const GOOD_ENDPOINTS_FILE: &str = "good-endpoints.json";
 /// How often this node's own networks are read again (to rank peers' endpoints).
 const NETWORKS_REFRESH: Duration = Duration::from_secs(30);
+/// How long a key from before a rotation (this node's, or a peer's) keeps working at most:
+/// WireGuard's REJECT_AFTER_TIME, the longest a session lives without a new handshake. Peers
+/// normally learn the new key within seconds, and the old one goes once each has a session
+/// under the new key.
+pub const ROTATION_GRACE: Duration = Duration::from_secs(180);
+
+/// A request to put a new private key on the device.
+pub struct Rotation {
+    pub private_key: Key,
+    /// Whether the old key keeps working for [`ROTATION_GRACE`] (the userspace device), or the
+    /// device error.
+    pub done: tokio::sync::oneshot::Sender<Result<bool, String>>,
+}
 
 /// Peer statuses for the API and metrics, keyed by base64 public key.
 #[derive(Default)]
@@ -201,6 +214,8 @@ pub struct Inputs {
     pub nat: watch::Sender<NatEndpoints>,
     /// Relays for peers no direct path reaches.
     pub relays: Option<Arc<Relays>>,
+    /// Key rotations (`kubespanctl rotate-key`).
+    pub rotations: tokio::sync::mpsc::Receiver<Rotation>,
 }
 
 /// Sets up the interface, routing and firewall, then reconciles until `stop`; tears all of it
@@ -446,6 +461,23 @@ async fn reconcile_loop(
             changed = view.changed() => if changed.is_err() { return Ok(()) },
             _ = tick.tick() => {}
             _ = tokio::time::sleep(AWAITING_TICK), if awaiting => {}
+            Some(rotation) = inputs.rotations.recv() => {
+                let settings = DeviceSettings {
+                    private_key: rotation.private_key,
+                    listen_port: config.listen_port,
+                    fwmark: dp.firewall_mark,
+                };
+                let result = tokio::task::block_in_place(|| device.rotate_key(&settings, ROTATION_GRACE));
+                if result.is_ok()
+                    && let Some(relays) = &inputs.relays
+                {
+                    // Relays deliver by key: peers that learn the new one reach it there.
+                    relays.set_public_key(
+                        crate::identity::WireguardKeys::from_private(rotation.private_key).public_key,
+                    );
+                }
+                let _ = rotation.done.send(result.map_err(|e| e.to_string()));
+            }
         }
         let current = view.borrow_and_update().clone();
         if networks_read_at.is_none_or(|at| at.elapsed() >= NETWORKS_REFRESH) {
@@ -542,6 +574,10 @@ async fn reconcile_loop(
                     reset_session,
                 } => device.set_peer(config, *reset_session),
                 Action::RemovePeer { public_key } => device.remove_peer(public_key),
+                Action::ReplacePeer {
+                    old_public_key,
+                    config,
+                } => device.replace_peer(old_public_key, config, ROTATION_GRACE),
                 Action::Race {
                     public_key,
                     candidates,
@@ -592,6 +628,15 @@ async fn reconcile_loop(
                 (Action::RemovePeer { .. }, Ok(())) => {
                     tracing::info!("removed a peer that left the cluster")
                 }
+                (Action::ReplacePeer { config, .. }, Ok(())) => {
+                    if let Some(want) = wanted.iter().find(|w| w.public_key == config.public_key) {
+                        tracing::info!(peer = %want.spec.label, public_key = %want.spec.public_key, "peer's WireGuard key changed: peer replaced, handshaking to the new key");
+                        // Kernel WireGuard: a packet starts the handshake to the new key now.
+                        if !device.initiates_on_reset() {
+                            nudge(want.spec.mesh_address);
+                        }
+                    }
+                }
                 (
                     Action::Race {
                         public_key,
@@ -613,7 +658,8 @@ async fn reconcile_loop(
                 (action, Err(e)) => {
                     tracing::error!(error = %e, "WireGuard device change failed; retrying next tick");
                     // Forget what was applied so the next reconcile sends it again.
-                    if let Action::SetPeer { config, .. } = action
+                    if let Action::SetPeer { config, .. } | Action::ReplacePeer { config, .. } =
+                        action
                         && let Some(mem) = memory.get_mut(&config.public_key)
                     {
                         mem.applied_allowed_ips.clear();

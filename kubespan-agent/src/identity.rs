@@ -446,6 +446,43 @@ pub fn load_or_create_wireguard_keys(state_dir: &Path) -> Result<WireguardKeys, 
     Ok(keys)
 }
 
+/// Replaces the key pair in `state_dir`/[`KUBESPAN_IDENTITY_FILE`] atomically: a temporary file
+/// (0600) is written and made durable, then renamed over the old one, so a crash leaves either
+/// the old key or the new one, never a partial file.
+pub fn store_wireguard_keys(state_dir: &Path, keys: &WireguardKeys) -> Result<(), IdentityError> {
+    ensure_state_dir(state_dir)?;
+    let contents = serde_norway::to_string(&KubeSpanIdentityFile {
+        private_key: keys.private_base64(),
+        public_key: Some(keys.public_base64()),
+    })
+    .map_err(|e| IdentityError::Encode(e.to_string()))?;
+    let path = state_dir.join(KUBESPAN_IDENTITY_FILE);
+    let temporary = state_dir.join(format!(".{KUBESPAN_IDENTITY_FILE}.new"));
+    fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> IdentityError {
+        let path = path.to_owned();
+        move |source| IdentityError::Io {
+            action,
+            path,
+            source,
+        }
+    }
+    // Left over from an interrupted rotation: it never replaced the file, so it is no key.
+    match fs::remove_file(&temporary) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_error("remove", &temporary)(e)),
+    }
+    create_exclusive(&temporary, contents.as_bytes()).map_err(io_error("create", &temporary))?;
+    if let Err(e) = fs::rename(&temporary, &path) {
+        let _ = fs::remove_file(&temporary);
+        return Err(io_error("replace", &path)(e));
+    }
+    if let Ok(dir) = File::open(state_dir) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Mesh address
 
@@ -848,6 +885,24 @@ mod tests {
         );
         assert_eq!(load_or_create_wireguard_keys(tmp.path()).unwrap(), keys);
         assert_eq!(keys.private_key[0] & 7, 0);
+    }
+
+    #[test]
+    fn a_stored_key_replaces_the_old_one_privately_and_is_loaded_next() {
+        let tmp = tempfile::tempdir().unwrap();
+        let old = load_or_create_wireguard_keys(tmp.path()).unwrap();
+        let path = tmp.path().join(KUBESPAN_IDENTITY_FILE);
+        // A temporary file from an interrupted rotation is no obstacle.
+        let leftover = tmp.path().join(format!(".{KUBESPAN_IDENTITY_FILE}.new"));
+        fs::write(&leftover, "privateKey: half").unwrap();
+        let new = WireguardKeys::generate();
+        store_wireguard_keys(tmp.path(), &new).unwrap();
+        assert_ne!(new, old);
+        assert_eq!(load_or_create_wireguard_keys(tmp.path()).unwrap(), new);
+        assert_eq!(mode(&path), 0o600);
+        assert!(!leftover.exists(), "the temporary file stayed");
+        let names: Vec<_> = fs::read_dir(tmp.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "only the identity file: {names:?}");
     }
 
     #[test]

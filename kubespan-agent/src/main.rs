@@ -136,6 +136,7 @@ async fn run() -> anyhow::Result<()> {
     let shared = shared_rx
         .await
         .context("the control loop stopped before it started")?;
+    let (rotations_tx, rotations) = tokio::sync::mpsc::channel(1);
     let (data_plane, data_plane_task): (Arc<dyn api::PeerStatusProvider>, _) =
         if config.data_plane.backend == Backend::None {
             tracing::info!("backend: none; membership only, no WireGuard interface");
@@ -153,14 +154,19 @@ async fn run() -> anyhow::Result<()> {
                 alive: shared.alive.clone(),
                 nat: shared.nat.clone(),
                 relays: relays.clone(),
+                rotations,
             };
             let task = tokio::spawn(dataplane::run(inputs, stop.clone()));
             (board, Some(task))
         };
+    let mut agent_api = AgentApi::new(shared.clone(), data_plane.clone());
+    if data_plane_task.is_some() {
+        agent_api = agent_api.with_rotations(rotations_tx);
+    }
     let api_task = api::serve(
         api_listener,
         &config.api_socket,
-        AgentApi::new(shared.clone(), data_plane.clone()),
+        agent_api,
         api_stop.clone(),
     );
     let metrics_task = metrics_listener.map(|listener| {

@@ -77,6 +77,8 @@ impl State {
 /// What the agent remembers about one peer between reconciles.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PeerMemory {
+    /// The node this key belongs to: a node whose key changes is replaced, not removed.
+    pub node_id: String,
     /// The endpoint the agent last configured.
     pub last_used_endpoint: Option<SocketAddr>,
     pub last_endpoint_change: Option<Instant>,
@@ -116,6 +118,12 @@ pub enum Action {
     },
     RemovePeer {
         public_key: Key,
+    },
+    /// The same node under a new key (it rotated its key): the device replaces the old peer by
+    /// the new one, keeping the old session until the new key has one where it can.
+    ReplacePeer {
+        old_public_key: Key,
+        config: PeerConfig,
     },
     /// Send a handshake initiation to all of `candidates` at once, best first.
     Race {
@@ -240,11 +248,25 @@ pub fn reconcile(
     let mut reports = Vec::new();
     let on_device: HashMap<Key, &PeerState> = device.iter().map(|p| (p.public_key, p)).collect();
 
+    // Peers on the device nobody wants any more go, unless their node is wanted under a new
+    // key: then the new key replaces them (new key → old key).
+    let mut predecessors: HashMap<Key, Key> = HashMap::new();
     for peer in device {
-        if !wanted.iter().any(|w| w.public_key == peer.public_key) {
-            actions.push(Action::RemovePeer {
+        if wanted.iter().any(|w| w.public_key == peer.public_key) {
+            continue;
+        }
+        let successor = memory
+            .get(&peer.public_key)
+            .filter(|mem| !mem.node_id.is_empty())
+            .and_then(|mem| wanted.iter().find(|w| w.spec.node_id == mem.node_id))
+            .filter(|w| !on_device.contains_key(&w.public_key));
+        match successor {
+            Some(want) => {
+                predecessors.insert(want.public_key, peer.public_key);
+            }
+            None => actions.push(Action::RemovePeer {
                 public_key: peer.public_key,
-            });
+            }),
         }
     }
     memory.retain(|key, _| wanted.iter().any(|w| w.public_key == *key));
@@ -253,6 +275,7 @@ pub fn reconcile(
         let key = want.public_key;
         let state_on_device = on_device.get(&key).copied();
         let mem = memory.entry(key).or_default();
+        mem.node_id.clone_from(&want.spec.node_id);
         let allowed_ips = normalized(&want.spec.allowed_ips);
         let endpoints = &want.spec.endpoints;
         let remembered = good_endpoints.get(&want.spec.node_id).copied();
@@ -426,15 +449,22 @@ pub fn reconcile(
             mem.refreshing = report_state == State::Up;
         }
         if reset_session || allowed_changed {
-            actions.push(Action::SetPeer {
-                config: PeerConfig {
-                    public_key: key,
-                    preshared_key: *preshared_key,
-                    endpoint: if reset_session { endpoint_to_set } else { None },
-                    allowed_ips: allowed_ips.clone(),
-                    persistent_keepalive: timers.keepalive,
+            let config = PeerConfig {
+                public_key: key,
+                preshared_key: *preshared_key,
+                endpoint: if reset_session { endpoint_to_set } else { None },
+                allowed_ips: allowed_ips.clone(),
+                persistent_keepalive: timers.keepalive,
+            };
+            actions.push(match predecessors.get(&key) {
+                Some(old) if reset_session => Action::ReplacePeer {
+                    old_public_key: *old,
+                    config,
                 },
-                reset_session,
+                _ => Action::SetPeer {
+                    config,
+                    reset_session,
+                },
             });
             mem.applied_allowed_ips = allowed_ips;
         }
@@ -817,6 +847,63 @@ mod tests {
         assert_eq!(
             out.reports[0].endpoint,
             Some("203.0.113.9:40000".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn a_node_under_a_new_key_replaces_its_peer_and_races_at_once() {
+        let mut h = Harness::racing();
+        let old = want(&["10.0.0.2:51820"]);
+        h.at(0, std::slice::from_ref(&old), &[]);
+        let dev = [on_device(Some("10.0.0.2:51820"), Some(h.time(1)), 10)];
+        let out = h.at(1, std::slice::from_ref(&old), &dev);
+        assert_eq!(out.reports[0].state, State::Up);
+        // Discovery now shows node-b with a new key: one replacement (no removal), with the
+        // allowed IPs and the endpoint that worked, and a race under the new key.
+        let mut new = want(&["10.0.0.2:51820"]);
+        new.public_key = [2; 32];
+        let out = h.at(2, std::slice::from_ref(&new), &dev);
+        let [
+            Action::ReplacePeer {
+                old_public_key,
+                config,
+            },
+            Action::Race {
+                public_key,
+                candidates,
+            },
+        ] = &out.actions[..]
+        else {
+            panic!("{:?}", out.actions)
+        };
+        assert_eq!((*old_public_key, config.public_key), ([1; 32], [2; 32]));
+        assert_eq!(config.allowed_ips, normalized(&new.spec.allowed_ips));
+        assert_eq!(config.endpoint, Some("10.0.0.2:51820".parse().unwrap()));
+        assert_eq!(*public_key, [2; 32]);
+        assert_eq!(candidates, &sas(&["10.0.0.2:51820"]));
+        assert!(!h.memory.contains_key(&[1; 32]), "the old key is forgotten");
+        // A key nobody's node claims any more is still removed.
+        let mut other = new.clone();
+        other.spec.node_id = "node-c".into();
+        other.public_key = [3; 32];
+        let replaced = [PeerState {
+            public_key: [2; 32],
+            ..on_device(Some("10.0.0.2:51820"), None, 0)
+        }];
+        let out = h.at(3, std::slice::from_ref(&other), &replaced);
+        assert!(
+            out.actions.contains(&Action::RemovePeer {
+                public_key: [2; 32]
+            }),
+            "{:?}",
+            out.actions
+        );
+        assert!(
+            !out.actions
+                .iter()
+                .any(|a| matches!(a, Action::ReplacePeer { .. })),
+            "{:?}",
+            out.actions
         );
     }
 

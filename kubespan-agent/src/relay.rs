@@ -116,6 +116,9 @@ pub struct Relays {
     /// The current peers (`None` until the data plane says): a relay delivering for any other
     /// key gets nothing from this node, not even a proxy.
     peers: Mutex<Option<std::collections::HashSet<Key>>>,
+    /// This node's WireGuard public key, the one relays deliver to: a new one (a key rotation)
+    /// makes every connection register again.
+    public_key: watch::Sender<Key>,
 }
 
 impl Relays {
@@ -150,6 +153,7 @@ impl Relays {
             by_address: Mutex::new(HashMap::new()),
             direct: Mutex::new(None),
             peers: Mutex::new(None),
+            public_key: watch::Sender::new(public_key),
         });
         for slot in &relays.slots {
             let client_config = RelayClientConfig {
@@ -163,6 +167,16 @@ impl Relays {
             tokio::spawn(connection(relays.clone(), slot.clone(), client_config));
         }
         relays
+    }
+
+    /// Registers this node under a new WireGuard public key (after a key rotation): each relay
+    /// connection is made again with it.
+    pub fn set_public_key(&self, public_key: Key) {
+        self.public_key.send_if_modified(|current| {
+            let changed = *current != public_key;
+            *current = public_key;
+            changed
+        });
     }
 
     /// The device sends relayed peers' packets through [`RelayLink`] and takes theirs through
@@ -396,9 +410,10 @@ impl RelayLink for Relays {
 
 /// Keeps one relay connected: connects (with back-off), then moves packets both ways until the
 /// connection ends, and again.
-async fn connection(relays: Arc<Relays>, slot: Arc<Slot>, config: RelayClientConfig) {
+async fn connection(relays: Arc<Relays>, slot: Arc<Slot>, mut config: RelayClientConfig) {
     let mut retry = RETRY_MIN;
     let mut failures_logged = false;
+    let mut public_key = relays.public_key.subscribe();
     let options = ClientOptions {
         keep_alive: RELAY_KEEPALIVE,
         idle_timeout: RELAY_DEAD_AFTER,
@@ -406,6 +421,7 @@ async fn connection(relays: Arc<Relays>, slot: Arc<Slot>, config: RelayClientCon
         ..ClientOptions::default()
     };
     loop {
+        config.public_key = *public_key.borrow_and_update();
         let connected = tokio::select! {
             _ = relays.stop.cancelled() => return,
             connected = RelayClient::connect_with(&config, &options) => connected,
@@ -432,9 +448,17 @@ async fn connection(relays: Arc<Relays>, slot: Arc<Slot>, config: RelayClientCon
         *lock(&slot.client) = Some(client.clone());
         relays.announce();
         let mut rtt_check = tokio::time::interval(Duration::from_secs(5));
+        let mut rekeyed = false;
         loop {
             tokio::select! {
                 _ = relays.stop.cancelled() => break,
+                changed = public_key.changed() => {
+                    // The sender lives in `relays`, so this only fails when it is gone too.
+                    if changed.is_ok() {
+                        rekeyed = true;
+                    }
+                    break;
+                }
                 received = client.recv() => match received {
                     Ok((peer, packet)) => relays.deliver(peer, &slot.name, packet).await,
                     Err(_) => break,
@@ -452,6 +476,10 @@ async fn connection(relays: Arc<Relays>, slot: Arc<Slot>, config: RelayClientCon
         relays.announce();
         if relays.stop.is_cancelled() {
             return;
+        }
+        if rekeyed {
+            tracing::info!(relay = %slot.name, "registering this node's new WireGuard key with the relay");
+            continue;
         }
         tracing::warn!(relay = %slot.name, "lost the relay; peers relayed through it move to another shared relay");
     }

@@ -89,6 +89,69 @@ impl Drop for Guard {
     }
 }
 
+/// A relayed node rotates its key: it registers the new key with the relays, and the peer
+/// reaches it there again once it learned the key through discovery. The gap is measured (a
+/// relayed peer knows the node only by its key, so this path has one, unlike a direct one).
+#[test]
+fn a_relayed_node_that_rotates_its_key_is_reached_through_the_relay_again() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut lab = NatLab::new(&[Kind::Hard, Kind::Hard])?;
+    lab.start_server(ServerOptions { stun: false })?;
+    let (_relays, yaml) = lab.start_relays(&[])?;
+    lab.start_agents(&[(1, options(&yaml)), (2, options(&yaml))])?;
+    relayed_both_ways(&mut lab)?;
+    let mesh1 = lab.node(1).mesh_address()?;
+    // 10 pings a second for 15 s from node-2 to node-1; the rotation 2 s in.
+    let pinger = Command::new("ip")
+        .args(["netns", "exec", &lab.node(2).node.netns])
+        .args(["ping", "-n", "-i", "0.1", "-c", "150", "-W", "2", &mesh1])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(2));
+    let rotated_at = Instant::now();
+    let rotation = lab.node(1).node.kubespanctl(&["rotate-key"])?;
+    let new_key = rotation["new_public_key"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(new_key.len(), 44, "{rotation}");
+    let node2 = &lab.node(2).node;
+    lab.wait_for(
+        "node-2 to reach node-1's new key through a relay",
+        UP,
+        || {
+            node2
+                .exec("wg", &["show", &node2.interface, "peers"])
+                .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(&new_key))
+                && lab.node(2).peer_up(&lab.node(1).name)
+                && lab
+                    .node(2)
+                    .peer_path(&lab.node(1).name)
+                    .starts_with("relayed via")
+        },
+    )?;
+    eprintln!(
+        "node-2 up through a relay to node-1's new key {:?} after the rotation",
+        rotated_at.elapsed()
+    );
+    let output = pinger.wait_with_output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let answered = text.lines().filter(|l| l.contains("icmp_seq=")).count();
+    eprintln!("relayed pings across the rotation: {answered} of 150 answered");
+    assert!(
+        text.lines()
+            .rev()
+            .find(|l| l.contains("icmp_seq="))
+            .is_some_and(|l| l.contains("icmp_seq=150")),
+        "the last pings are answered again: {text}"
+    );
+    assert!(lab.node(1).node.ping(&lab.node(2).mesh_address()?));
+    Ok(())
+}
+
 #[test]
 fn a_killed_relay_hands_the_traffic_to_the_other() -> anyhow::Result<()> {
     if !require_root() {

@@ -88,6 +88,26 @@ pub trait WireGuard: Send {
     fn set_peer(&mut self, peer: &PeerConfig, reset_session: bool) -> Result<(), WgError>;
     fn remove_peer(&mut self, public_key: &Key) -> Result<(), WgError>;
     fn peers(&mut self) -> Result<Vec<PeerState>, WgError>;
+    /// Replaces this device's private key (`settings.private_key`; port and mark as
+    /// configured). Returns whether the previous key keeps working for up to `grace` (sessions
+    /// and handshakes under it are kept until each peer has a session under the new key:
+    /// openspan's userspace device); otherwise every session ends now and each peer is cut off
+    /// until it has learned the new key (kernel WireGuard holds one key).
+    fn rotate_key(&mut self, settings: &DeviceSettings, _grace: Duration) -> Result<bool, WgError> {
+        self.configure(settings).map(|()| false)
+    }
+    /// Replaces peer `old_key` by `peer`: the same node under a new key. A device that can
+    /// keeps the old session carrying packets until the new key has one (for `grace` at most);
+    /// otherwise the old peer is removed and the new one added with a fresh session.
+    fn replace_peer(
+        &mut self,
+        old_key: &Key,
+        peer: &PeerConfig,
+        _grace: Duration,
+    ) -> Result<(), WgError> {
+        self.remove_peer(old_key)?;
+        self.set_peer(peer, true)
+    }
     /// Whether changing a peer's allowed IPs keeps its session (no new handshake needed).
     fn updates_in_place(&self) -> bool;
     /// Whether `set_peer` with `reset_session` sends the handshake initiation itself; otherwise

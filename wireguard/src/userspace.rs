@@ -239,6 +239,21 @@ impl WireGuard for UserspaceWireGuard {
         self.device.set_peer(peer, reset_session)
     }
 
+    fn rotate_key(&mut self, settings: &DeviceSettings, grace: Duration) -> Result<bool, WgError> {
+        self.device.rotate_private_key(&settings.private_key, grace);
+        self.device.listen(settings.listen_port, settings.fwmark)?;
+        Ok(true)
+    }
+
+    fn replace_peer(
+        &mut self,
+        old_key: &Key,
+        peer: &PeerConfig,
+        grace: Duration,
+    ) -> Result<(), WgError> {
+        self.device.replace_peer(old_key, peer, grace)
+    }
+
     fn remove_peer(&mut self, public_key: &Key) -> Result<(), WgError> {
         self.device.remove_peer(public_key);
         Ok(())

@@ -68,6 +68,10 @@ enum Command {
         #[arg(long)]
         strict: bool,
     },
+    /// Replace this node's WireGuard key: stored in the state directory, put on the device and
+    /// published; peers learn it through discovery. With the userspace device the old key keeps
+    /// working until every peer has a session under the new one (no traffic gap).
+    RotateKey,
     /// Generate secrets or a configuration file.
     #[command(subcommand)]
     Gen(Gen),
@@ -710,6 +714,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 return Err(Failure::Unhealthy);
             }
         }
+        Command::RotateKey => {
+            let response = client
+                .rotate_key(pb::RotateKeyRequest {})
+                .await
+                .map_err(failed)?
+                .into_inner();
+            match format {
+                Format::Table => print!("{}", rotation_text(&response)),
+                _ => print_structured(format, &response)?,
+            }
+        }
         Command::Gen(_) | Command::Completion { .. } => {}
     }
     Ok(())
@@ -728,6 +743,18 @@ fn print_completion(shell: Shell) {
         "kubespanctl",
         &mut std::io::stdout(),
     );
+}
+
+fn rotation_text(response: &pb::RotateKeyResponse) -> String {
+    let grace = if response.grace_seconds > 0 {
+        format!("{} s at most", response.grace_seconds)
+    } else {
+        "none".to_owned()
+    };
+    format!(
+        "rotated this node's WireGuard key\n  old key: {}\n  new key: {}\n  grace:   {grace}\n  {}\n",
+        response.old_public_key, response.new_public_key, response.note
+    )
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -756,6 +783,25 @@ async fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rotation_shows_both_keys_and_the_grace() {
+        let mut response = pb::RotateKeyResponse {
+            old_public_key: "old=".into(),
+            new_public_key: "new=".into(),
+            grace_seconds: 180,
+            note: "the old key keeps working".into(),
+        };
+        let text = rotation_text(&response);
+        assert!(
+            text.contains("  old key: old=\n  new key: new=\n"),
+            "{text}"
+        );
+        assert!(text.contains("grace:   180 s at most"), "{text}");
+        assert!(text.contains("the old key keeps working"), "{text}");
+        response.grace_seconds = 0;
+        assert!(rotation_text(&response).contains("grace:   none"));
+    }
 
     #[test]
     fn status_warns_about_a_discovery_service_that_is_not_connected() {

@@ -147,7 +147,18 @@ impl Egress {
                 continue;
             };
             let destination = peer.endpoint();
-            let mut tunn = lock(&peer.tunn);
+            let mut current = lock(&peer.tunn);
+            let mut previous = lock(&peer.previous);
+            // Across a key change: the session from before it until the new key has one.
+            let tunn: &mut Tunn = match previous.as_mut() {
+                Some(previous)
+                    if current.time_since_last_handshake().is_none()
+                        && previous.tunn.time_since_last_handshake().is_some() =>
+                {
+                    &mut previous.tunn
+                }
+                _ => &mut current,
+            };
             // This peer's consecutive packets (one super-packet's segments share a
             // destination, so the lookup is only repeated when the address changes).
             while index < count {

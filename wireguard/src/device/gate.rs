@@ -180,12 +180,7 @@ impl HandshakeGate {
     ) -> Admission {
         // Under load the source's limit comes first: the flood's datagrams cost a lookup, not
         // a BLAKE2s. Otherwise only messages with a valid mac1 count toward the load.
-        if !self.load.under_load(now)
-            && keys
-                .unlimited
-                .verify_packet(Some(from.ip()), datagram, reply)
-                .is_err()
-        {
+        if !self.load.under_load(now) && !sealed_to_us(keys, from, datagram, reply) {
             return Admission::Drop;
         }
         if !self.load.record(now) {
@@ -196,12 +191,38 @@ impl HandshakeGate {
         }
         // `cookies` is always under load: it checks mac1 and mac2 and answers a missing or
         // stale mac2 with a cookie reply, never with a DH.
-        match keys.cookies.verify_packet(Some(from.ip()), datagram, reply) {
+        // During a rotation's grace, a message sealed to the previous key gets its cookie from
+        // that key's limiter (the cookie reply is sealed with the key the sender used).
+        let previous = keys.previous.as_ref().filter(|previous| {
+            keys.unlimited
+                .verify_packet(Some(from.ip()), datagram, reply)
+                .is_err()
+                && previous
+                    .unlimited
+                    .verify_packet(Some(from.ip()), datagram, reply)
+                    .is_ok()
+        });
+        let cookies = previous.map_or(&keys.cookies, |previous| &previous.cookies);
+        match cookies.verify_packet(Some(from.ip()), datagram, reply) {
             Ok(_) => Admission::Process,
             Err(TunnResult::WriteToNetwork(cookie)) => Admission::CookieReply(cookie.len()),
             Err(_) => Admission::Drop,
         }
     }
+}
+
+/// Whether a handshake message carries a valid mac1 for our key, or during a rotation's grace
+/// for the previous one.
+fn sealed_to_us(keys: &Keys, from: SocketAddr, datagram: &[u8], reply: &mut [u8]) -> bool {
+    keys.unlimited
+        .verify_packet(Some(from.ip()), datagram, reply)
+        .is_ok()
+        || keys.previous.as_ref().is_some_and(|previous| {
+            previous
+                .unlimited
+                .verify_packet(Some(from.ip()), datagram, reply)
+                .is_ok()
+        })
 }
 
 #[cfg(test)]

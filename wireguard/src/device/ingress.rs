@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::{Packet, TunnResult};
+use boringtun::noise::{Packet, Tunn, TunnResult};
 use quinn_udp::RecvMeta;
 use tun_rs::{GROTable, VIRTIO_NET_HDR_LEN};
 
@@ -302,29 +302,60 @@ fn receive_datagram(
         Received::Handled
     };
     // Handshakes passed the gate already (which decided about load and cookies); this parses
-    // and checks mac1.
-    let Ok(packet) = keys
-        .unlimited
-        .verify_packet(Some(from.ip()), datagram, scratch)
-    else {
-        return failed;
+    // and checks mac1: sealed to our key, or during a rotation's grace to the previous one.
+    let (packet, to_previous_key) =
+        match keys
+            .unlimited
+            .verify_packet(Some(from.ip()), datagram, scratch)
+        {
+            Ok(packet) => (packet, false),
+            Err(_) => {
+                let Some(Ok(packet)) = keys.previous.as_ref().map(|previous| {
+                    previous
+                        .unlimited
+                        .verify_packet(Some(from.ip()), datagram, scratch)
+                }) else {
+                    return failed;
+                };
+                (packet, true)
+            }
+        };
+    // The receiver index says which of a peer's Tunns a message is for (the one from before a
+    // key change has its own); an initiation, which key it was sealed to.
+    let found = match &packet {
+        Packet::HandshakeInit(init) => {
+            let (private, public) = match (&keys.previous, to_previous_key) {
+                (Some(previous), true) => (&previous.private, &previous.public),
+                _ => (&keys.private, &keys.public),
+            };
+            parse_handshake_anon(private, public, init)
+                .ok()
+                .and_then(|half| peers.by_key.get(&half.peer_static_public))
+                .map(|peer| (peer, to_previous_key))
+        }
+        Packet::HandshakeResponse(response) => by_index(peers, response.receiver_idx),
+        Packet::PacketCookieReply(reply) => by_index(peers, reply.receiver_idx),
+        Packet::PacketData(data) => by_index(peers, data.receiver_idx),
     };
-    let peer = match &packet {
-        Packet::HandshakeInit(init) => parse_handshake_anon(&keys.private, &keys.public, init)
-            .ok()
-            .and_then(|half| peers.by_key.get(&half.peer_static_public)),
-        Packet::HandshakeResponse(response) => peers.by_index.get(&(response.receiver_idx >> 8)),
-        Packet::PacketCookieReply(reply) => peers.by_index.get(&(reply.receiver_idx >> 8)),
-        Packet::PacketData(data) => peers.by_index.get(&(data.receiver_idx >> 8)),
-    };
-    let Some(peer) = peer else {
+    let Some((peer, previous)) = found else {
         return failed;
     };
     let is_data = matches!(packet, Packet::PacketData(_));
     let is_cookie = matches!(packet, Packet::PacketCookieReply(_));
     let buffer = &mut batch.packets[batch.count];
     buffer.resize(VIRTIO_NET_HDR_LEN + datagram.len(), 0);
-    let mut tunn = lock(&peer.tunn);
+    let mut current_guard;
+    let mut previous_guard;
+    let tunn: &mut Tunn = if previous {
+        previous_guard = lock(&peer.previous);
+        match previous_guard.as_mut() {
+            Some(previous) => &mut previous.tunn,
+            None => return failed,
+        }
+    } else {
+        current_guard = lock(&peer.tunn);
+        &mut current_guard
+    };
     match tunn.decapsulate(Some(from.ip()), datagram, &mut buffer[VIRTIO_NET_HDR_LEN..]) {
         TunnResult::WriteToTunnelV4(inner, source) => {
             let len = inner.len();
@@ -370,6 +401,14 @@ fn receive_datagram(
         }
     }
     Received::Handled
+}
+
+/// The peer a receiver index belongs to, and whether it is its session from before a key
+/// change.
+fn by_index(peers: &PeerTable, receiver: u32) -> Option<(&Arc<Peer>, bool)> {
+    let index = receiver >> 8;
+    let peer = peers.by_index.get(&index)?;
+    Some((peer, peer.index != index))
 }
 
 /// Keeps a decrypted packet when its source address belongs to the peer that sent it
@@ -425,6 +464,7 @@ mod tests {
             unlimited: Arc::new(RateLimiter::new(&public, u64::MAX)),
             private,
             public,
+            previous: None,
         }
     }
 
@@ -647,6 +687,137 @@ mod tests {
             &mut outbox,
         );
         assert!(outbox.is_empty(), "a replayed cookie made us initiate");
+    }
+
+    /// Our keys after a rotation from `OURS` to `NEW`, the old one still answered.
+    fn rotated_keys() -> Keys {
+        const NEW: [u8; 32] = [8; 32];
+        let old = keys();
+        let private = StaticSecret::from(NEW);
+        let public = PublicKey::from(&private);
+        Keys {
+            cookies: Arc::new(RateLimiter::new(&public, 0)),
+            handshake_limit: 100,
+            unlimited: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            private,
+            public,
+            previous: Some(super::super::PreviousKey {
+                private: old.private,
+                public: old.public,
+                cookies: old.cookies,
+                unlimited: old.unlimited,
+                deadline: Instant::now() + Duration::from_secs(180),
+            }),
+        }
+    }
+
+    /// An IPv4 packet from the peer's allowed address to ours.
+    fn ping_packet() -> Vec<u8> {
+        let mut packet = vec![0u8; 28];
+        packet[0] = 0x45;
+        packet[2..4].copy_from_slice(&28u16.to_be_bytes());
+        packet[8] = 64;
+        packet[9] = 1;
+        packet[12..16].copy_from_slice(&[10, 0, 0, 2]);
+        packet[16..20].copy_from_slice(&[10, 0, 0, 1]);
+        packet
+    }
+
+    #[test]
+    fn during_a_rotation_a_peer_that_knows_only_the_old_key_is_answered_and_decrypted() {
+        let old_keys = keys();
+        let keys = rotated_keys();
+        let home: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        // The peer as it was before the rotation, its Tunn kept as the previous session, and a
+        // new one under the new key.
+        let mut peers = table(&old_keys, home);
+        let before = peers.by_key.values().next().unwrap().clone();
+        let new_index = peers.allocate_index();
+        let config = super::super::peer_config(&before);
+        let peer = Peer::new(
+            &config,
+            new_index,
+            super::super::new_tunn(&keys, &config, new_index),
+            Some(home),
+        );
+        super::super::keep_previous(
+            &before,
+            &peer,
+            &keys,
+            &config,
+            Instant::now(),
+            Duration::from_secs(180),
+        );
+        peers.insert(peer.clone());
+        assert_eq!(peers.by_index.len(), 2, "both receiver indexes lead to it");
+        let mut remote = remote(&old_keys);
+        let mut batch = TunBatch::new();
+        let mut scratch = vec![0u8; 2 * 65_536];
+        let mut outbox = Vec::new();
+
+        // An initiation sealed to the old key passes the gate and is answered under it.
+        let mut gate = HandshakeGate::new(100);
+        let first = initiation(&mut remote);
+        receive_handshake(
+            &mut gate,
+            Instant::now(),
+            &keys,
+            &peers,
+            home,
+            &first,
+            &mut batch,
+            &mut scratch,
+            &mut outbox,
+        );
+        assert_eq!(outbox.len(), 1, "the old key's initiation was not answered");
+        assert_eq!(outbox[0].1[0], HANDSHAKE_RESPONSE);
+        let mut buffer = vec![0u8; 2_048];
+        let keepalive = match remote.decapsulate(Some(home.ip()), &outbox[0].1, &mut buffer) {
+            TunnResult::WriteToNetwork(message) => message.to_vec(),
+            other => panic!("the response did not complete the handshake: {other:?}"),
+        };
+        assert!(lock(&peer.tunn).time_since_last_handshake().is_none());
+        outbox.clear();
+        receive_datagram(
+            &keys,
+            &peers,
+            home,
+            &keepalive,
+            &mut batch,
+            &mut scratch,
+            &mut outbox,
+        );
+        // Data on that session decrypts through the previous Tunn and reaches the TUN batch.
+        let data = match remote.encapsulate(&ping_packet(), &mut buffer) {
+            TunnResult::WriteToNetwork(message) => message.to_vec(),
+            other => panic!("no data message: {other:?}"),
+        };
+        receive_datagram(
+            &keys,
+            &peers,
+            home,
+            &data,
+            &mut batch,
+            &mut scratch,
+            &mut outbox,
+        );
+        assert_eq!(batch.count, 1, "data under the old key was dropped");
+        assert!(outbox.is_empty(), "{outbox:?}");
+
+        // Once the grace is over, the old key answers nothing.
+        let mut over = rotated_keys();
+        over.previous = None;
+        let late = initiation(&mut remote);
+        receive_datagram(
+            &over,
+            &peers,
+            home,
+            &late,
+            &mut batch,
+            &mut scratch,
+            &mut outbox,
+        );
+        assert!(outbox.is_empty(), "answered the retired key: {outbox:?}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod gate;
 mod ingress;
 mod peers;
 mod race;
+mod rotation;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -35,6 +36,7 @@ use tun_rs::{DeviceBuilder, SyncDevice, VIRTIO_NET_HDR_LEN};
 use self::egress::{Egress, tun_to_network};
 use self::ingress::network_to_tun;
 use self::peers::{Peer, PeerTable};
+use self::rotation::{Previous, Retirement};
 use super::uapi::{DeviceView, PeerView, SetRequest, render_get};
 use super::udp::UdpTransport;
 use super::wake::{Wake, wait_readable};
@@ -95,6 +97,18 @@ struct Keys {
     /// Checks mac1 only; also what the peers' Tunns check again internally, so a Tunn never
     /// answers with a cookie of its own (the gate decides about load).
     unlimited: Arc<RateLimiter>,
+    /// The key before the last rotation, while peers may still handshake to it.
+    previous: Option<PreviousKey>,
+}
+
+/// The static key before a rotation: initiations sealed to it are answered by the peers'
+/// previous Tunns until their deadline.
+struct PreviousKey {
+    private: StaticSecret,
+    public: PublicKey,
+    cookies: Arc<RateLimiter>,
+    unlimited: Arc<RateLimiter>,
+    deadline: Instant,
 }
 
 struct Shared {
@@ -320,6 +334,8 @@ impl Device {
                     public,
                     Some(unlimited.clone()),
                 );
+                // Sessions under another key end here too.
+                *lock(&peer.previous) = None;
             }
             drop(peers);
             *write(&self.shared.keys) = Some(Keys {
@@ -328,7 +344,101 @@ impl Device {
                 cookies,
                 handshake_limit: limit,
                 unlimited,
+                previous: None,
             });
+        }
+    }
+
+    /// Replaces the private key without a traffic gap: every peer gets a new session under the
+    /// new key, while its session under the old key carries packets and the old key answers
+    /// handshakes until the peer has a session under the new key, or for `grace` at most (see
+    /// [`rotation`]). Without a key yet, or with the same key, this is
+    /// [`Device::set_private_key`].
+    pub fn rotate_private_key(&self, private_key: &Key, grace: Duration) {
+        let private = StaticSecret::from(*private_key);
+        let public = PublicKey::from(&private);
+        let mut keys_guard = write(&self.shared.keys);
+        let Some(old) = keys_guard.take_if(|keys| keys.public != public) else {
+            drop(keys_guard);
+            self.set_private_key(private_key);
+            return;
+        };
+        let now = Instant::now();
+        let keys = Keys {
+            cookies: Arc::new(RateLimiter::new(&public, 0)),
+            handshake_limit: old.handshake_limit,
+            unlimited: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            private,
+            public,
+            previous: Some(PreviousKey {
+                private: old.private,
+                public: old.public,
+                cookies: old.cookies,
+                unlimited: old.unlimited,
+                deadline: now + grace,
+            }),
+        };
+        let mut peers = write(&self.shared.peers);
+        let existing: Vec<Arc<Peer>> = peers.by_key.values().cloned().collect();
+        for old_peer in existing {
+            let config = peer_config(&old_peer);
+            let index = peers.allocate_index();
+            let peer = Peer::new(
+                &config,
+                index,
+                new_tunn(&keys, &config, index),
+                old_peer.endpoint(),
+            );
+            keep_previous(&old_peer, &peer, &keys, &config, now, grace);
+            peers.insert(peer);
+        }
+        drop(peers);
+        *keys_guard = Some(keys);
+    }
+
+    /// Replaces the peer `old_key` by `config` (the same node under a new key) without a
+    /// traffic gap: the old entry's session carries packets until the new key has one, and a
+    /// handshake under the new key starts at once. An unknown `old_key` makes this a plain
+    /// [`Device::set_peer`] with a new session.
+    pub fn replace_peer(
+        &self,
+        old_key: &Key,
+        config: &PeerConfig,
+        grace: Duration,
+    ) -> Result<(), WgError> {
+        let keys_guard = read(&self.shared.keys);
+        let Some(keys) = keys_guard.as_ref() else {
+            return Err(device_error(
+                &self.shared.interface,
+                "set the private key before adding peers".into(),
+            ));
+        };
+        let mut peers = write(&self.shared.peers);
+        let Some(old_peer) = peers.remove(old_key) else {
+            drop(peers);
+            drop(keys_guard);
+            return self.set_peer(config, true);
+        };
+        let endpoint = config.endpoint.or_else(|| old_peer.endpoint());
+        let index = peers.allocate_index();
+        let peer = Peer::new(config, index, new_tunn(keys, config, index), endpoint);
+        keep_previous(&old_peer, &peer, keys, config, Instant::now(), grace);
+        peers.insert(peer.clone());
+        drop(peers);
+        drop(keys_guard);
+        self.initiate(&peer, endpoint);
+        Ok(())
+    }
+
+    /// Sends a handshake initiation for `peer` to `endpoint` now (unless one is under way).
+    fn initiate(&self, peer: &Peer, endpoint: Option<SocketAddr>) {
+        let mut message = [0u8; MIN_MESSAGE_ROOM];
+        let initiation = match lock(&peer.tunn).format_handshake_initiation(&mut message, false) {
+            TunnResult::WriteToNetwork(m) => Some(m.len()),
+            _ => None,
+        };
+        if let Some(len) = initiation {
+            self.shared.send_to(endpoint, &message[..len]);
         }
     }
 
@@ -396,10 +506,14 @@ impl Device {
         if let (true, Some(old)) = (keeps_session, &existing) {
             if old.allowed_ips != config.allowed_ips {
                 // Same peer, new allowed IPs: a new entry sharing the session (the Tunn moves
-                // over under the table's write lock, so no packet sees the peer missing).
+                // over under the table's write lock, so no packet sees the peer missing), and
+                // the session from before a key change if there is one.
                 let tunn =
                     std::mem::replace(&mut *lock(&old.tunn), new_tunn(keys, config, old.index));
-                peers.insert(Peer::new(config, old.index, tunn, endpoint));
+                let peer = Peer::new(config, old.index, tunn, endpoint);
+                *lock(&peer.previous) = lock(&old.previous).take();
+                *lock(&peer.retired_bytes) = *lock(&old.retired_bytes);
+                peers.insert(peer);
             } else if endpoint != old.endpoint() {
                 *write(&old.endpoint) = endpoint;
             }
@@ -414,28 +528,14 @@ impl Device {
             self.fit_handshake_limit();
         }
         // Start the handshake now rather than on the first packet or keepalive.
-        let mut message = [0u8; MIN_MESSAGE_ROOM];
-        let initiation = match lock(&peer.tunn).format_handshake_initiation(&mut message, false) {
-            TunnResult::WriteToNetwork(m) => Some(m.len()),
-            _ => None,
-        };
-        if let Some(len) = initiation {
-            self.shared.send_to(endpoint, &message[..len]);
-        }
+        self.initiate(&peer, endpoint);
         Ok(())
     }
 
     /// A peer as it is configured now (its current endpoint, which may have roamed).
     pub fn peer_config(&self, public_key: &Key) -> Option<PeerConfig> {
         let peers = read(&self.shared.peers);
-        let peer = peers.by_key.get(public_key)?;
-        Some(PeerConfig {
-            public_key: peer.public_key,
-            preshared_key: peer.preshared_key,
-            endpoint: peer.endpoint(),
-            allowed_ips: peer.allowed_ips.clone(),
-            persistent_keepalive: peer.keepalive,
-        })
+        peers.by_key.get(public_key).map(|peer| peer_config(peer))
     }
 
     /// Sends one fresh handshake initiation to each of `candidates` (most promising first, the
@@ -676,11 +776,61 @@ fn new_tunn(keys: &Keys, config: &PeerConfig, index: u32) -> Tunn {
     )
 }
 
+fn peer_config(peer: &Peer) -> PeerConfig {
+    PeerConfig {
+        public_key: peer.public_key,
+        preshared_key: peer.preshared_key,
+        endpoint: peer.endpoint(),
+        allowed_ips: peer.allowed_ips.clone(),
+        persistent_keepalive: peer.keepalive,
+    }
+}
+
+/// Moves `old`'s session to `new` as its previous one (see [`rotation`]), retired by `grace`
+/// at the latest. `old` keeps a fresh Tunn without sessions, for a thread that still holds it.
+fn keep_previous(
+    old: &Peer,
+    new: &Peer,
+    keys: &Keys,
+    config: &PeerConfig,
+    now: Instant,
+    grace: Duration,
+) {
+    let quiet = PeerConfig {
+        persistent_keepalive: Duration::ZERO,
+        ..config.clone()
+    };
+    let tunn = std::mem::replace(&mut *lock(&old.tunn), new_tunn(keys, &quiet, old.index));
+    // A previous session of `old` (a second change within the grace) goes now.
+    let (mut retired_tx, mut retired_rx) = *lock(&old.retired_bytes);
+    if let Some(earlier) = lock(&old.previous).take() {
+        let (_, tx, rx, _, _) = earlier.tunn.stats();
+        retired_tx += tx as u64;
+        retired_rx += rx as u64;
+    }
+    *lock(&new.retired_bytes) = (retired_tx, retired_rx);
+    *lock(&new.previous) = Some(Previous {
+        tunn,
+        index: old.index,
+        retirement: Retirement::new(now, grace),
+    });
+}
+
 fn peer_state(peer: &Peer) -> PeerState {
     let tunn = lock(&peer.tunn);
-    let (_, tx_bytes, rx_bytes, _, _) = tunn.stats();
-    let handshake_age = tunn.time_since_last_handshake();
+    let (_, mut tx_bytes, mut rx_bytes, _, _) = tunn.stats();
+    let mut handshake_age = tunn.time_since_last_handshake();
     drop(tunn);
+    if let Some(previous) = lock(&peer.previous).as_ref() {
+        // The previous session counts until the new one exists: the peer is alive through it.
+        let (_, tx, rx, _, _) = previous.tunn.stats();
+        tx_bytes += tx;
+        rx_bytes += rx;
+        handshake_age = handshake_age.or_else(|| previous.tunn.time_since_last_handshake());
+    }
+    let (retired_tx, retired_rx) = *lock(&peer.retired_bytes);
+    let tx_bytes = tx_bytes as u64 + retired_tx;
+    let rx_bytes = rx_bytes as u64 + retired_rx;
     // For display; the agent's timers use the age (monotonic).
     let last_handshake = handshake_age.and_then(|age| SystemTime::now().checked_sub(age));
     PeerState {
@@ -688,8 +838,8 @@ fn peer_state(peer: &Peer) -> PeerState {
         endpoint: peer.endpoint(),
         last_handshake,
         handshake_age,
-        rx_bytes: rx_bytes as u64,
-        tx_bytes: tx_bytes as u64,
+        rx_bytes,
+        tx_bytes,
         allowed_ips: peer.allowed_ips.clone(),
     }
 }
@@ -721,6 +871,7 @@ fn timers(shared: &Shared) {
             continue;
         }
         next_tick = now + TIMER_TICK;
+        retire_previous(shared, &peers, now, &mut message);
         for peer in peers {
             let len = match lock(&peer.tunn).update_timers(&mut message) {
                 TunnResult::WriteToNetwork(m) => m.len(),
@@ -739,6 +890,68 @@ fn timers(shared: &Shared) {
                     shared.send_to(Some(destination), &message[..len]);
                 }
             }
+        }
+    }
+}
+
+/// Runs the timers of the peers' previous sessions (keepalives, their own rekeys) and retires
+/// the ones that are due ([`Retirement`]); the previous key goes with the last of them, or at
+/// its deadline.
+fn retire_previous(shared: &Shared, peers: &[Arc<Peer>], now: Instant, message: &mut [u8]) {
+    let mut retired: Vec<(Arc<Peer>, u32)> = Vec::new();
+    let mut remaining = 0;
+    for peer in peers {
+        let new_has_session = lock(&peer.tunn).time_since_last_handshake().is_some();
+        let mut previous_guard = lock(&peer.previous);
+        let Some(previous) = previous_guard.as_mut() else {
+            continue;
+        };
+        if previous.retirement.due(now, new_has_session) {
+            let (_, tx, rx, _, _) = previous.tunn.stats();
+            let mut bytes = lock(&peer.retired_bytes);
+            bytes.0 += tx as u64;
+            bytes.1 += rx as u64;
+            drop(bytes);
+            retired.push((peer.clone(), previous.index));
+            *previous_guard = None;
+            continue;
+        }
+        remaining += 1;
+        let len = match previous.tunn.update_timers(message) {
+            TunnResult::WriteToNetwork(m) => m.len(),
+            _ => continue,
+        };
+        drop(previous_guard);
+        shared.send_to(peer.endpoint(), &message[..len]);
+    }
+    if !retired.is_empty() {
+        tracing::debug!(interface = %shared.interface, retired = retired.len(), remaining, "sessions from before a key change retired");
+        let mut table = write(&shared.peers);
+        for (peer, index) in &retired {
+            if table
+                .by_index
+                .get(index)
+                .is_some_and(|owner| Arc::ptr_eq(owner, peer))
+            {
+                table.by_index.remove(index);
+            }
+        }
+    }
+    // Looked at under the read lock first: the receive thread holds it for every batch.
+    let due = |keys: &Option<Keys>| {
+        keys.as_ref().is_some_and(|keys| {
+            keys.previous
+                .as_ref()
+                .is_some_and(|previous| remaining == 0 || now >= previous.deadline)
+        })
+    };
+    if due(&read(&shared.keys)) {
+        let mut keys = write(&shared.keys);
+        if due(&keys)
+            && let Some(keys) = keys.as_mut()
+        {
+            keys.previous = None;
+            tracing::info!(interface = %shared.interface, "the previous WireGuard key is no longer answered");
         }
     }
 }

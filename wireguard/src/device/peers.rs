@@ -12,7 +12,8 @@ use ip_network_table::IpNetworkTable;
 use ipnet::IpNet;
 
 use super::race::Race;
-use super::{read, write};
+use super::rotation::Previous;
+use super::{lock, read, write};
 use crate::{Key, PeerConfig};
 
 pub(super) struct Peer {
@@ -26,6 +27,11 @@ pub(super) struct Peer {
     pub(super) endpoint: RwLock<Option<SocketAddr>>,
     /// The endpoint race in progress, if any ([`Race`]).
     pub(super) race: Mutex<Race>,
+    /// The session from before a key change (ours or the peer's), kept until the new key has a
+    /// session ([`Previous`]). Locked after `tunn` when both are.
+    pub(super) previous: Mutex<Option<Previous>>,
+    /// Bytes (sent, received) of retired previous sessions, so the counters never go back.
+    pub(super) retired_bytes: Mutex<(u64, u64)>,
 }
 
 impl Peer {
@@ -44,7 +50,14 @@ impl Peer {
             tunn: Mutex::new(tunn),
             endpoint: RwLock::new(endpoint),
             race: Mutex::new(Race::default()),
+            previous: Mutex::new(None),
+            retired_bytes: Mutex::new((0, 0)),
         })
+    }
+
+    /// The receiver index of the previous session's Tunn, while there is one.
+    pub(super) fn previous_index(&self) -> Option<u32> {
+        lock(&self.previous).as_ref().map(|p| p.index)
     }
 
     pub(super) fn endpoint(&self) -> Option<SocketAddr> {
@@ -117,18 +130,35 @@ impl PeerTable {
 
     pub(super) fn insert(&mut self, peer: Arc<Peer>) {
         if let Some(old) = self.by_key.insert(peer.public_key, peer.clone()) {
-            self.by_index.remove(&old.index);
+            self.forget_indexes(&old);
             self.routes.remove(&old);
         }
         self.by_index.insert(peer.index, peer.clone());
+        if let Some(previous) = peer.previous_index() {
+            self.by_index.insert(previous, peer.clone());
+        }
         self.routes.insert(&peer);
     }
 
     pub(super) fn remove(&mut self, key: &Key) -> Option<Arc<Peer>> {
         let old = self.by_key.remove(key)?;
-        self.by_index.remove(&old.index);
+        self.forget_indexes(&old);
         self.routes.remove(&old);
         Some(old)
+    }
+
+    /// Removes the receiver indexes that still lead to `peer` (its own and its previous
+    /// session's).
+    fn forget_indexes(&mut self, peer: &Arc<Peer>) {
+        for index in std::iter::once(peer.index).chain(peer.previous_index()) {
+            if self
+                .by_index
+                .get(&index)
+                .is_some_and(|owner| Arc::ptr_eq(owner, peer))
+            {
+                self.by_index.remove(&index);
+            }
+        }
     }
 }
 
