@@ -76,8 +76,8 @@ fn hello_prober(
     })
 }
 
-/// Every call of the other client answered (5 s deadline), and at least 98 % of them within
-/// 1 s. Not every one: on a shared 2-core machine (load average 8 to 13 while CI builds) a
+/// Every call of the other client answered (5 s deadline), and all but one (or 2 %) of them
+/// within 1 s. Not every one: on a shared 2-core machine (load average 8 to 13 while CI builds) a
 /// single call in a few hundred took 1.25 s under the 300,000-stream attack; an attack that
 /// starved the other client would slow most of its calls, not one.
 async fn assert_prober_ok(
@@ -106,13 +106,14 @@ async fn assert_prober_ok(
         "another client's Hello failed during the attack"
     );
     assert!(
-        slow * 50 <= calls,
-        "{slow} of {calls} of another client's Hello calls took over 1 s (bound: 2 %; slowest {slowest:?})"
+        slow <= (calls / 50).max(1),
+        "{slow} of {calls} of another client's Hello calls took over 1 s (bound: one, or 2 %; slowest {slowest:?})"
     );
 }
 
 /// 300,000 `Hello` streams over single connections that never send their request body, with
-/// the server's default flags. Bound: peak RSS ≤ 256 MiB, others served (98 % within 1 s, all within 5 s).
+/// the server's default flags. Bound: peak RSS ≤ 256 MiB, others served (all within 5 s, all
+/// but one or 2 % within 1 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn never_finished_streams_keep_memory_bounded() {
     let server = ChildServer::start(&[]).await;
@@ -402,7 +403,8 @@ async fn closed_within(mut stream: TcpStream, limit: Duration) -> Option<Duratio
 
 /// 5,000 connections that never send the HTTP/2 preface (default handshake timeout) and 2,000
 /// idle HTTP/1 connections to the landing page (idle timeout set to 2 s to keep the test short).
-/// Bound: ≥ 95 % of each closed within 30 s, others' Hello answered throughout (98 % within 1 s).
+/// Bound: ≥ 95 % of each closed within 30 s, others' Hello answered throughout (all but one or
+/// 2 % within 1 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_and_idle_connections_are_closed() {
     need_files(16_000);
