@@ -140,7 +140,10 @@ fn with_deadline<T>(message: T, ip: &str, timeout: Option<Duration>) -> tonic::R
 
 #[tokio::test]
 async fn over_the_rate_requests_wait_or_fail_before_their_deadline() {
-    let server = start(limited(2.0, 3)).await;
+    // One token per 5 s: the verdicts below need the burst and the calls after it to come within
+    // 4.7 s of each other. At 2/s the window was 300 ms (the 200 ms call refused only while its
+    // token was over 200 ms away) and 200 ms (the waiting call delayed by at least 300 ms).
+    let server = start(limited(0.2, 3)).await;
     let mut c = client(&server).await;
     let hello = || HelloRequest {
         cluster_id: "c".into(),
@@ -169,7 +172,7 @@ async fn over_the_rate_requests_wait_or_fail_before_their_deadline() {
     ))
     .await
     .expect("separate bucket");
-    // Without a deadline the request waits for its token (about 1/rate) and succeeds.
+    // Without a deadline the request waits for its token (up to 1/rate, 5 s) and succeeds.
     let started = Instant::now();
     c.hello(with_deadline(hello(), "192.0.2.1", None))
         .await
@@ -202,7 +205,17 @@ async fn over_the_rate_requests_wait_or_fail_before_their_deadline() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The horizon is full once five calls have ended (the one served at once and four refused);
+    // waited for rather than assumed after a fixed 500 ms. Bounded under the 10 s at which a
+    // second call would be served.
+    let started = Instant::now();
+    while flood.iter().filter(|call| call.is_finished()).count() < 5 {
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "the flood's calls were neither served nor refused within 8 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Without a deadline the wait is still bounded: refused rather than parked for 40 s.
     let status = c
         .hello(with_deadline(hello(), "192.0.2.9", None))

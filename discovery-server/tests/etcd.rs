@@ -438,8 +438,10 @@ async fn catching_up_sends_watchers_the_difference() {
     assert_eq!(snapshot.affiliates.len(), 2);
 
     // It stops following; the cluster changes meanwhile.
+    // `stop` only cancels; the follower notices at its next turn. A second (was 200 ms) for
+    // that turn to come on a loaded machine before the changes below reach etcd's watch.
     lagging.stop();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     a.affiliate_delete(openspan_proto::discovery::server::AffiliateDeleteRequest {
         cluster_id: "c".into(),
         affiliate_id: "gone".into(),
@@ -623,15 +625,17 @@ async fn replicas_expire_records_on_time_even_when_etcd_is_late() {
         .unwrap();
     assert_eq!(next(&mut w).await.affiliates[0].id, "short");
     let written = Instant::now();
-    let tombstone = tokio::time::timeout(Duration::from_secs(10), w.message())
+    let tombstone = tokio::time::timeout(Duration::from_secs(30), w.message())
         .await
-        .expect("a tombstone within 10 s")
+        .expect("a tombstone within 30 s")
         .unwrap()
         .unwrap();
     assert!(tombstone.deleted, "{tombstone:?}");
     let after = written.elapsed();
+    // The bound tells the replica's own collection (2 s TTL, 200 ms checks) from etcd's 60 s
+    // lease, with room for a loaded machine (5 s left under 3 s of slack).
     assert!(
-        after < Duration::from_secs(5),
+        after < Duration::from_secs(20),
         "tombstoned {after:?} after a 2 s TTL"
     );
     assert!(list(&mut c, "c").await.is_empty());

@@ -37,56 +37,83 @@ fn need_files(n: u64) {
 }
 
 /// Another client, from its own loopback address, sending `Hello` every 100 ms until stopped.
-/// Returns (calls, failures, slowest answer).
+/// Returns (failures, every answer's time).
+///
+/// It runs on a thread and runtime of its own: on the attack's runtime its timer and replies
+/// would wait behind the attacking tasks' turns (two workers, busy), and what it measured would
+/// be the test's own scheduling on a loaded machine, not the server's answer time.
 fn hello_prober(
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<(u64, u64, Duration)> {
-    tokio::spawn(async move {
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .local_address(Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))))
-            .connect_lazy();
-        let mut client = ClusterClient::new(channel);
-        let (mut calls, mut failures, mut slowest) = (0, 0, Duration::ZERO);
-        while !stop.load(Ordering::SeqCst) {
-            let started = Instant::now();
-            let mut request = tonic::Request::new(HelloRequest {
-                cluster_id: "probe".into(),
-                client_version: "probe".into(),
-            });
-            request.set_timeout(Duration::from_secs(5));
-            if client.hello(request).await.is_err() {
-                failures += 1;
+) -> std::thread::JoinHandle<(u64, Vec<Duration>)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime for the prober");
+    std::thread::spawn(move || {
+        runtime.block_on(async move {
+            let channel = Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .local_address(Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))))
+                .connect_lazy();
+            let mut client = ClusterClient::new(channel);
+            let (mut failures, mut times) = (0, Vec::new());
+            while !stop.load(Ordering::SeqCst) {
+                let started = Instant::now();
+                let mut request = tonic::Request::new(HelloRequest {
+                    cluster_id: "probe".into(),
+                    client_version: "probe".into(),
+                });
+                request.set_timeout(Duration::from_secs(5));
+                if client.hello(request).await.is_err() {
+                    failures += 1;
+                }
+                times.push(started.elapsed());
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            calls += 1;
-            slowest = slowest.max(started.elapsed());
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        (calls, failures, slowest)
+            (failures, times)
+        })
     })
 }
 
+/// Every call of the other client answered (5 s deadline), and all but one (or 2 %) of them
+/// within 1 s. Not every one: on a shared 2-core machine (load average 8 to 13 while CI builds) a
+/// single call in a few hundred took 1.25 s under the 300,000-stream attack; an attack that
+/// starved the other client would slow most of its calls, not one.
 async fn assert_prober_ok(
     stop: Arc<AtomicBool>,
-    prober: tokio::task::JoinHandle<(u64, u64, Duration)>,
+    prober: std::thread::JoinHandle<(u64, Vec<Duration>)>,
 ) {
     stop.store(true, Ordering::SeqCst);
-    let (calls, failures, slowest) = prober.await.unwrap();
-    eprintln!("other client's Hello: {calls} calls, {failures} failed, slowest {slowest:?}");
+    let (failures, mut times) = tokio::task::spawn_blocking(move || prober.join())
+        .await
+        .unwrap()
+        .unwrap();
+    times.sort();
+    let calls = times.len();
+    let slow = times
+        .iter()
+        .filter(|t| **t > Duration::from_secs(1))
+        .count();
+    let median = times.get(calls / 2).copied().unwrap_or_default();
+    let slowest = times.last().copied().unwrap_or_default();
+    eprintln!(
+        "other client's Hello: {calls} calls, {failures} failed, median {median:?}, {slow} over 1 s, slowest {slowest:?}"
+    );
     assert!(calls > 0);
     assert_eq!(
         failures, 0,
         "another client's Hello failed during the attack"
     );
     assert!(
-        slowest <= Duration::from_secs(1),
-        "another client's Hello took {slowest:?} (bound: 1 s)"
+        slow <= (calls / 50).max(1),
+        "{slow} of {calls} of another client's Hello calls took over 1 s (bound: one, or 2 %; slowest {slowest:?})"
     );
 }
 
 /// 300,000 `Hello` streams over single connections that never send their request body, with
-/// the server's default flags. Bound: peak RSS ≤ 256 MiB, others served within 1 s.
+/// the server's default flags. Bound: peak RSS ≤ 256 MiB, others served (all within 5 s, all
+/// but one or 2 % within 1 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn never_finished_streams_keep_memory_bounded() {
     let server = ChildServer::start(&[]).await;
@@ -376,7 +403,8 @@ async fn closed_within(mut stream: TcpStream, limit: Duration) -> Option<Duratio
 
 /// 5,000 connections that never send the HTTP/2 preface (default handshake timeout) and 2,000
 /// idle HTTP/1 connections to the landing page (idle timeout set to 2 s to keep the test short).
-/// Bound: ≥ 95 % of each closed within 30 s, others' Hello answered within 1 s throughout.
+/// Bound: ≥ 95 % of each closed within 30 s, others' Hello answered throughout (all but one or
+/// 2 % within 1 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_and_idle_connections_are_closed() {
     need_files(16_000);
@@ -524,21 +552,28 @@ async fn stream_header_body_and_rate_limits_apply_before_the_body() {
     h2.open(&grpc_headers(HELLO, &[("x-big", &big)]), None)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Waited for (bounded) rather than slept on: a fixed 300 ms is not always enough for a
+    // loaded server to read the block and answer.
     let seen = &h2.seen;
-    assert!(
+    let refused = || {
         seen.reset.load(Ordering::SeqCst) + seen.finished.load(Ordering::SeqCst) > 0
             || seen.goaway.load(Ordering::SeqCst)
-            || seen.closed.load(Ordering::SeqCst),
-        "an oversized header block is refused"
-    );
+            || seen.closed.load(Ordering::SeqCst)
+    };
+    let started = Instant::now();
+    while !refused() && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused(), "an oversized header block is refused");
     server.shutdown().await.unwrap();
 
-    // Rate limit at open: 10 calls with a 100 ms deadline and no body, from one client.
+    // Rate limit at open: 10 calls with a 100 ms deadline and no body, from one client. One
+    // token per 10 s, so no token comes back while the verdicts are awaited, however slow the
+    // machine (at 1/s a server that took a second over the ten would admit a third call).
     let mut config = test_config();
     config.admission = AdmissionConfig {
         rate_limit: RateLimit {
-            per_second: 1.0,
+            per_second: 0.1,
             burst: 2,
         },
         request_body_timeout: Duration::from_secs(30),
@@ -551,6 +586,13 @@ async fn stream_header_body_and_rate_limits_apply_before_the_body() {
     h2.open_many(&grpc_headers(HELLO, &[("grpc-timeout", "100m")]), 10)
         .await
         .unwrap();
+    // The eight refusals are waited for (bounded) rather than expected within a fixed second;
+    // then a further second shows the two admitted calls are still waiting for their bodies.
+    let started = Instant::now();
+    while h2.seen.finished.load(Ordering::SeqCst) < 8 && started.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let answered = h2.seen.finished.load(Ordering::SeqCst);
     assert_eq!(
@@ -617,7 +659,8 @@ async fn keepalive_and_idle_timeouts_close_connections() {
         .await
         .unwrap();
     let started = Instant::now();
-    while !silent.seen.closed.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(5) {
+    while !silent.seen.closed.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(20)
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let closed_after = Duration::from_millis(silent.seen.closed_after_ms.load(Ordering::SeqCst));
@@ -625,8 +668,10 @@ async fn keepalive_and_idle_timeouts_close_connections() {
         silent.seen.closed.load(Ordering::SeqCst),
         "a connection without a call is closed"
     );
+    // The bound tells the 1 s handshake timeout from the 60 s idle timeout, with room for a
+    // loaded machine (3 s left only 2 s for the server's timer and the close to be seen).
     assert!(
-        closed_after <= Duration::from_secs(3),
+        closed_after <= Duration::from_secs(15),
         "closed after {closed_after:?}"
     );
     assert!(

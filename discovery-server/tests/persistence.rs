@@ -124,8 +124,17 @@ async fn sigkill_loses_at_most_the_changes_since_the_last_snapshot() {
             .await
             .unwrap();
     }
-    // Kill it repeatedly at arbitrary moments while snapshots are being written.
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    // The first kill comes once a snapshot holding all 20 is on disk (waited for, bounded: a
+    // fixed 350 ms is not always three 100 ms snapshot periods on a loaded machine); then it is
+    // killed repeatedly at arbitrary moments while snapshots are being written.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while snapshotted(&path) < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot with all 20 affiliates after 20 s (--snapshot-interval=100ms)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for round in 0..5 {
         server.0.kill().unwrap();
         server.0.wait().unwrap();
@@ -150,6 +159,19 @@ async fn sigkill_loses_at_most_the_changes_since_the_last_snapshot() {
         tokio::time::sleep(Duration::from_millis(20 + 47 * round)).await;
     }
     drop(server);
+}
+
+/// How many live affiliates the snapshot file at `path` holds (0 while there is none or it is
+/// being replaced).
+fn snapshotted(path: &std::path::Path) -> usize {
+    let Ok(bytes) = std::fs::read(path) else {
+        return 0;
+    };
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let mut store = discovery_server::store::Store::default();
+    discovery_server::persist::decode_into(&bytes, &mut store, 0, wall).map_or(0, |l| l.affiliates)
 }
 
 fn temp_files(dir: &std::path::Path) -> Vec<String> {

@@ -39,7 +39,17 @@ fn iperf_report(
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    std::thread::sleep(Duration::from_millis(300));
+    // Listening is waited for (bounded) rather than assumed after a fixed 300 ms, which a
+    // loaded machine may not give iperf3 to start; probed with ss, since a connection to this
+    // one-off server (-1) would be the one client it serves.
+    let listening = wait_until("iperf3 to listen", Duration::from_secs(15), || {
+        Ok(ns_sh(&server.netns, "ss", &["-Hltn", "sport = :5201"])?.contains("5201"))
+    });
+    if listening.is_err() {
+        let _ = server_process.kill();
+        let _ = server_process.wait();
+    }
+    listening?;
     let mut args = vec!["-c", server_address, "-t", "2", "-J"];
     args.extend_from_slice(extra);
     let result = ns_sh(&client.netns, "iperf3", &args);

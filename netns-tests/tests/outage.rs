@@ -142,8 +142,32 @@ fn a_node_restarted_during_a_discovery_outage_rejoins_from_its_warm_cache() -> a
         return Ok(());
     }
     let mut lab = three_node_mesh()?;
-    // Give the agents a housekeeping round to write their caches.
-    std::thread::sleep(Duration::from_secs(6));
+    // Node-3's cache is written at a housekeeping round (every 5 s, when its members changed):
+    // waited for until it lists both peers, rather than a fixed 6 s that left a loaded machine
+    // one second to get the round done.
+    let config = kubespan_agent::config::parse(&lab.agent_config(3, &AgentOptions::default()))?;
+    let keys = kubespan_agent::crypto::ClusterKeys::new(
+        config.cipher,
+        &config.cluster_id,
+        &config.cluster_secret,
+    );
+    let peers = [lab.node(1).name.clone(), lab.node(2).name.clone()];
+    lab.wait_for(
+        "node-3's warm-start cache to list both peers",
+        Duration::from_secs(30),
+        || {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            kubespan_agent::warm::load(&keys, &config.cluster_id, &config.state_dir, now).is_ok_and(
+                |members| {
+                    peers
+                        .iter()
+                        .all(|peer| members.iter().any(|(record, _)| record.nodename == *peer))
+                },
+            )
+        },
+    )?;
     lab.stop_server();
     lab.node_mut(3).stop_agent()?;
     lab.start_agent(3, &AgentOptions::default())?;
@@ -383,10 +407,12 @@ fn a_node_that_leaves_disappears_from_its_peers_within_the_peer_down_interval() 
     )?;
     assert!(out.contains("left"), "{out}");
     // The others saw the delete while the tunnel was still alive; it goes silent now, so they
-    // drop it within peerDownSeconds (6 s in the lab) and a reconcile tick.
+    // drop it within peerDownSeconds (6 s in the lab) and a reconcile tick. Waited for up to
+    // 20 s: 10 s left a loaded machine about 3 s for the ticks, the agents' turns and the
+    // kubespanctl polls; a node that is never dropped (its record lives 30 min) still fails.
     let waited = lab.wait_for(
         "node-1 and node-2 to drop node-3",
-        Duration::from_secs(10),
+        Duration::from_secs(20),
         || {
             (1..=2).all(|n| {
                 lab.node(n)

@@ -38,8 +38,19 @@ fn forty_nodes_started_at_once_converge_within_three_seconds() -> anyhow::Result
     // discovery calls with 40 of them on two cores.
     lab.use_release_binaries();
     lab.start_server()?;
-    // The server is running before the power comes back to the nodes.
-    std::thread::sleep(Duration::from_millis(300));
+    // The server is running before the power comes back to the nodes: waited for until it
+    // accepts connections, not assumed after a fixed 300 ms (under load the agents would then
+    // meet a server still starting and spend their first retry delay inside the measurement).
+    let server = lab.server_address.clone();
+    lab.wait_for(
+        "the discovery server to listen",
+        Duration::from_secs(15),
+        || {
+            let server = server.clone();
+            lab.in_switch(move || std::net::TcpStream::connect(server).is_ok())
+                .unwrap_or(false)
+        },
+    )?;
     let started = Instant::now();
     lab.start_all_agents(&AgentOptions::default())?;
     let mut done = [false; NODES];

@@ -131,10 +131,24 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 }
 
 /// A loopback port free at the time of asking, for servers started as child processes.
+///
+/// Never the same port twice in one test process: the kernel may hand a port that was just
+/// released straight back, so two calls in a row (gRPC and metrics, an etcd's client and peer
+/// ports) or two tests in parallel could be given one port and a child would fail to bind.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
