@@ -66,6 +66,10 @@ pub struct AgentApi {
     /// When the last rotation's grace ends: another rotation before then is refused (the
     /// device keeps one previous key).
     rotating_until: tokio::sync::Mutex<Option<Instant>>,
+    /// One health evaluation at a time (each runs `nft`, dumps routes and probes every peer):
+    /// callers that arrived while one ran get its answer, so a loop of callers costs one
+    /// evaluation at a time, not one each.
+    last_health: tokio::sync::Mutex<Option<(Instant, bool, pb::Health)>>,
 }
 
 impl AgentApi {
@@ -75,6 +79,7 @@ impl AgentApi {
             data_plane,
             rotations: None,
             rotating_until: tokio::sync::Mutex::new(None),
+            last_health: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -274,22 +279,17 @@ impl AgentApi {
                 .collect();
             let mtu = config.mtu;
             let blocking = tokio::task::spawn_blocking(move || {
-                let firewall = crate::firewall::chains(&table);
                 let bound = crate::health_probe::listen_port_bound(port);
-                let probes = probe_paths.then(|| {
-                    crate::health_probe::probe_paths(&up, mtu).unwrap_or_else(|e| {
-                        tracing::warn!(error = %e, "path probe failed");
-                        Vec::new()
-                    })
-                });
-                (firewall, bound, probes)
+                let probes = probe_paths.then(|| crate::health_probe::probe_paths(&up, mtu));
+                (bound, probes)
             });
             let routing_missing = crate::routing::missing(&routing)
                 .await
                 .map_err(|e| e.to_string());
-            let (firewall, bound, probes) = blocking.await.unwrap_or_else(|e| {
+            let firewall = crate::firewall::chains(&table).await;
+            let (bound, probes) = blocking.await.unwrap_or_else(|e| {
                 let error = format!("health probe task failed: {e}");
-                (Err(error.clone()), Err(error), None)
+                (Err(error.clone()), Some(Err(error)))
             });
             Some(DataPlaneFacts {
                 interface: config.interface.clone(),
@@ -438,9 +438,17 @@ impl Agent for AgentApi {
         request: Request<pb::GetHealthRequest>,
     ) -> Result<Response<pb::Health>, Status> {
         let probe_paths = !request.into_inner().skip_path_probe;
+        let arrived = Instant::now();
+        let mut last = self.last_health.lock().await;
+        if let Some((finished, probed, health)) = last.as_ref()
+            && *finished >= arrived
+            && (*probed || !probe_paths)
+        {
+            return Ok(Response::new(health.clone()));
+        }
         let facts = self.health_facts(probe_paths).await;
         let (overall, checks) = crate::health::evaluate(&facts);
-        Ok(Response::new(pb::Health {
+        let health = pb::Health {
             status: overall.as_str().into(),
             checks: checks
                 .into_iter()
@@ -453,7 +461,9 @@ impl Agent for AgentApi {
                 })
                 .collect(),
             checked_unix_ms: facts.now_unix_ms,
-        }))
+        };
+        *last = Some((Instant::now(), probe_paths, health.clone()));
+        Ok(Response::new(health))
     }
 
     async fn rotate_key(

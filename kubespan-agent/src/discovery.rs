@@ -356,6 +356,11 @@ impl Session {
             tracing::warn!(%endpoint, %error, "cannot reach the discovery service; retrying");
         }
         set_state(&self.status, "backoff", Some(error.clone()));
+        // Measured at Hello: a value from a lost connection says nothing about the clock now.
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clock_offset_ms = None;
         let _ = self
             .events
             .send(DiscoveryEvent::Disconnected {

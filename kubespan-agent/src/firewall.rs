@@ -263,20 +263,30 @@ pub fn remove(config: &FirewallConfig) -> Result<(), FirewallError> {
     run_nft(&config.table, "delete", &batch)
 }
 
+/// How long `nft list` may take before the health check gives up on it.
+const LIST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The chains of the agent's table as the kernel has them (read only; for `kubespanctl
-/// health`). `Err` says why the table cannot be listed: missing, or `nft` itself.
-pub fn chains(table: &str) -> Result<Vec<String>, String> {
-    let output = Command::new("nft")
-        .args(["-j", "list", "table", "inet", table])
+/// health`). `Err` says why the table cannot be listed: missing, or `nft` itself. Terse (`-t`):
+/// the sets' elements, which grow with the peers' networks, are not listed.
+pub async fn chains(table: &str) -> Result<Vec<String>, String> {
+    let listing = tokio::process::Command::new("nft")
+        .args(["-t", "-j", "list", "table", "inet", table])
         .stdin(Stdio::null())
-        .output()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                FirewallError::NftMissing.to_string()
-            } else {
-                format!("cannot run `nft list table inet {table}`: {e}")
-            }
-        })?;
+        .kill_on_drop(true)
+        .output();
+    let output = match tokio::time::timeout(LIST_TIMEOUT, listing).await {
+        Err(_) => {
+            return Err(format!(
+                "`nft list table inet {table}` did not finish within {LIST_TIMEOUT:?}"
+            ));
+        }
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(FirewallError::NftMissing.to_string());
+        }
+        Ok(Err(e)) => return Err(format!("cannot run `nft list table inet {table}`: {e}")),
+        Ok(Ok(output)) => output,
+    };
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let first = stderr.lines().next().unwrap_or("").trim();

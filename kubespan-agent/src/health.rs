@@ -108,8 +108,9 @@ pub struct DataPlaneFacts {
     pub routing_missing: Option<Result<Vec<String>, String>>,
     /// Whether a UDP socket is bound to the listen port, or why that cannot be read.
     pub listen_port_bound: Option<Result<bool, String>>,
-    /// Probes of the peers that are up; `None` when not requested.
-    pub path_probes: Option<Vec<PathProbe>>,
+    /// Probes of the peers that are up, or why the probe could not run; `None` when not
+    /// requested.
+    pub path_probes: Option<Result<Vec<PathProbe>, String>>,
 }
 
 /// Everything [`evaluate`] looks at.
@@ -425,8 +426,20 @@ fn path_mtu(facts: &HealthFacts) -> Check {
     let Some(data_plane) = &facts.data_plane else {
         return Check::new(name, Status::Skipped, "no data plane (backend: none)");
     };
-    let Some(probes) = &data_plane.path_probes else {
-        return Check::new(name, Status::Skipped, "not probed (--skip-path-probe)");
+    let probes = match &data_plane.path_probes {
+        None => return Check::new(name, Status::Skipped, "not probed (--skip-path-probe)"),
+        Some(Err(error)) => {
+            return Check::new(
+                name,
+                Status::Warn,
+                format!("the path probe could not run: {error}"),
+            )
+            .hint(
+                "the agent needs CAP_NET_RAW for the probe's ICMPv6 socket (the systemd unit \
+                 and the Kubernetes manifest grant it)",
+            );
+        }
+        Some(Ok(probes)) => probes,
     };
     if probes.is_empty() {
         return Check::new(name, Status::Skipped, "no peer is up to probe");
@@ -594,11 +607,11 @@ mod tests {
             firewall: Some(Ok(vec!["prerouting".into(), "output".into()])),
             routing_missing: Some(Ok(Vec::new())),
             listen_port_bound: Some(Ok(true)),
-            path_probes: Some(vec![PathProbe {
+            path_probes: Some(Ok(vec![PathProbe {
                 label: "node-2".into(),
                 small: true,
                 full: true,
-            }]),
+            }])),
         }
     }
 
@@ -736,11 +749,11 @@ mod tests {
     fn path_mtu_fails_only_when_small_packets_pass_and_full_ones_do_not() {
         let mut facts = healthy();
         let probes = |small, full| {
-            Some(vec![PathProbe {
+            Some(Ok(vec![PathProbe {
                 label: "node-2".into(),
                 small,
                 full,
-            }])
+            }]))
         };
         facts.data_plane.as_mut().unwrap().path_probes = probes(true, false);
         let c = check(&facts, names::PATH_MTU);
@@ -750,6 +763,13 @@ mod tests {
         assert_eq!(check(&facts, names::PATH_MTU).status, Status::Warn);
         facts.data_plane.as_mut().unwrap().path_probes = None;
         assert_eq!(check(&facts, names::PATH_MTU).status, Status::Skipped);
+        // A probe that cannot run is said, not passed off as "nothing to probe".
+        facts.data_plane.as_mut().unwrap().path_probes = Some(Err(
+            "cannot open an ICMPv6 socket: Operation not permitted".into(),
+        ));
+        let c = check(&facts, names::PATH_MTU);
+        assert_eq!(c.status, Status::Warn);
+        assert!(c.hint.contains("CAP_NET_RAW"), "{c:?}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
@@ -701,11 +701,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             skip_path_probe,
             strict,
         } => {
-            let health = client
-                .get_health(pb::GetHealthRequest { skip_path_probe })
-                .await
-                .map_err(failed)?
-                .into_inner();
+            // A probe must not hang on an agent that hangs: bounded well above the agent's own
+            // (the path probe takes 1.5 s, `nft` at most 5 s).
+            let health = tokio::time::timeout(
+                Duration::from_secs(20),
+                client.get_health(pb::GetHealthRequest { skip_path_probe }),
+            )
+            .await
+            .map_err(|_| Failure::Failed("the agent did not answer within 20 s".into()))?
+            .map_err(failed)?
+            .into_inner();
             match format {
                 Format::Table => print!("{}", health_text(&health)),
                 _ => print_structured(format, &health)?,

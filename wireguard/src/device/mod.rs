@@ -325,17 +325,26 @@ impl Device {
             .is_none_or(|keys| keys.public != public);
         if key_changed {
             let cookies = Arc::new(RateLimiter::new(&public, 0));
-            let peers = read(&self.shared.peers);
+            let mut peers = write(&self.shared.peers);
             let limit = handshake_limit(peers.by_key.len());
             let unlimited = Arc::new(RateLimiter::new(&public, u64::MAX));
-            for peer in peers.by_key.values() {
+            let all: Vec<Arc<Peer>> = peers.by_key.values().cloned().collect();
+            for peer in all {
                 lock(&peer.tunn).set_static_private(
                     private.clone(),
                     public,
                     Some(unlimited.clone()),
                 );
-                // Sessions under another key end here too.
-                *lock(&peer.previous) = None;
+                // Sessions under another key end here too: their bytes stay counted and their
+                // receiver index is freed.
+                if let Some(previous) = lock(&peer.previous).take() {
+                    let (_, tx, rx, _, _) = previous.tunn.stats();
+                    let mut bytes = lock(&peer.retired_bytes);
+                    bytes.0 += tx as u64;
+                    bytes.1 += rx as u64;
+                    drop(bytes);
+                    peers.forget_index(previous.index, &peer);
+                }
             }
             drop(peers);
             *write(&self.shared.keys) = Some(Keys {
@@ -381,6 +390,11 @@ impl Device {
         let mut peers = write(&self.shared.peers);
         let existing: Vec<Arc<Peer>> = peers.by_key.values().cloned().collect();
         for old_peer in existing {
+            // A session kept from an earlier change ends now (keep_previous); its receiver
+            // index goes with it, before `insert` forgets only the indexes `old_peer` has then.
+            if let Some(earlier) = old_peer.previous_index() {
+                peers.forget_index(earlier, &old_peer);
+            }
             let config = peer_config(&old_peer);
             let index = peers.allocate_index();
             let peer = Peer::new(
@@ -928,26 +942,28 @@ fn retire_previous(shared: &Shared, peers: &[Arc<Peer>], now: Instant, message: 
         tracing::debug!(interface = %shared.interface, retired = retired.len(), remaining, "sessions from before a key change retired");
         let mut table = write(&shared.peers);
         for (peer, index) in &retired {
-            if table
-                .by_index
-                .get(index)
-                .is_some_and(|owner| Arc::ptr_eq(owner, peer))
-            {
-                table.by_index.remove(index);
-            }
+            table.forget_index(*index, peer);
         }
     }
     // Looked at under the read lock first: the receive thread holds it for every batch.
-    let due = |keys: &Option<Keys>| {
+    let due = |keys: &Option<Keys>, remaining: usize| {
         keys.as_ref().is_some_and(|keys| {
             keys.previous
                 .as_ref()
                 .is_some_and(|previous| remaining == 0 || now >= previous.deadline)
         })
     };
-    if due(&read(&shared.keys)) {
+    if due(&read(&shared.keys), remaining) {
         let mut keys = write(&shared.keys);
-        if due(&keys)
+        // Counted again under the keys lock from the table as it is now: a rotation since the
+        // snapshot above gave every peer a previous session the snapshot does not show, and
+        // its old key must not go with the snapshot's count of 0.
+        let remaining_now = read(&shared.peers)
+            .by_key
+            .values()
+            .filter(|peer| lock(&peer.previous).is_some())
+            .count();
+        if due(&keys, remaining_now)
             && let Some(keys) = keys.as_mut()
         {
             keys.previous = None;

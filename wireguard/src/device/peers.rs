@@ -151,13 +151,18 @@ impl PeerTable {
     /// session's).
     fn forget_indexes(&mut self, peer: &Arc<Peer>) {
         for index in std::iter::once(peer.index).chain(peer.previous_index()) {
-            if self
-                .by_index
-                .get(&index)
-                .is_some_and(|owner| Arc::ptr_eq(owner, peer))
-            {
-                self.by_index.remove(&index);
-            }
+            self.forget_index(index, peer);
+        }
+    }
+
+    /// Removes `index` if it still leads to `peer` (a session of `peer` that ended).
+    pub(super) fn forget_index(&mut self, index: u32, peer: &Arc<Peer>) {
+        if self
+            .by_index
+            .get(&index)
+            .is_some_and(|owner| Arc::ptr_eq(owner, peer))
+        {
+            self.by_index.remove(&index);
         }
     }
 }
