@@ -166,19 +166,25 @@ depends() {
   exit 1
 }
 
-# maintainer_scripts ROOT UNIT...: postinst reloads systemd's units (never enables or starts
-# them); prerm stops a running service on removal; postrm reloads systemd after removal.
+# maintainer_scripts ROOT STATE_DIR UNIT...: postinst reloads systemd's units (never enables or
+# starts them) and, on an upgrade, restarts the ones that run (try-restart), so the new binary
+# is the one running; prerm stops a running service on removal; postrm reloads systemd after
+# removal, and on purge deletes STATE_DIR ("-": none), which holds the node's keys.
 maintainer_scripts() {
-  local root=$1
-  shift
+  local root=$1 state_dir=$2
+  shift 2
   local units=$*
   install -d -m 0755 "$root/DEBIAN"
-  cat >"$root/DEBIAN/postinst" <<'EOF'
+  cat >"$root/DEBIAN/postinst" <<EOF
 #!/bin/sh
 set -e
 # The units are installed, never enabled or started: see /usr/share/doc/<package>/README.Debian.
-if [ "$1" = configure ] && [ -z "${DPKG_ROOT:-}" ] && [ -d /run/systemd/system ]; then
+if [ "\$1" = configure ] && [ -z "\${DPKG_ROOT:-}" ] && [ -d /run/systemd/system ]; then
 	systemctl --system daemon-reload >/dev/null || true
+	# An upgrade (\$2: the version before): the running services take the new binary.
+	if [ -n "\$2" ]; then
+		systemctl --system try-restart $units >/dev/null 2>&1 || true
+	fi
 fi
 exit 0
 EOF
@@ -190,12 +196,20 @@ if [ "\$1" = remove ] && [ -z "\${DPKG_ROOT:-}" ] && [ -d /run/systemd/system ];
 fi
 exit 0
 EOF
-  cat >"$root/DEBIAN/postrm" <<'EOF'
+  local purge_state=""
+  if [[ $state_dir != - ]]; then
+    purge_state="
+# Purge removes the state too: it holds this node's keys (the WireGuard private key).
+if [ \"\$1\" = purge ]; then
+	rm -rf \"\${DPKG_ROOT:-}$state_dir\"
+fi"
+  fi
+  cat >"$root/DEBIAN/postrm" <<EOF
 #!/bin/sh
 set -e
-if { [ "$1" = remove ] || [ "$1" = purge ]; } && [ -z "${DPKG_ROOT:-}" ] && [ -d /run/systemd/system ]; then
+if { [ "\$1" = remove ] || [ "\$1" = purge ]; } && [ -z "\${DPKG_ROOT:-}" ] && [ -d /run/systemd/system ]; then
 	systemctl --system daemon-reload >/dev/null || true
-fi
+fi$purge_state
 exit 0
 EOF
   chmod 0755 "$root/DEBIAN/postinst" "$root/DEBIAN/prerm" "$root/DEBIAN/postrm"
@@ -276,7 +290,7 @@ Several replicas sharing their state in etcd: put the etcd settings in
 /etc/discovery-server/etcd.env (see the unit's comments), then
   systemctl enable --now discovery-server-replica
 Settings: /etc/default/discovery-server; options: man discovery-server."
-maintainer_scripts "$root" discovery-server.service discovery-server-replica.service
+maintainer_scripts "$root" - discovery-server.service discovery-server-replica.service
 deps=$(depends "$root" discovery-server)
 build_deb "$root" openspan-discovery-server "$deps" "" \
   "KubeSpan-compatible discovery service" \
@@ -335,8 +349,10 @@ secret on every node), then start the agent:
   systemctl enable --now kubespan-agent
   kubespanctl status
 An annotated example: /usr/share/doc/openspan-agent/examples/config.yaml.
-Shell completion for kubespanctl is installed for bash, zsh and fish."
-maintainer_scripts "$root" kubespan-agent.service
+Shell completion for kubespanctl is installed for bash, zsh and fish.
+An upgrade restarts a running agent (the mesh pauses for a few seconds with the userspace
+device). Purging the package deletes /var/lib/kubespan: the node's identity and WireGuard key."
+maintainer_scripts "$root" /var/lib/kubespan kubespan-agent.service
 deps=$(depends "$root" kubespan-agent kubespanctl)
 build_deb "$root" openspan-agent "$deps" \
   "nftables, iproute2, wireguard-tools" \
@@ -373,8 +389,13 @@ readme_debian "$root" openspan-relay "openspan-relay for Debian
 The unit is installed but not enabled. It needs /etc/openspan-relay/tls.crt and tls.key
 (the relay's certificate) and /etc/openspan-relay/clusters (example:
 /usr/share/doc/openspan-relay/examples/clusters), then:
-  systemctl enable --now openspan-relay"
-maintainer_scripts "$root" openspan-relay.service
+  systemctl enable --now openspan-relay
+The unit runs as a dynamic user: hand it the key as a systemd credential rather than making
+the file world-readable, in a drop-in (systemctl edit openspan-relay):
+  [Service]
+  LoadCredential=tls.key:/etc/openspan-relay/tls.key
+and point the relay's key file option at %d/tls.key (man openspan-relay)."
+maintainer_scripts "$root" - openspan-relay.service
 deps=$(depends "$root" openspan-relay)
 build_deb "$root" openspan-relay "$deps" "" \
   "QUIC relay for openspan WireGuard meshes" \

@@ -478,8 +478,13 @@ fn debian_packages_install_into_a_scratch_root_and_purge_cleanly() {
         edited,
         "removal changed the edited conffile"
     );
+    // The agent's state (its WireGuard private key) survives removal, not purge.
+    let state = root.join("var/lib/kubespan");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("kubespan-identity.yaml"), "privateKey: x\n").unwrap();
     ok(dpkg(&root, &fake_bin).args(["-P", "openspan-agent"]));
     assert!(!defaults.exists(), "purge left {}", defaults.display());
+    assert!(!state.exists(), "purge left the agent's keys in {}", state.display());
     ok(dpkg(&root, &fake_bin).args([
         "-P",
         "openspan-discovery-server",
