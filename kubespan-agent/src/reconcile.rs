@@ -89,6 +89,10 @@ pub struct PeerMemory {
     pub handshake_at: Option<Instant>,
     /// What was last written to the device (endpoint excluded), to detect changes.
     pub applied_allowed_ips: Vec<IpNet>,
+    /// The pre-shared key and keepalive last written (a reload or a secret rotation changes
+    /// them; the peer is updated in place).
+    pub applied_psk: Option<Key>,
+    pub applied_keepalive: Option<Duration>,
     pub state: State,
     /// The peer was re-configured while up (its session may have been reset): it stays `up`
     /// while the new handshake is awaited.
@@ -425,11 +429,21 @@ pub fn reconcile(
             mem.last_endpoint_change = Some(now);
             mem.refreshing = report_state == State::Up;
         }
-        if reset_session || allowed_changed {
+        let psk = crate::crypto::pair_psk(
+            preshared_key,
+            want.spec.sealed_psk.as_ref().unwrap_or(preshared_key),
+        );
+        let keys_changed = mem.applied_psk.is_some_and(|applied| applied != psk)
+            || mem
+                .applied_keepalive
+                .is_some_and(|applied| applied != timers.keepalive);
+        if reset_session || allowed_changed || keys_changed {
+            mem.applied_psk = Some(psk);
+            mem.applied_keepalive = Some(timers.keepalive);
             actions.push(Action::SetPeer {
                 config: PeerConfig {
                     public_key: key,
-                    preshared_key: *preshared_key,
+                    preshared_key: psk,
                     endpoint: if reset_session { endpoint_to_set } else { None },
                     allowed_ips: allowed_ips.clone(),
                     persistent_keepalive: timers.keepalive,
@@ -497,6 +511,7 @@ mod tests {
                 endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
                 learned_endpoints: Vec::new(),
                 relays: Vec::new(),
+                sealed_psk: None,
             },
         }
     }

@@ -66,6 +66,31 @@ impl RegistryCache {
         }
     }
 
+    /// A new discovery service (added by a reload); returns its index for its events.
+    pub fn add_source(&mut self) -> usize {
+        self.per_endpoint.push(HashMap::new());
+        self.public_ips.push(None);
+        self.per_endpoint.len() - 1
+    }
+
+    /// Forgets what a removed discovery service listed (its index is never reused). Members no
+    /// other service lists are kept while their tunnels are alive, as after a delete there.
+    /// Returns true when the merged set of records changed.
+    pub fn remove_source(&mut self, index: usize) -> bool {
+        let Some(cache) = self.per_endpoint.get_mut(index) else {
+            return false;
+        };
+        let before = std::mem::take(cache);
+        if let Some(ip) = self.public_ips.get_mut(index) {
+            *ip = None;
+        }
+        let changed = !before.is_empty();
+        for entry in before.into_values() {
+            self.unlisted(entry.record, None);
+        }
+        changed
+    }
+
     /// Members from the warm-start cache with their expiry in unix ms, converted once to the
     /// monotonic clock (`now`, `now_unix_ms`: the same moment on both clocks).
     pub fn load_warm(
