@@ -1334,4 +1334,55 @@ mod tests {
         assert_eq!(keys(Cipher::Native).cipher(), Cipher::Native);
         assert_eq!(keys(Cipher::Talos).cipher(), Cipher::Talos);
     }
+
+    /// The rotation: a node holding `old` with `new` as next reads records sealed with either,
+    /// and says which one opened each (by its pre-shared key); nothing is sealed with `next`.
+    #[test]
+    fn next_secret_opens_records_and_endpoints_and_says_which() {
+        let old = ClusterKeys::new(Cipher::Native, CLUSTER, &[1; 32]);
+        let new = ClusterKeys::new(Cipher::Native, CLUSTER, &[2; 32]);
+        let stranger = ClusterKeys::new(Cipher::Native, CLUSTER, &[3; 32]);
+        let rotating = ClusterKeys::new(Cipher::Native, CLUSTER, &[1; 32])
+            .with_next(ClusterKeys::new(Cipher::Native, CLUSTER, &[2; 32]));
+        let endpoint: SocketAddr = "192.0.2.7:51820".parse().unwrap();
+        for (sealer, psk) in [(&old, old.wireguard_psk()), (&new, new.wireguard_psk())] {
+            let blob = sealer.seal_record("node-a", b"record");
+            assert_eq!(
+                rotating.open_record_with_psk("node-a", &blob).unwrap(),
+                (b"record".to_vec(), psk)
+            );
+            let sealed = sealer.seal_endpoint("node-a", endpoint);
+            assert_eq!(rotating.open_endpoint("node-a", &sealed).unwrap(), endpoint);
+        }
+        // Sealed with the running secret, not the next one.
+        let own = rotating.seal_record("node-a", b"mine");
+        assert!(old.open_record("node-a", &own).is_ok());
+        assert_eq!(
+            new.open_record("node-a", &own),
+            Err(CryptoError::Authentication)
+        );
+        assert_eq!(
+            rotating.open_record("node-a", &stranger.seal_record("node-a", b"x")),
+            Err(CryptoError::Authentication)
+        );
+        // Without next, a record of the new secret does not open.
+        assert!(
+            old.open_record("node-a", &new.seal_record("node-a", b"x"))
+                .is_err()
+        );
+    }
+
+    /// Both ends of a tunnel compute the same key whichever secrets they seal with.
+    #[test]
+    fn pair_psk_is_symmetric_and_the_plain_key_outside_a_rotation() {
+        let a = ClusterKeys::new(Cipher::Native, CLUSTER, &[1; 32]).wireguard_psk();
+        let b = ClusterKeys::new(Cipher::Native, CLUSTER, &[2; 32]).wireguard_psk();
+        assert_eq!(pair_psk(&a, &a), a, "unchanged outside a rotation");
+        assert_eq!(pair_psk(&b, &b), b);
+        assert_eq!(pair_psk(&a, &b), pair_psk(&b, &a));
+        assert_ne!(pair_psk(&a, &b), a);
+        assert_ne!(pair_psk(&a, &b), b);
+        let c = ClusterKeys::new(Cipher::Native, CLUSTER, &[3; 32]).wireguard_psk();
+        assert_ne!(pair_psk(&a, &b), pair_psk(&a, &c));
+    }
 }

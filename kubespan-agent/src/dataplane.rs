@@ -456,6 +456,7 @@ async fn reconcile_loop(
                     {
                         keys = Arc::new(ClusterKeys::for_config(&next));
                         preshared_key = keys.wireguard_psk();
+                        tracing::info!("cluster secrets changed: the tunnels' pre-shared keys follow");
                     }
                     timers = policy(&next, device);
                     if next.mtu != config.mtu {
@@ -596,6 +597,12 @@ async fn reconcile_loop(
                     },
                     Ok(()),
                 ) => {
+                    if !*reset_session
+                        && let Some(want) =
+                            wanted.iter().find(|w| w.public_key == config.public_key)
+                    {
+                        tracing::debug!(peer = %want.spec.label, keepalive = ?config.persistent_keepalive, psk = %crate::config::secret_fingerprint(&config.preshared_key), "peer updated in place");
+                    }
                     if *reset_session
                         && let Some(want) =
                             wanted.iter().find(|w| w.public_key == config.public_key)

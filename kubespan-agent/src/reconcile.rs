@@ -738,6 +738,53 @@ mod tests {
         assert_eq!(config.persistent_keepalive, Duration::from_secs(10));
     }
 
+    /// A reload's keepalive and a rotation's pre-shared key reach an established peer in place:
+    /// one SetPeer, no new endpoint, no session reset.
+    #[test]
+    fn a_new_keepalive_or_peer_secret_updates_the_peer_in_place() {
+        let mut h = Harness::new();
+        let mut w = [want(&["10.0.0.2:51820"])];
+        h.at(0, &w, &[]);
+        let dev = [on_device(Some("10.0.0.2:51820"), Some(h.time(1)), 100)];
+        h.at(1, &w, &dev);
+        assert!(h.at(2, &w, &dev).actions.is_empty(), "settled");
+        h.policy.keepalive = Duration::from_secs(4);
+        let out = h.at(3, &w, &dev);
+        let [
+            Action::SetPeer {
+                config,
+                reset_session,
+            },
+        ] = &out.actions[..]
+        else {
+            panic!("one SetPeer expected: {:?}", out.actions)
+        };
+        assert!(!reset_session);
+        assert_eq!(config.endpoint, None, "the device keeps its endpoint");
+        assert_eq!(config.persistent_keepalive, Duration::from_secs(4));
+        assert_eq!(config.preshared_key, PSK);
+        assert_eq!(out.reports[0].state, State::Up);
+        assert!(h.at(4, &w, &dev).actions.is_empty(), "applied once");
+        // The peer promoted its secret: the pair key of both.
+        w[0].spec.sealed_psk = Some([5; 32]);
+        let out = h.at(5, &w, &dev);
+        let [
+            Action::SetPeer {
+                config,
+                reset_session,
+            },
+        ] = &out.actions[..]
+        else {
+            panic!("one SetPeer expected: {:?}", out.actions)
+        };
+        assert!(!reset_session);
+        assert_eq!(
+            config.preshared_key,
+            crate::crypto::pair_psk(&PSK, &[5; 32])
+        );
+        assert!(h.at(6, &w, &dev).actions.is_empty());
+    }
+
     #[test]
     fn a_dead_endpoint_is_left_after_the_timeout_and_the_list_wraps() {
         let mut h = Harness::new();

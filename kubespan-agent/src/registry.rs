@@ -637,4 +637,38 @@ mod tests {
             ]
         );
     }
+
+    /// A reload adds a discovery service (a new index) and removes one: what only the removed
+    /// one listed leaves (unless its tunnel is alive), its public IP is forgotten.
+    #[test]
+    fn sources_are_added_and_removed_by_reloads() {
+        let now = Instant::now();
+        let mut cache = RegistryCache::new(1, TTL);
+        assert!(cache.apply(snapshot(0, &["a"]), now));
+        let added = cache.add_source();
+        assert_eq!(added, 1);
+        assert!(cache.apply(snapshot(1, &["a", "b"]), now));
+        cache.apply(
+            DiscoveryEvent::Connected {
+                index: 1,
+                public_ip: Some("203.0.113.1".parse().unwrap()),
+            },
+            now,
+        );
+        assert_eq!(
+            ids(&cache),
+            ["service/000/a", "service/001/a", "service/001/b"]
+        );
+        assert!(cache.remove_source(1));
+        assert_eq!(
+            ids(&cache),
+            ["service/000/a"],
+            "b was only listed by the removed service"
+        );
+        assert!(cache.public_ips().is_empty());
+        assert!(!cache.remove_source(1), "nothing left to remove");
+        assert!(!cache.remove_source(7), "an unknown index is ignored");
+        // Events of the removed client that arrive late change nothing it listed back.
+        assert_eq!(cache.add_source(), 2, "indexes are never reused");
+    }
 }
