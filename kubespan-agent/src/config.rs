@@ -947,6 +947,16 @@ pub fn plan_reload(running: &Config, new: &Config) -> ReloadPlan {
         "relay connections start with the agent",
     );
     if running.cluster_secret != new.cluster_secret
+        && running.cipher == Cipher::Talos
+        && new.cipher == Cipher::Talos
+    {
+        plan.refusals.push(Refusal {
+            key: "clusterSecret",
+            reason: "needs a restart of every node together: the talos cipher uses the secret \
+                     itself as every peer's WireGuard pre-shared key, so it cannot rotate live"
+                .to_string(),
+        });
+    } else if running.cluster_secret != new.cluster_secret
         && running.cluster_secret_next != Some(new.cluster_secret)
     {
         plan.refusals.push(Refusal {
@@ -1787,6 +1797,12 @@ mod tests {
         assert!(jump.refused());
         assert_eq!(jump.refusals[0].key, "clusterSecret");
         assert!(jump.refusals[0].reason.contains("clusterSecretNext"));
+        // The talos cipher has no rotation window: a new secret needs a synchronized restart.
+        let talos = parse(&format!("{}cipher: talos\n", base())).unwrap();
+        let talos_new = parse(&format!("{}cipher: talos\n", base().replace(SECRET, NEXT))).unwrap();
+        let refused = plan_reload(&talos, &talos_new);
+        assert_eq!(refused.refusals.len(), 1, "{refused:?}");
+        assert!(refused.refusals[0].reason.contains("pre-shared key"));
     }
 
     #[test]
