@@ -601,7 +601,7 @@ async fn reconcile_loop(
                         && let Some(want) =
                             wanted.iter().find(|w| w.public_key == config.public_key)
                     {
-                        tracing::debug!(peer = %want.spec.label, keepalive = ?config.persistent_keepalive, psk = %crate::config::secret_fingerprint(&config.preshared_key), "peer updated in place");
+                        tracing::debug!(peer = %want.spec.label, keepalive = ?config.persistent_keepalive, psk = %crate::config::secret_fingerprint(&config.preshared_key), "peer keepalive or pre-shared key updated");
                     }
                     if *reset_session
                         && let Some(want) =
