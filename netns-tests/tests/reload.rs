@@ -6,7 +6,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use netns_tests::{AgentOptions, CLUSTER_SECRET, Lab, binary, require_root, sh};
+use netns_tests::{AgentOptions, CLUSTER_SECRET, Daemon, Lab, binary, in_netns, require_root, sh};
 
 const UP: Duration = Duration::from_secs(30);
 /// The secret the rotation moves to.
@@ -324,11 +324,35 @@ fn reload_applies_live_changes_keeps_tunnels_and_refuses_the_rest() -> anyhow::R
             .contains("reload applied mtu 1380 -> 1400")
     );
 
-    // Discovery endpoints: a second (unreachable) service is added, then removed again.
+    // Discovery endpoints: a second service is added (a client connects to it), then removed
+    // (the client stops, and this node's record there is deleted).
+    let server_ip = lab
+        .server_address
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let second = format!("{server_ip}:3001");
+    let mut second_server = Daemon::spawn(
+        "second discovery-server",
+        in_netns(
+            &lab.switch,
+            300,
+            binary("discovery-server"),
+            &[
+                &format!("--addr={second}"),
+                "--landing-addr=",
+                "--metrics-addr=",
+                "--snapshots-enabled=false",
+            ],
+        ),
+        lab.node(1).dir.join("server2.log"),
+        Duration::from_secs(3),
+    )?;
     let two = changed.replace(
         &format!("endpoints: [\"http://{}\"]", lab.server_address),
         &format!(
-            "endpoints: [\"http://{}\", \"http://127.0.0.1:9\"]",
+            "endpoints: [\"http://{}\", \"http://{second}\"]",
             lab.server_address
         ),
     );
@@ -336,23 +360,50 @@ fn reload_applies_live_changes_keeps_tunnels_and_refuses_the_rest() -> anyhow::R
     write_config(&lab, 1, &two)?;
     let (code, out) = ctl(&lab, 1, &["reload"])?;
     assert_eq!(code, 0, "{out}");
-    let services = |lab: &Lab| {
+    assert!(out.contains("discovery.endpoints"), "{out}");
+    let services = |lab: &Lab| -> Vec<(String, String)> {
         lab.node(1)
             .kubespanctl(&["status"])
             .ok()
-            .and_then(|s| s["discovery"].as_array().map(Vec::len))
+            .and_then(|s| {
+                s["discovery"].as_array().map(|list| {
+                    list.iter()
+                        .map(|c| {
+                            (
+                                c["endpoint"].as_str().unwrap_or_default().to_owned(),
+                                c["state"].as_str().unwrap_or_default().to_owned(),
+                            )
+                        })
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
     };
-    lab.wait_for("the added discovery client", Duration::from_secs(5), || {
-        services(&lab) == Some(2)
-    })?;
+    lab.wait_for(
+        "the added discovery client connected",
+        Duration::from_secs(10),
+        || {
+            second_server.check().is_ok()
+                && services(&lab)
+                    .iter()
+                    .any(|(e, state)| e.ends_with(":3001") && state == "connected")
+        },
+    )?;
+    assert_eq!(services(&lab).len(), 2);
     write_config(&lab, 1, &changed)?;
     let (code, _) = ctl(&lab, 1, &["reload"])?;
     assert_eq!(code, 0);
     lab.wait_for(
-        "the removed discovery client gone",
-        Duration::from_secs(5),
-        || services(&lab) == Some(1),
+        "the removed discovery service to delete node-1's record",
+        Duration::from_secs(10),
+        || {
+            lab.node(1)
+                .log()
+                .contains("deleted this node's record from the removed discovery service")
+        },
     )?;
+    assert_eq!(services(&lab).len(), 1, "{:?}", services(&lab));
+    drop(second_server);
 
     std::thread::sleep(Duration::from_secs(1));
     assert!(all_up(&lab, 1, 2) && all_up(&lab, 2, 2), "tunnels kept");
