@@ -11,7 +11,7 @@ use ipnet::{IpNet, Ipv6Net};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError, DiscoveryEndpoint, ReloadPlan, plan_reload};
 use crate::crypto::ClusterKeys;
 use crate::discovery::{
     self, ClientSettings, ConnectionStatus, DiscoveryCounters, Publication, SharedStatus,
@@ -56,10 +56,17 @@ pub struct MembershipView {
 
 /// State shared between the control loop and the API.
 pub struct Shared {
-    pub config: Config,
+    /// The running configuration: replaced by a reload, followed by the control loop, the
+    /// discovery clients and the data plane.
+    pub config: watch::Sender<Arc<Config>>,
+    /// Where the configuration is read again on a reload.
+    pub config_path: std::path::PathBuf,
+    /// One reload at a time: a plan is made against the configuration it replaces.
+    reload_lock: tokio::sync::Mutex<()>,
     pub identity: NodeIdentity,
     pub view: watch::Receiver<Arc<MembershipView>>,
-    pub connections: Vec<SharedStatus>,
+    /// One per configured discovery service (in the configured order).
+    pub connections: Mutex<Vec<SharedStatus>>,
     pub publication: watch::Sender<Publication>,
     pub counters: Arc<DiscoveryCounters>,
     /// Set by the data plane: node ids of peers whose tunnels are alive.
@@ -94,12 +101,9 @@ impl Shared {
         self.publication.send_modify(|p| p.leaving = true);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let left = self
-                .connections
-                .iter()
-                .filter(|c| c.lock().unwrap_or_else(|p| p.into_inner()).left)
-                .count();
-            if left == self.connections.len() || tokio::time::Instant::now() >= deadline {
+            let statuses = self.connection_statuses();
+            let left = statuses.iter().filter(|c| c.left).count();
+            if left == statuses.len() || tokio::time::Instant::now() >= deadline {
                 return left;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -108,9 +112,117 @@ impl Shared {
 
     pub fn connection_statuses(&self) -> Vec<ConnectionStatus> {
         self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .map(|c| c.lock().unwrap_or_else(|p| p.into_inner()).clone())
             .collect()
+    }
+
+    /// The running configuration.
+    pub fn running_config(&self) -> Arc<Config> {
+        self.config.borrow().clone()
+    }
+
+    /// Reads a new configuration (`text` named `name`, else the agent's own file again) and
+    /// plans the reload against the running one; with `apply`, applies it unless refused (all
+    /// or nothing) and logs one line saying what was applied or why it was refused (`via`:
+    /// SIGHUP or the API). An invalid file is an error, and the running configuration stays.
+    pub async fn reload(
+        &self,
+        text: Option<(String, String)>,
+        apply: bool,
+        via: &str,
+    ) -> Result<ReloadPlan, ConfigError> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let path = self.config_path.clone();
+        let parsed = tokio::task::spawn_blocking(move || match text {
+            None => crate::config::load(&path),
+            Some((text, name)) => crate::config::parse(&text).map_err(|e| match e {
+                ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+                    path: name.into(),
+                    message,
+                },
+                other => other,
+            }),
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(ConfigError::Syntax {
+                path: "<config>".into(),
+                message: format!("reading it failed: {e}"),
+            })
+        });
+        let new = match parsed {
+            Ok(new) => new,
+            Err(e) => {
+                if apply {
+                    tracing::warn!(via, error = %e, "reload refused: invalid configuration; the running one is kept");
+                }
+                return Err(e);
+            }
+        };
+        let plan = plan_reload(&self.running_config(), &new);
+        if apply {
+            if plan.refused() {
+                tracing::warn!(
+                    via,
+                    "reload {}; the running configuration is kept",
+                    plan.summary()
+                );
+            } else if plan.changes.is_empty() {
+                tracing::info!(via, "reload: nothing changed");
+            } else {
+                self.config.send_replace(Arc::new(new));
+                tracing::info!(via, "reload {}", plan.summary());
+            }
+        }
+        Ok(plan)
+    }
+}
+
+/// A running discovery client.
+struct Client {
+    endpoint: DiscoveryEndpoint,
+    index: usize,
+    status: SharedStatus,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_client(
+    index: usize,
+    endpoint: DiscoveryEndpoint,
+    settings: &ClientSettings,
+    publication: &watch::Sender<Publication>,
+    events: &mpsc::Sender<discovery::DiscoveryEvent>,
+    status: Option<SharedStatus>,
+    parent: &CancellationToken,
+) -> Client {
+    let status = status.unwrap_or_else(|| {
+        Arc::new(Mutex::new(ConnectionStatus {
+            endpoint: endpoint.url.clone(),
+            state: "connecting",
+            ..ConnectionStatus::default()
+        }))
+    });
+    let stop = parent.child_token();
+    let task = tokio::spawn(discovery::run_client(
+        index,
+        endpoint.clone(),
+        settings.clone(),
+        publication.subscribe(),
+        events.clone(),
+        status.clone(),
+        stop.clone(),
+    ));
+    Client {
+        endpoint,
+        index,
+        status,
+        stop,
+        task,
     }
 }
 
@@ -181,6 +293,7 @@ pub fn local_record(
             exclude_advertised_networks: config.exclude_advertised_networks.clone(),
             learned_endpoints,
             relays: facts.relays.clone(),
+            sealed_psk: None,
         }),
         control_plane_port: None,
         endpoints,
@@ -246,8 +359,10 @@ fn describe_warning(warning: &PeerWarning) -> String {
 
 /// Runs the control loop until `stop` is cancelled. Returns when every client has finished
 /// (after deleting this node's record when leaving).
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     config: Config,
+    config_path: std::path::PathBuf,
     mut identity: NodeIdentity,
     keys: Arc<ClusterKeys>,
     relays: Option<Arc<crate::relay::Relays>>,
@@ -256,20 +371,13 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let (_no_relays, idle_relays) = watch::channel(Vec::new());
     let mut relays_rx = relays.as_ref().map_or(idle_relays, |r| r.connected());
+    let mut config = config;
+    let mut keys = keys;
+    let (config_tx, mut config_rx) = watch::channel(Arc::new(config.clone()));
     let endpoints = config.discovery_endpoints.clone();
     let (publication_tx, _) = watch::channel(Publication::default());
     let (events_tx, mut events_rx) = mpsc::channel(1024);
-    let connections: Vec<SharedStatus> = endpoints
-        .iter()
-        .map(|e| {
-            Arc::new(Mutex::new(ConnectionStatus {
-                endpoint: e.url.clone(),
-                state: "connecting",
-                ..ConnectionStatus::default()
-            }))
-        })
-        .collect();
-    let settings = ClientSettings {
+    let mut settings = ClientSettings {
         cluster_id: config.cluster_id.clone(),
         node_id: identity.node_id.clone(),
         keys: keys.clone(),
@@ -320,24 +428,31 @@ pub async fn run(
 
     // Clients stop on their own token, after the loop below has flagged `leaving`.
     let clients_stop = CancellationToken::new();
-    let mut clients = Vec::new();
-    for (index, endpoint) in endpoints.into_iter().enumerate() {
-        clients.push(tokio::spawn(discovery::run_client(
-            index,
-            endpoint,
-            settings.clone(),
-            publication_tx.subscribe(),
-            events_tx.clone(),
-            connections[index].clone(),
-            clients_stop.clone(),
-        )));
-    }
+    let mut clients: Vec<Client> = endpoints
+        .into_iter()
+        .enumerate()
+        .map(|(index, endpoint)| {
+            start_client(
+                index,
+                endpoint,
+                &settings,
+                &publication_tx,
+                &events_tx,
+                None,
+                &clients_stop,
+            )
+        })
+        .collect();
+    // Clients started by a reload get a clone; the loop still ends when every client is gone.
+    let events_for_reload = events_tx.downgrade();
     drop(events_tx);
     let shared = Arc::new(Shared {
-        config: config.clone(),
+        config: config_tx,
+        config_path,
+        reload_lock: tokio::sync::Mutex::new(()),
         identity: identity.clone(),
         view: view_rx,
-        connections,
+        connections: Mutex::new(clients.iter().map(|c| c.status.clone()).collect()),
         publication: publication_tx.clone(),
         counters: settings.counters.clone(),
         alive: alive_tx,
@@ -422,6 +537,42 @@ pub async fn run(
                     view_changed |= cache.set_alive(alive, Instant::now());
                 }
             }
+            changed = config_rx.changed() => {
+                if changed.is_ok() {
+                    let next = config_rx.borrow_and_update().clone();
+                    let rekeyed = next.cluster_secret != config.cluster_secret
+                        || next.cluster_secret_next != config.cluster_secret_next;
+                    config = (*next).clone();
+                    if rekeyed {
+                        keys = Arc::new(ClusterKeys::for_config(&config));
+                        settings.keys = keys.clone();
+                        // Sealed again with the (maybe promoted) secret even if nothing else
+                        // changed: peers learn which secret this node seals with from it.
+                        publication_tx.send_if_modified(|p| {
+                            if p.leaving {
+                                return false;
+                            }
+                            p.own = Some(record::seal(&keys, &local));
+                            true
+                        });
+                    }
+                    if let Some(events) = events_for_reload.upgrade() {
+                        view_changed |= follow_discovery_endpoints(
+                            &mut clients,
+                            &config.discovery_endpoints,
+                            rekeyed,
+                            &mut cache,
+                            &settings,
+                            &publication_tx,
+                            &events,
+                            &clients_stop,
+                        );
+                        *shared.connections.lock().unwrap_or_else(|p| p.into_inner()) =
+                            clients.iter().map(|c| c.status.clone()).collect();
+                    }
+                    facts_changed = true;
+                }
+            }
             _ = housekeeping.tick() => {
                 view_changed |= cache.expire(Instant::now());
                 // Written in the background; a write still running skips this round.
@@ -501,10 +652,84 @@ pub async fn run(
     );
     clients_stop.cancel();
     for client in clients {
-        let _ = client.await;
+        let _ = client.task.await;
     }
     let _ = drain.await;
     Ok(())
+}
+
+/// Starts clients for discovery services a reload added, stops (and deletes this node's record
+/// from) those it removed; with `restart`, restarts every client (new keys). Returns true when
+/// the merged records changed.
+#[allow(clippy::too_many_arguments)]
+fn follow_discovery_endpoints(
+    clients: &mut Vec<Client>,
+    wanted: &[DiscoveryEndpoint],
+    restart: bool,
+    cache: &mut RegistryCache,
+    settings: &ClientSettings,
+    publication: &watch::Sender<Publication>,
+    events: &mpsc::Sender<discovery::DiscoveryEvent>,
+    parent: &CancellationToken,
+) -> bool {
+    let mut changed = false;
+    let mut kept = Vec::new();
+    for client in clients.drain(..) {
+        let position = wanted.iter().position(|e| *e == client.endpoint);
+        if position.is_some() && !restart {
+            kept.push(client);
+            continue;
+        }
+        client.stop.cancel();
+        if position.is_some() {
+            // Same service, new keys: a new session at the same index keeps its members
+            // until its snapshot replaces them.
+            kept.push(start_client(
+                client.index,
+                client.endpoint,
+                settings,
+                publication,
+                events,
+                Some(client.status),
+                parent,
+            ));
+            continue;
+        }
+        tracing::info!(endpoint = %client.endpoint.url, "discovery service removed by a reload: deleting this node's record there");
+        changed |= cache.remove_source(client.index);
+        let settings = settings.clone();
+        tokio::spawn(async move {
+            let _ = client.task.await;
+            match discovery::delete_record(&client.endpoint, &settings).await {
+                Ok(()) => {
+                    tracing::info!(endpoint = %client.endpoint.url, "deleted this node's record from the removed discovery service")
+                }
+                Err(e) => {
+                    tracing::warn!(endpoint = %client.endpoint.url, error = %e, "could not delete this node's record from the removed discovery service; it expires with its TTL")
+                }
+            }
+        });
+    }
+    for endpoint in wanted {
+        if kept.iter().any(|c| c.endpoint == *endpoint) {
+            continue;
+        }
+        tracing::info!(endpoint = %endpoint.url, "discovery service added by a reload");
+        let index = cache.add_source();
+        kept.push(start_client(
+            index,
+            endpoint.clone(),
+            settings,
+            publication,
+            events,
+            None,
+            parent,
+        ));
+    }
+    // In the configured order, for the status.
+    kept.sort_by_key(|c| wanted.iter().position(|e| *e == c.endpoint));
+    *clients = kept;
+    changed
 }
 
 /// Keeps a port mapping for the listen port at the gateway while the agent runs, and feeds

@@ -104,7 +104,7 @@ impl AgentApi {
         let old_public_key = self.shared.public_key.borrow().clone();
         let keys = crate::identity::WireguardKeys::try_generate()
             .map_err(|e| Status::internal(e.to_string()))?;
-        let state_dir = self.shared.config.state_dir.clone();
+        let state_dir = self.shared.config.borrow().state_dir.clone();
         let stored = keys.clone();
         tokio::task::spawn_blocking(move || {
             crate::identity::store_wireguard_keys(&state_dir, &stored)
@@ -169,7 +169,7 @@ impl AgentApi {
 
     fn identity(&self) -> pb::Identity {
         let id = &self.shared.identity;
-        let config = &self.shared.config;
+        let config = self.shared.running_config();
         let view = self.shared.view.borrow().clone();
         pb::Identity {
             node_id: id.node_id.clone(),
@@ -241,7 +241,7 @@ impl AgentApi {
     /// kernel's state (firewall table, rules and routes, sockets) and, when asked, the path probe.
     async fn health_facts(&self, probe_paths: bool) -> crate::health::HealthFacts {
         use crate::health::{DataPlaneFacts, HealthFacts, PeerFacts};
-        let config = &self.shared.config;
+        let config = self.shared.config.borrow().clone();
         let view = self.shared.view.borrow().clone();
         let peers = self.peers(&view);
         let peer_facts = peers
@@ -481,6 +481,67 @@ impl Agent for AgentApi {
         tracing::info!("leave requested through the API");
         let deleted_from = self.shared.leave(Duration::from_secs(10)).await as u32;
         Ok(Response::new(pb::LeaveResponse { deleted_from }))
+    }
+
+    async fn reload(
+        &self,
+        _: Request<pb::ReloadRequest>,
+    ) -> Result<Response<pb::ReloadResponse>, Status> {
+        let result = self.shared.reload(None, true, "API").await;
+        Ok(Response::new(reload_response(result, true)))
+    }
+
+    async fn diff_config(
+        &self,
+        request: Request<pb::DiffConfigRequest>,
+    ) -> Result<Response<pb::ReloadResponse>, Status> {
+        let request = request.into_inner();
+        let text = (!request.config.is_empty()).then(|| {
+            let name = if request.name.is_empty() {
+                "<config>".to_string()
+            } else {
+                request.name
+            };
+            (request.config, name)
+        });
+        let result = self.shared.reload(text, false, "API").await;
+        Ok(Response::new(reload_response(result, false)))
+    }
+}
+
+/// A reload plan (or an invalid file) for the API.
+pub fn reload_response(
+    result: Result<crate::config::ReloadPlan, crate::config::ConfigError>,
+    applying: bool,
+) -> pb::ReloadResponse {
+    match result {
+        Err(e) => pb::ReloadResponse {
+            invalid: e.to_string(),
+            summary: format!("refused: invalid configuration: {e}"),
+            ..Default::default()
+        },
+        Ok(plan) => pb::ReloadResponse {
+            applied: applying && !plan.refused() && !plan.changes.is_empty(),
+            summary: plan.summary(),
+            changes: plan
+                .changes
+                .into_iter()
+                .map(|c| pb::ConfigChange {
+                    key: c.key.into(),
+                    from: c.from,
+                    to: c.to,
+                })
+                .collect(),
+            refusals: plan
+                .refusals
+                .into_iter()
+                .map(|r| pb::ConfigRefusal {
+                    key: r.key.into(),
+                    reason: r.reason,
+                })
+                .collect(),
+            invalid: String::new(),
+        },
     }
 }
 

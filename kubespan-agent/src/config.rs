@@ -47,6 +47,7 @@ struct RawConfig {
     #[serde(rename = "clusterID")]
     cluster_id: Option<String>,
     cluster_secret: Option<String>,
+    cluster_secret_next: Option<String>,
     node_name: Option<String>,
     machine_type: Option<String>,
     #[serde(default)]
@@ -286,6 +287,9 @@ impl DiscoveryEndpoint {
 pub struct Config {
     pub cluster_id: String,
     pub cluster_secret: [u8; 32],
+    /// A second secret records are also opened with (never sealed with): the rotation window
+    /// of the `native` cipher (see the README's Secret rotation).
+    pub cluster_secret_next: Option<[u8; 32]>,
     pub node_name: Option<String>,
     pub machine_type: String,
     pub discovery_endpoints: Vec<DiscoveryEndpoint>,
@@ -470,6 +474,19 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     })?;
     let cluster_secret = parse_cluster_secret(secret_text.trim())
         .map_err(|e| invalid("clusterSecret", e.to_string()))?;
+    let cluster_secret_next = raw
+        .cluster_secret_next
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| parse_cluster_secret(t).map_err(|e| invalid("clusterSecretNext", e.to_string())))
+        .transpose()?;
+    if cluster_secret_next == Some(cluster_secret) {
+        return Err(invalid(
+            "clusterSecretNext",
+            "equals clusterSecret: drop it, or set the new secret there",
+        ));
+    }
 
     if raw.discovery.endpoints.is_empty() {
         return Err(invalid(
@@ -610,9 +627,19 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         .map(|m| m.trim().to_owned())
         .filter(|m| !m.is_empty());
 
+    if cluster_secret_next.is_some() && cipher == Cipher::Talos {
+        return Err(invalid(
+            "clusterSecretNext",
+            "the talos cipher cannot rotate its secret live: Talos uses the secret itself as \
+             every peer's WireGuard pre-shared key, so nodes holding different secrets cannot \
+             complete a handshake; change clusterSecret on every node and restart them together",
+        ));
+    }
+
     Ok(Config {
         cluster_id,
         cluster_secret,
+        cluster_secret_next,
         node_name,
         machine_type,
         discovery_endpoints,
@@ -645,6 +672,302 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             server_name: raw.relay.server_name,
         },
     })
+}
+
+/// One key a reload changes, applied live; `from` and `to` are shown to the operator (secrets
+/// only as fingerprints).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub key: &'static str,
+    pub from: String,
+    pub to: String,
+}
+
+/// One key a reload cannot change, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub key: &'static str,
+    pub reason: String,
+}
+
+/// What reloading a new configuration would do. Refused as a whole when any key is refused:
+/// half a configuration is never applied.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReloadPlan {
+    pub changes: Vec<Change>,
+    pub refusals: Vec<Refusal>,
+}
+
+impl ReloadPlan {
+    pub fn refused(&self) -> bool {
+        !self.refusals.is_empty()
+    }
+
+    /// One line for the log and the CLI.
+    pub fn summary(&self) -> String {
+        if self.refused() {
+            let reasons: Vec<String> = self
+                .refusals
+                .iter()
+                .map(|r| format!("{}: {}", r.key, r.reason))
+                .collect();
+            format!("refused ({})", reasons.join("; "))
+        } else if self.changes.is_empty() {
+            "nothing changed".to_string()
+        } else {
+            let changes: Vec<String> = self
+                .changes
+                .iter()
+                .map(|c| format!("{} {} -> {}", c.key, c.from, c.to))
+                .collect();
+            format!("applied {}", changes.join("; "))
+        }
+    }
+}
+
+/// A short, non-secret name of a cluster secret for logs and diffs: the first 8 hex digits of
+/// its SHA-256 (enough to tell the secrets of one rotation apart, useless to an attacker).
+pub fn secret_fingerprint(secret: &[u8; 32]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(secret);
+    digest[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn show_list<T: std::fmt::Display>(items: &[T]) -> String {
+    let items: Vec<String> = items.iter().map(ToString::to_string).collect();
+    format!("[{}]", items.join(", "))
+}
+
+fn show_secret(secret: Option<&[u8; 32]>) -> String {
+    secret.map_or_else(
+        || "(none)".to_string(),
+        |s| format!("sha256:{}", secret_fingerprint(s)),
+    )
+}
+
+/// Decides what reloading `new` over the `running` configuration changes (pure).
+///
+/// Applied live: everything the record, the discovery clients and the data plane can follow
+/// without dropping a tunnel. Refused: what the interface, the sockets, the identity or the
+/// keys of the running process are built from (a restart applies those). The cluster secret
+/// may only move to the running `clusterSecretNext` (rotation step 2): a secret no node reads
+/// yet would cut this node off the cluster.
+pub fn plan_reload(running: &Config, new: &Config) -> ReloadPlan {
+    let mut plan = ReloadPlan::default();
+    let mut live = |key: &'static str, from: String, to: String| {
+        if from != to {
+            plan.changes.push(Change { key, from, to });
+        }
+    };
+    let rules =
+        |r: &Option<Vec<EndpointRule>>| r.as_deref().map_or_else(|| "(all)".to_string(), show_list);
+    let urls = |c: &Config| {
+        show_list(
+            &c.discovery_endpoints
+                .iter()
+                .map(|e| format!("{e:?}"))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let secs = |d: std::time::Duration| format!("{}s", d.as_secs());
+    let (r, n) = (&running.data_plane, &new.data_plane);
+    live(
+        "clusterSecret",
+        show_secret(Some(&running.cluster_secret)),
+        show_secret(Some(&new.cluster_secret)),
+    );
+    live(
+        "clusterSecretNext",
+        show_secret(running.cluster_secret_next.as_ref()),
+        show_secret(new.cluster_secret_next.as_ref()),
+    );
+    live(
+        "machineType",
+        running.machine_type.clone(),
+        new.machine_type.clone(),
+    );
+    // The whole entry (URL and TLS settings): a changed CA restarts that client.
+    if urls(running) != urls(new) {
+        live(
+            "discovery.endpoints",
+            show_list(
+                &running
+                    .discovery_endpoints
+                    .iter()
+                    .map(|e| &e.url)
+                    .collect::<Vec<_>>(),
+            ),
+            show_list(
+                &new.discovery_endpoints
+                    .iter()
+                    .map(|e| &e.url)
+                    .collect::<Vec<_>>(),
+            ) + if running
+                .discovery_endpoints
+                .iter()
+                .map(|e| &e.url)
+                .eq(new.discovery_endpoints.iter().map(|e| &e.url))
+            {
+                " (TLS settings)"
+            } else {
+                ""
+            },
+        );
+    }
+    live(
+        "advertiseNetworks",
+        show_list(&running.advertise_networks),
+        show_list(&new.advertise_networks),
+    );
+    live(
+        "filters.endpoints",
+        rules(&running.endpoint_filters),
+        rules(&new.endpoint_filters),
+    );
+    live(
+        "filters.excludeAdvertisedNetworks",
+        show_list(&running.exclude_advertised_networks),
+        show_list(&new.exclude_advertised_networks),
+    );
+    live(
+        "extraAnnouncedEndpoints",
+        show_list(&running.extra_announced_endpoints),
+        show_list(&new.extra_announced_endpoints),
+    );
+    live(
+        "allowDownPeerBypass",
+        running.allow_down_peer_bypass.to_string(),
+        new.allow_down_peer_bypass.to_string(),
+    );
+    live(
+        "harvestExtraEndpoints",
+        running.harvest_extra_endpoints.to_string(),
+        new.harvest_extra_endpoints.to_string(),
+    );
+    live("mtu", running.mtu.to_string(), new.mtu.to_string());
+    live(
+        "peerKeepaliveSeconds",
+        secs(r.peer_keepalive),
+        secs(n.peer_keepalive),
+    );
+    live(
+        "endpointTimeoutSeconds",
+        secs(r.endpoint_timeout),
+        secs(n.endpoint_timeout),
+    );
+    live(
+        "peerDownSeconds",
+        secs(r.peer_down_after),
+        secs(n.peer_down_after),
+    );
+
+    let mut restart = |key: &'static str, changed: bool, why: &str| {
+        if changed {
+            plan.refusals.push(Refusal {
+                key,
+                reason: format!("needs a restart ({why})"),
+            });
+        }
+    };
+    restart(
+        "clusterID",
+        running.cluster_id != new.cluster_id,
+        "another cluster: new mesh addresses and keys",
+    );
+    restart(
+        "cipher",
+        running.cipher != new.cipher,
+        "every record and the WireGuard pre-shared keys change format",
+    );
+    restart(
+        "nodeName",
+        running.node_name != new.node_name,
+        "the node's identity is fixed for the process",
+    );
+    restart(
+        "interface",
+        running.interface != new.interface,
+        "the WireGuard interface is created at start",
+    );
+    restart(
+        "listenPort",
+        running.listen_port != new.listen_port,
+        "the WireGuard socket is bound at start",
+    );
+    restart(
+        "macAddress",
+        running.mac_address != new.mac_address,
+        "the mesh address is derived from it at start",
+    );
+    restart(
+        "stateDir",
+        running.state_dir != new.state_dir,
+        "the node id and keys are read from it at start",
+    );
+    restart(
+        "apiSocket",
+        running.api_socket != new.api_socket,
+        "the API socket is bound at start",
+    );
+    restart(
+        "metricsAddr",
+        running.metrics_addr != new.metrics_addr,
+        "the metrics listener is bound at start",
+    );
+    restart(
+        "backend",
+        r.backend != n.backend,
+        "the WireGuard device is created at start",
+    );
+    restart(
+        "routingTable, rulePriority, firewallMark, forceMark, markMask or nftablesTable",
+        (
+            r.routing_table,
+            r.rule_priority,
+            r.firewall_mark,
+            r.force_mark,
+            r.mark_mask,
+        ) != (
+            n.routing_table,
+            n.rule_priority,
+            n.firewall_mark,
+            n.force_mark,
+            n.mark_mask,
+        ) || r.nftables_table != n.nftables_table,
+        "policy routing and the firewall table are named by them",
+    );
+    restart(
+        "natTraversal",
+        running.nat_traversal != new.nat_traversal,
+        "STUN and port mapping start with the data plane",
+    );
+    restart(
+        "relay",
+        running.relay != new.relay,
+        "relay connections start with the agent",
+    );
+    if running.cluster_secret != new.cluster_secret
+        && running.cipher == Cipher::Talos
+        && new.cipher == Cipher::Talos
+    {
+        plan.refusals.push(Refusal {
+            key: "clusterSecret",
+            reason: "needs a restart of every node together: the talos cipher uses the secret \
+                     itself as every peer's WireGuard pre-shared key, so it cannot rotate live"
+                .to_string(),
+        });
+    } else if running.cluster_secret != new.cluster_secret
+        && running.cluster_secret_next != Some(new.cluster_secret)
+    {
+        plan.refusals.push(Refusal {
+            key: "clusterSecret",
+            reason: "may only become the running clusterSecretNext (rotation step 2): add the \
+                     new secret as clusterSecretNext on every node and reload first, or the \
+                     other nodes cannot read this node's record"
+                .to_string(),
+        });
+    }
+    plan
 }
 
 /// `host:port` entries (a name or an address, port 1–65535), trimmed; errors name the entry.
@@ -1248,5 +1571,259 @@ mod tests {
                 "for\n{text}\nexpected {expected:?} in {message:?}"
             );
         }
+    }
+
+    const NEXT: &str = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+
+    fn plan(extra_running: &str, extra_new: &str) -> ReloadPlan {
+        let running = parse(&format!("{}{extra_running}", base())).unwrap();
+        let new = parse(&format!("{}{extra_new}", base())).unwrap();
+        plan_reload(&running, &new)
+    }
+
+    #[test]
+    fn the_same_configuration_changes_nothing() {
+        let plan = plan("mtu: 1400\n", "mtu: 1400\n");
+        assert_eq!(plan, ReloadPlan::default());
+        assert_eq!(plan.summary(), "nothing changed");
+    }
+
+    #[test]
+    fn live_keys_are_applied_one_by_one() {
+        let cases = [
+            ("mtu: 1400\n", "mtu", "1420", "1400"),
+            (
+                "peerKeepaliveSeconds: 5\n",
+                "peerKeepaliveSeconds",
+                "3s",
+                "5s",
+            ),
+            (
+                "endpointTimeoutSeconds: 7\n",
+                "endpointTimeoutSeconds",
+                "3s",
+                "7s",
+            ),
+            ("peerDownSeconds: 20\n", "peerDownSeconds", "9s", "20s"),
+            (
+                "advertiseNetworks: [10.9.0.0/16]\n",
+                "advertiseNetworks",
+                "[]",
+                "[10.9.0.0/16]",
+            ),
+            (
+                "filters:\n  endpoints: [\"10.0.0.0/8\", \"!10.1.0.0/16\"]\n",
+                "filters.endpoints",
+                "(all)",
+                "[10.0.0.0/8, !10.1.0.0/16]",
+            ),
+            (
+                "filters:\n  excludeAdvertisedNetworks: [10.9.1.0/24]\n",
+                "filters.excludeAdvertisedNetworks",
+                "[]",
+                "[10.9.1.0/24]",
+            ),
+            (
+                "extraAnnouncedEndpoints: [\"198.51.100.7:51820\"]\n",
+                "extraAnnouncedEndpoints",
+                "[]",
+                "[198.51.100.7:51820]",
+            ),
+            (
+                "allowDownPeerBypass: true\n",
+                "allowDownPeerBypass",
+                "false",
+                "true",
+            ),
+            (
+                "harvestExtraEndpoints: true\n",
+                "harvestExtraEndpoints",
+                "false",
+                "true",
+            ),
+            (
+                "machineType: controlplane\n",
+                "machineType",
+                "worker",
+                "controlplane",
+            ),
+        ];
+        for (extra, key, from, to) in cases {
+            let plan = plan("", extra);
+            assert!(!plan.refused(), "{extra}: {plan:?}");
+            assert_eq!(
+                plan.changes,
+                [Change {
+                    key,
+                    from: from.into(),
+                    to: to.into()
+                }],
+                "{extra}"
+            );
+            assert!(
+                plan.summary().starts_with(&format!("applied {key} ")),
+                "{}",
+                plan.summary()
+            );
+        }
+    }
+
+    #[test]
+    fn discovery_endpoints_are_applied_live() {
+        let running = parse(&base()).unwrap();
+        let new = parse(&format!(
+            "clusterID: test-cluster\nclusterSecret: {SECRET}\ndiscovery:\n  endpoints: [\"http://127.0.0.1:3000\", \"http://127.0.0.1:3001\"]\n"
+        ))
+        .unwrap();
+        let plan = plan_reload(&running, &new);
+        assert!(!plan.refused());
+        assert_eq!(plan.changes.len(), 1);
+        assert_eq!(plan.changes[0].key, "discovery.endpoints");
+        assert_eq!(
+            plan.changes[0].to,
+            "[http://127.0.0.1:3000, http://127.0.0.1:3001]"
+        );
+    }
+
+    #[test]
+    fn keys_the_process_is_built_from_are_refused_with_the_reason() {
+        let cases = [
+            (
+                "interface: ks2\n",
+                "interface",
+                "interface is created at start",
+            ),
+            ("listenPort: 51821\n", "listenPort", "bound at start"),
+            ("nodeName: other\n", "nodeName", "identity"),
+            (
+                "macAddress: \"2e:1a:b6:53:81:69\"\n",
+                "macAddress",
+                "mesh address",
+            ),
+            ("stateDir: /tmp/x\n", "stateDir", "node id"),
+            ("apiSocket: /tmp/x.sock\n", "apiSocket", "API socket"),
+            ("metricsAddr: \"127.0.0.1:1\"\n", "metricsAddr", "metrics"),
+            ("backend: kernel\n", "backend", "device"),
+            (
+                "routingTable: 181\n",
+                "routingTable, rulePriority, firewallMark, forceMark, markMask or nftablesTable",
+                "policy routing",
+            ),
+            (
+                "nftablesTable: other\n",
+                "routingTable, rulePriority, firewallMark, forceMark, markMask or nftablesTable",
+                "firewall",
+            ),
+            (
+                "natTraversal:\n  portMapping: true\n",
+                "natTraversal",
+                "STUN",
+            ),
+            ("relay:\n  servers: [\"r:1\"]\n", "relay", "relay"),
+            ("cipher: talos\n", "cipher", "format"),
+        ];
+        for (extra, key, why) in cases {
+            let plan = plan("", extra);
+            assert!(plan.refused(), "{extra}");
+            assert_eq!(plan.refusals.len(), 1, "{extra}: {plan:?}");
+            assert_eq!(plan.refusals[0].key, key, "{extra}");
+            assert!(
+                plan.refusals[0].reason.starts_with("needs a restart"),
+                "{extra}"
+            );
+            assert!(
+                plan.refusals[0].reason.contains(why),
+                "{extra}: {}",
+                plan.refusals[0].reason
+            );
+            assert!(
+                plan.summary().starts_with("refused ("),
+                "{}",
+                plan.summary()
+            );
+        }
+        // The cluster id changes the base config's first line.
+        let running = parse(&base()).unwrap();
+        let other = parse(&base().replace("test-cluster", "other")).unwrap();
+        let refused = plan_reload(&running, &other);
+        assert_eq!(refused.refusals[0].key, "clusterID");
+        // A refusal refuses the whole reload, live changes included (all or nothing).
+        let mixed = plan("", "mtu: 1400\ninterface: ks2\n");
+        assert!(mixed.refused());
+        assert_eq!(mixed.changes.len(), 1, "the live part is still shown");
+        assert!(mixed.summary().contains("interface"), "{}", mixed.summary());
+    }
+
+    #[test]
+    fn secrets_rotate_through_next_and_are_shown_as_fingerprints() {
+        let fp = |b64: &str| {
+            format!(
+                "sha256:{}",
+                secret_fingerprint(&parse_cluster_secret(b64).unwrap())
+            )
+        };
+        // Step 1: add the next secret.
+        let step1 = plan("", &format!("clusterSecretNext: {NEXT}\n"));
+        assert!(!step1.refused(), "{step1:?}");
+        assert_eq!(
+            step1.changes,
+            [Change {
+                key: "clusterSecretNext",
+                from: "(none)".into(),
+                to: fp(NEXT)
+            }]
+        );
+        assert!(!step1.summary().contains(NEXT) && !step1.summary().contains(SECRET));
+        // Step 2: promote (secret = next, next = old).
+        let running = parse(&format!("{}clusterSecretNext: {NEXT}\n", base())).unwrap();
+        let promoted = parse(&format!(
+            "{}clusterSecretNext: {SECRET}\n",
+            base().replace(SECRET, NEXT)
+        ))
+        .unwrap();
+        let step2 = plan_reload(&running, &promoted);
+        assert!(!step2.refused(), "{step2:?}");
+        assert_eq!(step2.changes.len(), 2);
+        assert_eq!(step2.changes[0].to, fp(NEXT));
+        assert_eq!(step2.changes[1].to, fp(SECRET));
+        // Step 3: drop the old one.
+        let done = parse(&base().replace(SECRET, NEXT)).unwrap();
+        let step3 = plan_reload(&promoted, &done);
+        assert!(!step3.refused());
+        assert_eq!(step3.changes[0].key, "clusterSecretNext");
+        assert_eq!(step3.changes[0].to, "(none)");
+        // A secret that is not the running next is refused: nobody could read this node.
+        let jump = plan_reload(&parse(&base()).unwrap(), &done);
+        assert!(jump.refused());
+        assert_eq!(jump.refusals[0].key, "clusterSecret");
+        assert!(jump.refusals[0].reason.contains("clusterSecretNext"));
+        // The talos cipher has no rotation window: a new secret needs a synchronized restart.
+        let talos = parse(&format!("{}cipher: talos\n", base())).unwrap();
+        let talos_new = parse(&format!("{}cipher: talos\n", base().replace(SECRET, NEXT))).unwrap();
+        let refused = plan_reload(&talos, &talos_new);
+        assert_eq!(refused.refusals.len(), 1, "{refused:?}");
+        assert!(refused.refusals[0].reason.contains("pre-shared key"));
+    }
+
+    #[test]
+    fn next_secret_is_validated_and_refused_with_the_talos_cipher() {
+        let message = error(&format!("{}clusterSecretNext: {SECRET}\n", base()));
+        assert!(
+            message.contains("`clusterSecretNext`: equals clusterSecret"),
+            "{message}"
+        );
+        let message = error(&format!("{}clusterSecretNext: short\n", base()));
+        assert!(message.contains("`clusterSecretNext`"), "{message}");
+        let message = error(&format!(
+            "{}cipher: talos\nclusterSecretNext: {NEXT}\n",
+            base()
+        ));
+        assert!(message.contains("pre-shared key"), "{message}");
+        assert!(message.contains("restart them together"), "{message}");
+        let config = parse(&format!("{}clusterSecretNext: {NEXT}\n", base())).unwrap();
+        assert_eq!(
+            config.cluster_secret_next,
+            Some(parse_cluster_secret(NEXT).unwrap())
+        );
     }
 }

@@ -229,6 +229,9 @@ pub struct ClusterKeys {
     keys: SuiteKeys,
     /// Seals files the agent keeps in its state directory (never sent anywhere).
     state_file: [u8; 32],
+    /// The keys of `clusterSecretNext`: records and endpoints that do not open with these keys
+    /// are tried with those (nothing is sealed with them). The rotation window.
+    next: Option<Box<ClusterKeys>>,
 }
 
 impl fmt::Debug for ClusterKeys {
@@ -271,6 +274,39 @@ impl ClusterKeys {
             cipher,
             keys,
             state_file,
+            next: None,
+        }
+    }
+
+    /// The keys of a configuration: its secret, and its `clusterSecretNext` for opening.
+    pub fn for_config(config: &crate::config::Config) -> Self {
+        let keys = Self::new(config.cipher, &config.cluster_id, &config.cluster_secret);
+        match &config.cluster_secret_next {
+            Some(next) => keys.with_next(Self::new(config.cipher, &config.cluster_id, next)),
+            None => keys,
+        }
+    }
+
+    /// These keys, also opening what `next` opens (a rotation's second secret).
+    pub fn with_next(mut self, next: ClusterKeys) -> Self {
+        self.next = Some(Box::new(ClusterKeys { next: None, ..next }));
+        self
+    }
+
+    /// Opens a record like [`Self::open_record`], and says with which secret: the WireGuard
+    /// pre-shared key of the keys that opened it (this node's own, or its `next` one's).
+    pub fn open_record_with_psk(
+        &self,
+        affiliate_id: &str,
+        blob: &[u8],
+    ) -> Result<(Vec<u8>, [u8; 32]), CryptoError> {
+        match self.open_record_one(affiliate_id, blob) {
+            Err(CryptoError::Authentication) if self.next.is_some() => {
+                let next = self.next.as_deref().expect("checked above");
+                next.open_record_one(affiliate_id, blob)
+                    .map(|plain| (plain, next.wireguard_psk()))
+            }
+            other => other.map(|plain| (plain, self.wireguard_psk())),
         }
     }
 
@@ -336,8 +372,14 @@ impl ClusterKeys {
         }
     }
 
-    /// Opens a record sealed by [`Self::seal_record`] for `affiliate_id`.
+    /// Opens a record sealed by [`Self::seal_record`] for `affiliate_id` (with these keys or,
+    /// during a rotation, the next secret's).
     pub fn open_record(&self, affiliate_id: &str, blob: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        self.open_record_with_psk(affiliate_id, blob)
+            .map(|(plain, _)| plain)
+    }
+
+    fn open_record_one(&self, affiliate_id: &str, blob: &[u8]) -> Result<Vec<u8>, CryptoError> {
         match &self.keys {
             SuiteKeys::Talos { key } => {
                 let min = TALOS_NONCE_LEN + AEAD_TAG_LEN;
@@ -395,8 +437,20 @@ impl ClusterKeys {
         }
     }
 
-    /// Opens an endpoint sealed by [`Self::seal_endpoint`] for `affiliate_id`.
+    /// Opens an endpoint sealed by [`Self::seal_endpoint`] for `affiliate_id` (with these keys
+    /// or, during a rotation, the next secret's).
     pub fn open_endpoint(
+        &self,
+        affiliate_id: &str,
+        blob: &[u8],
+    ) -> Result<SocketAddr, CryptoError> {
+        match (self.open_endpoint_one(affiliate_id, blob), &self.next) {
+            (Err(_), Some(next)) => next.open_endpoint_one(affiliate_id, blob),
+            (result, _) => result,
+        }
+    }
+
+    fn open_endpoint_one(
         &self,
         affiliate_id: &str,
         blob: &[u8],
@@ -411,7 +465,7 @@ impl ClusterKeys {
         }
     }
 
-    /// The WireGuard preshared key for every mesh peer.
+    /// The WireGuard preshared key of this secret (the one this node seals with).
     pub fn wireguard_psk(&self) -> [u8; 32] {
         match &self.keys {
             SuiteKeys::Talos { key } => *key,
@@ -419,6 +473,31 @@ impl ClusterKeys {
         }
     }
 }
+
+/// The WireGuard pre-shared key of a tunnel whose two ends seal their records with secrets
+/// whose own pre-shared keys are `a` and `b` (learned from which secret opened the peer's record).
+///
+/// Why a pair rule: both ends of a tunnel must hold the same key, yet during a `native` secret
+/// rotation the two nodes may seal with different secrets (one promoted, the other not yet).
+/// The pair {a, b} is the same set seen from either end, so both compute the same key without
+/// talking: the shared key itself when they seal alike (outside a rotation: unchanged from
+/// before), else HKDF over the two keys in sorted order. It changes only when one end promotes;
+/// WireGuard keeps the running session when a peer's pre-shared key changes (it is used only by
+/// the next handshake), and the other end follows as soon as it reads the promoted record
+/// (seconds), far inside the two minutes before WireGuard rekeys.
+pub fn pair_psk(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
+    if a == b {
+        return *a;
+    }
+    let (low, high) = if a < b { (a, b) } else { (b, a) };
+    let mut ikm = [0u8; 64];
+    ikm[..32].copy_from_slice(low);
+    ikm[32..].copy_from_slice(high);
+    hkdf_expand(&Hkdf::<Sha256>::new(None, &ikm), INFO_WIREGUARD_PSK_PAIR)
+}
+
+/// HKDF info for the pre-shared key of a tunnel between nodes sealing with different secrets.
+pub const INFO_WIREGUARD_PSK_PAIR: &str = "openspan/v1 wireguard-psk-pair";
 
 /// Checks the `native` version byte and the minimum length (version byte included).
 fn check_version(blob: &[u8], min: usize) -> Result<(), CryptoError> {
@@ -1254,5 +1333,56 @@ mod tests {
         }
         assert_eq!(keys(Cipher::Native).cipher(), Cipher::Native);
         assert_eq!(keys(Cipher::Talos).cipher(), Cipher::Talos);
+    }
+
+    /// The rotation: a node holding `old` with `new` as next reads records sealed with either,
+    /// and says which one opened each (by its pre-shared key); nothing is sealed with `next`.
+    #[test]
+    fn next_secret_opens_records_and_endpoints_and_says_which() {
+        let old = ClusterKeys::new(Cipher::Native, CLUSTER, &[1; 32]);
+        let new = ClusterKeys::new(Cipher::Native, CLUSTER, &[2; 32]);
+        let stranger = ClusterKeys::new(Cipher::Native, CLUSTER, &[3; 32]);
+        let rotating = ClusterKeys::new(Cipher::Native, CLUSTER, &[1; 32])
+            .with_next(ClusterKeys::new(Cipher::Native, CLUSTER, &[2; 32]));
+        let endpoint: SocketAddr = "192.0.2.7:51820".parse().unwrap();
+        for (sealer, psk) in [(&old, old.wireguard_psk()), (&new, new.wireguard_psk())] {
+            let blob = sealer.seal_record("node-a", b"record");
+            assert_eq!(
+                rotating.open_record_with_psk("node-a", &blob).unwrap(),
+                (b"record".to_vec(), psk)
+            );
+            let sealed = sealer.seal_endpoint("node-a", endpoint);
+            assert_eq!(rotating.open_endpoint("node-a", &sealed).unwrap(), endpoint);
+        }
+        // Sealed with the running secret, not the next one.
+        let own = rotating.seal_record("node-a", b"mine");
+        assert!(old.open_record("node-a", &own).is_ok());
+        assert_eq!(
+            new.open_record("node-a", &own),
+            Err(CryptoError::Authentication)
+        );
+        assert_eq!(
+            rotating.open_record("node-a", &stranger.seal_record("node-a", b"x")),
+            Err(CryptoError::Authentication)
+        );
+        // Without next, a record of the new secret does not open.
+        assert!(
+            old.open_record("node-a", &new.seal_record("node-a", b"x"))
+                .is_err()
+        );
+    }
+
+    /// Both ends of a tunnel compute the same key whichever secrets they seal with.
+    #[test]
+    fn pair_psk_is_symmetric_and_the_plain_key_outside_a_rotation() {
+        let a = ClusterKeys::new(Cipher::Native, CLUSTER, &[1; 32]).wireguard_psk();
+        let b = ClusterKeys::new(Cipher::Native, CLUSTER, &[2; 32]).wireguard_psk();
+        assert_eq!(pair_psk(&a, &a), a, "unchanged outside a rotation");
+        assert_eq!(pair_psk(&b, &b), b);
+        assert_eq!(pair_psk(&a, &b), pair_psk(&b, &a));
+        assert_ne!(pair_psk(&a, &b), a);
+        assert_ne!(pair_psk(&a, &b), b);
+        let c = ClusterKeys::new(Cipher::Native, CLUSTER, &[3; 32]).wireguard_psk();
+        assert_ne!(pair_psk(&a, &b), pair_psk(&a, &c));
     }
 }

@@ -216,6 +216,9 @@ pub struct Inputs {
     pub relays: Option<Arc<Relays>>,
     /// Key rotations (`kubespanctl rotate-key`).
     pub rotations: tokio::sync::mpsc::Receiver<Rotation>,
+    /// The running configuration after reloads: timers, MTU, keys and the bypass and harvest
+    /// switches are followed live (everything else a reload refuses).
+    pub config_updates: watch::Receiver<Arc<Config>>,
 }
 
 /// Sets up the interface, routing and firewall, then reconciles until `stop`; tears all of it
@@ -278,7 +281,7 @@ pub async fn run(mut inputs: Inputs, stop: CancellationToken) -> anyhow::Result<
         routing::apply(&routing).await.context("cannot set up routing")?;
         apply_firewall(&firewall, Vec::new()).await?;
         tracing::info!(device = %device.describe(), listen_port = config.listen_port, "data plane up");
-        reconcile_loop(&mut inputs, device.as_mut(), &firewall, &stop).await
+        reconcile_loop(&mut inputs, device.as_mut(), &routing, &firewall, &stop).await
     }
     .await;
 
@@ -410,25 +413,35 @@ async fn apply_firewall(firewall: &FirewallConfig, routed: Vec<IpNet>) -> anyhow
         .context("cannot apply the nftables table")
 }
 
-async fn reconcile_loop(
-    inputs: &mut Inputs,
-    device: &mut dyn WireGuard,
-    firewall: &FirewallConfig,
-    stop: &CancellationToken,
-) -> anyhow::Result<()> {
-    let config = &inputs.config;
-    let identity = &inputs.identity;
-    let status = &inputs.status;
-    let view = &mut inputs.view;
-    let preshared_key = inputs.keys.wireguard_psk();
+/// The reconcile policy of a configuration's timers.
+fn policy(config: &Config, device: &dyn WireGuard) -> Policy {
     let dp = &config.data_plane;
-    let timers = Policy {
+    Policy {
         endpoint_timeout: dp.endpoint_timeout,
         peer_down_after: dp.peer_down_after,
         keepalive: dp.peer_keepalive,
         updates_in_place: device.updates_in_place(),
         races: device.races_endpoints(),
-    };
+    }
+}
+
+async fn reconcile_loop(
+    inputs: &mut Inputs,
+    device: &mut dyn WireGuard,
+    routing: &RoutingConfig,
+    firewall: &FirewallConfig,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut config = inputs.config.clone();
+    let mut routing = routing.clone();
+    let mut firewall = firewall.clone();
+    let mut config_updates = inputs.config_updates.clone();
+    let identity = &inputs.identity;
+    let status = &inputs.status;
+    let view = &mut inputs.view;
+    let mut keys = inputs.keys.clone();
+    let mut preshared_key = keys.wireguard_psk();
+    let mut timers = policy(&config, device);
     let good_path = config.state_dir.join(GOOD_ENDPOINTS_FILE);
     let mut good = load_good_endpoints(&good_path);
     let mut memory: HashMap<Key, PeerMemory> = HashMap::new();
@@ -459,13 +472,38 @@ async fn reconcile_loop(
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             changed = view.changed() => if changed.is_err() { return Ok(()) },
+            changed = config_updates.changed() => {
+                if changed.is_ok() {
+                    let next = config_updates.borrow_and_update().clone();
+                    if next.cluster_secret != config.cluster_secret
+                        || next.cluster_secret_next != config.cluster_secret_next
+                    {
+                        keys = Arc::new(ClusterKeys::for_config(&next));
+                        preshared_key = keys.wireguard_psk();
+                        tracing::info!("cluster secrets changed: the tunnels' pre-shared keys follow");
+                    }
+                    timers = policy(&next, device);
+                    if next.mtu != config.mtu {
+                        // In place: the link's MTU, the routes' MTU and the MSS clamp; the
+                        // device and its peers (and their sessions) stay.
+                        routing.mtu = next.mtu;
+                        firewall.mtu = next.mtu;
+                        match routing::apply(&routing).await {
+                            Ok(()) => tracing::info!(mtu = next.mtu, "MTU changed"),
+                            Err(e) => tracing::error!(error = %e, mtu = next.mtu, "cannot change the MTU"),
+                        }
+                        routed = None;
+                    }
+                    config = (*next).clone();
+                }
+            },
             _ = tick.tick() => {}
             _ = tokio::time::sleep(AWAITING_TICK), if awaiting => {}
             Some(rotation) = inputs.rotations.recv() => {
                 let settings = DeviceSettings {
                     private_key: rotation.private_key,
                     listen_port: config.listen_port,
-                    fwmark: dp.firewall_mark,
+                    fwmark: config.data_plane.firewall_mark,
                 };
                 let result = tokio::task::block_in_place(|| device.rotate_key(&settings, ROTATION_GRACE));
                 if result.is_ok()
@@ -502,6 +540,7 @@ async fn reconcile_loop(
             )
             .await;
         }
+        let dp = &config.data_plane;
         let mut wanted: Vec<WantedPeer> = current
             .peers
             .iter()
@@ -603,6 +642,12 @@ async fn reconcile_loop(
                     },
                     Ok(()),
                 ) => {
+                    if !*reset_session
+                        && let Some(want) =
+                            wanted.iter().find(|w| w.public_key == config.public_key)
+                    {
+                        tracing::debug!(peer = %want.spec.label, keepalive = ?config.persistent_keepalive, psk = %crate::config::secret_fingerprint(&config.preshared_key), "peer keepalive or pre-shared key updated");
+                    }
                     if *reset_session
                         && let Some(want) =
                             wanted.iter().find(|w| w.public_key == config.public_key)
@@ -745,7 +790,7 @@ async fn reconcile_loop(
         // answers are read on the fast ticks too.
         awaiting = outcome.reports.iter().any(|r| r.state == State::Unknown) || stun.waiting();
         if config.harvest_extra_endpoints {
-            let harvested = harvest(&outcome.reports, &wanted, &inputs.keys);
+            let harvested = harvest(&outcome.reports, &wanted, &keys);
             inputs.publication.send_if_modified(|p| {
                 let changed = p.harvested != harvested;
                 p.harvested = harvested;
@@ -755,7 +800,7 @@ async fn reconcile_loop(
         let mesh = IpNet::V6(identity.mesh_prefix);
         let next = routed_set(&current, &states, config.allow_down_peer_bypass, mesh);
         if routed.as_ref() != Some(&next) {
-            match apply_firewall(firewall, next.clone()).await {
+            match apply_firewall(&firewall, next.clone()).await {
                 Ok(()) => {
                     tracing::debug!(routed = ?next, "firewall updated");
                     routed = Some(next);

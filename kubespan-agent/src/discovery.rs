@@ -310,6 +310,34 @@ enum PublishOutcome {
     EndpointsRefused(String),
 }
 
+/// Deletes this node's record from a discovery service no longer configured (a reload removed
+/// it), so other nodes using only that service drop this node now rather than at the record's
+/// TTL. One attempt, bounded to 5 s: a failure leaves the record to expire.
+pub async fn delete_record(
+    endpoint: &DiscoveryEndpoint,
+    settings: &ClientSettings,
+) -> Result<(), String> {
+    let connect = async {
+        connect_endpoint(endpoint, settings.ttl)?
+            .connect()
+            .await
+            .map_err(|e| format!("cannot connect: {}", crate::discovery_tls::error_chain(&e)))
+    };
+    let channel = tokio::time::timeout(Duration::from_secs(5), connect)
+        .await
+        .map_err(|_| "cannot connect within 5 s".to_string())??;
+    let mut request = tonic::Request::new(AffiliateDeleteRequest {
+        cluster_id: settings.cluster_id.clone(),
+        affiliate_id: settings.node_id.clone(),
+    });
+    request.set_timeout(Duration::from_secs(5));
+    ClusterClient::new(channel)
+        .affiliate_delete(request)
+        .await
+        .map(|_| ())
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+}
+
 fn connect_endpoint(target: &DiscoveryEndpoint, ttl: Duration) -> Result<Endpoint, String> {
     let scheme = if target.insecure { "http" } else { "https" };
     let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", target.authority))

@@ -89,11 +89,7 @@ async fn run() -> anyhow::Result<()> {
         mesh_address = %identity.mesh_address, mac_source = %identity.mac_source,
         cipher = ?config.cipher, "starting kubespan-agent"
     );
-    let keys = Arc::new(ClusterKeys::new(
-        config.cipher,
-        &config.cluster_id,
-        &config.cluster_secret,
-    ));
+    let keys = Arc::new(ClusterKeys::for_config(&config));
     let stop = CancellationToken::new();
     let api_stop = CancellationToken::new();
 
@@ -123,8 +119,12 @@ async fn run() -> anyhow::Result<()> {
         ))
     };
     let (shared_tx, shared_rx) = tokio::sync::oneshot::channel();
+    // Installed before anything runs: a SIGHUP's default action would kill the agent.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
     let control = tokio::spawn(agent::run(
         config.clone(),
+        args.config.clone(),
         identity.clone(),
         keys.clone(),
         relays.clone(),
@@ -155,6 +155,7 @@ async fn run() -> anyhow::Result<()> {
                 nat: shared.nat.clone(),
                 relays: relays.clone(),
                 rotations,
+                config_updates: shared.config.subscribe(),
             };
             let task = tokio::spawn(dataplane::run(inputs, stop.clone()));
             (board, Some(task))
@@ -176,6 +177,14 @@ async fn run() -> anyhow::Result<()> {
             data_plane.clone(),
             api_stop.clone(),
         )
+    });
+
+    // SIGHUP: re-read the configuration file and apply what can change live.
+    let reloader = shared.clone();
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            let _ = reloader.reload(None, true, "SIGHUP").await;
+        }
     });
 
     let mut data_plane_task = data_plane_task;

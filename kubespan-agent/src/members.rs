@@ -94,6 +94,7 @@ fn merge_into(into: &mut AffiliateRecord, next: &AffiliateRecord) {
             exclude_advertised_networks: Vec::new(),
             learned_endpoints: Vec::new(),
             relays: Vec::new(),
+            sealed_psk: None,
         });
         if !next_ks.public_key.is_empty() {
             ks.public_key.clone_from(&next_ks.public_key);
@@ -108,6 +109,9 @@ fn merge_into(into: &mut AffiliateRecord, next: &AffiliateRecord) {
         );
         union_into(&mut ks.learned_endpoints, &next_ks.learned_endpoints);
         union_into(&mut ks.relays, &next_ks.relays);
+        if next_ks.sealed_psk.is_some() {
+            ks.sealed_psk = next_ks.sealed_psk;
+        }
     }
 }
 
@@ -192,6 +196,9 @@ pub struct PeerSpec {
     pub learned_endpoints: Vec<(SocketAddr, LearnedKind)>,
     /// The relays that reach the peer, best first.
     pub relays: Vec<String>,
+    /// The pre-shared key of the secret the peer seals with, when known (see
+    /// [`crate::crypto::pair_psk`]).
+    pub sealed_psk: Option<[u8; 32]>,
 }
 
 /// Conflicts found while computing peer specs.
@@ -414,6 +421,7 @@ pub fn peer_specs(
             endpoints: candidate.record.endpoints.clone(),
             learned_endpoints: kubespan.learned_endpoints.clone(),
             relays: kubespan.relays.clone(),
+            sealed_psk: kubespan.sealed_psk,
         });
         finals.push(wanted);
     }
@@ -478,6 +486,7 @@ mod tests {
             exclude_advertised_networks: Vec::new(),
             learned_endpoints: Vec::new(),
             relays: Vec::new(),
+            sealed_psk: None,
         });
         r
     }
@@ -547,6 +556,7 @@ mod tests {
             exclude_advertised_networks: Vec::new(),
             learned_endpoints: Vec::new(),
             relays: Vec::new(),
+            sealed_psk: None,
         });
         let merged = merge_affiliates([("k8s/a", &base), ("service/a", &later)]);
         assert_eq!(merged["a"], base);
@@ -742,6 +752,7 @@ mod tests {
         assert_eq!(
             specs,
             [PeerSpec {
+                sealed_psk: None,
                 public_key: "key-b".into(),
                 node_id: "b".into(),
                 label: "node-b".into(),

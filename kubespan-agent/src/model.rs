@@ -36,6 +36,10 @@ pub struct KubeSpanInfo {
     pub learned_endpoints: Vec<(SocketAddr, LearnedKind)>,
     /// The relays that reach the node (`host:port` as configured), best first.
     pub relays: Vec<String>,
+    /// Not on the wire: the WireGuard pre-shared key of the secret this record opened with (so,
+    /// the secret the node seals with); `None` for records not opened here (this node's own, the
+    /// warm-start cache). Tunnels to the node use [`crate::crypto::pair_psk`] of it and ours.
+    pub sealed_psk: Option<[u8; 32]>,
 }
 
 /// How a node learned one of its endpoints behind NAT.

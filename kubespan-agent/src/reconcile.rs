@@ -91,6 +91,10 @@ pub struct PeerMemory {
     pub handshake_at: Option<Instant>,
     /// What was last written to the device (endpoint excluded), to detect changes.
     pub applied_allowed_ips: Vec<IpNet>,
+    /// The pre-shared key and keepalive last written (a reload or a secret rotation changes
+    /// them; the peer is updated in place).
+    pub applied_psk: Option<Key>,
+    pub applied_keepalive: Option<Duration>,
     pub state: State,
     /// The peer was re-configured while up (its session may have been reset): it stays `up`
     /// while the new handshake is awaited.
@@ -448,10 +452,20 @@ pub fn reconcile(
             mem.last_endpoint_change = Some(now);
             mem.refreshing = report_state == State::Up;
         }
-        if reset_session || allowed_changed {
+        let psk = crate::crypto::pair_psk(
+            preshared_key,
+            want.spec.sealed_psk.as_ref().unwrap_or(preshared_key),
+        );
+        let keys_changed = mem.applied_psk.is_some_and(|applied| applied != psk)
+            || mem
+                .applied_keepalive
+                .is_some_and(|applied| applied != timers.keepalive);
+        if reset_session || allowed_changed || keys_changed {
+            mem.applied_psk = Some(psk);
+            mem.applied_keepalive = Some(timers.keepalive);
             let config = PeerConfig {
                 public_key: key,
-                preshared_key: *preshared_key,
+                preshared_key: psk,
                 endpoint: if reset_session { endpoint_to_set } else { None },
                 allowed_ips: allowed_ips.clone(),
                 persistent_keepalive: timers.keepalive,
@@ -527,6 +541,7 @@ mod tests {
                 endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
                 learned_endpoints: Vec::new(),
                 relays: Vec::new(),
+                sealed_psk: None,
             },
         }
     }
@@ -751,6 +766,53 @@ mod tests {
         assert!(reset_session);
         assert_eq!(config.preshared_key, PSK);
         assert_eq!(config.persistent_keepalive, Duration::from_secs(10));
+    }
+
+    /// A reload's keepalive and a rotation's pre-shared key reach an established peer in place:
+    /// one SetPeer, no new endpoint, no session reset.
+    #[test]
+    fn a_new_keepalive_or_peer_secret_updates_the_peer_in_place() {
+        let mut h = Harness::new();
+        let mut w = [want(&["10.0.0.2:51820"])];
+        h.at(0, &w, &[]);
+        let dev = [on_device(Some("10.0.0.2:51820"), Some(h.time(1)), 100)];
+        h.at(1, &w, &dev);
+        assert!(h.at(2, &w, &dev).actions.is_empty(), "settled");
+        h.policy.keepalive = Duration::from_secs(4);
+        let out = h.at(3, &w, &dev);
+        let [
+            Action::SetPeer {
+                config,
+                reset_session,
+            },
+        ] = &out.actions[..]
+        else {
+            panic!("one SetPeer expected: {:?}", out.actions)
+        };
+        assert!(!reset_session);
+        assert_eq!(config.endpoint, None, "the device keeps its endpoint");
+        assert_eq!(config.persistent_keepalive, Duration::from_secs(4));
+        assert_eq!(config.preshared_key, PSK);
+        assert_eq!(out.reports[0].state, State::Up);
+        assert!(h.at(4, &w, &dev).actions.is_empty(), "applied once");
+        // The peer promoted its secret: the pair key of both.
+        w[0].spec.sealed_psk = Some([5; 32]);
+        let out = h.at(5, &w, &dev);
+        let [
+            Action::SetPeer {
+                config,
+                reset_session,
+            },
+        ] = &out.actions[..]
+        else {
+            panic!("one SetPeer expected: {:?}", out.actions)
+        };
+        assert!(!reset_session);
+        assert_eq!(
+            config.preshared_key,
+            crate::crypto::pair_psk(&PSK, &[5; 32])
+        );
+        assert!(h.at(6, &w, &dev).actions.is_empty());
     }
 
     #[test]

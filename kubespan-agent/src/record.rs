@@ -147,6 +147,7 @@ pub fn decode(bytes: &[u8]) -> Result<AffiliateRecord, RecordError> {
                     .filter(|r| !r.is_empty() && r.len() <= 255)
                     .take(16)
                     .collect(),
+                sealed_psk: None,
             })
         }
     };
@@ -196,10 +197,13 @@ pub fn open(
     data: &[u8],
     endpoints: &[Bytes],
 ) -> Result<(AffiliateRecord, usize), RecordError> {
-    let plaintext = keys
-        .open_record(affiliate_id, data)
+    let (plaintext, sealed_psk) = keys
+        .open_record_with_psk(affiliate_id, data)
         .map_err(RecordError::Decrypt)?;
     let mut record = decode(&plaintext)?;
+    if let Some(kubespan) = &mut record.kubespan {
+        kubespan.sealed_psk = Some(sealed_psk);
+    }
     if record.node_id != affiliate_id {
         return Err(RecordError::WrongNode {
             record: record.node_id,
@@ -239,6 +243,7 @@ mod tests {
                 exclude_advertised_networks: vec!["192.168.0.0/16".parse().unwrap()],
                 learned_endpoints: Vec::new(),
                 relays: Vec::new(),
+                sealed_psk: None,
             }),
             control_plane_port: Some(6443),
             endpoints: vec![
@@ -255,7 +260,10 @@ mod tests {
             let sealed = seal(&keys, &sample());
             let (opened, rejected) =
                 open(&keys, "node-a", &sealed.data, &sealed.endpoints).unwrap();
-            assert_eq!(opened, sample(), "{cipher:?}");
+            let mut expected = sample();
+            // Opening notes which secret the record was sealed with (its pre-shared key).
+            expected.kubespan.as_mut().unwrap().sealed_psk = Some(keys.wireguard_psk());
+            assert_eq!(opened, expected, "{cipher:?}");
             assert_eq!(rejected, 0);
         }
     }

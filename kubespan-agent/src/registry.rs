@@ -66,6 +66,31 @@ impl RegistryCache {
         }
     }
 
+    /// A new discovery service (added by a reload); returns its index for its events.
+    pub fn add_source(&mut self) -> usize {
+        self.per_endpoint.push(HashMap::new());
+        self.public_ips.push(None);
+        self.per_endpoint.len() - 1
+    }
+
+    /// Forgets what a removed discovery service listed (its index is never reused). Members no
+    /// other service lists are kept while their tunnels are alive, as after a delete there.
+    /// Returns true when the merged set of records changed.
+    pub fn remove_source(&mut self, index: usize) -> bool {
+        let Some(cache) = self.per_endpoint.get_mut(index) else {
+            return false;
+        };
+        let before = std::mem::take(cache);
+        if let Some(ip) = self.public_ips.get_mut(index) {
+            *ip = None;
+        }
+        let changed = !before.is_empty();
+        for entry in before.into_values() {
+            self.unlisted(entry.record, None);
+        }
+        changed
+    }
+
     /// Members from the warm-start cache with their expiry in unix ms, converted once to the
     /// monotonic clock (`now`, `now_unix_ms`: the same moment on both clocks).
     pub fn load_warm(
@@ -611,5 +636,39 @@ mod tests {
                 "198.51.100.2".parse().unwrap()
             ]
         );
+    }
+
+    /// A reload adds a discovery service (a new index) and removes one: what only the removed
+    /// one listed leaves (unless its tunnel is alive), its public IP is forgotten.
+    #[test]
+    fn sources_are_added_and_removed_by_reloads() {
+        let now = Instant::now();
+        let mut cache = RegistryCache::new(1, TTL);
+        assert!(cache.apply(snapshot(0, &["a"]), now));
+        let added = cache.add_source();
+        assert_eq!(added, 1);
+        assert!(cache.apply(snapshot(1, &["a", "b"]), now));
+        cache.apply(
+            DiscoveryEvent::Connected {
+                index: 1,
+                public_ip: Some("203.0.113.1".parse().unwrap()),
+            },
+            now,
+        );
+        assert_eq!(
+            ids(&cache),
+            ["service/000/a", "service/001/a", "service/001/b"]
+        );
+        assert!(cache.remove_source(1));
+        assert_eq!(
+            ids(&cache),
+            ["service/000/a"],
+            "b was only listed by the removed service"
+        );
+        assert!(cache.public_ips().is_empty());
+        assert!(!cache.remove_source(1), "nothing left to remove");
+        assert!(!cache.remove_source(7), "an unknown index is ignored");
+        // Events of the removed client that arrive late change nothing it listed back.
+        assert_eq!(cache.add_source(), 2, "indexes are never reused");
     }
 }

@@ -207,6 +207,7 @@ mod tests {
                 exclude_advertised_networks: vec![],
                 learned_endpoints: Vec::new(),
                 relays: Vec::new(),
+                sealed_psk: None,
             }),
             endpoints: vec!["10.0.0.2:51820".parse().unwrap()],
             ..AffiliateRecord::default()

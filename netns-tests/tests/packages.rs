@@ -484,7 +484,11 @@ fn debian_packages_install_into_a_scratch_root_and_purge_cleanly() {
     std::fs::write(state.join("kubespan-identity.yaml"), "privateKey: x\n").unwrap();
     ok(dpkg(&root, &fake_bin).args(["-P", "openspan-agent"]));
     assert!(!defaults.exists(), "purge left {}", defaults.display());
-    assert!(!state.exists(), "purge left the agent's keys in {}", state.display());
+    assert!(
+        !state.exists(),
+        "purge left the agent's keys in {}",
+        state.display()
+    );
     ok(dpkg(&root, &fake_bin).args([
         "-P",
         "openspan-discovery-server",

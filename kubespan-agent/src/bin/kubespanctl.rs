@@ -72,6 +72,17 @@ enum Command {
     /// published; peers learn it through discovery. With the userspace device the old key keeps
     /// working until every peer has a session under the new one (no traffic gap).
     RotateKey,
+    /// Re-read the agent's configuration file and apply what can change without dropping
+    /// tunnels (as SIGHUP does); prints what was applied. Exit 1 when refused (the running
+    /// configuration is kept).
+    Reload,
+    /// Show what reloading a configuration would change, without applying it (dry run). Exit 1
+    /// when the reload would be refused.
+    Diff {
+        /// The configuration to compare with the running one (default: the agent's own file).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Generate secrets or a configuration file.
     #[command(subcommand)]
     Gen(Gen),
@@ -730,6 +741,31 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 _ => print_structured(format, &response)?,
             }
         }
+        Command::Reload => {
+            let response = client
+                .reload(pb::ReloadRequest {})
+                .await
+                .map_err(failed)?
+                .into_inner();
+            return print_reload(format, &response, "applied");
+        }
+        Command::Diff { config } => {
+            let (text, name) = match &config {
+                Some(path) => (
+                    std::fs::read_to_string(path).map_err(|e| {
+                        Failure::Failed(format!("cannot read {}: {e}", path.display()))
+                    })?,
+                    path.display().to_string(),
+                ),
+                None => (String::new(), String::new()),
+            };
+            let response = client
+                .diff_config(pb::DiffConfigRequest { config: text, name })
+                .await
+                .map_err(failed)?
+                .into_inner();
+            return print_reload(format, &response, "would apply");
+        }
         Command::Gen(_) | Command::Completion { .. } => {}
     }
     Ok(())
@@ -760,6 +796,49 @@ fn rotation_text(response: &pb::RotateKeyResponse) -> String {
         "rotated this node's WireGuard key\n  old key: {}\n  new key: {}\n  grace:   {grace}\n  {}\n",
         response.old_public_key, response.new_public_key, response.note
     )
+}
+
+/// Prints a reload plan; a refused or invalid configuration is a failure (exit 1).
+fn print_reload(format: Format, response: &pb::ReloadResponse, verb: &str) -> Result<(), Failure> {
+    let refused = !response.invalid.is_empty() || !response.refusals.is_empty();
+    match format {
+        Format::Table => {
+            if !response.invalid.is_empty() {
+                println!("refused: invalid configuration: {}", response.invalid);
+            } else if refused {
+                println!("refused (the running configuration is kept):");
+                for r in &response.refusals {
+                    println!("  {}: {}", r.key, r.reason);
+                }
+                if !response.changes.is_empty() {
+                    println!("(these would apply live if nothing else were refused:)");
+                }
+            } else if response.changes.is_empty() {
+                println!("no change");
+            } else {
+                println!("{verb}:");
+            }
+            for c in &response.changes {
+                println!("  {}: {} -> {}", c.key, c.from, c.to);
+            }
+        }
+        _ => {
+            let value = serde_json::json!({
+                "applied": response.applied,
+                "refused": refused,
+                "invalid": response.invalid,
+                "summary": response.summary,
+                "changes": response.changes.iter().map(|c| serde_json::json!({"key": c.key, "from": c.from, "to": c.to})).collect::<Vec<_>>(),
+                "refusals": response.refusals.iter().map(|r| serde_json::json!({"key": r.key, "reason": r.reason})).collect::<Vec<_>>(),
+            });
+            print_structured(format, &value)?;
+        }
+    }
+    if refused {
+        Err(Failure::Failed(response.summary.clone()))
+    } else {
+        Ok(())
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]

@@ -421,10 +421,12 @@ fn accept_inner(
     batch: &mut TunBatch,
     from: SocketAddr,
 ) {
+    // The owner may be the re-created successor of `peer`, whose previous session decrypted
+    // this packet (see `RETIRED_FOR`): the same key owns the same addresses.
     let owned = peers
         .routes
         .lookup(source)
-        .is_some_and(|owner| Arc::ptr_eq(owner, peer));
+        .is_some_and(|owner| Arc::ptr_eq(owner, peer) || owner.public_key == peer.public_key);
     if !owned {
         tracing::trace!(%source, "dropped a packet from an address the peer does not own");
         return;

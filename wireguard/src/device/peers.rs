@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use boringtun::noise::Tunn;
 use ip_network::IpNetwork;
@@ -78,7 +78,18 @@ pub(super) struct PeerTable {
     pub(super) by_index: HashMap<u32, Arc<Peer>>,
     pub(super) routes: Routes,
     pub(super) next_index: u32,
+    /// Receiver indexes of replaced peers, still in `by_index` until [`RETIRED_FOR`] after
+    /// their replacement.
+    pub(super) retired: Vec<(u32, Arc<Peer>, Instant)>,
 }
+
+/// How long a re-created peer's previous session still decrypts what arrives for it. A new
+/// pre-shared key or keepalive re-creates the peer (boringtun cannot change them in a running
+/// session); the other end keeps sending on the old session until it re-configures too (a
+/// secret rotation: until it reads the promoted record), and those packets are not lost.
+/// WireGuard itself accepts a session's packets for up to 180 s; a few seconds cover the
+/// other end's re-configuration.
+pub(super) const RETIRED_FOR: Duration = Duration::from_secs(10);
 
 /// Longest-prefix match from an inner address to the peer that owns it (allowed IPs).
 pub(super) struct Routes(IpNetworkTable<Arc<Peer>>);
@@ -129,9 +140,24 @@ impl PeerTable {
     }
 
     pub(super) fn insert(&mut self, peer: Arc<Peer>) {
+        let now = Instant::now();
+        self.prune_retired(now);
         if let Some(old) = self.by_key.insert(peer.public_key, peer.clone()) {
-            self.forget_indexes(&old);
             self.routes.remove(&old);
+            let carried = peer.previous_index();
+            // A session `old` kept from a key change ends with it, unless `peer` carries it on.
+            if let Some(earlier) = old.previous_index()
+                && carried != Some(earlier)
+            {
+                self.forget_index(earlier, &old);
+            }
+            if old.index != peer.index && carried != Some(old.index) {
+                // Re-created (a new pre-shared key or keepalive): its session keeps decrypting
+                // for a while (its index is not reused meanwhile: `allocate_index` skips
+                // indexes in `by_index`). A session `peer` carries on as its previous one is
+                // re-pointed to `peer` below instead.
+                self.retired.push((old.index, old.clone(), now));
+            }
         }
         self.by_index.insert(peer.index, peer.clone());
         if let Some(previous) = peer.previous_index() {
@@ -144,6 +170,18 @@ impl PeerTable {
         let old = self.by_key.remove(key)?;
         self.forget_indexes(&old);
         self.routes.remove(&old);
+        // A peer that leaves takes its re-created predecessors' sessions along.
+        let mut gone = Vec::new();
+        self.retired.retain(|(index, predecessor, _)| {
+            let same = predecessor.public_key == *key;
+            if same {
+                gone.push((*index, predecessor.clone()));
+            }
+            !same
+        });
+        for (index, predecessor) in gone {
+            self.forget_index(index, &predecessor);
+        }
         Some(old)
     }
 
@@ -163,6 +201,21 @@ impl PeerTable {
             .is_some_and(|owner| Arc::ptr_eq(owner, peer))
         {
             self.by_index.remove(&index);
+        }
+    }
+
+    /// Forgets the sessions of peers re-created [`RETIRED_FOR`] or longer before `now`.
+    pub(super) fn prune_retired(&mut self, now: Instant) {
+        let mut expired = Vec::new();
+        self.retired.retain(|(index, predecessor, at)| {
+            let done = now.saturating_duration_since(*at) >= RETIRED_FOR;
+            if done {
+                expired.push((*index, predecessor.clone()));
+            }
+            !done
+        });
+        for (index, predecessor) in expired {
+            self.forget_index(index, &predecessor);
         }
     }
 }
@@ -233,14 +286,17 @@ mod tests {
         assert_eq!(owner(&table, "10.0.3.1"), Some(1));
         assert_eq!(owner(&table, "10.0.2.1"), Some(2));
         assert_eq!(table.by_key.len(), 2);
-        assert!(table.by_index.contains_key(&a2.index) && table.by_index.len() == 2);
+        // The replaced peer's previous index stays for a while (see RETIRED_FOR).
+        assert!(table.by_index.contains_key(&a2.index) && table.by_index.len() == 3);
         // A network moved to another peer stays with it when the first one goes.
         let b2 = peer(&mut table, 2, &["10.0.2.0/24", "10.0.3.0/24"]);
         table.insert(b2);
         table.remove(&[1; 32]);
         assert_eq!(owner(&table, "10.0.3.1"), Some(2));
         assert_eq!(owner(&table, "10.0.1.1"), None);
-        assert_eq!(table.by_index.len(), 1);
+        // b2 and b's previous session; nothing of peer 1.
+        assert_eq!(table.by_index.len(), 2);
+        assert!(table.by_index.values().all(|p| p.public_key == [2; 32]));
         assert!(table.remove(&[1; 32]).is_none());
     }
 
@@ -259,5 +315,40 @@ mod tests {
         table.next_index = 0x00ff_fffe;
         let third = peer(&mut table, 3, &[]);
         assert_eq!(third.index, 1, "skips indexes in use");
+    }
+
+    /// A re-created peer's previous session still receives for a while, then goes; a peer
+    /// that leaves takes it along.
+    #[test]
+    fn a_replaced_peers_previous_index_receives_until_it_expires() {
+        let mut table = PeerTable::default();
+        let a1 = peer(&mut table, 1, &["10.0.1.0/24"]);
+        table.insert(a1.clone());
+        let a2 = peer(&mut table, 1, &["10.0.1.0/24"]);
+        table.insert(a2.clone());
+        assert!(
+            Arc::ptr_eq(&table.by_index[&a1.index], &a1),
+            "the old session"
+        );
+        assert!(Arc::ptr_eq(&table.by_index[&a2.index], &a2));
+        assert!(
+            Arc::ptr_eq(&table.by_key[&[1; 32]], &a2),
+            "the peer is the new one"
+        );
+        assert_eq!(owner(&table, "10.0.1.1"), Some(1));
+        assert_ne!(
+            table.allocate_index(),
+            a1.index,
+            "a retired index is not reused"
+        );
+        table.prune_retired(Instant::now() + RETIRED_FOR);
+        assert!(!table.by_index.contains_key(&a1.index));
+        assert!(table.by_index.contains_key(&a2.index));
+        // Replaced again, then removed: nothing of it stays.
+        let a3 = peer(&mut table, 1, &["10.0.1.0/24"]);
+        table.insert(a3);
+        assert_eq!(table.by_index.len(), 2);
+        table.remove(&[1; 32]);
+        assert!(table.by_index.is_empty() && table.retired.is_empty());
     }
 }
