@@ -966,6 +966,14 @@ pub fn plan_reload(running: &Config, new: &Config) -> ReloadPlan {
                      other nodes cannot read this node's record"
                 .to_string(),
         });
+    } else if running.cluster_secret != new.cluster_secret
+        && new.cluster_secret_next != Some(running.cluster_secret)
+    {
+        plan.refusals.push(Refusal {
+            key: "clusterSecretNext",
+            reason: "must be the old clusterSecret when promoting (rotation step 2): nodes that                      have not promoted yet still seal with it, and their records would stop                      opening here"
+                .to_string(),
+        });
     }
     plan
 }
@@ -1786,6 +1794,12 @@ mod tests {
         assert_eq!(step2.changes.len(), 2);
         assert_eq!(step2.changes[0].to, fp(NEXT));
         assert_eq!(step2.changes[1].to, fp(SECRET));
+        // Promoting and dropping the old secret in one step is refused: nodes that have not
+        // promoted yet still seal with it.
+        let rushed = parse(&base().replace(SECRET, NEXT)).unwrap();
+        let skipped = plan_reload(&running, &rushed);
+        assert!(skipped.refused(), "{skipped:?}");
+        assert_eq!(skipped.refusals[0].key, "clusterSecretNext");
         // Step 3: drop the old one.
         let done = parse(&base().replace(SECRET, NEXT)).unwrap();
         let step3 = plan_reload(&promoted, &done);

@@ -483,18 +483,30 @@ async fn reconcile_loop(
                         tracing::info!("cluster secrets changed: the tunnels' pre-shared keys follow");
                     }
                     timers = policy(&next, device);
+                    let mut kept_mtu = None;
                     if next.mtu != config.mtu {
                         // In place: the link's MTU, the routes' MTU and the MSS clamp; the
                         // device and its peers (and their sessions) stay.
                         routing.mtu = next.mtu;
-                        firewall.mtu = next.mtu;
                         match routing::apply(&routing).await {
-                            Ok(()) => tracing::info!(mtu = next.mtu, "MTU changed"),
-                            Err(e) => tracing::error!(error = %e, mtu = next.mtu, "cannot change the MTU"),
+                            Ok(()) => {
+                                firewall.mtu = next.mtu;
+                                routed = None;
+                                tracing::info!(mtu = next.mtu, "MTU changed");
+                            }
+                            Err(e) => {
+                                // All or nothing: the MSS clamp keeps matching the link.
+                                routing.mtu = config.mtu;
+                                let _ = routing::apply(&routing).await;
+                                kept_mtu = Some(config.mtu);
+                                tracing::error!(error = %e, mtu = next.mtu, kept = config.mtu, "cannot change the MTU; the old one stays (fix the cause and reload again)");
+                            }
                         }
-                        routed = None;
                     }
                     config = (*next).clone();
+                    if let Some(mtu) = kept_mtu {
+                        config.mtu = mtu;
+                    }
                 }
             },
             _ = tick.tick() => {}
@@ -789,14 +801,17 @@ async fn reconcile_loop(
         // `unknown` lasts at most endpoint_timeout per try, so the fast ticks do too; STUN
         // answers are read on the fast ticks too.
         awaiting = outcome.reports.iter().any(|r| r.state == State::Unknown) || stun.waiting();
-        if config.harvest_extra_endpoints {
-            let harvested = harvest(&outcome.reports, &wanted, &keys);
-            inputs.publication.send_if_modified(|p| {
-                let changed = p.harvested != harvested;
-                p.harvested = harvested;
-                changed
-            });
-        }
+        // Switched off by a reload: what was harvested is no longer published.
+        let harvested = if config.harvest_extra_endpoints {
+            harvest(&outcome.reports, &wanted, &keys)
+        } else {
+            Default::default()
+        };
+        inputs.publication.send_if_modified(|p| {
+            let changed = p.harvested != harvested;
+            p.harvested = harvested;
+            changed
+        });
         let mesh = IpNet::V6(identity.mesh_prefix);
         let next = routed_set(&current, &states, config.allow_down_peer_bypass, mesh);
         if routed.as_ref() != Some(&next) {

@@ -107,12 +107,30 @@ pub fn client_tls(endpoint: &DiscoveryEndpoint) -> Result<ClientTlsConfig, TlsSe
     Ok(tls)
 }
 
+/// PEM certificates and keys are a few kilobytes; a CA bundle is under a megabyte.
+const MAX_PEM_FILE: u64 = 4 << 20;
+
+/// Reads a PEM file: a regular file of at most [`MAX_PEM_FILE`] bytes. The paths may come from
+/// `kubespanctl diff` (text the caller sends), so a device (`/dev/zero`) or a FIFO must neither
+/// exhaust memory nor block the agent.
 fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsSetupError> {
-    std::fs::read(path).map_err(|source| TlsSetupError::Read {
+    let error = |source| TlsSetupError::Read {
         key,
         path: path.to_owned(),
         source,
-    })
+    };
+    let metadata = std::fs::metadata(path).map_err(error)?;
+    if !metadata.is_file() {
+        return Err(error(std::io::Error::other("not a regular file")));
+    }
+    if metadata.len() > MAX_PEM_FILE {
+        return Err(error(std::io::Error::other(format!(
+            "{} bytes, more than a PEM file of {} MiB",
+            metadata.len(),
+            MAX_PEM_FILE >> 20
+        ))));
+    }
+    std::fs::read(path).map_err(error)
 }
 
 fn certificates(
@@ -165,4 +183,32 @@ fn with_sources(
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `kubespanctl diff` sends configuration text whose file paths the agent reads: a device or
+    /// an oversized file is refused, not read.
+    #[test]
+    fn pem_files_must_be_small_regular_files() {
+        let error = read("caFile", Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("not a regular file"), "{error}");
+        let dir = std::env::temp_dir().join(format!("openspan-pem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let big = dir.join("big.pem");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_PEM_FILE + 1)
+            .unwrap();
+        let error = read("caFile", &big).unwrap_err().to_string();
+        assert!(error.contains("more than a PEM file"), "{error}");
+        let small = dir.join("small.pem");
+        std::fs::write(&small, "pem").unwrap();
+        assert_eq!(read("caFile", &small).unwrap(), b"pem");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -81,6 +81,10 @@ fn main() -> std::process::ExitCode {
 #[tokio::main]
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
+    // First of all: a SIGHUP's default action would kill the agent (a `systemctl reload` right
+    // after start); one that arrives before the reloader runs is handled when it does.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
     openspan_runtime::init_logging(args.debug, args.log_format == "json");
     let config = config::load(&args.config)?;
     let (identity, wireguard_keys) = node_identity(&config)?;
@@ -119,9 +123,6 @@ async fn run() -> anyhow::Result<()> {
         ))
     };
     let (shared_tx, shared_rx) = tokio::sync::oneshot::channel();
-    // Installed before anything runs: a SIGHUP's default action would kill the agent.
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("cannot install the SIGHUP handler")?;
     let control = tokio::spawn(agent::run(
         config.clone(),
         args.config.clone(),

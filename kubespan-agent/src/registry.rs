@@ -45,6 +45,11 @@ struct Retained {
 pub struct RegistryCache {
     per_endpoint: Vec<HashMap<String, Entry>>,
     public_ips: Vec<Option<IpAddr>>,
+    /// Whether each source is connected now: what a disconnected one lists is kept (an outage
+    /// removes nothing) but may be stale, so a connected source's record wins ([`Self::raw`]).
+    connected: Vec<bool>,
+    /// Sources removed by a reload: events their client sent before it stopped are ignored.
+    removed: BTreeSet<usize>,
     /// From the warm-start cache, with their expiry; replaced by the first snapshot of any
     /// service.
     warm: HashMap<String, (AffiliateRecord, Instant)>,
@@ -59,6 +64,8 @@ impl RegistryCache {
         Self {
             per_endpoint: vec![HashMap::new(); endpoints],
             public_ips: vec![None; endpoints],
+            connected: vec![false; endpoints],
+            removed: BTreeSet::new(),
             warm: HashMap::new(),
             retained: HashMap::new(),
             alive: BTreeSet::new(),
@@ -70,6 +77,7 @@ impl RegistryCache {
     pub fn add_source(&mut self) -> usize {
         self.per_endpoint.push(HashMap::new());
         self.public_ips.push(None);
+        self.connected.push(false);
         self.per_endpoint.len() - 1
     }
 
@@ -81,8 +89,12 @@ impl RegistryCache {
             return false;
         };
         let before = std::mem::take(cache);
+        self.removed.insert(index);
         if let Some(ip) = self.public_ips.get_mut(index) {
             *ip = None;
+        }
+        if let Some(connected) = self.connected.get_mut(index) {
+            *connected = false;
         }
         let changed = !before.is_empty();
         for entry in before.into_values() {
@@ -133,6 +145,26 @@ impl RegistryCache {
 
     /// Applies one event at `now`; returns true when the merged set of records changed.
     pub fn apply(&mut self, event: DiscoveryEvent, now: Instant) -> bool {
+        let source = match &event {
+            DiscoveryEvent::Connected { index, .. }
+            | DiscoveryEvent::Snapshot { index, .. }
+            | DiscoveryEvent::Upsert { index, .. }
+            | DiscoveryEvent::Unreadable { index, .. }
+            | DiscoveryEvent::Remove { index, .. }
+            | DiscoveryEvent::Disconnected { index, .. } => *index,
+        };
+        if self.removed.contains(&source) {
+            return false;
+        }
+        if let Some(connected) = self.connected.get_mut(source) {
+            match &event {
+                DiscoveryEvent::Connected { .. } | DiscoveryEvent::Snapshot { .. } => {
+                    *connected = true;
+                }
+                DiscoveryEvent::Disconnected { .. } => *connected = false,
+                _ => {}
+            }
+        }
         match event {
             DiscoveryEvent::Connected { index, public_ip } => {
                 if let Some(slot) = self.public_ips.get_mut(index) {
@@ -308,15 +340,29 @@ impl RegistryCache {
                     .is_some_and(|entry| entry.shadowed_until.is_none())
             })
         };
+        // The merge (§3.3) goes by raw id, and later ids win a node's identity fields (the key,
+        // the sealing secret). A disconnected source keeps what it listed (an outage removes
+        // nothing) but its copy may be stale: its ids (`service/-NNN/…`) sort before the
+        // connected sources' (`service/NNN/…`), so a connected source's record wins.
         let mut raw: Vec<_> = self
             .per_endpoint
             .iter()
             .enumerate()
             .flat_map(|(i, cache)| {
+                let stale = if self.connected.get(i).copied().unwrap_or(false) {
+                    ""
+                } else {
+                    "-"
+                };
                 cache
                     .values()
                     .filter(move |e| e.shadowed_until.is_none() || !readable(&e.record.node_id))
-                    .map(move |e| (format!("service/{i:03}/{}", e.record.node_id), &e.record))
+                    .map(move |e| {
+                        (
+                            format!("service/{stale}{i:03}/{}", e.record.node_id),
+                            &e.record,
+                        )
+                    })
             })
             .collect();
         raw.extend(
@@ -512,6 +558,83 @@ mod tests {
         assert!(!cache.expire(t + TTL - secs(1)));
         assert!(cache.expire(t + TTL));
         assert_eq!(ids(&cache), ["service/000/b"]);
+    }
+
+    /// A service that is down keeps what it listed (an outage removes nothing), but its copy
+    /// of a node that changed its key since is stale: the connected service's record wins.
+    #[test]
+    fn a_connected_services_record_wins_over_a_disconnected_ones() {
+        let t = Instant::now();
+        let mut cache = RegistryCache::new(2, TTL);
+        let keyed = |key: &str| AffiliateRecord {
+            kubespan: Some(crate::model::KubeSpanInfo {
+                public_key: key.into(),
+                address: std::net::Ipv6Addr::UNSPECIFIED,
+                additional_addresses: Vec::new(),
+                exclude_advertised_networks: Vec::new(),
+                learned_endpoints: Vec::new(),
+                relays: Vec::new(),
+                sealed_psk: None,
+            }),
+            ..rec("a")
+        };
+        let merged_key = |cache: &RegistryCache| {
+            crate::members::merge_affiliates(cache.raw().iter().map(|(id, r)| (id.as_str(), *r)))
+                ["a"]
+                .kubespan
+                .as_ref()
+                .unwrap()
+                .public_key
+                .clone()
+        };
+        for index in [0, 1] {
+            cache.apply(
+                DiscoveryEvent::Snapshot {
+                    index,
+                    affiliates: vec![keyed("old")],
+                    unreadable: vec![],
+                },
+                t,
+            );
+        }
+        cache.apply(
+            DiscoveryEvent::Disconnected {
+                index: 1,
+                error: "gone".into(),
+            },
+            t,
+        );
+        cache.apply(
+            DiscoveryEvent::Upsert {
+                index: 0,
+                record: Box::new(keyed("new")),
+            },
+            t,
+        );
+        assert_eq!(merged_key(&cache), "new", "service 1's copy is stale");
+        assert_eq!(ids(&cache), ["service/-001/a", "service/000/a"]);
+    }
+
+    /// A service removed by a reload: what its client sent before it stopped is ignored.
+    #[test]
+    fn events_of_a_removed_service_are_ignored() {
+        let t = Instant::now();
+        let mut cache = RegistryCache::new(2, TTL);
+        cache.apply(snapshot(1, &["a"]), t);
+        assert!(cache.remove_source(1));
+        assert!(!cache.apply(snapshot(1, &["b"]), t));
+        assert!(!cache.apply(
+            DiscoveryEvent::Upsert {
+                index: 1,
+                record: Box::new(rec("c")),
+            },
+            t
+        ));
+        assert!(
+            ids(&cache).iter().all(|id| !id.starts_with("service/")),
+            "{:?}",
+            ids(&cache)
+        );
     }
 
     #[test]

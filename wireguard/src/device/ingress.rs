@@ -423,21 +423,22 @@ fn accept_inner(
 ) {
     // The owner may be the re-created successor of `peer`, whose previous session decrypted
     // this packet (see `RETIRED_FOR`): the same key owns the same addresses.
-    let owned = peers
+    let Some(owner) = peers
         .routes
         .lookup(source)
-        .is_some_and(|owner| Arc::ptr_eq(owner, peer) || owner.public_key == peer.public_key);
-    if !owned {
+        .filter(|owner| Arc::ptr_eq(owner, peer) || owner.public_key == peer.public_key)
+    else {
         tracing::trace!(%source, "dropped a packet from an address the peer does not own");
         return;
-    }
+    };
     // boringtun checks the IP length field against the packet, not a minimum; a header-less
     // packet would make the TUN write of the whole batch fail.
     let minimum = if source.is_ipv4() { 20 } else { 40 };
     if len < minimum {
         return;
     }
-    peer.roam(from);
+    // The live peer roams (the owner), not a re-created one's retiring entry.
+    owner.roam(from);
     batch.packets[batch.count].truncate(VIRTIO_NET_HDR_LEN + len);
     batch.count += 1;
 }

@@ -535,6 +535,14 @@ impl Device {
         }
         let index = peers.allocate_index();
         let peer = Peer::new(config, index, new_tunn(keys, config, index), endpoint);
+        if let Some(old) = &existing {
+            // Re-created (a new session): a key rotation's previous session carries on with
+            // it (peers may still send on it during the grace), and the counters never go back.
+            *lock(&peer.previous) = lock(&old.previous).take();
+            let (_, tx, rx, _, _) = lock(&old.tunn).stats();
+            let (retired_tx, retired_rx) = *lock(&old.retired_bytes);
+            *lock(&peer.retired_bytes) = (retired_tx + tx as u64, retired_rx + rx as u64);
+        }
         peers.insert(peer.clone());
         drop(peers);
         drop(keys_guard);
@@ -944,6 +952,11 @@ fn retire_previous(shared: &Shared, peers: &[Arc<Peer>], now: Instant, message: 
         for (peer, index) in &retired {
             table.forget_index(*index, peer);
         }
+    }
+    // Re-created peers' sessions stop decrypting after RETIRED_FOR even when no peer is added
+    // again (pruning otherwise only runs on insert).
+    if !read(&shared.peers).retired.is_empty() {
+        write(&shared.peers).prune_retired(now);
     }
     // Looked at under the read lock first: the receive thread holds it for every batch.
     let due = |keys: &Option<Keys>, remaining: usize| {
