@@ -58,6 +58,65 @@ pub fn wireguard_daemon(
     Ok(daemon)
 }
 
+/// What `ping` printed, read from its output.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PingSummary {
+    pub transmitted: u64,
+    pub received: u64,
+    /// The slowest reply (`rtt min/avg/max/mdev`), when any came.
+    pub max_rtt_ms: Option<f64>,
+    /// The sequence numbers answered (`icmp_seq=`), in order.
+    pub answered: std::collections::BTreeSet<u64>,
+}
+
+impl PingSummary {
+    /// Reads iputils ping's output ("700 packets transmitted, 695 received, …").
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let summary = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .ok_or_else(|| anyhow::anyhow!("ping printed no statistics:\n{text}"))?;
+        let field = |name: &str| -> anyhow::Result<u64> {
+            summary
+                .split(',')
+                .find(|part| part.contains(name))
+                .and_then(|part| part.split_whitespace().next()?.parse().ok())
+                .with_context(|| format!("unreadable ping summary: {summary}"))
+        };
+        let max_rtt_ms = text
+            .lines()
+            .find_map(|l| l.strip_prefix("rtt min/avg/max/mdev = "))
+            .and_then(|v| v.split('/').nth(2))
+            .and_then(|v| v.parse().ok());
+        let answered = text
+            .lines()
+            .filter_map(|l| {
+                l.split("icmp_seq=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        Ok(Self {
+            transmitted: field("transmitted")?,
+            received: field("received")?,
+            max_rtt_ms,
+            answered,
+        })
+    }
+
+    /// Requests without a reply before the last answered one (the request in flight when the
+    /// ping was stopped is no loss).
+    pub fn lost_before_last(&self) -> u64 {
+        let last = self.answered.last().copied().unwrap_or(0);
+        (1..=last)
+            .filter(|seq| !self.answered.contains(seq))
+            .count() as u64
+    }
+}
+
 /// Runs `f` on a new thread that has entered the network namespace `netns`, and waits for it.
 pub fn in_namespace<T: Send + 'static>(
     netns: &str,
@@ -899,6 +958,19 @@ impl Drop for Lab {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ping_output_is_read() {
+        let text = "PING fd00::2 56 data bytes\n64 bytes from fd00::2: icmp_seq=1 ttl=64 time=0.1 ms\n\
+                    64 bytes from fd00::2: icmp_seq=3 ttl=64 time=0.3 ms\n\n--- fd00::2 ping statistics ---\n\
+                    4 packets transmitted, 2 received, 50% packet loss, time 301ms\n\
+                    rtt min/avg/max/mdev = 0.100/0.200/0.300/0.100 ms\n";
+        let summary = PingSummary::parse(text).unwrap();
+        assert_eq!((summary.transmitted, summary.received), (4, 2));
+        assert_eq!(summary.max_rtt_ms, Some(0.3));
+        assert_eq!(summary.lost_before_last(), 1, "seq 2; seq 4 was in flight");
+        assert!(PingSummary::parse("no statistics").is_err());
+    }
 
     #[test]
     fn the_backend_is_userspace_unless_the_variable_names_another() {

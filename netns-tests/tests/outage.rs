@@ -6,7 +6,7 @@
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use netns_tests::{AgentOptions, Lab, in_namespace, in_netns, require_root};
+use netns_tests::{AgentOptions, Lab, PingSummary, in_namespace, in_netns, require_root};
 use openspan_proto::discovery::server::{
     AffiliateDeleteRequest, AffiliateUpdateRequest, ListRequest, cluster_client::ClusterClient,
 };
@@ -43,16 +43,8 @@ fn start_pinging(lab: &Lab, from: usize, to: usize, secs: u64) -> anyhow::Result
 /// (sent, received) of a finished `ping`.
 fn ping_result(ping: Child) -> anyhow::Result<(u64, u64)> {
     let out = ping.wait_with_output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let summary = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .ok_or_else(|| anyhow::anyhow!("no ping summary in {text}"))?;
-    let numbers: Vec<u64> = summary
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|n| n.parse().ok())
-        .collect();
-    Ok((numbers[0], numbers[1]))
+    let summary = PingSummary::parse(&String::from_utf8_lossy(&out.stdout))?;
+    Ok((summary.transmitted, summary.received))
 }
 
 /// Packets between the nodes (the discovery server excluded) that are not WireGuard.

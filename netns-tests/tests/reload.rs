@@ -6,7 +6,9 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use netns_tests::{AgentOptions, CLUSTER_SECRET, Daemon, Lab, binary, in_netns, require_root, sh};
+use netns_tests::{
+    AgentOptions, CLUSTER_SECRET, Daemon, Lab, PingSummary, binary, in_netns, require_root, sh,
+};
 
 const UP: Duration = Duration::from_secs(30);
 /// The secret the rotation moves to.
@@ -46,33 +48,13 @@ fn stop_ping(ping: Child) -> anyhow::Result<(u64, u64)> {
     sh("kill", &["-INT", &ping.id().to_string()])?;
     let output = ping.wait_with_output()?;
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let line = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .ok_or_else(|| anyhow::anyhow!("ping printed no statistics:\n{text}"))?;
-    let transmitted: u64 = line
-        .split(',')
-        .find(|part| part.contains("transmitted"))
-        .and_then(|part| part.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    let answered: std::collections::BTreeSet<u64> = text
-        .lines()
-        .filter_map(|l| {
-            l.split("icmp_seq=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
-    let last = answered.last().copied().unwrap_or(0);
-    let lost = (1..=last).filter(|seq| !answered.contains(seq)).count() as u64;
+    let summary = PingSummary::parse(&text)?;
+    let last = summary.answered.last().copied().unwrap_or(0);
     assert!(
-        transmitted <= last + 1,
+        summary.transmitted <= last + 1,
         "more than the last request went unanswered:\n{text}"
     );
-    Ok((transmitted, lost))
+    Ok((summary.transmitted, summary.lost_before_last()))
 }
 
 /// Kills a ping left running by a failed assertion.

@@ -5,7 +5,7 @@
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use netns_tests::{AgentOptions, Lab, in_netns, require_root};
+use netns_tests::{AgentOptions, Lab, PingSummary, in_netns, require_root};
 
 const UP: Duration = Duration::from_secs(20);
 /// Pings per direction: 10 s at 10/s, the rotation 3 s in.
@@ -52,26 +52,12 @@ fn start_pinging(lab: &Lab, from: usize, address: &str, count: u32) -> anyhow::R
 /// (sent, received, max rtt in ms) of a finished `ping`.
 fn ping_result(ping: Child) -> anyhow::Result<(u64, u64, f64)> {
     let out = ping.wait_with_output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let summary = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .ok_or_else(|| anyhow::anyhow!("no ping summary in {text}"))?;
-    let numbers: Vec<u64> = summary
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|n| n.parse().ok())
-        .collect();
-    // rtt min/avg/max/mdev = 0.045/0.081/0.321/0.031 ms
-    let max_rtt = text
-        .lines()
-        .find_map(|l| l.strip_prefix("rtt min/avg/max/mdev = "))
-        .and_then(|v| v.split('/').nth(2))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN);
-    match numbers[..] {
-        [sent, received, ..] => Ok((sent, received, max_rtt)),
-        _ => anyhow::bail!("unreadable ping summary: {summary}"),
-    }
+    let summary = PingSummary::parse(&String::from_utf8_lossy(&out.stdout))?;
+    Ok((
+        summary.transmitted,
+        summary.received,
+        summary.max_rtt_ms.unwrap_or(f64::NAN),
+    ))
 }
 
 /// The public keys node `n`'s device lists as peers (`wg show <interface> peers`).
