@@ -31,6 +31,8 @@ declare -A needed=(
   [groff]=groff-base
   # The monitoring kit's tests (netns-tests/tests/monitoring.rs): promtool checks and unit-tests
   # the alert rules; the dashboard is validated against its JSON schema by Debian's python3.
+  # netns-tests/tests/health.rs runs a discovery server with its clock off (faketime).
+  [faketime]=faketime
   [promtool]=prometheus
   [/usr/lib/python3/dist-packages/jsonschema]=python3-jsonschema
 )

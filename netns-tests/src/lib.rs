@@ -730,6 +730,27 @@ impl Lab {
     /// Starts the discovery server (again, after [`Lab::stop_server`]: without state, as
     /// snapshots are off).
     pub fn start_server(&mut self) -> anyhow::Result<()> {
+        self.start_server_under(&[])
+    }
+
+    /// Starts the discovery server with its wall clock `offset_secs` off this host's (through
+    /// `faketime`; timers keep the real monotonic clock): what a node with a wrong clock sees.
+    pub fn start_server_with_clock_offset(&mut self, offset_secs: i64) -> anyhow::Result<()> {
+        if run("faketime", &["--help"]).is_err() {
+            bail!(
+                "this test needs faketime (apt-get install faketime; scripts/deps.sh installs it)"
+            );
+        }
+        self.start_server_under(&[
+            "env",
+            "FAKETIME_DONT_FAKE_MONOTONIC=1",
+            "faketime",
+            "-f",
+            &format!("{offset_secs:+}s"),
+        ])
+    }
+
+    fn start_server_under(&mut self, wrapper: &[&str]) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -737,6 +758,7 @@ impl Lab {
         let server = self.daemon_binary("discovery-server");
         let child = Command::new("ip")
             .args(["netns", "exec", &self.switch])
+            .args(wrapper)
             .arg(server)
             .args([
                 &format!("--addr={}", self.server_address),

@@ -1,7 +1,7 @@
 //! `kubespanctl health` on a real mesh: healthy first, then each check made to fail on purpose
 //! (firewall table deleted, policy rule deleted, large packets dropped on the underlay, a node
-//! with another secret, a peer killed, the discovery service stopped), judged by the exit code
-//! and the check's status in `-o json`.
+//! with another secret, a peer killed, the discovery service stopped, a discovery service whose
+//! clock is two minutes ahead), judged by the exit code and the check's status in `-o json`.
 
 use std::time::Duration;
 
@@ -187,5 +187,43 @@ fn each_health_check_fails_when_its_subject_breaks() -> anyhow::Result<()> {
             .contains("last error"),
         "{report:#}"
     );
+    Ok(())
+}
+
+/// The discovery service's clock two minutes ahead (faketime): this node's clock is reported
+/// two minutes behind it, a warning (exit 0, 3 with --strict).
+#[test]
+fn a_clock_two_minutes_off_the_discovery_services_warns() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut lab = Lab::new(1)?;
+    lab.start_server_with_clock_offset(120)?;
+    lab.start_agent(1, &AgentOptions::default())?;
+    let report = wait_for_check(&lab, 1, "clock", "warn")?;
+    let summary = check(&report, "clock")["summary"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        summary.contains("s behind the clock of http://"),
+        "{report:#}"
+    );
+    let seconds: u64 = summary
+        .split("clock is ")
+        .nth(1)
+        .and_then(|rest| rest.split('s').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no offset in {summary:?}"));
+    assert!((115..=125).contains(&seconds), "{summary}");
+    assert!(
+        check(&report, "clock")["hint"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("synchronise the clock"),
+        "{report:#}"
+    );
+    let (code, _) = health(&lab, 1, &["--skip-path-probe", "--strict"])?;
+    assert_eq!(code, 3, "--strict fails on the clock warning");
     Ok(())
 }
